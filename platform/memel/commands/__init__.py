@@ -1,0 +1,1 @@
+"""Sub-commands of the ``memel`` CLI; each module registers its commands on ``app``."""

@@ -1,0 +1,18 @@
+"""Monosemantic Scale statistics and Reverse Deactivation (the inhibition core; torch only)."""
+
+from .config import ConfigError, InhibitionConfig
+from .insertion import inhibit, inhibitors, match_targets, remove, snapshot, sync
+from .module import Inhibitor, Snapshot
+
+__all__ = [
+    "ConfigError",
+    "InhibitionConfig",
+    "Inhibitor",
+    "Snapshot",
+    "inhibit",
+    "inhibitors",
+    "match_targets",
+    "remove",
+    "snapshot",
+    "sync",
+]

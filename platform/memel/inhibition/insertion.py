@@ -1,0 +1,129 @@
+"""Plug-in insertion of Inhibitors after named submodules of an existing model."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import ConfigError, InhibitionConfig
+from .module import Inhibitor, Snapshot
+from .sync import InhibitorGroup, PendingReduction, distributed_world, reduce_max, sync_inhibitors
+from .module import W_MS_MAX
+
+#: Name of the child that holds an inserted Inhibitor inside its target module.
+CHILD_NAME = "inhibitor"
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def match_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
+    """Names of the submodules matched by fnmatch-style patterns (``*`` spans dots), in
+    model order; raises ConfigError naming every pattern that matches nothing."""
+    patterns = [targets] if isinstance(targets, str) else list(targets)
+    if not patterns:
+        raise ConfigError("targets: no pattern given; pass module-name patterns such as 'layers.*.mlp.act'")
+    names = [name for name, module in model.named_modules() if name and not _inside_inhibitor(name, module, model)]
+    matched = [name for name in names if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+    missing = [p for p in patterns if not any(fnmatch.fnmatchcase(name, p) for name in names)]
+    if missing:
+        shown = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
+        raise ConfigError(f"targets: pattern(s) {missing} match no submodule of {type(model).__name__}; its submodules are: {shown}")
+    return matched
+
+
+def _inside_inhibitor(name: str, module: nn.Module, model: nn.Module) -> bool:
+    return isinstance(module, Inhibitor) or name.split(".")[-1] == CHILD_NAME
+
+
+def _hook(module: nn.Module, args: Any, output: Any) -> Any:
+    inhibitor = module._modules[CHILD_NAME]
+    if isinstance(output, torch.Tensor):
+        return inhibitor(output)
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return type(output)([inhibitor(output[0]), *output[1:]])
+    raise TypeError(
+        f"an Inhibitor follows {type(module).__name__}, whose output is {type(output).__name__}; "
+        "it needs a tensor (or a tuple whose first element is one): target another module"
+    )
+
+
+def inhibit(
+    model: nn.Module,
+    targets: str | Iterable[str],
+    config: InhibitionConfig | None = None,
+    process_group: Any = None,
+) -> dict[str, Inhibitor]:
+    """Insert an Inhibitor after every submodule matching ``targets``; returns them by target name.
+
+    The host's parameters and state-dict keys are untouched: each Inhibitor becomes a child
+    ``<target>.inhibitor`` whose buffers are its only state, applied by a forward hook on
+    the target. ``memel.remove(model)`` takes them out again.
+    """
+    config = config or InhibitionConfig()
+    names = match_targets(model, targets)
+    modules = dict(model.named_modules())
+    for name in names:
+        target = modules[name]
+        if CHILD_NAME in target._modules:
+            raise ConfigError(f"targets: {name!r} already has an Inhibitor; call memel.remove(model) first")
+        if isinstance(target, _CONTAINERS):
+            raise ConfigError(
+                f"targets: {name!r} is a {type(target).__name__}, which runs all its children; "
+                f"target its last submodule instead (e.g. '{name}.{len(target) - 1}')"
+            )
+    inserted: dict[str, Inhibitor] = {}
+    for name in names:
+        target = modules[name]
+        inhibitor = Inhibitor(config)
+        target.add_module(CHILD_NAME, inhibitor)
+        inhibitor._hook_handle = target.register_forward_hook(_hook)
+        inserted[name] = inhibitor
+    InhibitorGroup(list(inserted.values()), process_group)
+    return inserted
+
+
+def inhibitors(model: nn.Module) -> dict[str, Inhibitor]:
+    """Every Inhibitor in ``model`` by the name of the module it follows (or its own name)."""
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Inhibitor):
+            found[name.removesuffix("." + CHILD_NAME) if name.endswith("." + CHILD_NAME) else name] = module
+    return found
+
+
+def remove(model: nn.Module) -> list[str]:
+    """Take every inserted Inhibitor out of ``model``; returns the target names."""
+    removed = []
+    for name, module in list(model.named_modules()):
+        child = module._modules.get(CHILD_NAME)
+        if isinstance(child, Inhibitor) and getattr(child, "_hook_handle", None) is not None:
+            child._hook_handle.remove()
+            child._hook_handle = None
+            del module._modules[CHILD_NAME]
+            removed.append(name)
+    return removed
+
+
+def sync(model: nn.Module, process_group: Any = None, async_op: bool = False) -> PendingReduction | None:
+    """Apply pending statistics of every Inhibitor in ``model`` as one batch.
+
+    Distributed: one coalesced ``all_reduce`` per optimizer step gives every rank the global
+    batch's statistics. Call it on every rank once per optimizer step (after
+    ``optimizer.step()``); with ``async_op=True`` the reduction overlaps compute and lands
+    before the next forward.
+    """
+    return sync_inhibitors(inhibitors(model).values(), process_group, async_op)
+
+
+def snapshot(model: nn.Module, reset: bool = True, process_group: Any = None) -> dict[str, Snapshot]:
+    """Snapshots of every initialised Inhibitor; in a distributed run every rank must call it
+    (after ``sync``) and the max MS is reduced across ranks with one collective."""
+    found = {name: m for name, m in inhibitors(model).items() if m.initialized}
+    if distributed_world(process_group) is None:
+        return {name: m.snapshot(reset=reset) for name, m in found.items()}
+    windows = {name: m.window.clone() for name, m in found.items()}
+    reduce_max([w[W_MS_MAX] for w in windows.values()], process_group)
+    return {name: found[name]._snapshot_from(windows[name], reset) for name in found}

@@ -1,0 +1,115 @@
+"""Per-neuron running statistics: batch moments and the paper's exact merge (Lemma 3.2).
+
+Everything here works on neuron vectors ([N]) in float64; the hot path produces batch
+moments (count, mean, M2) and these functions merge them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Moments:
+    """Count, mean and sum of squared deviations (M2) of a set of samples, per neuron."""
+
+    count: torch.Tensor
+    mean: torch.Tensor
+    m2: torch.Tensor
+
+    @classmethod
+    def zeros(cls, size: int, device: torch.device | str = "cpu") -> Moments:
+        zero = torch.zeros(size, dtype=torch.float64, device=device)
+        return cls(zero.clone(), zero.clone(), zero.clone())
+
+    @classmethod
+    def from_shifted_sums(
+        cls, count: torch.Tensor, sum_shifted: torch.Tensor, sumsq_shifted: torch.Tensor, shift: torch.Tensor
+    ) -> Moments:
+        """Moments from sums of (x - shift) and (x - shift)^2 (what an all-reduce adds up)."""
+        safe = count.clamp_min(1)
+        delta = sum_shifted / safe
+        m2 = (sumsq_shifted - sum_shifted * delta).clamp_min(0)
+        return cls(count.clone(), torch.where(count > 0, shift + delta, torch.zeros_like(shift)), m2)
+
+    def shifted_sums(self, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sums of (x - shift) and (x - shift)^2, exact up to rounding, for any common shift."""
+        delta = self.mean - shift
+        sum_shifted = self.count * delta
+        return sum_shifted, self.m2 + sum_shifted * delta
+
+    def combine(self, other: Moments) -> Moments:
+        """Chan et al.'s parallel combination; a neuron with count 0 on one side takes the other."""
+        count = self.count + other.count
+        safe = count.clamp_min(1)
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / safe)
+        m2 = self.m2 + other.m2 + delta * delta * (self.count * other.count / safe)
+        return Moments(count, mean, m2)
+
+
+def batch_moments(values: torch.Tensor) -> Moments:
+    """Moments over dim 0 of a [samples, neurons] tensor, in float64.
+
+    A neuron that sees a non-finite value in this batch gets count 0 for the batch, so the
+    batch leaves its statistics untouched (the other neurons update normally).
+    """
+    samples = values.shape[0]
+    source = values if values.dtype in (torch.float32, torch.float64) else values.float()
+    var, mean = torch.var_mean(source, dim=0, correction=0)
+    mean = mean.double()
+    m2 = var.double() * samples
+    finite = torch.isfinite(mean) & torch.isfinite(m2)
+    count = torch.where(finite, float(samples), 0.0).to(torch.float64)
+    zero = torch.zeros_like(mean)
+    return Moments(count, torch.where(finite, mean, zero), torch.where(finite, m2, zero))
+
+
+def merge_history(
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    count: torch.Tensor,
+    batches: int,
+    batch: Moments,
+    forget_steps: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge one (global) batch into the history with Lemma 3.2 and the forget step.
+
+    ``var`` is the unbiased sample variance. While the history holds fewer than
+    ``forget_steps`` batches its weight is its sample count m; from then on it is capped at
+    ``forget_steps`` batches of the incoming size (m = n_f * b), which is exactly the paper's
+    Algorithm 1: mu <- (n_f*mu + mu_b)/(n_f+1) and
+    nu <- n_f*(mu-mu_b)^2/((n_f+1-1/b)*(n_f+1)) + (nu_b + (n_f-1/b)*nu)/(n_f+1-1/b).
+    Returns the new (mean, var, count); count is the true number of samples seen.
+    """
+    mu = mean.double()
+    nu = var.double()
+    b = batch.count
+    history = count.double()
+    if batches >= forget_steps:
+        history = torch.where(history > 0, forget_steps * b, history)
+    m = history
+    total = m + b
+    has_batch = b > 0
+    first = has_batch & (m == 0)
+    merged = has_batch & (m > 0)
+
+    safe_total = total.clamp_min(1)
+    dof = (total - 1).clamp_min(1)
+    delta = mu - batch.mean
+    new_mu = (m * mu + b * batch.mean) / safe_total
+    new_nu = m * b * delta * delta / (dof * safe_total) + (batch.m2 + (m - 1) * nu) / dof
+    first_nu = batch.m2 / (b - 1).clamp_min(1)
+
+    out_mu = torch.where(merged, new_mu, torch.where(first, batch.mean, mu))
+    out_nu = torch.where(merged, new_nu, torch.where(first, first_nu, nu)).clamp_min(0)
+    out_count = count + b.to(count.dtype)
+    return out_mu.to(mean.dtype), out_nu.to(var.dtype), out_count
+
+
+def variance_denominator(var: torch.Tensor, eps: float) -> torch.Tensor:
+    """var + eps * mean_over_neurons(var), floored so that MS stays finite for constant neurons."""
+    denominator = var.double() + eps * var.double().mean()
+    return denominator.clamp_min(torch.finfo(torch.float32).tiny)

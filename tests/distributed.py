@@ -1,0 +1,32 @@
+"""Run a function in several CPU processes joined by a gloo process group (multi-rank tests)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _entry(rank: int, world_size: int, port: int, func: Callable[..., Any], args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        func(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(func: Callable[..., Any], world_size: int = 2, *args: Any) -> None:
+    """Call ``func(rank, world_size, *args)`` in ``world_size`` spawned processes; results
+    travel back through files the function writes (e.g. into a tmp_path passed in args)."""
+    mp.spawn(_entry, args=(world_size, _free_port(), func, args), nprocs=world_size, join=True)

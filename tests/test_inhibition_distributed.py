@@ -1,0 +1,114 @@
+"""Data-parallel statistics: 2 gloo ranks on halves of each batch equal 1 process on the whole."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import memel
+from distributed import run_distributed
+
+STEPS = 7
+CONFIG = dict(mode="rd", top_n=2, forget_steps=3, late_start=2, stats_update="step")
+
+
+class Host(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(12, 12), nn.Tanh()) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def _data() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(11)
+    return [torch.randn(8, 5, 12, generator=generator) * 2 + 3 for _ in range(STEPS)]
+
+
+def _model() -> Host:
+    torch.manual_seed(0)
+    model = Host()
+    memel.inhibit(model, "blocks.*.1", memel.InhibitionConfig(**CONFIG))
+    return model
+
+
+def _train(model: Host, batches: list[torch.Tensor], micro: int, async_op: bool) -> dict:
+    record: dict = {"outputs": [], "stats": [], "grads": []}
+    for batch in batches:
+        outputs = []
+        for chunk in batch.chunk(micro):
+            x = chunk.clone().requires_grad_(True)
+            out = model(x)
+            (out * 1.5).sum().backward()
+            outputs.append(out.detach())
+            record["grads"].append(x.grad)
+        memel.sync(model, async_op=async_op)
+        record["outputs"].append(torch.cat(outputs))
+        record["stats"].append({name: m.statistics() for name, m in memel.inhibitors(model).items()})
+    return record
+
+
+def _worker(rank: int, world_size: int, out_dir: str, micro: int, async_op: bool) -> None:
+    torch.set_num_threads(1)
+    calls = {"all_reduce": 0}
+    original = dist.all_reduce
+
+    def counting(*args, **kwargs):
+        calls["all_reduce"] += 1
+        return original(*args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        model = _model()
+        half = [batch.chunk(world_size)[rank] for batch in _data()]
+        record = _train(model, half, micro, async_op)
+    finally:
+        dist.all_reduce = original
+    record["all_reduce_calls"] = calls["all_reduce"]
+    record["snapshot"] = {k: v.as_numpy() for k, v in memel.snapshot(model).items()}
+    torch.save(record, Path(out_dir) / f"rank{rank}.pt")
+
+
+@pytest.mark.parametrize(("micro", "async_op"), [(1, False), (2, False), (1, True)])
+def test_two_ranks_hold_the_global_statistics(tmp_path: Path, micro: int, async_op: bool) -> None:
+    run_distributed(_worker, 2, str(tmp_path), micro, async_op)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    single_model = _model()
+    single = _train(single_model, _data(), micro=1, async_op=False)
+
+    # micro-batches of one optimizer step count as ONE batch; all modules share ONE collective
+    for record in ranks:
+        assert record["all_reduce_calls"] == STEPS
+    for step in range(STEPS):
+        for name, expected in single["stats"][step].items():
+            scale = expected["var"].sqrt().clamp_min(1e-6)
+            for record in ranks:
+                got = record["stats"][step][name]
+                assert got["batches"] == expected["batches"] == step + 1
+                assert torch.equal(got["count"], expected["count"])
+                assert ((got["mean"] - expected["mean"]).abs() <= 1e-5 * scale).all(), (step, name)
+                assert ((got["var"] - expected["var"]).abs() <= 1e-5 * scale**2).all(), (step, name)
+            # every rank holds identical statistics
+            a, b = (r["stats"][step][name] for r in ranks)
+            assert torch.equal(a["mean"], b["mean"]) and torch.equal(a["var"], b["var"])
+        # same selections (and so the same outputs) as one process on the whole batch
+        both = torch.cat([ranks[0]["outputs"][step], ranks[1]["outputs"][step]])
+        torch.testing.assert_close(both, single["outputs"][step], rtol=1e-5, atol=1e-5)
+    # inhibition really happened after late start, and gradients were reversed somewhere
+    assert ranks[0]["snapshot"]["blocks.1.1"]["inhibited_count"].sum() > 0
+    for key in ("selected_count", "inhibited_count", "frac_above"):
+        for name in ranks[0]["snapshot"]:
+            assert (ranks[0]["snapshot"][name][key] == ranks[1]["snapshot"][name][key]).all()
+    for name, snap in memel.snapshot(single_model).items():
+        assert (snap.selected_count.numpy() == ranks[0]["snapshot"][name]["selected_count"]).all()
+        torch.testing.assert_close(
+            torch.as_tensor(ranks[0]["snapshot"][name]["max_ms"]), snap.max_ms, rtol=1e-4, atol=1e-4
+        )
+
