@@ -2,65 +2,113 @@
 
 The Monosemantic Scale (MS) of value z of neuron j is phi = (z - mu_j)^2 / denom_j, so with
 a_j = 1/sqrt(denom_j) the ranking of phi within a sample equals the ranking of
-|z*a_j - mu_j*a_j|, which one fused multiply-add produces. The batch's own moments come from
-one ``var_mean`` pass; the per-neuron sum of phi follows from those moments for free.
+|(z - mu_j) * a_j|. A call needs two reductions over the [samples, neurons] values: over
+samples (per-neuron sums of d = z - mu and d^2, max |d*a|, count above threshold) and over
+neurons (each sample's top-n). Each is one pure function below; ``kernel="compiled"`` fuses
+each into a single pass with ``torch.compile`` (the output copy rides in the second pass),
+``kernel="eager"`` runs the same functions op by op.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from .statistics import Moments, batch_moments
-
 
 @dataclass
-class CallAnalysis:
-    """What one training call measured, per neuron unless said otherwise."""
+class Measurement:
+    """What one call measured against the pre-call history (per neuron unless said otherwise)."""
 
-    moments: Moments
-    #: [samples, top_n] neuron indices selected in each sample (None without history).
-    selected: torch.Tensor | None = None
-    #: Sum of phi over this call's samples and the number of samples it covers.
-    ms_sum: torch.Tensor | None = None
-    #: Max phi and count of samples with phi > threshold (None on untracked calls).
-    ms_max: torch.Tensor | None = None
-    above: torch.Tensor | None = None
+    #: sum over samples of d = z - mu and of d^2 (float32, exact shift: mu is the history mean).
+    sum_d: torch.Tensor
+    sum_d2: torch.Tensor
+    #: [samples, top_n] neuron indices selected in each sample.
+    selected: torch.Tensor
+    #: max over samples of sqrt(phi), and samples with phi > threshold (tracked calls only).
+    max_scaled: torch.Tensor | None
+    above: torch.Tensor | None
+    #: a copy of the values to modify (only when the call inhibits).
+    copy: torch.Tensor | None
 
 
-def analyse_call(
+def column_pass(values: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, sqrt_threshold: float, track: bool) -> tuple:
+    """Per-neuron reductions over samples."""
+    d = values.float() - mean
+    sum_d = d.sum(0)
+    sum_d2 = (d * d).sum(0)
+    if not track:
+        return sum_d, sum_d2, None, None
+    scaled = (d * scale).abs()
+    return sum_d, sum_d2, scaled.amax(0), (scaled > sqrt_threshold).sum(0, dtype=torch.int32)
+
+
+def row_pass(values: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, top_n: int, copy: bool) -> tuple:
+    """Each sample's top-n MS neurons (and the copy that will carry the modification)."""
+    scaled = ((values.float() - mean) * scale).abs()
+    if top_n == 1:
+        selected = scaled.argmax(1, keepdim=True)
+    else:
+        selected = scaled.topk(top_n, 1, sorted=False).indices
+    return selected, (values.clone() if copy else None)
+
+
+_COMPILED: dict[str, Callable[..., Any]] = {}
+
+
+def _compiled(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(fn, fullgraph=True, dynamic=None)
+    return _COMPILED[name]
+
+
+def maybe_compiled(fn: Callable[..., Any], kernel: str) -> Callable[..., Any]:
+    """``fn`` itself for the eager kernel, its ``torch.compile`` form for the compiled one
+    (per-neuron bookkeeping is many small vector ops: fused, they cost one pass)."""
+    return _compiled(fn.__qualname__, fn) if kernel == "compiled" else fn
+
+
+def accumulate_moments(pending: torch.Tensor, samples: int, sum_d: torch.Tensor, sum_d2: torch.Tensor) -> torch.Tensor:
+    """New [count, sum_d, sum_d2] rows after adding a call; a neuron that saw a non-finite
+    value in the call skips it (its statistics are not poisoned)."""
+    finite = torch.isfinite(sum_d) & torch.isfinite(sum_d2)
+    zero = torch.zeros_like(pending[0])
+    return torch.stack(
+        [
+            pending[0] + torch.where(finite, float(samples), zero),
+            pending[1] + torch.where(finite, sum_d.double(), zero),
+            pending[2] + torch.where(finite, sum_d2.double(), zero),
+        ]
+    )
+
+
+def measure(
     values: torch.Tensor,
-    mean: torch.Tensor | None,
-    inv_sqrt_denominator: torch.Tensor | None,
+    mean: torch.Tensor,
+    scale: torch.Tensor,
     top_n: int,
     sqrt_threshold: float,
     track: bool,
-) -> CallAnalysis:
-    """Measure a [samples, neurons] call against the pre-call history (mean, 1/sqrt(denom)).
-
-    Without history (``mean`` is None) only the batch moments are computed.
-    """
-    moments = batch_moments(values)
-    if mean is None or inv_sqrt_denominator is None:
-        return CallAnalysis(moments)
-    work = values if values.dtype in (torch.float32, torch.float64) else values.float()
-    scale = inv_sqrt_denominator.to(work.dtype)
-    offset = (mean.double() * inv_sqrt_denominator).to(work.dtype)
-    scaled = torch.addcmul(offset.neg(), work, scale).abs_()  # sqrt(phi)
-    if top_n == 1:
-        selected = scaled.argmax(dim=1, keepdim=True)
-    else:
-        selected = scaled.topk(top_n, dim=1, sorted=False).indices
-    # sum over samples of (z - mu)^2 = M2_batch + b*(mean_batch - mu)^2, exact from the moments.
-    deviation = moments.mean - mean.double()
-    squared = moments.m2 + moments.count * deviation * deviation
-    ms_sum = squared * inv_sqrt_denominator.double().square()
-    analysis = CallAnalysis(moments, selected, ms_sum)
-    if track:
-        analysis.ms_max = scaled.amax(dim=0).double().square()
-        analysis.above = (scaled > sqrt_threshold).sum(dim=0, dtype=torch.float64)
-    return analysis
+    copy: bool,
+    kernel: str = "eager",
+) -> Measurement:
+    """Measure a [samples, neurons] call against the history (``mean``, ``scale`` = 1/sqrt(denom))."""
+    columns, rows = column_pass, row_pass
+    if kernel == "compiled" and values.numel() > 0:
+        columns, rows = _compiled("columns", column_pass), _compiled("rows", row_pass)
+    try:
+        sum_d, sum_d2, max_scaled, above = columns(values, mean, scale, sqrt_threshold, track)
+        selected, copied = rows(values, mean, scale, top_n, copy)
+    except Exception as error:  # a missing C++ compiler, an unsupported backend: fall back, loudly
+        if columns is column_pass:
+            raise
+        warnings.warn(f"memel: compiled inhibition kernel failed ({error!r}); falling back to eager", stacklevel=2)
+        _COMPILED["columns"], _COMPILED["rows"] = column_pass, row_pass
+        return measure(values, mean, scale, top_n, sqrt_threshold, track, copy, "eager")
+    return Measurement(sum_d, sum_d2, selected, max_scaled, above, copied)
 
 
 def flat_selection(selected: torch.Tensor, neurons: int) -> torch.Tensor:
@@ -72,14 +120,15 @@ def flat_selection(selected: torch.Tensor, neurons: int) -> torch.Tensor:
 class ReverseDeactivation(torch.autograd.Function):
     """z' = -D*z + (mu + D*z).detach() at the selected values; identity elsewhere.
 
-    Forward: selected values become the neuron mean. Backward: their gradient is multiplied
-    by -D (D=0: no gradient, naive (a); D=-1: unchanged, naive (b)); all others pass through.
+    Forward: selected values become the neuron mean (written into ``output``, a fresh copy
+    of ``values``). Backward: their gradient is multiplied by -D (D=0: no gradient, naive
+    (a); D=-1: unchanged, naive (b)); every other gradient passes through untouched.
     """
 
     @staticmethod
-    def forward(ctx, values: torch.Tensor, flat_index: torch.Tensor, replacement: torch.Tensor, strength: float):  # type: ignore[override]
-        output = values.contiguous().clone() if values.is_contiguous() else values.contiguous()
+    def forward(ctx, values: torch.Tensor, output: torch.Tensor, flat_index: torch.Tensor, replacement: torch.Tensor, strength: float):  # type: ignore[override]
         output.view(-1).index_copy_(0, flat_index, replacement.to(output.dtype))
+        ctx.mark_dirty(output)
         ctx.save_for_backward(flat_index)
         ctx.strength = strength
         return output
@@ -89,11 +138,11 @@ class ReverseDeactivation(torch.autograd.Function):
         (flat_index,) = ctx.saved_tensors
         strength = ctx.strength
         if strength == -1.0:
-            return grad_output, None, None, None
+            return grad_output, None, None, None, None
         grad = grad_output.contiguous().clone() if grad_output.is_contiguous() else grad_output.contiguous()
         flat = grad.view(-1)
         if strength == 0.0:
             flat.index_fill_(0, flat_index, 0.0)
         else:
             flat.index_copy_(0, flat_index, flat.index_select(0, flat_index) * (-strength))
-        return grad, None, None, None
+        return grad, None, None, None, None

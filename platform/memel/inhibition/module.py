@@ -10,18 +10,18 @@ import torch
 from torch import nn
 
 from .config import ConfigError, InhibitionConfig
-from .kernels import CallAnalysis, ReverseDeactivation, analyse_call, flat_selection
+from .kernels import Measurement, ReverseDeactivation, accumulate_moments, flat_selection, maybe_compiled, measure
 from .statistics import Moments, merge_history, variance_denominator
 
-# Rows of the ``pending`` buffer: what this rank measured since the last merge.
-P_COUNT, P_MEAN, P_M2, P_SELECTED, P_INHIBITED, P_MS_SUM, P_MS_N, P_ABOVE, P_TRACKED, P_MS_MAX = range(10)
-PENDING_ROWS = 10
+# Rows of the ``pending`` buffer: what this rank measured since the last merge. Moments are
+# sums of d = z - mu and d^2 about the history mean mu (shared by all ranks), so every row
+# but the last adds up across calls, micro-batches and ranks.
+P_COUNT, P_SUM_D, P_SUM_D2, P_SELECTED, P_INHIBITED, P_ABOVE, P_TRACKED, P_MS_MAX = range(8)
+PENDING_ROWS = 8
+PAYLOAD_ROWS = 7  # rows summed by ``sync``; the max MS stays local until ``snapshot``
 # Rows of the ``window`` buffer: what happened since the last snapshot (global once synced).
 W_SELECTED, W_INHIBITED, W_MS_SUM, W_MS_N, W_ABOVE, W_TRACKED, W_MS_MAX = range(7)
 WINDOW_ROWS = 7
-#: Rows of ``pending`` that are summed across ranks by ``sync`` (moments travel as shifted sums).
-SUMMED_ROWS = (P_SELECTED, P_INHIBITED, P_MS_SUM, P_MS_N, P_ABOVE, P_TRACKED)
-PAYLOAD_ROWS = 3 + len(SUMMED_ROWS)
 
 
 @dataclass
@@ -74,6 +74,7 @@ class Inhibitor(nn.Module):
         self._batches = 0
         self._calls = 0
         self._has_pending = False
+        self._scale: torch.Tensor | None = None  # 1/sqrt(MS denominator) of the current history
         self._group: Any = None  # set by memel.inhibit: the modules synced together
         self._inflight: Any = None  # an asynchronous sync whose result is not applied yet
 
@@ -123,6 +124,7 @@ class Inhibitor(nn.Module):
             self._register_state(incoming.numel(), shape, self.mean.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._batches = int(self.batches.item())
+        self._scale = None
         self._calls = int(self.calls.item())
         self._has_pending = bool(self.neurons) and bool((self.pending[P_COUNT] > 0).any().item())
 
@@ -142,17 +144,28 @@ class Inhibitor(nn.Module):
         values = self._as_samples(activation)
         if not self.initialized:
             self._register_state(values.shape[1], self._neuron_shape_of(activation), activation.device)
-        analysis = self._analyse(values)
-        output = values
-        inhibiting = analysis.selected is not None and self.config.modifies and self._batches >= self.config.late_start
-        if inhibiting:
-            assert analysis.selected is not None
-            flat_index = flat_selection(analysis.selected, values.shape[1])
-            replacement = self.mean.index_select(0, analysis.selected.reshape(-1))
-            output = ReverseDeactivation.apply(values, flat_index, replacement, self.config.effective_strength)
-        self._record(analysis, inhibiting)
-        if output is values:
+        self._calls += 1
+        self.calls.fill_(self._calls)
+        if self._batches == 0:
+            self._record_first(values)
             return activation
+        config = self.config
+        inhibiting = config.modifies and self._batches >= config.late_start
+        track = (self._calls - 1) % config.track_every == 0
+        if self._scale is None:
+            self._scale = variance_denominator(self.var, config.eps).rsqrt().float()
+        scale = self._scale
+        with torch.no_grad():
+            measured = measure(
+                values.detach(), self.mean, scale, config.top_n, math.sqrt(config.ms_threshold), track, inhibiting, config.kernel
+            )
+        self._record(values.shape[0], measured, inhibiting)
+        if not inhibiting:
+            return activation
+        assert measured.copy is not None
+        flat_index = flat_selection(measured.selected, values.shape[1])
+        replacement = self.mean.index_select(0, measured.selected.reshape(-1))
+        output = ReverseDeactivation.apply(values, measured.copy, flat_index, replacement, config.effective_strength)
         return output.view(activation.shape)
 
     def _as_samples(self, activation: torch.Tensor) -> torch.Tensor:
@@ -183,75 +196,72 @@ class Inhibitor(nn.Module):
                 f"activation (shape {tuple(activation.shape)}, layout={self.config.layout!r}); "
                 f"allowed: 1..{values.shape[1]}"
             )
-        return values
+        return values.contiguous()
 
     def _neuron_shape_of(self, activation: torch.Tensor) -> tuple[int, ...]:
         if self.config.layout == "element":
             return tuple(activation.shape[1:])
         return (activation.shape[-1],) if activation.dim() else (1,)
 
-    def _analyse(self, values: torch.Tensor) -> CallAnalysis:
-        self._calls += 1
-        self.calls.fill_(self._calls)
-        track = (self._calls - 1) % self.config.track_every == 0
-        if self._batches == 0:
-            return analyse_call(values, None, None, self.config.top_n, 0.0, track)
-        denominator = variance_denominator(self.var, self.config.eps)
-        inv_sqrt = denominator.rsqrt().float()
-        return analyse_call(values, self.mean, inv_sqrt, self.config.top_n, math.sqrt(self.config.ms_threshold), track)
+    @torch.no_grad()
+    def _record_first(self, values: torch.Tensor) -> None:
+        """No history yet (mu = 0): exact float64 sums; nothing is judged or selected."""
+        x = values.detach().double()
+        self._add_moments(values.shape[0], x.sum(0), x.square().sum(0))
 
     @torch.no_grad()
-    def _record(self, analysis: CallAnalysis, inhibiting: bool) -> None:
-        pending = self.pending
-        merged = Moments(pending[P_COUNT], pending[P_MEAN], pending[P_M2]).combine(analysis.moments)
-        pending[P_COUNT].copy_(merged.count)
-        pending[P_MEAN].copy_(merged.mean)
-        pending[P_M2].copy_(merged.m2)
+    def _add_moments(self, samples: int, sum_d: torch.Tensor, sum_d2: torch.Tensor) -> None:
+        rows = self.pending[P_COUNT : P_SUM_D2 + 1]
+        rows.copy_(maybe_compiled(accumulate_moments, self.config.kernel)(rows, samples, sum_d, sum_d2))
         self._has_pending = True
-        if analysis.selected is None:
-            return
-        hits = torch.bincount(analysis.selected.reshape(-1), minlength=self.neurons).to(torch.float64)
-        pending[P_SELECTED] += hits
+
+    @torch.no_grad()
+    def _record(self, samples: int, measured: Measurement, inhibiting: bool) -> None:
+        self._add_moments(samples, measured.sum_d, measured.sum_d2)
+        pending = self.pending
+        flat = measured.selected.reshape(-1)
+        ones = torch.ones(flat.numel(), dtype=torch.float64, device=flat.device)
+        pending[P_SELECTED].index_add_(0, flat, ones)
         if inhibiting:
-            pending[P_INHIBITED] += hits
-        assert analysis.ms_sum is not None
-        pending[P_MS_SUM] += analysis.ms_sum
-        pending[P_MS_N] += analysis.moments.count
-        if analysis.ms_max is not None and analysis.above is not None:
-            pending[P_ABOVE] += torch.where(analysis.moments.count > 0, analysis.above, 0.0)
-            pending[P_TRACKED] += analysis.moments.count
-            torch.maximum(pending[P_MS_MAX], torch.nan_to_num(analysis.ms_max, nan=0.0), out=pending[P_MS_MAX])
+            pending[P_INHIBITED].index_add_(0, flat, ones)
+        if measured.max_scaled is not None and measured.above is not None:
+            pending[P_ABOVE] += measured.above
+            pending[P_TRACKED] += samples
+            squared = torch.nan_to_num(measured.max_scaled.double().square(), nan=0.0)
+            torch.maximum(pending[P_MS_MAX], squared, out=pending[P_MS_MAX])
 
     # ----------------------------------------------------------------------------------
     # merging pending statistics (called by memel.sync / the group)
     def _sync_payload(self) -> torch.Tensor:
-        """This rank's pending statistics as rows that add up across ranks: count, sums of
-        (x - mean) and (x - mean)^2 about the shared history mean, then the summed trackers."""
-        pending = self.pending
-        moments = Moments(pending[P_COUNT], pending[P_MEAN], pending[P_M2])
-        sum_shifted, sumsq_shifted = moments.shifted_sums(self.mean.double())
-        return torch.cat(
-            [pending[P_COUNT : P_COUNT + 1], sum_shifted[None], sumsq_shifted[None], pending[list(SUMMED_ROWS)]]
-        )
+        """This rank's pending rows that add up across ranks (a view: copy before reducing)."""
+        return self.pending[:PAYLOAD_ROWS]
+
+    def _add_to_window(self, window: torch.Tensor, payload: torch.Tensor, local_max: torch.Tensor) -> None:
+        """Add a payload's trackers to a snapshot window (MS sums against the pre-merge history)."""
+        window[W_SELECTED] += payload[P_SELECTED]
+        window[W_INHIBITED] += payload[P_INHIBITED]
+        window[W_ABOVE] += payload[P_ABOVE]
+        window[W_TRACKED] += payload[P_TRACKED]
+        torch.maximum(window[W_MS_MAX], local_max, out=window[W_MS_MAX])
+        if self._batches > 0:  # MS was measured: sum of phi = sum of d^2 / denom
+            window[W_MS_SUM] += payload[P_SUM_D2] / variance_denominator(self.var, self.config.eps)
+            window[W_MS_N] += payload[P_COUNT]
 
     @torch.no_grad()
     def _apply_payload(self, payload: torch.Tensor) -> None:
         """Merge a (global) payload into the history as one batch and clear pending."""
-        count, sum_shifted, sumsq_shifted = payload[0], payload[1], payload[2]
+        self._add_to_window(self.window, payload, self.pending[P_MS_MAX])
+        count = payload[P_COUNT]
         if bool((count > 0).any()):
-            batch = Moments.from_shifted_sums(count, sum_shifted, sumsq_shifted, self.mean.double())
-            mean, var, total = merge_history(
-                self.mean, self.var, self.count, self._batches, batch, self.config.forget_steps
-            )
+            batch = Moments.from_shifted_sums(count, payload[P_SUM_D], payload[P_SUM_D2], self.mean.double())
+            merge = maybe_compiled(merge_history, self.config.kernel)
+            mean, var, total = merge(self.mean, self.var, self.count, self._batches, batch, self.config.forget_steps)
+            self._scale = None
             self.mean.copy_(mean)
             self.var.copy_(var)
             self.count.copy_(total)
             self._batches += 1
             self.batches.fill_(self._batches)
-        window = self.window
-        for offset, row in enumerate(SUMMED_ROWS):
-            window[_WINDOW_OF[row]] += payload[3 + offset]
-        torch.maximum(window[W_MS_MAX], self.pending[P_MS_MAX], out=window[W_MS_MAX])
         self.pending.zero_()
         self._has_pending = False
 
@@ -268,7 +278,7 @@ class Inhibitor(nn.Module):
         if not self._has_pending:
             return self.mean, self.var, self.count, self._batches
         pending = self.pending
-        batch = Moments(pending[P_COUNT].clone(), pending[P_MEAN].clone(), pending[P_M2].clone())
+        batch = Moments.from_shifted_sums(pending[P_COUNT], pending[P_SUM_D], pending[P_SUM_D2], self.mean.double())
         mean, var, count = merge_history(self.mean, self.var, self.count, self._batches, batch, self.config.forget_steps)
         return mean, var, count, self._batches + 1
 
@@ -294,7 +304,10 @@ class Inhibitor(nn.Module):
         """phi(z) = (z-mu)^2 / (var + eps*mean(var)) of every value against the current
         statistics, in float64 (finite for any finite input), shaped like ``activation``."""
         mean, var, _, _ = self._effective()
-        values = activation.reshape(-1, self.neurons).double() if self.config.layout == "element" else activation.reshape(-1, activation.shape[-1]).double()
+        if self.config.layout == "element":
+            values = activation.reshape(-1, self.neurons).double()
+        else:
+            values = activation.reshape(-1, activation.shape[-1]).double()
         if values.shape[1] != self.neurons:
             raise ValueError(f"activation has {values.shape[1]} neurons per sample, this Inhibitor has {self.neurons}")
         phi = (values - mean.double()).square() / variance_denominator(var, self.config.eps)
@@ -305,7 +318,8 @@ class Inhibitor(nn.Module):
         """Per-neuron mean, var, count, times selected and inhibited, max and mean MS and the
         fraction of samples with MS above ``ms_threshold``, since the last snapshot.
 
-        In a distributed run every rank must call it (the max MS is reduced across ranks
+        Covers every merged batch: with ``stats_update="call"`` in one process the last call
+        is merged first; otherwise call ``memel.sync(model)`` first. In a distributed run every rank must call it (the max MS is reduced across ranks
         when ``reduce``); call ``memel.sync(model)`` first. ``memel.snapshot(model)`` does
         this for all modules with one collective.
         """
@@ -313,13 +327,13 @@ class Inhibitor(nn.Module):
             raise RuntimeError("Inhibitor has no statistics yet: it has not seen a training batch")
         from .sync import distributed_world, reduce_max
 
+        self._finish_inflight()
+        local = distributed_world() is None
+        if local and self._has_pending and self.config.stats_update == "call":
+            self._apply_payload(self._sync_payload().clone())  # what the next call would do first
         window = self.window.clone()
-        if distributed_world() is None:
-            pending = self.pending
-            for row in SUMMED_ROWS:
-                window[_WINDOW_OF[row]] += pending[row]
-            torch.maximum(window[W_MS_MAX], pending[P_MS_MAX], out=window[W_MS_MAX])
-        elif reduce:
+        torch.maximum(window[W_MS_MAX], self.pending[P_MS_MAX], out=window[W_MS_MAX])
+        if not local and reduce:
             reduce_max([window[W_MS_MAX]])
         return self._snapshot_from(window, reset)
 
@@ -341,27 +355,10 @@ class Inhibitor(nn.Module):
         )
         if reset:
             self.window.zero_()
-            if _is_local():
-                self.pending[list(SUMMED_ROWS)] = 0
-                self.pending[P_MS_MAX] = 0
+            self.pending[P_MS_MAX] = 0
         return snap
 
     def extra_repr(self) -> str:
         c = self.config
         return f"mode={c.mode}, strength={c.strength:g}, top_n={c.top_n}, layout={c.layout}, neurons={self.neurons}"
 
-
-_WINDOW_OF = {
-    P_SELECTED: W_SELECTED,
-    P_INHIBITED: W_INHIBITED,
-    P_MS_SUM: W_MS_SUM,
-    P_MS_N: W_MS_N,
-    P_ABOVE: W_ABOVE,
-    P_TRACKED: W_TRACKED,
-}
-
-
-def _is_local() -> bool:
-    from .sync import distributed_world
-
-    return distributed_world() is None

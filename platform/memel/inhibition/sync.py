@@ -79,7 +79,7 @@ def sync_inhibitors(inhibitors: Iterable[Inhibitor], group: Any = None, async_op
     if distributed_world(group) is None:
         for member in members:
             if member._has_pending:
-                member._apply_payload(member._sync_payload())
+                member._apply_payload(member._sync_payload().clone())
         return None
     by_device: dict[torch.device, list[Inhibitor]] = {}
     for member in members:
