@@ -386,3 +386,17 @@ def test_compiled_kernel_matches_eager() -> None:
         torch.testing.assert_close(es[key], cs[key], rtol=1e-5, atol=1e-6)
     assert torch.equal(esnap.selected_count, csnap.selected_count)
     torch.testing.assert_close(esnap.max_ms, csnap.max_ms, rtol=1e-4, atol=1e-5)
+
+
+def test_near_zero_variance_history_still_updates_statistics() -> None:
+    """A history of constant neurons makes phi overflow float32; statistics must stay exact."""
+    inhibitor = memel.Inhibitor(mode="rd", forget_steps=100, late_start=1)
+    first = torch.full((6, 3), 2.0)
+    second = torch.tensor([[2.0, 40.0, -30.0]] * 3 + [[2.0, -40.0, 30.0]] * 3)
+    inhibitor(first)
+    out = inhibitor(second)
+    assert torch.isfinite(out).all()
+    stats = inhibitor.statistics()
+    both = torch.cat([first, second]).double()
+    torch.testing.assert_close(stats["var"].double(), both.var(0), rtol=1e-5, atol=1e-6)
+    assert stats["count"].tolist() == [12, 12, 12]
