@@ -1,3 +1,18 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures and the opt-in for heavy tests."""
+
+import pytest
 
 from s3_server import s3_server  # noqa: F401  (session fixture: a real S3 server on 127.0.0.1)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-heavy", action="store_true", help="also run tests marked heavy (slow end-to-end runs)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-heavy"):
+        return
+    skip = pytest.mark.skip(reason="heavy test: skipped by default, run with --run-heavy")
+    for item in items:
+        if "heavy" in item.keywords:
+            item.add_marker(skip)

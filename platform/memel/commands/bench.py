@@ -32,8 +32,8 @@ def bench_inhibition_command(
         torch.set_num_threads(threads)
     rows = bench_inhibition((batch, seq, hidden), top_ns=top_n, repeats=repeats, track_every=track_every, kernels=kernel)
     table = Table(title=f"Inhibitor fwd+bwd / (h*1.0) fwd+bwd, float32 [{batch}, {seq}, {hidden}], {torch.get_num_threads()} threads")
-    for column in ("kernel", "layout", "top_n", "module ms", "h*1.0 ms", "ratio"):
+    for column in ("kernel", "layout", "top_n", "module ms", "h*1.0 ms", "median ratio", "best/best"):
         table.add_column(column, justify="right")
     for row in rows:
-        table.add_row(row.kernel, row.layout, str(row.top_n), f"{row.module_ms:.1f}", f"{row.baseline_ms:.1f}", f"{row.ratio:.2f}x")
+        table.add_row(row.kernel, row.layout, str(row.top_n), f"{row.module_ms:.1f}", f"{row.baseline_ms:.1f}", f"{row.ratio:.2f}x", f"{row.best_ratio:.2f}x")
     Console().print(table)
