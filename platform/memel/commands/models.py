@@ -33,7 +33,7 @@ def models(
 
     Example: [bold]memel models --family decoder[/bold]
     """
-    from memel.inhibition.config import ConfigError
+    from memel.errors import ConfigError
     from memel.models import list_models
 
     try:

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import DataError, describe
+from .errors import DataError, describe_validation_error
 from .loader import ShardedLoader
 
 Split = Literal["train", "heldout"]
@@ -47,7 +47,7 @@ class _LoaderConfig(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as error:
-            raise DataError(describe(type(self).__name__, error, type(self).model_fields)) from None
+            raise DataError(describe_validation_error(type(self).__name__, error, type(self).model_fields)) from None
 
     def loader_kwargs(self, rank: int, world_size: int) -> dict[str, Any]:
         """Keyword arguments of :class:`~memel.data.loader.ShardedLoader`."""

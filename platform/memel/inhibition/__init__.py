@@ -1,6 +1,8 @@
 """Monosemantic Scale statistics and Reverse Deactivation (the inhibition core; torch only)."""
 
-from .config import ConfigError, InhibitionConfig
+from memel.errors import ConfigError
+
+from .config import InhibitionConfig
 from .insertion import inhibit, inhibitors, match_targets, remove, snapshot, sync
 from .module import Inhibitor, Snapshot
 

@@ -5,7 +5,16 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from memel.errors import ConfigError, describe_validation_error
 
 Mode = Literal["rd", "naive_a", "naive_b", "original"]
 Layout = Literal["channel", "element"]
@@ -14,10 +23,6 @@ Kernel = Literal["eager", "compiled"]
 
 #: Strength D that each naive baseline is equivalent to under z' = -D*z + (mu + D*z).detach().
 NAIVE_STRENGTH: dict[str, float] = {"naive_a": 0.0, "naive_b": -1.0}
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field and what is allowed."""
 
 
 class InhibitionConfig(BaseModel):
@@ -64,7 +69,7 @@ class InhibitionConfig(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as error:
-            raise ConfigError(_describe(error)) from None
+            raise ConfigError(describe_validation_error(type(self).__name__, error, type(self).model_fields)) from None
 
     @field_validator("strength", "eps", "ms_threshold")
     @classmethod
@@ -94,16 +99,3 @@ class InhibitionConfig(BaseModel):
         """Whether selected values are changed (every mode but ``original``)."""
         return self.mode != "original"
 
-
-def _describe(error: ValidationError) -> str:
-    lines = []
-    for item in error.errors():
-        field = ".".join(str(part) for part in item["loc"]) or "config"
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            allowed = ", ".join(InhibitionConfig.model_fields)
-            message = f"unknown field; allowed fields: {allowed}"
-        value = item.get("input")
-        shown = "" if item["type"] == "extra_forbidden" or isinstance(value, dict) else f" (got {value!r})"
-        lines.append(f"InhibitionConfig.{field}: {message}{shown}")
-    return "; ".join(lines)

@@ -9,10 +9,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import ConfigError, InhibitionConfig
-from .module import Inhibitor, Snapshot
-from .sync import InhibitorGroup, PendingReduction, distributed_world, reduce_max, sync_inhibitors
-from .module import W_MS_MAX
+from memel.errors import ConfigError
+
+from .config import InhibitionConfig
+from .module import W_MS_MAX, Inhibitor, Snapshot
+from .sync import (
+    InhibitorGroup,
+    PendingReduction,
+    distributed_world,
+    reduce_max,
+    sync_inhibitors,
+)
 
 #: Name of the child that holds an inserted Inhibitor inside its target module.
 CHILD_NAME = "inhibitor"

@@ -9,8 +9,17 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .config import ConfigError, InhibitionConfig
-from .kernels import Measurement, ReverseDeactivation, accumulate_moments, flat_selection, maybe_compiled, measure
+from memel.errors import ConfigError
+
+from .config import InhibitionConfig
+from .kernels import (
+    Measurement,
+    ReverseDeactivation,
+    accumulate_moments,
+    flat_selection,
+    maybe_compiled,
+    measure,
+)
 from .statistics import Moments, merge_history, variance_denominator
 
 # Rows of the ``pending`` buffer: what this rank measured since the last merge. Moments are

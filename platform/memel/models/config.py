@@ -6,7 +6,7 @@ from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from memel.inhibition.config import ConfigError
+from memel.errors import ConfigError, describe_validation_error
 
 
 class InputError(ValueError):
@@ -26,7 +26,7 @@ class ModelConfig(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as error:
-            raise ConfigError(describe_validation_error(type(self), error)) from None
+            raise ConfigError(describe_validation_error(type(self).__name__, error, type(self).model_fields)) from None
 
     def replace(self, **overrides: Any) -> Self:
         """A validated copy with ``overrides`` applied."""
@@ -35,22 +35,6 @@ class ModelConfig(BaseModel):
     def presets(self) -> dict[str, list[str]]:
         """Inhibition target presets by name (fnmatch patterns on module names)."""
         raise NotImplementedError
-
-
-def describe_validation_error(cls: type[BaseModel], error: ValidationError) -> str:
-    """One readable line per problem: the field, the bad value and what is allowed."""
-    lines = []
-    for item in error.errors():
-        field = ".".join(str(part) for part in item["loc"]) or "config"
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            message = f"unknown field; allowed fields: {', '.join(cls.model_fields)}"
-            lines.append(f"{cls.__name__}.{field}: {message}")
-            continue
-        value = item.get("input")
-        shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        lines.append(f"{cls.__name__}.{field}: {message}{shown}")
-    return "; ".join(lines)
 
 
 def middle(n: int, k: int) -> range:

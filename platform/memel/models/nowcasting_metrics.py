@@ -23,7 +23,7 @@ from typing import Literal
 
 import torch
 
-from memel.inhibition.config import ConfigError
+from memel.errors import ConfigError
 
 from .config import InputError
 

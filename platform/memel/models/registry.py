@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from memel.inhibition.config import ConfigError
+from memel.errors import ConfigError
 
 from .cnn import CNNClassifier, CNNConfig
 from .config import ModelConfig
