@@ -400,3 +400,16 @@ def test_near_zero_variance_history_still_updates_statistics() -> None:
     both = torch.cat([first, second]).double()
     torch.testing.assert_close(stats["var"].double(), both.var(0), rtol=1e-5, atol=1e-6)
     assert stats["count"].tolist() == [12, 12, 12]
+
+
+
+def test_moving_the_module_keeps_statistics_and_behaviour() -> None:
+    """.to(dtype/device) keeps float32 statistics and drops caches tied to the old placement."""
+    moved, kept = memel.Inhibitor(late_start=1, forget_steps=2), memel.Inhibitor(late_start=1, forget_steps=2)
+    batches = _batches(13, [5, 5, 5, 5], 4)
+    for batch in batches[:3]:
+        moved(batch)
+        kept(batch)
+    moved.to(torch.float64)
+    assert moved._scale is None and moved.mean.dtype == torch.float32
+    assert torch.equal(moved(batches[3]), kept(batches[3]))

@@ -32,7 +32,7 @@ def match_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
     patterns = [targets] if isinstance(targets, str) else list(targets)
     if not patterns:
         raise ConfigError("targets: no pattern given; pass module-name patterns such as 'layers.*.mlp.act'")
-    names = [name for name, module in model.named_modules() if name and not _inside_inhibitor(name, module, model)]
+    names = [name for name, module in model.named_modules() if name and not _inside_inhibitor(name, module)]
     matched = [name for name in names if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
     missing = [p for p in patterns if not any(fnmatch.fnmatchcase(name, p) for name in names)]
     if missing:
@@ -41,7 +41,7 @@ def match_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
     return matched
 
 
-def _inside_inhibitor(name: str, module: nn.Module, model: nn.Module) -> bool:
+def _inside_inhibitor(name: str, module: nn.Module) -> bool:
     return isinstance(module, Inhibitor) or name.split(".")[-1] == CHILD_NAME
 
 

@@ -77,7 +77,7 @@ class Inhibitor(nn.Module):
         if config is None:
             config = InhibitionConfig(**overrides)
         elif overrides:
-            config = InhibitionConfig(**{**config.model_dump(), **overrides})
+            config = InhibitionConfig(**{**config.model_dump(exclude_unset=True), **overrides})
         self.config = config
         self._register_state(0, ())
         self._batches = 0
@@ -114,6 +114,7 @@ class Inhibitor(nn.Module):
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Inhibitor:
         # model.half()/bfloat16() must not lower the statistics' precision: keep dtypes, follow devices.
         kept = dict(self._buffers)
+        self._scale = None
         super()._apply(fn, recurse)
         for name, buffer in self._buffers.items():
             old = kept.get(name)
