@@ -33,6 +33,37 @@ W_SELECTED, W_INHIBITED, W_MS_SUM, W_MS_N, W_ABOVE, W_TRACKED, W_MS_MAX = range(
 WINDOW_ROWS = 7
 
 
+def add_to_window(window: torch.Tensor, payload: torch.Tensor, local_max: torch.Tensor, var: torch.Tensor, measured: bool, eps: float) -> torch.Tensor:
+    """A snapshot window with a payload's trackers added (MS sums against the pre-merge history)."""
+    rows = [
+        window[W_SELECTED] + payload[P_SELECTED],
+        window[W_INHIBITED] + payload[P_INHIBITED],
+        window[W_MS_SUM],
+        window[W_MS_N],
+        window[W_ABOVE] + payload[P_ABOVE],
+        window[W_TRACKED] + payload[P_TRACKED],
+        torch.maximum(window[W_MS_MAX], local_max),
+    ]
+    if measured:  # the history existed, so MS was measured: sum of phi = sum of d^2 / denom
+        rows[W_MS_SUM] = rows[W_MS_SUM] + payload[P_SUM_D2] / variance_denominator(var, eps)
+        rows[W_MS_N] = rows[W_MS_N] + payload[P_COUNT]
+    return torch.stack(rows)
+
+
+def fold_payload(
+    mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor, window: torch.Tensor, payload: torch.Tensor,
+    local_max: torch.Tensor, measured: bool, has_batch: bool, capped: bool, forget_steps: int, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """New (mean, var, count, window) after merging one payload as a batch (pure: fusable)."""
+    window = add_to_window(window, payload, local_max, var, measured, eps)
+    if not has_batch:
+        return mean, var, count, window
+    batch = Moments.from_shifted_sums(payload[P_COUNT], payload[P_SUM_D], payload[P_SUM_D2], mean.double())
+    # only whether the history is capped matters to the merge (a bool keeps compiled code stable)
+    new_mean, new_var, new_count = merge_history(mean, var, count, forget_steps if capped else 0, batch, forget_steps)
+    return new_mean, new_var, new_count, window
+
+
 @dataclass
 class Snapshot:
     """Per-neuron state of one Inhibitor at a point in training (flat neuron order)."""
@@ -246,32 +277,23 @@ class Inhibitor(nn.Module):
         """This rank's pending rows that add up across ranks (a view: copy before reducing)."""
         return self.pending[:PAYLOAD_ROWS]
 
-    def _add_to_window(self, window: torch.Tensor, payload: torch.Tensor, local_max: torch.Tensor) -> None:
-        """Add a payload's trackers to a snapshot window (MS sums against the pre-merge history)."""
-        window[W_SELECTED] += payload[P_SELECTED]
-        window[W_INHIBITED] += payload[P_INHIBITED]
-        window[W_ABOVE] += payload[P_ABOVE]
-        window[W_TRACKED] += payload[P_TRACKED]
-        torch.maximum(window[W_MS_MAX], local_max, out=window[W_MS_MAX])
-        if self._batches > 0:  # MS was measured: sum of phi = sum of d^2 / denom
-            window[W_MS_SUM] += payload[P_SUM_D2] / variance_denominator(self.var, self.config.eps)
-            window[W_MS_N] += payload[P_COUNT]
-
     @torch.no_grad()
     def _apply_payload(self, payload: torch.Tensor) -> None:
         """Merge a (global) payload into the history as one batch and clear pending."""
-        self._add_to_window(self.window, payload, self.pending[P_MS_MAX])
-        count = payload[P_COUNT]
-        if bool((count > 0).any()):
-            batch = Moments.from_shifted_sums(count, payload[P_SUM_D], payload[P_SUM_D2], self.mean.double())
-            merge = maybe_compiled(merge_history, self.config.kernel)
-            mean, var, total = merge(self.mean, self.var, self.count, self._batches, batch, self.config.forget_steps)
-            self._scale = None
+        has_batch = bool((payload[P_COUNT] > 0).any())
+        fold = maybe_compiled(fold_payload, self.config.kernel)
+        mean, var, count, window = fold(
+            self.mean, self.var, self.count, self.window, payload, self.pending[P_MS_MAX],
+            self._batches > 0, has_batch, self._batches >= self.config.forget_steps, self.config.forget_steps, self.config.eps,
+        )  # fmt: skip
+        self.window.copy_(window)
+        if has_batch:
             self.mean.copy_(mean)
             self.var.copy_(var)
-            self.count.copy_(total)
+            self.count.copy_(count)
             self._batches += 1
             self.batches.fill_(self._batches)
+            self._scale = None
         self.pending.zero_()
         self._has_pending = False
 
