@@ -1,0 +1,192 @@
+"""The training-run spec: one validated object, loaded from YAML with dotted overrides."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from memel.errors import ConfigError, describe_validation_error
+from memel.inhibition import InhibitionConfig
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Section):
+    """Which model, and where inhibition goes (a preset of the model, or explicit patterns)."""
+
+    name: str = "byte-0.2m"
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    preset: str | None = "mlp"
+    targets: list[str] = Field(default_factory=list)
+
+
+class TrainSection(_Section):
+    """Optimisation and parallelism. ``global_batch_size`` = workers x micro_batch_size x accumulation."""
+
+    steps: int = Field(100, ge=1)
+    global_batch_size: int = Field(16, ge=1)
+    micro_batch_size: int = Field(8, ge=1)
+    workers: int = Field(2, ge=1)
+    zero_stage: int = 2
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    use_gpu: bool = False
+    threads_per_worker: int = Field(1, ge=1)
+    seed: int = 0
+    log_every: int = Field(10, ge=1)
+    deepspeed: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("zero_stage")
+    @classmethod
+    def _stage(cls, value: int) -> int:
+        if value not in (0, 1, 2, 3):
+            raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _batch(self) -> TrainSection:
+        per_step = self.workers * self.micro_batch_size
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"global_batch_size={self.global_batch_size} does not divide across workers={self.workers} x "
+                f"micro_batch_size={self.micro_batch_size}; use a multiple of {per_step}"
+            )
+        if self.precision != "fp32" and not self.use_gpu:
+            raise ValueError(f"precision={self.precision!r} needs use_gpu: true; on CPU use fp32")
+        return self
+
+    @property
+    def accumulation(self) -> int:
+        return self.global_batch_size // (self.workers * self.micro_batch_size)
+
+
+class EvalSection(_Section):
+    every: int = Field(50, ge=1)
+    batches: int = Field(4, ge=1)
+
+
+class TrackingSection(_Section):
+    """MLflow: ``uri`` from here, else MLFLOW_TRACKING_URI, else a local store in the output dir."""
+
+    uri: str | None = None
+    experiment: str = "memel"
+    run_name: str | None = None
+    parent_run_id: str | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
+
+
+class StatsSection(_Section):
+    """Per-neuron statistics as Parquet under ``root`` (local path or s3://), every ``every`` steps."""
+
+    enabled: bool = True
+    root: str | None = None
+    every: int = Field(25, ge=1)
+
+
+class CheckpointSection(_Section):
+    every: int = Field(50, ge=1)
+    keep: int = Field(2, ge=1)
+    max_failures: int = Field(1, ge=0)
+    storage: str | None = None
+
+
+class TrainSpec(_Section):
+    """One training run: model, data, inhibition, optimisation, tracking, statistics, checkpoints."""
+
+    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    model: ModelSection = ModelSection()
+    data: dict[str, Any] = Field(default_factory=lambda: {"kind": "text_lm", "corpus": "shakespeare", "seq_len": 64})
+    inhibition: InhibitionConfig | None = InhibitionConfig()
+    train: TrainSection = TrainSection()
+    eval: EvalSection = EvalSection()
+    tracking: TrackingSection = TrackingSection()
+    stats: StatsSection = StatsSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    output_dir: str | None = None
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as error:
+            raise ConfigError(describe_validation_error("spec", error, type(self).model_fields)) from None
+
+    @model_validator(mode="after")
+    def _model(self) -> TrainSpec:
+        from memel.models import preset_targets
+
+        try:  # the model name and its inhibition preset exist
+            preset_targets(self.model.name, self.model.preset or "mlp") if not self.model.targets else None
+        except ConfigError as error:
+            raise ValueError(f"model: {error}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _data(self) -> TrainSpec:
+        from memel.data import parse
+
+        try:
+            parse({**self.data, "batch_size": self.train.micro_batch_size})
+        except ConfigError as error:
+            raise ValueError(f"data: {error}") from None
+        return self
+
+    # ------------------------------------------------------------------------------
+    @property
+    def out(self) -> Path:
+        return Path(self.output_dir or Path("runs") / self.name)
+
+    def fingerprint(self) -> str:
+        """A short hash of what determines the training (not where results go)."""
+        core = self.model_dump(mode="json", exclude={"tracking", "stats", "output_dir", "checkpoint"})
+        return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:10]
+
+    @property
+    def run_name(self) -> str:
+        """Deterministic from the spec: the same spec resumes the same run."""
+        return f"{self.name}-{self.fingerprint()}"
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {key!r} is not a section (it holds {child!r})")
+        node = child
+    node[keys[-1]] = value
+
+
+def load_spec(path: str | Path | None = None, overrides: list[str] | None = None, **fields: Any) -> TrainSpec:
+    """Load a spec from YAML (or defaults), apply ``key.sub=value`` overrides, validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"spec: no such file {str(file)!r}")
+        try:
+            loaded = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"spec: {file} is not valid YAML: {error}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"spec: {file} must hold a mapping of sections, got {type(loaded).__name__}")
+        tree = loaded
+    tree.update(fields)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. train.steps=20")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    return TrainSpec(**tree)

@@ -1,0 +1,108 @@
+"""Real 2-worker Ray Train + DeepSpeed runs on CPU (gloo): ZeRO 2 and 3, MLflow, Parquet, resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+import torch
+
+from memel.errors import ConfigError
+from memel.training import load_spec, run_training
+from memel.training.worker import FAULT_MARKER_ENV, FAULT_STEP_ENV
+
+SMOKE = Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml"
+NEURONS, MODULES = 256, 4  # byte-0.2m: MLP width 4 x 64, 4 layers with the `mlp` preset
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    yield ray
+    ray.shutdown()
+
+
+def _spec(tmp: Path, *extra: str, steps: int = 12):
+    return load_spec(
+        SMOKE,
+        [
+            f"output_dir={tmp}", f"train.steps={steps}", "train.log_every=2", "eval.every=6", "eval.batches=1",
+            "stats.every=4", "checkpoint.every=4", "inhibition.late_start=3", "inhibition.forget_steps=3", *extra,
+        ],
+    )  # fmt: skip
+
+
+def _metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    from mlflow import MlflowClient
+
+    return [(m.step, m.value) for m in MlflowClient(tracking_uri).get_metric_history(run_id, key)]
+
+
+def _final_inhibition(checkpoint: str) -> dict:
+    return torch.load(Path(checkpoint) / "memel" / "inhibition.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_worker_run_trains_tracks_and_writes_statistics(local_ray, tmp_path: Path, mlflow_server, stage: int) -> None:
+    spec = _spec(tmp_path, f"train.zero_stage={stage}", f"tracking.uri={mlflow_server}", "tracking.experiment=ci")
+    result = run_training(spec)
+
+    losses = _metric_history(result.tracking_uri, result.run_id, "train/loss")
+    assert [step for step, _ in losses] == [2, 4, 6, 8, 10, 12]
+    assert losses[-1][1] < losses[0][1], "the loss must fall"
+    divergence = _metric_history(result.tracking_uri, result.run_id, "stats/rank_divergence")
+    assert len(divergence) == 3 and all(value == 0.0 for _, value in divergence), "ranks must hold identical statistics"
+    assert _metric_history(result.tracking_uri, result.run_id, "inhibited/layers.3.mlp.act")[-1][1] > 0
+
+    from mlflow import MlflowClient
+
+    run = MlflowClient(result.tracking_uri).get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.zero_stage"] == str(stage) and run.data.params["inhibition.mode"] == "rd"
+    assert run.data.tags["memel.model"] == "byte-0.2m" and run.data.tags["memel.n_params"] == "232832"
+    assert {"eval/loss", "eval/perplexity", "train/items_per_s", "ms/layers.0.mlp.act/mean"} <= set(run.data.metrics)
+
+    table = ds.dataset(result.stats_root, partitioning="hive").to_table()
+    assert table.num_rows == 3 * MODULES * NEURONS  # snapshots at steps 4, 8, 12
+    assert sorted(set(table.column("step").to_pylist())) == [4, 8, 12]
+    final = _final_inhibition(result.checkpoint)
+    last = table.filter(ds.field("step") == 12).to_pandas()
+    for name, state in final.items():
+        rows = last[last["module"] == name].sort_values("neuron")
+        assert rows["mean"].tolist() == pytest.approx(state["mean"].tolist(), rel=1e-6, abs=1e-7)
+        assert rows["count"].tolist() == state["count"].tolist()
+
+
+def test_killed_worker_resumes_to_the_same_result(local_ray, tmp_path: Path, monkeypatch) -> None:
+    reference = run_training(_spec(tmp_path / "whole", steps=10))
+    monkeypatch.setenv(FAULT_STEP_ENV, "6")
+    monkeypatch.setenv(FAULT_MARKER_ENV, str(tmp_path / "killed.txt"))
+    resumed = run_training(_spec(tmp_path / "faulted", steps=10))
+    assert (tmp_path / "killed.txt").exists(), "the fault was never injected"
+    assert resumed.metrics["step"] == reference.metrics["step"] == 10
+    assert resumed.metrics["train/loss"] == pytest.approx(reference.metrics["train/loss"], rel=1e-6)
+    a, b = _final_inhibition(reference.checkpoint), _final_inhibition(resumed.checkpoint)
+    for name in a:
+        for key in ("mean", "var", "count", "batches"):
+            assert torch.equal(a[name][key], b[name][key]), (name, key)
+
+    # the same spec again resumes the finished run instead of starting over
+    monkeypatch.delenv(FAULT_STEP_ENV)
+    again = run_training(_spec(tmp_path / "whole", steps=10))
+    assert again.run_id == reference.run_id
+    assert _metric_history(again.tracking_uri, again.run_id, "train/loss")[-1][0] == 10
+    assert len(_metric_history(again.tracking_uri, again.run_id, "train/loss")) == 5
+
+
+def test_unreachable_outputs_fail_before_any_worker_starts(tmp_path: Path, monkeypatch) -> None:
+    with pytest.raises(ConfigError, match="tracking.uri"):
+        run_training(_spec(tmp_path, "tracking.uri=http://127.0.0.1:9"))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "unused")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "unused")
+    with pytest.raises(ConfigError, match="stats.root"):
+        run_training(_spec(tmp_path, "stats.root=s3://bucket/stats"))
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "run.json").exists()

@@ -1,0 +1,68 @@
+"""Training-run specs: defaults, YAML + dotted overrides, and every bad input named early."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from memel.errors import ConfigError
+from memel.training import TrainSpec, load_spec
+from memel.training.deepspeed_config import deepspeed_config
+
+SMOKE = Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml"
+
+
+def test_smoke_spec_loads_and_overrides_apply() -> None:
+    spec = load_spec(SMOKE, ["train.steps=7", "inhibition.strength=2.5", "train.zero_stage=3"])
+    assert spec.train.steps == 7 and spec.inhibition.strength == 2.5 and spec.train.zero_stage == 3
+    assert spec.train.accumulation == 2  # 16 = 2 workers x 4 micro x 2
+    config = deepspeed_config(spec)
+    assert config["zero_optimization"]["stage"] == 3
+    assert config["train_batch_size"] == 16 and config["gradient_accumulation_steps"] == 2
+    assert spec.run_name == load_spec(SMOKE, ["train.steps=7", "inhibition.strength=2.5", "train.zero_stage=3"]).run_name
+    assert spec.run_name != load_spec(SMOKE).run_name
+    assert spec.run_name == load_spec(SMOKE, ["train.steps=7", "inhibition.strength=2.5", "train.zero_stage=3", "stats.every=3"]).run_name
+
+
+def test_user_deepspeed_keys_win() -> None:
+    spec = TrainSpec(train={"deepspeed": {"zero_optimization": {"overlap_comm": True}, "gradient_clipping": 0.5}})
+    config = deepspeed_config(spec)
+    assert config["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    assert config["gradient_clipping"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["train.zero_stage=4"], r"train\.zero_stage: .*0, 1, 2 or 3"),
+        (["train.global_batch_size=10"], r"global_batch_size=10 does not divide .* use a multiple of 8"),
+        (["train.precision=bf16"], r"precision='bf16' needs use_gpu"),
+        (["train.stepz=3"], r"train\.stepz: unknown field"),
+        (["inhibition.top_n=0"], r"inhibition.*top_n"),
+        (["inhibition.mode=reverse"], r"inhibition.*mode.*'rd', 'naive_a', 'naive_b' or 'original'"),
+        (["model.preset=nope"], r"model: preset: unknown preset 'nope'; allowed for this model: mlp"),
+        (["model.name=pythia-3b"], r"model: model: unknown name 'pythia-3b'"),
+        (["data.kind=video"], r"data"),
+        (["data.seq_len=0"], r"seq_len"),
+        (["name=bad name"], r"name"),
+        (["train"], r"expected dotted.key=value"),
+        (["train.steps.x=1"], r"'steps' is not a section"),
+    ],
+)
+def test_bad_specs_fail_with_the_field(overrides: list[str], expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        load_spec(SMOKE, overrides)
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        load_spec(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_spec(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        load_spec(scalar)
