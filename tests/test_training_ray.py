@@ -45,10 +45,31 @@ def _final_inhibition(checkpoint: str) -> dict:
     return torch.load(Path(checkpoint) / "memel" / "inhibition.pt", weights_only=False)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_worker_run_trains_tracks_and_writes_statistics(local_ray, tmp_path: Path, mlflow_server, stage: int) -> None:
-    spec = _spec(tmp_path, f"train.zero_stage={stage}", f"tracking.uri={mlflow_server}", "tracking.experiment=ci")
-    result = run_training(spec)
+def _read_stats(root: str, s3=None):
+    """The statistics dataset, read with pyarrow alone (no memel code)."""
+    if s3 is None:
+        return ds.dataset(root, partitioning="hive").to_table()
+    import pyarrow.fs as pafs
+
+    fs = pafs.S3FileSystem(
+        endpoint_override=s3.endpoint, access_key=s3.access_key, secret_key=s3.secret_key, region=s3.region,
+        scheme="http",
+    )  # fmt: skip
+    return ds.dataset(root.removeprefix("s3://"), filesystem=fs, partitioning="hive").to_table()
+
+
+@pytest.mark.parametrize(("stage", "on_s3"), [(2, False), (3, True)])
+def test_two_worker_run_trains_tracks_and_writes_statistics(
+    local_ray, tmp_path: Path, mlflow_server, request, monkeypatch, stage: int, on_s3: bool
+) -> None:
+    extra = [f"train.zero_stage={stage}", f"tracking.uri={mlflow_server}", "tracking.experiment=ci"]
+    s3 = None
+    if on_s3:
+        s3 = request.getfixturevalue("s3_server")
+        for key, value in s3.env().items():
+            monkeypatch.setenv(key, value)
+        extra.append(f"stats.root=s3://memel-train/{tmp_path.name}")
+    result = run_training(_spec(tmp_path, *extra))
 
     losses = _metric_history(result.tracking_uri, result.run_id, "train/loss")
     assert [step for step, _ in losses] == [2, 4, 6, 8, 10, 12]
@@ -65,7 +86,7 @@ def test_two_worker_run_trains_tracks_and_writes_statistics(local_ray, tmp_path:
     assert run.data.tags["memel.model"] == "byte-0.2m" and run.data.tags["memel.n_params"] == "232832"
     assert {"eval/loss", "eval/perplexity", "train/items_per_s", "ms/layers.0.mlp.act/mean"} <= set(run.data.metrics)
 
-    table = ds.dataset(result.stats_root, partitioning="hive").to_table()
+    table = _read_stats(result.stats_root, s3)
     assert table.num_rows == 3 * MODULES * NEURONS  # snapshots at steps 4, 8, 12
     assert sorted(set(table.column("step").to_pylist())) == [4, 8, 12]
     final = _final_inhibition(result.checkpoint)
