@@ -37,3 +37,54 @@ def bench_inhibition_command(
     for row in rows:
         table.add_row(row.kernel, row.layout, str(row.top_n), f"{row.module_ms:.1f}", f"{row.baseline_ms:.1f}", f"{row.ratio:.2f}x", f"{row.best_ratio:.2f}x")
     Console().print(table)
+
+
+@bench_app.command("overhead")
+def bench_overhead_command(
+    model: str = typer.Option("byte-4m", help="Model from `memel models` (its CPU step should take about a second)."),
+    preset: str = typer.Option("mlp", help="Where the Inhibitors go."),
+    batch: int = typer.Option(16),
+    seq: int = typer.Option(256),
+    rounds: int = typer.Option(7, help="Timed steps per variant (interleaved)."),
+    threads: int = typer.Option(2, help="torch CPU threads."),
+) -> None:
+    """Training-step time with inhibition (original, rd, rd compiled, rd while writing Parquet
+    snapshots every step) against the same model without any module, interleaved in one run.
+
+    Example: [bold]memel bench overhead --model byte-4m --rounds 9[/bold]
+    """
+    import torch
+
+    from memel.benchmarks.overhead import bench_overhead
+
+    torch.set_num_threads(threads)
+    rows = bench_overhead(model, preset, batch, seq, rounds)
+    table = Table(title=f"{model} ({preset}), batch {batch} x {seq}, {threads} threads: step time vs no module")
+    for column in ("variant", "step ms", "ratio to none"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(row.variant, f"{row.step_ms:.0f}", f"{row.ratio:.3f}x")
+    Console().print(table)
+
+
+@bench_app.command("ddp")
+def bench_ddp_command(
+    spec_path: str = typer.Argument("jobs/smoke.yaml", metavar="SPEC.yaml"),
+    set_: list[str] = typer.Option([], "--set", help="Override a field: dotted.key=value (repeatable)."),
+) -> None:
+    """Steps/s of `memel train` (Ray Train + DeepSpeed, tracking and statistics on) against a
+    plain torchrun DDP loop on the same model, data and workers.
+
+    Defaults: 60 steps, step time logged every 5 steps (the first fifth is not counted).
+
+    Example: [bold]memel bench ddp jobs/smoke.yaml --set model.name=byte-1m --set train.zero_stage=0[/bold]
+    """
+    from memel.benchmarks.ddp import bench_ddp
+    from memel.training import load_spec
+
+    spec = load_spec(spec_path, ["train.steps=60", "train.log_every=5", "checkpoint.every=1000000", *set_])
+    result = bench_ddp(spec)
+    print(
+        f"{spec.model.name}, {spec.train.workers} workers, ZeRO {spec.train.zero_stage}: memel {result.memel_steps_per_s:.2f} steps/s, "
+        f"torchrun DDP {result.ddp_steps_per_s:.2f} steps/s, ratio {result.ratio:.3f}"
+    )

@@ -1,0 +1,89 @@
+"""Training-step overhead of inhibition, measured side by side in one process.
+
+Every variant is the same model (same seed) trained on the same batches; one optimizer
+step of each is timed in turn (none, original, rd, ..., none, original, rd, ...), so drift
+of the machine cancels in the per-round ratios, whose medians are reported against the
+model without any module.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import memel
+from memel.models import build, preset_targets
+
+
+@dataclass
+class OverheadRow:
+    variant: str
+    step_ms: float
+    ratio: float
+
+
+def _variant(model_name: str, preset: str, variant: str, sink_root: str | None) -> tuple[torch.nn.Module, Callable[[int], None]]:
+    torch.manual_seed(0)
+    model = build(model_name)
+    after_step: Callable[[int], None] = lambda step: None  # noqa: E731
+    if variant != "none":
+        mode, _, kernel = variant.partition("/")
+        config = memel.InhibitionConfig(mode=mode.removesuffix("+parquet"), kernel=kernel or "eager", late_start=1)
+        inserted = memel.inhibit(model, preset_targets(model_name, preset), config)
+        if mode.endswith("+parquet") and sink_root is not None:
+            from memel.stats import ParquetStatsSink, snapshot_table
+
+            sink = ParquetStatsSink(sink_root, "bench")
+
+            def after_step(step: int) -> None:  # a snapshot of every module at every step: the worst case
+                for depth, (name, module) in enumerate(inserted.items()):
+                    table = snapshot_table(
+                        module.snapshot(), run_id="bench", model=model_name, n_params=0, mode="rd", strength=1.0,
+                        top_n=1, seed=0, step=step, tokens_seen=0, module=name, depth=depth / max(len(inserted) - 1, 1),
+                    )  # fmt: skip
+                    sink.submit(table, module=name, step=step)
+
+    return model, after_step
+
+
+def bench_overhead(
+    model_name: str = "byte-4m",
+    preset: str = "mlp",
+    batch: int = 16,
+    seq: int = 256,
+    rounds: int = 7,
+    warmup: int = 2,
+    variants: tuple[str, ...] = ("none", "original", "rd", "rd/compiled", "rd+parquet"),
+) -> list[OverheadRow]:
+    """Median step time per variant and the median per-round ratio to ``none``."""
+    generator = torch.Generator().manual_seed(0)
+    vocab = build(model_name, device="meta").config.vocab_size
+    data = [torch.randint(0, vocab, (batch, seq + 1), generator=generator) for _ in range(rounds + warmup)]
+    with tempfile.TemporaryDirectory(prefix="memel-bench-") as root:
+        runs = {}
+        for name in variants:
+            model, after = _variant(model_name, preset, name, root)
+            runs[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-3), after)
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        for index, tokens in enumerate(data):
+            for name, (model, optimizer, after) in runs.items():
+                start = time.perf_counter()
+                logits = model(tokens[:, :-1])
+                loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                after(index)
+                if index >= warmup:
+                    times[name].append(time.perf_counter() - start)
+    base = times["none"] if "none" in times else next(iter(times.values()))
+    return [
+        OverheadRow(name, statistics.median(t) * 1e3, statistics.median(a / b for a, b in zip(t, base)))
+        for name, t in times.items()
+    ]
