@@ -84,7 +84,7 @@ def test_two_worker_run_trains_tracks_and_writes_statistics(
     assert run.info.status == "FINISHED"
     assert run.data.params["train.zero_stage"] == str(stage) and run.data.params["inhibition.mode"] == "rd"
     assert run.data.tags["memel.model"] == "byte-0.2m" and run.data.tags["memel.n_params"] == "232832"
-    assert {"eval/loss", "eval/perplexity", "train/items_per_s", "ms/layers.0.mlp.act/mean"} <= set(run.data.metrics)
+    assert {"eval/loss", "eval/perplexity", "train/tokens_per_s", "train/step_time_s", "ms/layers.0.mlp.act/mean"} <= set(run.data.metrics)
 
     table = _read_stats(result.stats_root, s3)
     assert table.num_rows == 3 * MODULES * NEURONS  # snapshots at steps 4, 8, 12

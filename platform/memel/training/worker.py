@@ -252,11 +252,14 @@ def _train_steps(
                 "train/tokens_seen": float(tokens_seen),
                 "train/lr": float(engine.get_lr()[0]) if engine.get_lr() else spec.train.lr,
             }
+            if kind == "text_lm":
+                metrics["train/tokens_per_s"] = metrics["train/items_per_s"]
             if rank == 0:
                 remaining = (train.steps - step) * metrics["train/step_time_s"]
                 print(
                     f"[memel] step {step}/{train.steps} loss {metrics['train/loss']:.4f} "
-                    f"{metrics['train/items_per_s']:,.0f} items/s eta {remaining:,.0f}s",
+                    f"{metrics['train/items_per_s']:,.0f} {'tokens' if kind == 'text_lm' else 'items'}/s "
+                    f"eta {remaining:,.0f}s",
                     flush=True,
                 )
                 if tracker is not None:
