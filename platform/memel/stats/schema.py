@@ -16,7 +16,8 @@ Columns (``STATS_SCHEMA``, in this order):
 - ``depth`` (float32): relative position of the module in the model, 0 (first) to 1 (last).
 - ``neuron`` (int32): flat neuron index (row-major over the Inhibitor's neuron shape).
 - ``mean``, ``var`` (float32): the neuron's running mean and unbiased variance (history).
-- ``count`` (int64): samples in the neuron's history (capped by ``forget_steps``).
+- ``count`` (int64): samples merged into the neuron's statistics so far (all of them: the forget step
+  caps their weight in the mean and variance, not this count).
 - ``batches`` (int64): batches merged into the module's history so far.
 - ``selected_count`` (int64): times one of the neuron's values was in a sample's top-n MS
   since the previous snapshot (whether modified or not).
