@@ -42,7 +42,7 @@ def bench_inhibition(
     mode: str = "rd",
     repeats: int = 7,
     track_every: int = 1,
-    kernels: Iterable[str] = ("eager", "compiled"),
+    kernels: Iterable[str] = ("native", "compiled", "eager"),
     seed: int = 0,
 ) -> list[InhibitionBenchRow]:
     """Per layout and top_n: median of the paired ratios (module fwd+bwd) / (h*1.0 fwd+bwd), and

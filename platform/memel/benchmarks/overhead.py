@@ -34,7 +34,7 @@ def _variant(model_name: str, preset: str, variant: str, sink_root: str | None) 
     after_step: Callable[[int], None] = lambda step: None  # noqa: E731
     if variant != "none":
         mode, _, kernel = variant.partition("/")
-        config = memel.InhibitionConfig(mode=mode.removesuffix("+parquet"), kernel=kernel or "eager", late_start=1)
+        config = memel.InhibitionConfig(mode=mode.removesuffix("+parquet"), kernel=kernel or "auto", late_start=1)
         inserted = memel.inhibit(model, preset_targets(model_name, preset), config)
         if mode.endswith("+parquet") and sink_root is not None:
             from memel.stats import ParquetStatsSink, snapshot_table
@@ -59,7 +59,7 @@ def bench_overhead(
     seq: int = 256,
     rounds: int = 7,
     warmup: int = 2,
-    variants: tuple[str, ...] = ("none", "original", "rd", "rd/compiled", "rd+parquet"),
+    variants: tuple[str, ...] = ("none", "original", "rd", "rd/eager", "rd+parquet"),
 ) -> list[OverheadRow]:
     """Median step time per variant and the median per-round ratio to ``none``."""
     generator = torch.Generator().manual_seed(0)

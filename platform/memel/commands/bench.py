@@ -18,7 +18,7 @@ def bench_inhibition_command(
     repeats: int = typer.Option(7, help="Interleaved timing pairs per row; the median ratio is reported."),
     track_every: int = typer.Option(1, help="Snapshot tracking interval (InhibitionConfig.track_every)."),
     threads: int = typer.Option(0, help="torch threads (0 = torch's default)."),
-    kernel: list[str] = typer.Option(["eager", "compiled"], "--kernel", help="Hot-path kernels to time (repeatable)."),
+    kernel: list[str] = typer.Option(["native", "compiled", "eager"], "--kernel", help="Hot-path kernels to time (repeatable)."),
 ) -> None:
     """Time the Inhibitor (rd mode) forward+backward against a plain h*1.0 on the same tensor.
 
@@ -48,8 +48,8 @@ def bench_overhead_command(
     rounds: int = typer.Option(7, help="Timed steps per variant (interleaved)."),
     threads: int = typer.Option(2, help="torch CPU threads."),
 ) -> None:
-    """Training-step time with inhibition (original, rd, rd compiled, rd while writing Parquet
-    snapshots every step) against the same model without any module, interleaved in one run.
+    """Training-step time with inhibition (original, rd, rd with the eager kernel, rd while
+    writing Parquet snapshots every step) against the same model without any module, interleaved in one run.
 
     Example: [bold]memel bench overhead --model byte-4m --rounds 9[/bold]
     """

@@ -19,7 +19,7 @@ from memel.errors import ConfigError, describe_validation_error
 Mode = Literal["rd", "naive_a", "naive_b", "original"]
 Layout = Literal["channel", "element"]
 StatsUpdate = Literal["call", "step"]
-Kernel = Literal["eager", "compiled"]
+Kernel = Literal["auto", "eager", "compiled", "native"]
 
 #: Strength D that each naive baseline is equivalent to under z' = -D*z + (mu + D*z).detach().
 NAIVE_STRENGTH: dict[str, float] = {"naive_a": 0.0, "naive_b": -1.0}
@@ -47,8 +47,11 @@ class InhibitionConfig(BaseModel):
             micro-batches) as one batch until ``memel.sync(model)``, once per optimizer step.
         track_every: the per-neuron max MS and fraction above threshold of snapshots are
             measured on every k-th training call (1 = every call); the rest is exact always.
-        kernel: ``eager`` runs the hot path op by op; ``compiled`` fuses its two passes with
-            ``torch.compile`` (needs a C++ compiler on CPU; compiles once per shape family).
+        kernel: ``auto`` (default) is ``native`` for CPU tensors and ``eager`` elsewhere;
+            ``eager`` runs the hot path op by op; ``compiled`` fuses its two passes with
+            ``torch.compile`` (needs a C++ compiler on CPU; compiles once per shape family);
+            ``native`` runs it as one fused C++ pass on CPU (built once on first use and cached;
+            falls back to ``eager``, with a warning, where it cannot be built or used).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -63,7 +66,7 @@ class InhibitionConfig(BaseModel):
     ms_threshold: float = Field(9.0, gt=0.0)
     stats_update: StatsUpdate = "call"
     track_every: int = Field(1, ge=1)
-    kernel: Kernel = "eager"
+    kernel: Kernel = "auto"
 
     def __init__(self, **data: object) -> None:
         try:

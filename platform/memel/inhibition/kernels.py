@@ -116,6 +116,18 @@ def measure(
     kernel: str = "eager",
 ) -> Measurement:
     """Measure a [samples, neurons] call against the history (``mean``, ``scale`` = 1/sqrt(denom))."""
+    if kernel == "auto":  # the fused C++ pass where it applies (CPU), else op by op
+        from .native import SUPPORTED_DTYPES
+
+        kernel = "native" if values.device.type == "cpu" and values.dtype in SUPPORTED_DTYPES else "eager"
+    if kernel == "native":
+        from .native import native_measure
+
+        fused = native_measure(values, mean, scale, top_n, sqrt_threshold, track, copy)
+        if fused is not None:
+            sum_d, sum_d2, max_scaled, above, selected, copied = fused
+            return Measurement(sum_d, sum_d2, selected, max_scaled, above, copied)
+        kernel = "eager"  # unavailable here (warned once): the same result op by op
     if kernel != "compiled" or _COMPILED.get("columns") is column_pass:
         sum_d, sum_d2, max_scaled, above, selected, copied = eager_measure(
             values, mean, scale, top_n, sqrt_threshold, track, copy

@@ -1,0 +1,133 @@
+"""``kernel="native"``: the hot path as one fused C++ pass over the values (CPU).
+
+``native_kernel.cpp`` computes everything ``kernels.eager_measure`` does (per-neuron sums of
+d and d^2 in double, max |d*a| and the count above threshold, each sample's top-n, and the
+copy) in a single read of the [samples, neurons] values, parallel over rows when there are
+many samples (channel layout) and over neurons otherwise (element layout).
+
+Build: compiled on first use with ``torch.utils.cpp_extension.load`` (``-O3 -fopenmp``; the
+hot loop is cloned for x86-64-v4/v3/baseline and picked at run time, so one build works on
+any x86-64 CPU) and cached in torch's extensions directory (``$TORCH_EXTENSIONS_DIR``,
+default ``~/.cache/torch_extensions``), so later processes only load it; a changed source
+rebuilds it. If it cannot be built (no C++ compiler, no ninja, ...) a warning is issued once
+and every call falls back to the eager kernel: training never fails because of it.
+
+The copy (the caller's output) is allocated by the kernel: copies of 4 MiB and more are
+backed by transparent huge pages where Linux allows it (``madvise``), since page faults are
+most of the cost of writing a fresh buffer; freed normally when the tensor dies.
+
+Supported: CPU tensors of float32, bfloat16 or float16 (read natively, converted per value to
+float32 exactly like ``values.float()``; the copy keeps the input dtype). Anything else (other
+devices, float64) runs the eager kernel, with a one-time warning.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SOURCE = Path(__file__).with_name("native_kernel.cpp")
+EXTENSION_NAME = "memel_inhibition_native"
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_lock = threading.Lock()
+_module: Any = None
+_failed: str | None = None
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def load() -> Any:
+    """The compiled extension, building it on first use; None if it cannot be built."""
+    global _module, _failed
+    if _module is not None:
+        return _module
+    with _lock:
+        if _module is None and _failed is None:
+            try:
+                from torch.utils.cpp_extension import load as load_extension
+
+                _module = load_extension(
+                    name=EXTENSION_NAME,
+                    sources=[str(SOURCE)],
+                    extra_cflags=["-O3", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"],
+                    verbose=False,
+                )
+            except Exception as error:  # noqa: BLE001  (no compiler, no ninja, a failed build: never crash training)
+                _failed = f"{type(error).__name__}: {error}".strip()
+    if _module is None:
+        _warn_once(
+            "build",
+            f"memel: the native inhibition kernel could not be built ({_failed[:2000] if _failed else 'unknown'}); "
+            "falling back to the eager kernel",
+        )
+    return _module
+
+
+def available() -> bool:
+    """Whether the native kernel is (or can be) built and loaded."""
+    return load() is not None
+
+
+def native_measure(
+    values: torch.Tensor,
+    mean: torch.Tensor,
+    scale: torch.Tensor,
+    top_n: int,
+    sqrt_threshold: float,
+    track: bool,
+    copy: bool,
+    threads: int = 0,
+) -> tuple | None:
+    """``eager_measure``'s tuple from one fused pass, or None where the caller must use eager
+    (kernel unavailable, unsupported device/dtype, or shapes eager itself must judge).
+
+    ``threads``: how many parallel tasks to split the work into (0: ``torch.get_num_threads()``);
+    the kernel runs row-parallel when there are at least 64 samples per task, else
+    column-parallel."""
+    if values.device.type != "cpu" or values.dtype not in SUPPORTED_DTYPES:
+        _warn_once(
+            f"unsupported:{values.device.type}:{values.dtype}",
+            f"memel: the native inhibition kernel supports CPU float32/bfloat16/float16 values only, got "
+            f"{values.dtype} on {values.device.type}; using the eager kernel",
+        )
+        return None
+    if (
+        values.dim() != 2
+        or values.numel() == 0
+        or not 1 <= top_n <= values.shape[1]
+        or values.shape[1] >= 2**31
+    ):
+        return None  # eager handles (or raises on) these
+    module = load()
+    if module is None:
+        return None
+    try:
+        return tuple(
+            module.measure(
+                values.contiguous(),
+                mean,
+                scale,
+                int(top_n),
+                float(sqrt_threshold),
+                bool(track),
+                bool(copy),
+                int(threads),
+            )
+        )
+    except Exception as error:  # noqa: BLE001  (an unforeseen input: never crash training, use eager for it)
+        _warn_once(
+            f"error:{type(error).__name__}",
+            f"memel: the native inhibition kernel failed ({type(error).__name__}: {error}); using the eager kernel",
+        )
+        return None

@@ -1,0 +1,482 @@
+// Fused single-pass CPU kernel for memel's inhibition hot path (see native.py and
+// kernels.eager_measure, which defines the semantics this file must match).
+//
+// One read of the [S, N] values computes, per neuron (column), the sums of d = x - mean and
+// d^2 (double accumulators), the max of scaled = |d * scale| and the count of scaled >
+// threshold, and, per sample (row), the indices of its top_n largest scaled values; the
+// copy of the values (same dtype) is written in the same pass when requested.
+//
+// Ranking uses the IEEE bit pattern of scaled as an int32 key: scaled is |.|, so its sign
+// bit is clear and the integer order of the bits is the float order, with every NaN above
+// +inf (NaN ranks highest, as in torch.topk / argmax). Per-column max is taken on the same
+// keys, so a NaN in a column makes its max NaN (like torch.amax).
+//
+// Work split: a task owns a block of rows x a range of columns. Row-parallel (each thread
+// a block of rows, all columns) when there are many rows; its per-column partial sums are
+// merged at the end in a fixed order (deterministic). Column-parallel (each thread a range
+// of columns, all rows) otherwise; each (task, row) keeps a partial top-n, merged at the
+// end. Inside a task the columns are walked in tiles of TILE so that the tile's column
+// accumulators stay in L1 while the task's rows stream through.
+//
+// Input dtypes: float32, bfloat16 and float16 are read natively (converted to float32 per
+// value, exactly like values.float()); the copy keeps the input dtype.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+namespace {
+
+constexpr int64_t TILE = 1024;
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(MEMEL_NO_CLONES)
+#define MEMEL_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define MEMEL_CLONES
+#endif
+
+// The hot templates are force-inlined into each clone so that every clone gets its own code.
+#if defined(__GNUC__)
+#define MEMEL_INLINE inline __attribute__((always_inline))
+#else
+#define MEMEL_INLINE inline
+#endif
+
+template <typename T>
+MEMEL_INLINE float to_float(T v) {
+  return static_cast<float>(v);
+}
+
+template <>
+MEMEL_INLINE float to_float<c10::BFloat16>(c10::BFloat16 v) {
+  uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+MEMEL_INLINE int32_t key_of(float s) {
+  int32_t k;
+  std::memcpy(&k, &s, sizeof(k));
+  return k;
+}
+
+// A selection candidate: key in the high half, neuron index in the low half, so that integer
+// order is key order (ties: either).
+MEMEL_INLINE uint64_t pack(int32_t key, int64_t index) {
+  return (static_cast<uint64_t>(static_cast<uint32_t>(key)) << 32) | static_cast<uint32_t>(index);
+}
+
+MEMEL_INLINE int32_t key_part(uint64_t packed) { return static_cast<int32_t>(packed >> 32); }
+
+struct TaskArgs {
+  int64_t N;
+  int64_t r0, r1, c0, c1;
+  float thr;
+  int64_t n;
+  // per-row selection state of this task (row r at r - r0): up to n kept candidates
+  // (unordered), how many, and the key a value must exceed to enter (-1 until n are kept)
+  uint64_t* kept;
+  int32_t* count;
+  int32_t* tau;
+  // column results: either final outputs (direct) or this task's partial buffers
+  bool direct;
+  float* out_sd;
+  float* out_sd2;
+  float* out_max;
+  int32_t* out_above;
+  double* part_sd;
+  double* part_sd2;
+  int32_t* part_max;
+  int32_t* part_above;
+};
+
+template <typename T, bool TRACK, bool COPY>
+MEMEL_INLINE int32_t row_tile(const T* __restrict xp, T* __restrict op, const float* __restrict m, const float* __restrict sc,
+                        int64_t w, float thr, double* __restrict sd, double* __restrict sd2, int32_t* __restrict mx,
+                        int32_t* __restrict ab, int32_t* __restrict keys) {
+  int32_t kmax = -1;
+  for (int64_t j = 0; j < w; ++j) {
+    const float v = to_float<T>(xp[j]);
+    const float d = v - m[j];
+    const float s = std::fabs(d * sc[j]);
+    const double dd = static_cast<double>(d);
+    sd[j] += dd;
+    sd2[j] += dd * dd;
+    const int32_t k = key_of(s);
+    keys[j] = k;
+    kmax = std::max(kmax, k);
+    if (TRACK) {
+      mx[j] = std::max(mx[j], k);
+      ab[j] += (s > thr) ? 1 : 0;
+    }
+    if (COPY) op[j] = xp[j];
+  }
+  return kmax;
+}
+
+constexpr int64_t GROUP = 32;
+
+// Keep the n largest of buf[0, m) in buf[0, n) (linear: nth_element); returns the new tau.
+MEMEL_INLINE int32_t keep_largest(uint64_t* buf, int64_t m, int64_t n) {
+  std::nth_element(buf, buf + (n - 1), buf + m, std::greater<uint64_t>());
+  return key_part(buf[n - 1]);
+}
+
+// Capacity of the candidate buffer of offer_tile for a given n.
+MEMEL_INLINE int64_t buffer_size(int64_t n) { return 2 * n + 64 + GROUP; }
+
+// Offer one row's tile of keys (whose max is kmax > tau) to the row's selection. n == 1:
+// the first index of the max (like argmax). n > 1: values above tau are appended branch-free
+// to the kept ones (groups of GROUP whose max cannot enter are skipped with one vector
+// compare); whenever the buffer passes 2n + 64 entries, only the n largest are kept
+// (nth_element) and tau rises to the smallest of them. Linear in the tile and the candidates.
+MEMEL_INLINE void offer_tile(const int32_t* __restrict keys, int64_t w, int64_t t0, int32_t kmax, uint64_t* kept,
+                             int32_t& count, int32_t& tau, int64_t n, uint64_t* __restrict buf) {
+  if (n == 1) {
+    int64_t j = 0;
+    while (keys[j] != kmax) ++j;
+    kept[0] = pack(kmax, t0 + j);
+    count = 1;
+    tau = kmax;
+    return;
+  }
+  const int64_t flush_at = 2 * n + 64;
+  int64_t m = count;
+  std::memcpy(buf, kept, static_cast<size_t>(m) * sizeof(uint64_t));
+  int32_t t = tau;
+  int32_t gm[TILE / GROUP + 1];
+  const int64_t groups = (w + GROUP - 1) / GROUP;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t j = g * GROUP, e = std::min(w, j + GROUP);
+    int32_t gmax = -1;
+    if (e - j == GROUP) {
+      for (int64_t i = 0; i < GROUP; ++i) gmax = std::max(gmax, keys[j + i]);
+    } else {
+      for (int64_t i = j; i < e; ++i) gmax = std::max(gmax, keys[i]);
+    }
+    gm[g] = gmax;
+  }
+  if (count < n && groups >= n) {
+    // Not n kept yet (a row's first tile): the n-th largest group max is a lower bound of the
+    // n-th largest value (n groups each hold one at least as large), so start from it.
+    int32_t tmp[TILE / GROUP + 1];
+    std::memcpy(tmp, gm, static_cast<size_t>(groups) * sizeof(int32_t));
+    std::nth_element(tmp, tmp + (n - 1), tmp + groups, std::greater<int32_t>());
+    t = std::max(t, tmp[n - 1] - 1);  // keys are >= 0: "> key - 1" is ">= key"
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t j = g * GROUP, e = std::min(w, j + GROUP);
+    if (gm[g] <= t) continue;
+    for (int64_t i = j; i < e; ++i) {
+      buf[m] = pack(keys[i], t0 + i);
+      m += keys[i] > t ? 1 : 0;
+    }
+    if (m >= flush_at) {
+      t = keep_largest(buf, m, n);
+      m = n;
+    }
+  }
+  if (m > n) {
+    t = keep_largest(buf, m, n);
+    m = n;
+  } else if (m == n && count < n) {
+    int32_t lo = key_part(buf[0]);
+    for (int64_t i = 1; i < m; ++i) lo = std::min(lo, key_part(buf[i]));
+    t = lo;
+  }
+  std::memcpy(kept, buf, static_cast<size_t>(m) * sizeof(uint64_t));
+  count = static_cast<int32_t>(m);
+  tau = t;
+}
+
+template <typename T, bool TRACK, bool COPY>
+MEMEL_INLINE void run_task_impl(const T* x, T* out, const float* mean, const float* scale, const TaskArgs& a) {
+  alignas(64) double sd[TILE];
+  alignas(64) double sd2[TILE];
+  alignas(64) int32_t mx[TILE];
+  alignas(64) int32_t ab[TILE];
+  alignas(64) int32_t keys[TILE];
+  const int64_t N = a.N, n = a.n;
+  std::vector<uint64_t> buf(n > 1 ? static_cast<size_t>(buffer_size(n)) : 0);
+  for (int64_t t0 = a.c0; t0 < a.c1; t0 += TILE) {
+    const int64_t w = std::min(TILE, a.c1 - t0);
+    std::fill(sd, sd + w, 0.0);
+    std::fill(sd2, sd2 + w, 0.0);
+    std::fill(mx, mx + w, static_cast<int32_t>(0));
+    std::fill(ab, ab + w, static_cast<int32_t>(0));
+    for (int64_t r = a.r0; r < a.r1; ++r) {
+      const T* xp = x + r * N + t0;
+      T* op = COPY ? out + r * N + t0 : nullptr;
+      const int32_t kmax =
+          row_tile<T, TRACK, COPY>(xp, op, mean + t0, scale + t0, w, a.thr, sd, sd2, mx, ab, keys);
+      const int64_t row = r - a.r0;
+      if (kmax > a.tau[row]) offer_tile(keys, w, t0, kmax, a.kept + row * n, a.count[row], a.tau[row], n, buf.data());
+    }
+    if (a.direct) {
+      for (int64_t j = 0; j < w; ++j) {
+        a.out_sd[t0 + j] = static_cast<float>(sd[j]);
+        a.out_sd2[t0 + j] = static_cast<float>(sd2[j]);
+      }
+      if (TRACK) {
+        std::memcpy(a.out_max + t0, mx, w * sizeof(int32_t));
+        std::memcpy(a.out_above + t0, ab, w * sizeof(int32_t));
+      }
+    } else {
+      std::memcpy(a.part_sd + t0, sd, w * sizeof(double));
+      std::memcpy(a.part_sd2 + t0, sd2, w * sizeof(double));
+      if (TRACK) {
+        std::memcpy(a.part_max + t0, mx, w * sizeof(int32_t));
+        std::memcpy(a.part_above + t0, ab, w * sizeof(int32_t));
+      }
+    }
+  }
+}
+
+#define MEMEL_DEFINE_TASK(NAME, T)                                                                      \
+  MEMEL_CLONES void NAME(const T* x, T* out, const float* mean, const float* scale, const TaskArgs& a, \
+                         bool track, bool copy) {                                                       \
+    if (track) {                                                                                        \
+      if (copy) run_task_impl<T, true, true>(x, out, mean, scale, a);                                  \
+      else run_task_impl<T, true, false>(x, out, mean, scale, a);                                      \
+    } else {                                                                                            \
+      if (copy) run_task_impl<T, false, true>(x, out, mean, scale, a);                                 \
+      else run_task_impl<T, false, false>(x, out, mean, scale, a);                                     \
+    }                                                                                                   \
+  }
+
+MEMEL_DEFINE_TASK(run_task_f32, float)
+MEMEL_DEFINE_TASK(run_task_bf16, c10::BFloat16)
+MEMEL_DEFINE_TASK(run_task_f16, c10::Half)
+
+inline void run_task(const at::Tensor& values, const at::Tensor& copied, const float* mean, const float* scale,
+                     const TaskArgs& a, bool track, bool copy) {
+  switch (values.scalar_type()) {
+    case at::kFloat:
+      run_task_f32(values.const_data_ptr<float>(), copy ? copied.data_ptr<float>() : nullptr, mean, scale, a, track,
+                   copy);
+      break;
+    case at::kBFloat16:
+      run_task_bf16(values.const_data_ptr<c10::BFloat16>(), copy ? copied.data_ptr<c10::BFloat16>() : nullptr, mean,
+                    scale, a, track, copy);
+      break;
+    case at::kHalf:
+      run_task_f16(values.const_data_ptr<c10::Half>(), copy ? copied.data_ptr<c10::Half>() : nullptr, mean, scale, a,
+                   track, copy);
+      break;
+    default:
+      TORCH_CHECK(false, "memel native inhibition kernel: unsupported dtype ", values.scalar_type());
+  }
+}
+
+inline float float_bits(int32_t k) {
+  float f;
+  std::memcpy(&f, &k, sizeof(f));
+  return f;
+}
+
+// The copy is a fresh [S, N] buffer written once: on Linux, back large ones with transparent
+// huge pages (2 MiB) so that first touch costs one fault per 2 MiB instead of per 4 KiB
+// (page faults are most of the cost of writing a fresh buffer). Falls back to at::empty_like.
+at::Tensor empty_copy(const at::Tensor& like) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr size_t kHuge = size_t(2) << 20;
+  const size_t nbytes = static_cast<size_t>(like.numel()) * like.element_size();
+  if (nbytes >= 2 * kHuge) {
+    const size_t bytes = (nbytes + kHuge - 1) & ~(kHuge - 1);
+    void* p = nullptr;
+    if (posix_memalign(&p, kHuge, bytes) == 0 && p != nullptr) {
+      madvise(p, bytes, MADV_HUGEPAGE);  // advisory: ignored where THP is off
+      return at::from_blob(p, like.sizes(), [](void* q) { std::free(q); }, like.options());
+    }
+  }
+#endif
+  return at::empty_like(like, at::MemoryFormat::Contiguous);
+}
+
+}  // namespace
+
+// Returns (sum_d, sum_d2, max_scaled, above, selected, copy); max_scaled/above/copy are
+// undefined tensors (None in Python) when not requested.
+std::vector<at::Tensor> measure(const at::Tensor& values_in, const at::Tensor& mean_in, const at::Tensor& scale_in,
+                                int64_t top_n, double sqrt_threshold, bool track, bool copy, int64_t threads) {
+  TORCH_CHECK(values_in.dim() == 2, "values must be [samples, neurons]");
+  TORCH_CHECK(values_in.device().is_cpu(), "values must be on the CPU");
+  const at::Tensor values = values_in.contiguous();
+  const at::Tensor mean = mean_in.to(at::kFloat).contiguous();
+  const at::Tensor scale = scale_in.to(at::kFloat).contiguous();
+  const int64_t S = values.size(0), N = values.size(1), n = top_n;
+  TORCH_CHECK(S > 0 && N > 0, "values must not be empty");
+  TORCH_CHECK(n >= 1 && n <= N, "top_n must be in 1..neurons");
+  TORCH_CHECK(N < (int64_t(1) << 31), "too many neurons for the native kernel");
+  TORCH_CHECK(mean.numel() == N && scale.numel() == N, "mean and scale must have one value per neuron");
+
+  const auto fopts = values.options().dtype(at::kFloat);
+  at::Tensor sum_d = at::empty({N}, fopts);
+  at::Tensor sum_d2 = at::empty({N}, fopts);
+  at::Tensor max_scaled, above;
+  if (track) {
+    max_scaled = at::empty({N}, fopts);
+    above = at::empty({N}, values.options().dtype(at::kInt));
+  }
+  at::Tensor copied;
+  if (copy) copied = empty_copy(values);
+  at::Tensor selected = at::empty({S, n}, values.options().dtype(at::kLong));
+
+  int64_t T = threads > 0 ? threads : at::get_num_threads();
+  if (S * N < (int64_t(1) << 15)) T = 1;  // tiny calls: threads cost more than they save
+  T = std::max<int64_t>(T, 1);
+  // Row-parallel needs per-thread partial column sums (24 bytes per neuron and thread): use it
+  // when rows are plentiful, so that the partials stay small next to the values themselves.
+  const bool by_rows = T > 1 && S >= 64 * T;
+  int64_t P = 1, C = 1;  // row parts, column parts
+  if (by_rows) {
+    P = std::min(T, S);
+  } else if (T > 1) {
+    C = std::max<int64_t>(1, std::min(T, (N + 63) / 64));
+  }
+
+  const float* mp = mean.const_data_ptr<float>();
+  const float* sp = scale.const_data_ptr<float>();
+  const float thr = static_cast<float>(sqrt_threshold);
+
+  // selection state per (column part, row): [C][S][n] kept, [C][S] count and tau
+  std::vector<uint64_t> kept(static_cast<size_t>(C * S * n));
+  std::vector<int32_t> count(static_cast<size_t>(C * S), 0);
+  std::vector<int32_t> tau(static_cast<size_t>(C * S), -1);
+  std::vector<double> part_sd, part_sd2;
+  std::vector<int32_t> part_max, part_above;
+  if (P > 1) {
+    part_sd.resize(static_cast<size_t>(P * N));
+    part_sd2.resize(static_cast<size_t>(P * N));
+    if (track) {
+      part_max.resize(static_cast<size_t>(P * N));
+      part_above.resize(static_cast<size_t>(P * N));
+    }
+  }
+
+  auto make_task = [&](int64_t t) {
+    TaskArgs a{};
+    a.N = N;
+    a.n = n;
+    a.thr = thr;
+    if (P > 1) {
+      const int64_t p = t;
+      a.r0 = S * p / P;
+      a.r1 = S * (p + 1) / P;
+      a.c0 = 0;
+      a.c1 = N;
+      a.kept = kept.data() + a.r0 * n;
+      a.count = count.data() + a.r0;
+      a.tau = tau.data() + a.r0;
+      a.direct = false;
+      a.part_sd = part_sd.data() + p * N;
+      a.part_sd2 = part_sd2.data() + p * N;
+      a.part_max = track ? part_max.data() + p * N : nullptr;
+      a.part_above = track ? part_above.data() + p * N : nullptr;
+    } else {
+      const int64_t c = t;
+      // column ranges aligned to 64 values (whole cache lines for every dtype)
+      const int64_t blocks = (N + 63) / 64;
+      a.r0 = 0;
+      a.r1 = S;
+      a.c0 = std::min(N, (blocks * c / C) * 64);
+      a.c1 = std::min(N, (blocks * (c + 1) / C) * 64);
+      a.kept = kept.data() + c * S * n;
+      a.count = count.data() + c * S;
+      a.tau = tau.data() + c * S;
+      a.direct = true;
+    }
+    a.out_sd = sum_d.data_ptr<float>();
+    a.out_sd2 = sum_d2.data_ptr<float>();
+    a.out_max = track ? max_scaled.data_ptr<float>() : nullptr;
+    a.out_above = track ? above.data_ptr<int32_t>() : nullptr;
+    return a;
+  };
+
+  const int64_t tasks = P * C;
+  if (tasks == 1) {
+    run_task(values, copied, mp, sp, make_task(0), track, copy);
+  } else {
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) run_task(values, copied, mp, sp, make_task(t), track, copy);
+    });
+  }
+
+  // merge partial column sums (row-parallel) in a fixed order
+  if (P > 1) {
+    float* osd = sum_d.data_ptr<float>();
+    float* osd2 = sum_d2.data_ptr<float>();
+    float* omax = track ? max_scaled.data_ptr<float>() : nullptr;
+    int32_t* oab = track ? above.data_ptr<int32_t>() : nullptr;
+    for (int64_t j = 0; j < N; ++j) {
+      double a = 0.0, b = 0.0;
+      int32_t mk = 0, cnt = 0;
+      for (int64_t p = 0; p < P; ++p) {
+        a += part_sd[p * N + j];
+        b += part_sd2[p * N + j];
+        if (track) {
+          mk = std::max(mk, part_max[p * N + j]);
+          cnt += part_above[p * N + j];
+        }
+      }
+      osd[j] = static_cast<float>(a);
+      osd2[j] = static_cast<float>(b);
+      if (track) {
+        omax[j] = float_bits(mk);
+        oab[j] = cnt;
+      }
+    }
+  }  // (the direct path already wrote the max keys' bits into the float output)
+
+  // merge the per-(column part, row) selections, then write them (every row keeps n: N >= n)
+  int64_t* sel = selected.data_ptr<int64_t>();
+  if (C > 1) {
+    std::vector<uint64_t> all(static_cast<size_t>(C * n));
+    for (int64_t r = 0; r < S; ++r) {
+      int64_t m = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t k = count[c * S + r];
+        std::memcpy(all.data() + m, kept.data() + (c * S + r) * n, static_cast<size_t>(k) * sizeof(uint64_t));
+        m += k;
+      }
+      TORCH_INTERNAL_ASSERT(m >= n);
+      if (m > n) {
+        // n == 1: the max, the earliest part first on equal keys (argmax's first index)
+        if (n == 1) {
+          uint64_t best = all[0];
+          for (int64_t i = 1; i < m; ++i) {
+            if (key_part(all[i]) > key_part(best)) best = all[i];
+          }
+          all[0] = best;
+        } else {
+          std::nth_element(all.data(), all.data() + (n - 1), all.data() + m, std::greater<uint64_t>());
+        }
+      }
+      std::memcpy(kept.data() + r * n, all.data(), static_cast<size_t>(n) * sizeof(uint64_t));
+    }
+  }
+  for (int64_t i = 0; i < S * n; ++i) sel[i] = static_cast<int64_t>(static_cast<uint32_t>(kept[static_cast<size_t>(i)]));
+
+  return {sum_d, sum_d2, max_scaled, above, selected, copied};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("measure", &measure, "memel fused inhibition measurement (one pass over [samples, neurons] values)",
+        pybind11::arg("values"), pybind11::arg("mean"), pybind11::arg("scale"), pybind11::arg("top_n"),
+        pybind11::arg("sqrt_threshold"), pybind11::arg("track"), pybind11::arg("copy"), pybind11::arg("threads") = 0);
+}
