@@ -1,5 +1,9 @@
 """The driver side of a training run: preflight, MLflow run, Ray Train, summary.
 
+Credentials never travel in files or output: a tracking URI is shown and stored without any
+``user:password@`` part (give MLflow credentials as MLFLOW_TRACKING_USERNAME/PASSWORD or
+MLFLOW_TRACKING_TOKEN, which are forwarded to the workers' environment).
+
 With no address a local Ray instance starts in-process (the embedded default); with
 ``address`` (or RAY_ADDRESS) the same run goes to a cluster. The MLflow run id is created
 once and stored in the output dir, and Ray Train's run name is derived from the spec, so
@@ -68,7 +72,7 @@ def resolve_outputs(spec: TrainSpec) -> tuple[Path, str | None, str | None, str]
 
 
 def _start_tracking(spec: TrainSpec, out: Path, tracking_uri: str, n_params: int) -> tuple[Any, str]:
-    from memel.tracking import MlflowTracker, flatten
+    from memel.tracking import MlflowTracker, flatten, public_uri
 
     state_file = out / "run.json"
     previous = json.loads(state_file.read_text()) if state_file.exists() else {}
@@ -78,7 +82,7 @@ def _start_tracking(spec: TrainSpec, out: Path, tracking_uri: str, n_params: int
         run_name=spec.tracking.run_name or spec.run_name, parent_run_id=spec.tracking.parent_run_id,
     )  # fmt: skip
     run_id = tracker.start()
-    _write_json(state_file, {"run_name": spec.run_name, "run_id": run_id, "tracking_uri": tracking_uri})
+    _write_json(state_file, {"run_name": spec.run_name, "run_id": run_id, "tracking_uri": public_uri(tracking_uri)})
     if previous.get("run_id") != run_id:
         tracker.log_params(flatten(spec.model_dump(mode="json")))
         inhibition = spec.inhibition
@@ -122,6 +126,8 @@ def run_training(spec: TrainSpec, address: str | None = None) -> TrainResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from memel.tracking import public_uri
+
     started = time.perf_counter()
     out, tracking_uri, stats_root, storage = resolve_outputs(spec)
     n_params = count_parameters(spec.model.name, **spec.model.overrides)
@@ -152,7 +158,7 @@ def run_training(spec: TrainSpec, address: str | None = None) -> TrainResult:
         raise
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str))}
     outcome = TrainResult(
-        run_name=spec.run_name, run_id=run_id, tracking_uri=tracking_uri, stats_root=stats_root,
+        run_name=spec.run_name, run_id=run_id, tracking_uri=public_uri(tracking_uri), stats_root=stats_root,
         checkpoint=result.checkpoint.path if result.checkpoint else None, output_dir=str(out), metrics=metrics,
         wall_seconds=time.perf_counter() - started,
     )  # fmt: skip
