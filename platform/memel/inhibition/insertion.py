@@ -12,12 +12,12 @@ from torch import nn
 from memel.errors import ConfigError
 
 from .config import InhibitionConfig
-from .module import W_MS_MAX, Inhibitor, Snapshot
+from .module import Inhibitor, Snapshot
 from .sync import (
     InhibitorGroup,
     PendingReduction,
     distributed_world,
-    reduce_max,
+    reduce_windows,
     sync_inhibitors,
 )
 
@@ -127,10 +127,12 @@ def sync(model: nn.Module, process_group: Any = None, async_op: bool = False) ->
 
 def snapshot(model: nn.Module, reset: bool = True, process_group: Any = None) -> dict[str, Snapshot]:
     """Snapshots of every initialised Inhibitor; in a distributed run every rank must call it
-    (after ``sync``) and the max MS is reduced across ranks with one collective."""
+    (after ``sync``): the trackers of all modules are reduced across ranks with two collectives."""
     found = {name: m for name, m in inhibitors(model).items() if m.initialized}
     if distributed_world(process_group) is None:
         return {name: m.snapshot(reset=reset) for name, m in found.items()}
+    for module in found.values():
+        module._finish_inflight()
     windows = {name: m.window.clone() for name, m in found.items()}
-    reduce_max([w[W_MS_MAX] for w in windows.values()], process_group)
+    reduce_windows(list(windows.values()), process_group)
     return {name: found[name]._snapshot_from(windows[name], reset) for name in found}

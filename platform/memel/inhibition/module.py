@@ -20,48 +20,28 @@ from .kernels import (
     maybe_compiled,
     measure,
 )
+from .native import bookkeeping
 from .statistics import Moments, merge_history, variance_denominator
 
-# Rows of the ``pending`` buffer: what this rank measured since the last merge. Moments are
-# sums of d = z - mu and d^2 about the history mean mu (shared by all ranks), so every row
-# but the last adds up across calls, micro-batches and ranks.
-P_COUNT, P_SUM_D, P_SUM_D2, P_SELECTED, P_INHIBITED, P_ABOVE, P_TRACKED, P_MS_MAX = range(8)
-PENDING_ROWS = 8
-PAYLOAD_ROWS = 7  # rows summed by ``sync``; the max MS stays local until ``snapshot``
-# Rows of the ``window`` buffer: what happened since the last snapshot (global once synced).
+# Rows of the ``pending`` buffer: this rank's moments since the last merge, as sums of
+# d = z - mu and d^2 about the history mean mu (shared by all ranks), so they add up across
+# calls, micro-batches and ranks: ``sync`` all-reduces exactly these rows.
+P_COUNT, P_SUM_D, P_SUM_D2 = range(3)
+PENDING_ROWS = PAYLOAD_ROWS = 3
+# Rows of the ``window`` buffer: this rank's trackers since the last snapshot, updated in
+# place by every call; ``snapshot`` reduces them across ranks (sums, then the max).
 W_SELECTED, W_INHIBITED, W_MS_SUM, W_MS_N, W_ABOVE, W_TRACKED, W_MS_MAX = range(7)
 WINDOW_ROWS = 7
+SUMMED_WINDOW_ROWS = slice(W_SELECTED, W_MS_MAX)
 
 
-def add_to_window(window: torch.Tensor, payload: torch.Tensor, local_max: torch.Tensor, var: torch.Tensor, measured: bool, eps: float) -> torch.Tensor:
-    """A snapshot window with a payload's trackers added (MS sums against the pre-merge history)."""
-    rows = [
-        window[W_SELECTED] + payload[P_SELECTED],
-        window[W_INHIBITED] + payload[P_INHIBITED],
-        window[W_MS_SUM],
-        window[W_MS_N],
-        window[W_ABOVE] + payload[P_ABOVE],
-        window[W_TRACKED] + payload[P_TRACKED],
-        torch.maximum(window[W_MS_MAX], local_max),
-    ]
-    if measured:  # the history existed, so MS was measured: sum of phi = sum of d^2 / denom
-        rows[W_MS_SUM] = rows[W_MS_SUM] + payload[P_SUM_D2] / variance_denominator(var, eps)
-        rows[W_MS_N] = rows[W_MS_N] + payload[P_COUNT]
-    return torch.stack(rows)
-
-
-def fold_payload(
-    mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor, window: torch.Tensor, payload: torch.Tensor,
-    local_max: torch.Tensor, measured: bool, has_batch: bool, capped: bool, forget_steps: int, eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """New (mean, var, count, window) after merging one payload as a batch (pure: fusable)."""
-    window = add_to_window(window, payload, local_max, var, measured, eps)
-    if not has_batch:
-        return mean, var, count, window
+def merge_payload(
+    mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor, payload: torch.Tensor, capped: bool, forget_steps: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """New (mean, var, count) after merging one payload of moments as a batch (pure: fusable)."""
     batch = Moments.from_shifted_sums(payload[P_COUNT], payload[P_SUM_D], payload[P_SUM_D2], mean.double())
     # only whether the history is capped matters to the merge (a bool keeps compiled code stable)
-    new_mean, new_var, new_count = merge_history(mean, var, count, forget_steps if capped else 0, batch, forget_steps)
-    return new_mean, new_var, new_count, window
+    return merge_history(mean, var, count, forget_steps if capped else 0, batch, forget_steps)
 
 
 @dataclass
@@ -252,24 +232,39 @@ class Inhibitor(nn.Module):
 
     @torch.no_grad()
     def _add_moments(self, samples: int, sum_d: torch.Tensor, sum_d2: torch.Tensor) -> None:
+        """Pending moments += this call's (a neuron with a non-finite value in the call skips it)."""
         rows = self.pending[P_COUNT : P_SUM_D2 + 1]
         rows.copy_(maybe_compiled(accumulate_moments, self.config.kernel)(rows, samples, sum_d, sum_d2))
         self._has_pending = True
 
     @torch.no_grad()
     def _record(self, samples: int, measured: Measurement, inhibiting: bool) -> None:
-        self._add_moments(samples, measured.sum_d, measured.sum_d2)
-        pending = self.pending
+        """Pending moments and this rank's snapshot trackers += one call's measurements."""
+        assert self._scale is not None
+        window = self.window
         flat = measured.selected.reshape(-1)
         ones = torch.ones(flat.numel(), dtype=torch.float64, device=flat.device)
-        pending[P_SELECTED].index_add_(0, flat, ones)
+        window[W_SELECTED].index_add_(0, flat, ones)
         if inhibiting:
-            pending[P_INHIBITED].index_add_(0, flat, ones)
+            window[W_INHIBITED].index_add_(0, flat, ones)
+        native = bookkeeping(self.pending, self.config.kernel)
+        if native is not None and measured.sum_d.dtype == measured.sum_d2.dtype == torch.float32:
+            native.record_moments(
+                self.pending, window, measured.sum_d, measured.sum_d2, self._scale, samples, W_MS_SUM, W_MS_N,
+                measured.max_scaled, measured.above, W_ABOVE, W_TRACKED, W_MS_MAX,
+            )  # fmt: skip
+            self._has_pending = True
+            return
+        self._add_moments(samples, measured.sum_d, measured.sum_d2)
+        # sum of phi over the call's samples = sum of d^2 * scale^2 (scale = 1/sqrt(denominator))
+        finite = torch.isfinite(measured.sum_d2)
+        window[W_MS_SUM].addcmul_(torch.where(finite, measured.sum_d2, 0.0), self._scale.square())
+        window[W_MS_N].add_(finite.to(torch.float64), alpha=samples)
         if measured.max_scaled is not None and measured.above is not None:
-            pending[P_ABOVE] += measured.above
-            pending[P_TRACKED] += samples
+            window[W_ABOVE] += measured.above
+            window[W_TRACKED] += samples
             squared = torch.nan_to_num(measured.max_scaled.double().square(), nan=0.0)
-            torch.maximum(pending[P_MS_MAX], squared, out=pending[P_MS_MAX])
+            torch.maximum(window[W_MS_MAX], squared, out=window[W_MS_MAX])
 
     # ----------------------------------------------------------------------------------
     # merging pending statistics (called by memel.sync / the group)
@@ -279,18 +274,18 @@ class Inhibitor(nn.Module):
 
     @torch.no_grad()
     def _apply_payload(self, payload: torch.Tensor) -> None:
-        """Merge a (global) payload into the history as one batch and clear pending."""
-        has_batch = bool((payload[P_COUNT] > 0).any())
-        fold = maybe_compiled(fold_payload, self.config.kernel)
-        mean, var, count, window = fold(
-            self.mean, self.var, self.count, self.window, payload, self.pending[P_MS_MAX],
-            self._batches > 0, has_batch, self._batches >= self.config.forget_steps, self.config.forget_steps, self.config.eps,
-        )  # fmt: skip
-        self.window.copy_(window)
-        if has_batch:
-            self.mean.copy_(mean)
-            self.var.copy_(var)
-            self.count.copy_(count)
+        """Merge a (global) payload of moments into the history as one batch and clear pending."""
+        if bool((payload[P_COUNT] > 0).any()):
+            capped = self._batches >= self.config.forget_steps
+            native = bookkeeping(self.mean, self.config.kernel)
+            if native is not None:
+                native.merge_moments(self.mean, self.var, self.count, payload.contiguous(), capped, self.config.forget_steps)
+            else:
+                merge = maybe_compiled(merge_payload, self.config.kernel)
+                mean, var, count = merge(self.mean, self.var, self.count, payload, capped, self.config.forget_steps)
+                self.mean.copy_(mean)
+                self.var.copy_(var)
+                self.count.copy_(count)
             self._batches += 1
             self.batches.fill_(self._batches)
             self._scale = None
@@ -350,23 +345,18 @@ class Inhibitor(nn.Module):
         """Per-neuron mean, var, count, times selected and inhibited, max and mean MS and the
         fraction of samples with MS above ``ms_threshold``, since the last snapshot.
 
-        Covers every merged batch: with ``stats_update="call"`` in one process the last call
-        is merged first; otherwise call ``memel.sync(model)`` first. In a distributed run every rank must call it (the max MS is reduced across ranks
-        when ``reduce``); call ``memel.sync(model)`` first. ``memel.snapshot(model)`` does
-        this for all modules with one collective.
+        Mean, var and count cover every batch seen (as ``statistics()``). In a distributed run
+        every rank must call it: the trackers are reduced across ranks (two collectives;
+        ``memel.snapshot(model)`` does it for all modules at once); call ``memel.sync(model)`` first.
         """
         if not self.initialized:
             raise RuntimeError("Inhibitor has no statistics yet: it has not seen a training batch")
-        from .sync import distributed_world, reduce_max
+        from .sync import reduce_windows
 
         self._finish_inflight()
-        local = distributed_world() is None
-        if local and self._has_pending and self.config.stats_update == "call":
-            self._apply_payload(self._sync_payload().clone())  # what the next call would do first
         window = self.window.clone()
-        torch.maximum(window[W_MS_MAX], self.pending[P_MS_MAX], out=window[W_MS_MAX])
-        if not local and reduce:
-            reduce_max([window[W_MS_MAX]])
+        if reduce:
+            reduce_windows([window])
         return self._snapshot_from(window, reset)
 
     def _snapshot_from(self, window: torch.Tensor, reset: bool) -> Snapshot:
@@ -387,7 +377,6 @@ class Inhibitor(nn.Module):
         )
         if reset:
             self.window.zero_()
-            self.pending[P_MS_MAX] = 0
         return snap
 
     def extra_repr(self) -> str:

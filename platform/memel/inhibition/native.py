@@ -12,9 +12,11 @@ default ``~/.cache/torch_extensions``), so later processes only load it; a chang
 rebuilds it. If it cannot be built (no C++ compiler, no ninja, ...) a warning is issued once
 and every call falls back to the eager kernel: training never fails because of it.
 
-The copy (the caller's output) is allocated by the kernel: copies of 4 MiB and more are
-backed by transparent huge pages where Linux allows it (``madvise``), since page faults are
-most of the cost of writing a fresh buffer; freed normally when the tensor dies.
+The copy (the caller's output) is allocated by the kernel. With ``MEMEL_NATIVE_HUGEPAGES=1``
+copies of 4 MiB and more are backed by transparent huge pages where Linux allows it
+(``madvise``): page faults are most of the cost of writing a fresh buffer, so this is
+faster on average, but where THP defragmentation is synchronous for madvised memory a fault
+can stall, so it is off by default.
 
 Supported: CPU tensors of float32, bfloat16 or float16 (read natively, converted per value to
 float32 exactly like ``values.float()``; the copy keeps the input dtype). Anything else (other
@@ -131,3 +133,11 @@ def native_measure(
             f"memel: the native inhibition kernel failed ({type(error).__name__}: {error}); using the eager kernel",
         )
         return None
+
+
+def bookkeeping(tensor: torch.Tensor, kernel: str) -> Any:
+    """The loaded extension when per-neuron bookkeeping of CPU ``tensor`` can run natively
+    under ``kernel`` (``auto`` or ``native``), else None (the torch code runs)."""
+    if kernel not in ("auto", "native") or tensor.device.type != "cpu":
+        return None
+    return load()

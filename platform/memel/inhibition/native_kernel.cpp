@@ -33,6 +33,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <vector>
 
 #if defined(__linux__)
@@ -289,14 +290,20 @@ inline float float_bits(int32_t k) {
   return f;
 }
 
-// The copy is a fresh [S, N] buffer written once: on Linux, back large ones with transparent
-// huge pages (2 MiB) so that first touch costs one fault per 2 MiB instead of per 4 KiB
-// (page faults are most of the cost of writing a fresh buffer). Falls back to at::empty_like.
+// The copy is a fresh [S, N] buffer written once. With MEMEL_NATIVE_HUGEPAGES=1, on Linux,
+// large ones are backed by transparent huge pages (2 MiB), so that first touch costs one
+// fault per 2 MiB instead of per 4 KiB; off by default, because where the kernel compacts
+// memory synchronously for madvised regions (THP defrag "madvise") a fault can stall for
+// tens of milliseconds. Otherwise at::empty_like.
 at::Tensor empty_copy(const at::Tensor& like) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr size_t kHuge = size_t(2) << 20;
   const size_t nbytes = static_cast<size_t>(like.numel()) * like.element_size();
-  if (nbytes >= 2 * kHuge) {
+  static const bool enabled = [] {
+    const char* v = std::getenv("MEMEL_NATIVE_HUGEPAGES");  // opt-in: see native.py
+    return v != nullptr && std::strcmp(v, "1") == 0;
+  }();
+  if (enabled && nbytes >= 2 * kHuge) {
     const size_t bytes = (nbytes + kHuge - 1) & ~(kHuge - 1);
     void* p = nullptr;
     if (posix_memalign(&p, kHuge, bytes) == 0 && p != nullptr) {
@@ -475,8 +482,133 @@ std::vector<at::Tensor> measure(const at::Tensor& values_in, const at::Tensor& m
   return {sum_d, sum_d2, max_scaled, above, selected, copied};
 }
 
+// ---------------------------------------------------------------------------------------
+// Per-neuron bookkeeping, fused: the same arithmetic as module.py's torch code (float64),
+// one loop over the neurons instead of dozens of vector operations.
+
+static void check_vector(const at::Tensor& t, at::ScalarType dtype, int64_t n, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.is_contiguous() && t.numel() == n,
+              "memel native bookkeeping: bad tensor ", name);
+}
+
+// pending[0..2] += (samples, sum_d, sum_d2) where both sums are finite; the MS window rows
+// ms_sum += sum_d2 * scale^2 and ms_n += samples where sum_d2 is finite; on tracked calls
+// (max_scaled and above given) above += above, tracked += samples and
+// ms_max = max(ms_max, nan_to_num(max_scaled^2)). In place.
+void record_moments(at::Tensor pending, at::Tensor window, const at::Tensor& sum_d, const at::Tensor& sum_d2,
+                    const at::Tensor& scale, int64_t samples, int64_t ms_sum_row, int64_t ms_n_row,
+                    const c10::optional<at::Tensor>& max_scaled, const c10::optional<at::Tensor>& above,
+                    int64_t above_row, int64_t tracked_row, int64_t max_row) {
+  const int64_t n = sum_d.numel();
+  TORCH_CHECK(pending.dim() == 2 && pending.size(1) == n && window.dim() == 2 && window.size(1) == n);
+  check_vector(pending, at::kDouble, pending.numel(), "pending");
+  check_vector(window, at::kDouble, window.numel(), "window");
+  check_vector(sum_d, at::kFloat, n, "sum_d");
+  check_vector(sum_d2, at::kFloat, n, "sum_d2");
+  check_vector(scale, at::kFloat, n, "scale");
+  double* count = pending.data_ptr<double>();
+  double* s1 = count + n;
+  double* s2 = s1 + n;
+  double* ms_sum = window.data_ptr<double>() + ms_sum_row * n;
+  double* ms_n = window.data_ptr<double>() + ms_n_row * n;
+  const float* d1 = sum_d.data_ptr<float>();
+  const float* d2 = sum_d2.data_ptr<float>();
+  const float* a = scale.data_ptr<float>();
+  const double b = static_cast<double>(samples);
+  const bool track = max_scaled.has_value() && above.has_value();
+  const float* mx = nullptr;
+  const int32_t* ab = nullptr;
+  double* w_above = nullptr;
+  double* w_tracked = nullptr;
+  double* w_max = nullptr;
+  if (track) {
+    check_vector(*max_scaled, at::kFloat, n, "max_scaled");
+    check_vector(*above, at::kInt, n, "above");
+    mx = max_scaled->data_ptr<float>();
+    ab = above->data_ptr<int32_t>();
+    w_above = window.data_ptr<double>() + above_row * n;
+    w_tracked = window.data_ptr<double>() + tracked_row * n;
+    w_max = window.data_ptr<double>() + max_row * n;
+  }
+  at::parallel_for(0, n, 1 << 14, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      if (track) {
+        w_above[j] += static_cast<double>(ab[j]);
+        w_tracked[j] += b;
+        double sq = static_cast<double>(mx[j]) * static_cast<double>(mx[j]);
+        if (std::isnan(sq)) sq = 0.0;
+        else if (std::isinf(sq)) sq = std::numeric_limits<double>::max();
+        if (sq > w_max[j] || std::isnan(w_max[j])) w_max[j] = sq;
+      }
+      const bool finite2 = std::isfinite(d2[j]);
+      if (finite2 && std::isfinite(d1[j])) {
+        count[j] += b;
+        s1[j] += static_cast<double>(d1[j]);
+        s2[j] += static_cast<double>(d2[j]);
+      }
+      if (finite2) {
+        const double scale_j = static_cast<double>(a[j]);
+        ms_sum[j] += static_cast<double>(d2[j]) * (scale_j * scale_j);
+        ms_n[j] += b;
+      }
+    }
+  });
+}
+
+// Merge pending moments (sums about the history mean) into the history with Lemma 3.2; when
+// `capped`, the history weighs forget_steps batches of the incoming size (Algorithm 1).
+void merge_moments(at::Tensor mean, at::Tensor var, at::Tensor count, const at::Tensor& pending, bool capped,
+                   int64_t forget_steps) {
+  const int64_t n = mean.numel();
+  check_vector(mean, at::kFloat, n, "mean");
+  check_vector(var, at::kFloat, n, "var");
+  check_vector(count, at::kLong, n, "count");
+  TORCH_CHECK(pending.dim() == 2 && pending.size(1) == n);
+  check_vector(pending, at::kDouble, pending.numel(), "pending");
+  float* mu_out = mean.data_ptr<float>();
+  float* nu_out = var.data_ptr<float>();
+  int64_t* cnt = count.data_ptr<int64_t>();
+  const double* pb = pending.data_ptr<double>();
+  const double* ps1 = pb + n;
+  const double* ps2 = ps1 + n;
+  const double nf = static_cast<double>(forget_steps);
+  at::parallel_for(0, n, 1 << 14, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const double b = pb[j];
+      if (!(b > 0)) continue;
+      const double mu = static_cast<double>(mu_out[j]);
+      const double nu = static_cast<double>(nu_out[j]);
+      const double delta = ps1[j] / b;
+      const double mean_b = mu + delta;
+      const double m2 = std::max(ps2[j] - ps1[j] * delta, 0.0);
+      double m = static_cast<double>(cnt[j]);
+      if (capped && m > 0) m = nf * b;
+      double out_mu, out_nu;
+      if (m == 0) {
+        out_mu = mean_b;
+        out_nu = m2 / std::max(b - 1, 1.0);
+      } else {
+        const double total = m + b;
+        const double dof = std::max(total - 1, 1.0);
+        const double d = mu - mean_b;
+        out_mu = (m * mu + b * mean_b) / total;
+        out_nu = m * b * d * d / (dof * total) + (m2 + (m - 1) * nu) / dof;
+      }
+      mu_out[j] = static_cast<float>(out_mu);
+      nu_out[j] = static_cast<float>(std::max(out_nu, 0.0));
+      cnt[j] += static_cast<int64_t>(b);
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("measure", &measure, "memel fused inhibition measurement (one pass over [samples, neurons] values)",
         pybind11::arg("values"), pybind11::arg("mean"), pybind11::arg("scale"), pybind11::arg("top_n"),
         pybind11::arg("sqrt_threshold"), pybind11::arg("track"), pybind11::arg("copy"), pybind11::arg("threads") = 0);
+  m.def("record_moments", &record_moments, "add one call's moments and MS trackers to pending and window, in place",
+        pybind11::arg("pending"), pybind11::arg("window"), pybind11::arg("sum_d"), pybind11::arg("sum_d2"),
+        pybind11::arg("scale"), pybind11::arg("samples"), pybind11::arg("ms_sum_row"), pybind11::arg("ms_n_row"),
+        pybind11::arg("max_scaled") = pybind11::none(), pybind11::arg("above") = pybind11::none(),
+        pybind11::arg("above_row") = 0, pybind11::arg("tracked_row") = 0, pybind11::arg("max_row") = 0);
+  m.def("merge_moments", &merge_moments, "merge pending moments into the history (Lemma 3.2, forget step), in place");
 }

@@ -37,6 +37,23 @@ def reduce_max(tensors: Sequence[torch.Tensor], group: Any = None) -> None:
         offset += tensor.numel()
 
 
+def reduce_windows(windows: Sequence[torch.Tensor], group: Any = None) -> None:
+    """Snapshot windows reduced in place across ranks: counters and sums added, the max MS
+    maximised; two collectives whatever the number of modules (none in one process)."""
+    from .module import SUMMED_WINDOW_ROWS, W_MS_MAX
+
+    if distributed_world(group) is None or not windows:
+        return
+    summed = [w[SUMMED_WINDOW_ROWS] for w in windows]
+    flat = torch.cat([t.reshape(-1) for t in summed])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    offset = 0
+    for tensor in summed:
+        tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
+        offset += tensor.numel()
+    reduce_max([w[W_MS_MAX] for w in windows], group)
+
+
 class PendingReduction:
     """An asynchronous all-reduce of pending statistics; applied at the next use of any member."""
 
@@ -79,7 +96,7 @@ def sync_inhibitors(inhibitors: Iterable[Inhibitor], group: Any = None, async_op
     if distributed_world(group) is None:
         for member in members:
             if member._has_pending:
-                member._apply_payload(member._sync_payload().clone())
+                member._apply_payload(member._sync_payload())  # read in full before pending is cleared
         return None
     by_device: dict[torch.device, list[Inhibitor]] = {}
     for member in members:
