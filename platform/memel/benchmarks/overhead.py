@@ -28,7 +28,9 @@ class OverheadRow:
     ratio: float
 
 
-def _variant(model_name: str, preset: str, variant: str, sink_root: str | None) -> tuple[torch.nn.Module, Callable[[int], None]]:
+def _variant(
+    model_name: str, preset: str, variant: str, sink_root: str | None, closers: list[Callable[[], object]]
+) -> tuple[torch.nn.Module, Callable[[int], None]]:
     torch.manual_seed(0)
     model = build(model_name)
     after_step: Callable[[int], None] = lambda step: None  # noqa: E731
@@ -40,6 +42,7 @@ def _variant(model_name: str, preset: str, variant: str, sink_root: str | None) 
             from memel.stats import ParquetStatsSink, snapshot_table
 
             sink = ParquetStatsSink(sink_root, "bench")
+            closers.append(sink.close)
 
             def after_step(step: int) -> None:  # a snapshot of every module at every step: the worst case
                 for depth, (name, module) in enumerate(inserted.items()):
@@ -66,9 +69,9 @@ def bench_overhead(
     vocab = build(model_name, device="meta").config.vocab_size
     data = [torch.randint(0, vocab, (batch, seq + 1), generator=generator) for _ in range(rounds + warmup)]
     with tempfile.TemporaryDirectory(prefix="memel-bench-") as root:
-        runs = {}
+        runs, closers = {}, []
         for name in variants:
-            model, after = _variant(model_name, preset, name, root)
+            model, after = _variant(model_name, preset, name, root, closers)
             runs[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-3), after)
         times: dict[str, list[float]] = {name: [] for name in variants}
         for index, tokens in enumerate(data):
@@ -82,6 +85,8 @@ def bench_overhead(
                 after(index)
                 if index >= warmup:
                     times[name].append(time.perf_counter() - start)
+        for close in closers:  # everything written before the folder goes
+            close()
     base = times["none"] if "none" in times else next(iter(times.values()))
     return [
         OverheadRow(name, statistics.median(t) * 1e3, statistics.median(a / b for a, b in zip(t, base)))
