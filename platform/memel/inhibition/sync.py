@@ -25,12 +25,12 @@ def distributed_world(group: Any = None) -> int | None:
     return size if size > 1 else None
 
 
-def reduce_max(tensors: Sequence[torch.Tensor], group: Any = None) -> None:
-    """In-place element-wise max across ranks of several tensors with one collective."""
+def all_reduce_in_place(tensors: Sequence[torch.Tensor], op: Any, group: Any = None) -> None:
+    """Reduce several tensors across ranks with ONE collective over a flat copy, written back."""
     if distributed_world(group) is None or not tensors:
         return
     flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(flat, op=op, group=group)
     offset = 0
     for tensor in tensors:
         tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
@@ -42,16 +42,8 @@ def reduce_windows(windows: Sequence[torch.Tensor], group: Any = None) -> None:
     maximised; two collectives whatever the number of modules (none in one process)."""
     from .module import SUMMED_WINDOW_ROWS, W_MS_MAX
 
-    if distributed_world(group) is None or not windows:
-        return
-    summed = [w[SUMMED_WINDOW_ROWS] for w in windows]
-    flat = torch.cat([t.reshape(-1) for t in summed])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-    offset = 0
-    for tensor in summed:
-        tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
-        offset += tensor.numel()
-    reduce_max([w[W_MS_MAX] for w in windows], group)
+    all_reduce_in_place([w[SUMMED_WINDOW_ROWS] for w in windows], dist.ReduceOp.SUM, group)
+    all_reduce_in_place([w[W_MS_MAX] for w in windows], dist.ReduceOp.MAX, group)
 
 
 class PendingReduction:
