@@ -21,7 +21,7 @@ from .kernels import (
     measure,
 )
 from .native import bookkeeping
-from .statistics import Moments, merge_history, variance_denominator
+from .statistics import Moments, inverse_sqrt_denominator, merge_history, variance_denominator
 
 # Rows of the ``pending`` buffer: this rank's moments since the last merge, as sums of
 # d = z - mu and d^2 about the history mean mu (shared by all ranks), so they add up across
@@ -174,7 +174,7 @@ class Inhibitor(nn.Module):
         inhibiting = config.modifies and self._batches >= config.late_start
         track = (self._calls - 1) % config.track_every == 0
         if self._scale is None:
-            self._scale = variance_denominator(self.var, config.eps).rsqrt().float()
+            self._scale = inverse_sqrt_denominator(self.var, config.eps)
         scale = self._scale
         with torch.no_grad():
             measured = measure(

@@ -109,6 +109,14 @@ def merge_history(
     return out_mu.to(mean.dtype), out_nu.to(var.dtype), out_count
 
 
+def inverse_sqrt_denominator(var: torch.Tensor, eps: float) -> torch.Tensor:
+    """1/sqrt(var + eps*mean(var)) in float32 (the MS scale of the hot path): the mean is
+    taken in float64, the rest runs in place in float32 (a few passes over the neurons)."""
+    compensation = eps * float(var.sum(dtype=torch.float64)) / max(var.numel(), 1)
+    scale = var.float().add(compensation)
+    return scale.clamp_min_(torch.finfo(torch.float32).tiny).rsqrt_()
+
+
 def variance_denominator(var: torch.Tensor, eps: float) -> torch.Tensor:
     """var + eps * mean_over_neurons(var), floored so that MS stays finite for constant neurons."""
     denominator = var.double() + eps * var.double().mean()
