@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from processes import stop_process_group
 
 START_TIMEOUT_S = 120.0
 
@@ -60,15 +60,7 @@ def run_mlflow_server() -> Iterator[str]:
             time.sleep(0.5)
         yield url
     finally:
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
+        stop_process_group(process, grace_s=15)
         log.close()
         shutil.rmtree(workdir, ignore_errors=True)
 

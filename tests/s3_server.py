@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from processes import stop_process_group
 
 ACCESS_KEY = "memeltestaccess"
 SECRET_KEY = "memeltestsecret0123456789"
@@ -177,16 +177,7 @@ def _wait_ready(server: S3Server, process: subprocess.Popen, log: Path) -> None:
 
 def _stop(process: subprocess.Popen) -> None:
     """SIGTERM the server's process group; SIGKILL after a grace period."""
-    if process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
+    stop_process_group(process, grace_s=10)
 
 
 @pytest.fixture(scope="session")

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import copy
 
+import memel
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
-import memel
-from memel.inhibition.statistics import Moments, batch_moments, merge_history
+from memel.inhibition.statistics import Moments, merge_history
 from memel.inhibition.sync import sync_inhibitors
 from reference import PaperStatistics, top_n
+from torch import nn
 
 
 def _batches(seed: int, sizes: list[int], neurons: int, shift: float = 0.0, scale: float = 1.0) -> list[torch.Tensor]:
@@ -68,7 +67,7 @@ def test_merge_history_matches_lemma_directly() -> None:
     history = torch.randn(40, 6, generator=generator, dtype=torch.float64)
     batch = torch.randn(9, 6, generator=generator, dtype=torch.float64) + 1
     mean, var, count = merge_history(
-        history.mean(0).float(), history.var(0).float(), torch.full((6,), 40), 3, batch_moments(batch), forget_steps=10
+        history.mean(0).float(), history.var(0).float(), torch.full((6,), 40), 3, _moments(batch), forget_steps=10
     )
     both = torch.cat([history, batch])
     torch.testing.assert_close(mean.double(), both.mean(0), rtol=1e-6, atol=1e-6)
@@ -76,16 +75,25 @@ def test_merge_history_matches_lemma_directly() -> None:
     assert count.tolist() == [49] * 6
 
 
-def test_moments_combine_is_exact() -> None:
+def _moments(batch: torch.Tensor) -> Moments:
+    """A batch's moments computed directly (two-pass, float64) for the merge tests."""
+    x = batch.double()
+    return Moments(torch.full((x.shape[1],), float(x.shape[0]), dtype=torch.float64), x.mean(0), x.var(0, correction=0) * x.shape[0])
+
+
+def test_moments_from_shifted_sums_are_exact_for_any_common_shift() -> None:
+    """What sync adds up across ranks (sums about the history mean) gives the exact moments,
+    also when the data sit far from the shift (mean/std = 50)."""
     generator = torch.Generator().manual_seed(3)
-    parts = [torch.randn(n, 5, generator=generator, dtype=torch.float64) * 3 + 100 for n in (3, 8, 1)]
-    combined = batch_moments(parts[0]).combine(batch_moments(parts[1])).combine(batch_moments(parts[2]))
-    whole = torch.cat(parts)
-    torch.testing.assert_close(combined.mean, whole.mean(0))
-    torch.testing.assert_close(combined.m2, whole.var(0, correction=0) * 12)
-    shifted = Moments.from_shifted_sums(combined.count, *combined.shifted_sums(torch.full((5,), 99.0, dtype=torch.float64)), torch.full((5,), 99.0, dtype=torch.float64))
-    torch.testing.assert_close(shifted.mean, combined.mean)
-    torch.testing.assert_close(shifted.m2, combined.m2)
+    x = torch.randn(12, 5, generator=generator, dtype=torch.float64) * 3 + 150
+    for shift_value in (0.0, 99.0, 150.0):
+        shift = torch.full((5,), shift_value, dtype=torch.float64)
+        d = x - shift
+        moments = Moments.from_shifted_sums(torch.full((5,), 12.0, dtype=torch.float64), d.sum(0), d.square().sum(0), shift)
+        torch.testing.assert_close(moments.mean, x.mean(0))
+        torch.testing.assert_close(moments.m2, x.var(0, correction=0) * 12, rtol=1e-9, atol=1e-9)
+    empty = Moments.from_shifted_sums(torch.zeros(5, dtype=torch.float64), torch.zeros(5, dtype=torch.float64), torch.zeros(5, dtype=torch.float64), shift)
+    assert (empty.count == 0).all() and (empty.m2 == 0).all()
 
 
 # ---------------------------------------------------------------------------------------

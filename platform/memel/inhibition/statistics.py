@@ -1,7 +1,8 @@
 """Per-neuron running statistics: batch moments and the paper's exact merge (Lemma 3.2).
 
-Everything here works on neuron vectors ([N]) in float64; the hot path produces batch
-moments (count, mean, M2) and these functions merge them.
+Everything here works on neuron vectors ([N]) in float64: the hot path produces per-neuron
+sums of d = z - mu and d^2 about the history mean, and these functions turn them into a
+batch's moments and merge those into the history.
 """
 
 from __future__ import annotations
@@ -20,11 +21,6 @@ class Moments:
     m2: torch.Tensor
 
     @classmethod
-    def zeros(cls, size: int, device: torch.device | str = "cpu") -> Moments:
-        zero = torch.zeros(size, dtype=torch.float64, device=device)
-        return cls(zero.clone(), zero.clone(), zero.clone())
-
-    @classmethod
     def from_shifted_sums(
         cls, count: torch.Tensor, sum_shifted: torch.Tensor, sumsq_shifted: torch.Tensor, shift: torch.Tensor
     ) -> Moments:
@@ -33,38 +29,6 @@ class Moments:
         delta = sum_shifted / safe
         m2 = (sumsq_shifted - sum_shifted * delta).clamp_min(0)
         return cls(count.clone(), torch.where(count > 0, shift + delta, torch.zeros_like(shift)), m2)
-
-    def shifted_sums(self, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sums of (x - shift) and (x - shift)^2, exact up to rounding, for any common shift."""
-        delta = self.mean - shift
-        sum_shifted = self.count * delta
-        return sum_shifted, self.m2 + sum_shifted * delta
-
-    def combine(self, other: Moments) -> Moments:
-        """Chan et al.'s parallel combination; a neuron with count 0 on one side takes the other."""
-        count = self.count + other.count
-        safe = count.clamp_min(1)
-        delta = other.mean - self.mean
-        mean = self.mean + delta * (other.count / safe)
-        m2 = self.m2 + other.m2 + delta * delta * (self.count * other.count / safe)
-        return Moments(count, mean, m2)
-
-
-def batch_moments(values: torch.Tensor) -> Moments:
-    """Moments over dim 0 of a [samples, neurons] tensor, in float64.
-
-    A neuron that sees a non-finite value in this batch gets count 0 for the batch, so the
-    batch leaves its statistics untouched (the other neurons update normally).
-    """
-    samples = values.shape[0]
-    source = values if values.dtype in (torch.float32, torch.float64) else values.float()
-    var, mean = torch.var_mean(source, dim=0, correction=0)
-    mean = mean.double()
-    m2 = var.double() * samples
-    finite = torch.isfinite(mean) & torch.isfinite(m2)
-    count = torch.where(finite, float(samples), 0.0).to(torch.float64)
-    zero = torch.zeros_like(mean)
-    return Moments(count, torch.where(finite, mean, zero), torch.where(finite, m2, zero))
 
 
 def merge_history(
