@@ -2,17 +2,58 @@
 
 from __future__ import annotations
 
+import re
+import types
+import typing
 from collections.abc import Iterable
+from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and what is allowed."""
 
 
+def _nested_model(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside ``X``, ``X | None``, ``list[X]`` or ``dict[str, X]``, if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType, list, dict):
+        for argument in typing.get_args(annotation):
+            found = _nested_model(argument)
+            if found is not None:
+                return found
+    return None
+
+
+def _allowed_at(fields: Iterable[str], loc: tuple[Any, ...]) -> list[str]:
+    """The field names allowed where an unknown key sits: the nested section's own fields."""
+    model_fields = getattr(fields, "items", None)
+    if model_fields is None:
+        return list(fields)
+    current: dict[str, Any] = dict(fields)  # type: ignore[arg-type]
+    for part in loc[:-1]:
+        info = current.get(str(part))
+        if info is None:
+            continue  # a list index or dict key: stay with the model we are in
+        model = _nested_model(getattr(info, "annotation", None))
+        if model is None:
+            break
+        current = dict(model.model_fields)
+    return list(current)
+
+
+#: A message a nested memel config raised: ``ClassName.field: ...``.
+_NESTED = re.compile(r"^[A-Z][A-Za-z]+\.(\S+: .*)$")
+
+
 def describe_validation_error(owner: str, error: ValidationError, fields: Iterable[str]) -> str:
-    """One line per problem: ``Owner.field: message (got value)``; unknown fields list the allowed ones."""
+    """One line per problem: ``Owner.field: message (got value)``; unknown fields list the allowed ones.
+
+    ``fields`` is the top model's ``model_fields`` (or plain names); an unknown key inside a
+    nested section lists that section's fields.
+    """
     lines = []
     for item in error.errors():
         field = ".".join(str(part) for part in item["loc"])
@@ -20,6 +61,11 @@ def describe_validation_error(owner: str, error: ValidationError, fields: Iterab
         value = item.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
         if item["type"] == "extra_forbidden":
-            message, shown = f"unknown field; allowed fields: {', '.join(fields)}", ""
+            allowed = _allowed_at(fields, tuple(item["loc"]))
+            message, shown = f"unknown field; allowed fields: {', '.join(allowed)}", ""
+        nested = [_NESTED.match(part) for part in message.split("; ")]
+        if field and nested and all(nested):  # a nested config's own error: re-rooted at this field
+            lines.extend(f"{owner}.{field}.{match[1]}" for match in nested if match)
+            continue
         lines.append(f"{owner}.{field}: {message}{shown}" if field else f"{owner}: {message}{shown}")
     return "; ".join(lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -38,8 +39,13 @@ def train_command(
     except ConfigError as error:
         console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(2) from None
+    print_result(console, result)
+
+
+def print_result(console: Console, result: Any) -> None:
+    """The run's final metrics and where its outputs are."""
     table = Table(title=f"{result.run_name} finished in {result.wall_seconds:,.0f} s", show_header=False)
-    for key in ("train/loss", "eval/loss", "step", "tokens_seen"):
+    for key in ("train/loss", "eval/loss", "ms/mean", "ms/frac_above", "step", "tokens_seen"):
         if key in result.metrics:
             value = result.metrics[key]
             table.add_row(key, f"{value:,.4f}" if isinstance(value, float) else str(value))

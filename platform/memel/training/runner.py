@@ -103,13 +103,14 @@ def _git_commit() -> str:
 
     try:
         here = Path(__file__).resolve().parent
-        found = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        found = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=here, capture_output=True, text=True, timeout=5)
         return found.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 
-def _init_ray(address: str | None, workers: int) -> None:
+def init_ray(address: str | None, workers: int) -> None:
+    """Connect to ``address`` (or RAY_ADDRESS), else start the embedded local instance."""
     import ray
 
     if ray.is_initialized():
@@ -117,12 +118,20 @@ def _init_ray(address: str | None, workers: int) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
-    else:  # the embedded default: a local instance in this process, enough CPU slots for every worker
-        ray.init(num_cpus=max(os.cpu_count() or 1, workers), include_dashboard=False, log_to_driver=True)
+    else:  # the embedded default: a local instance in this process, enough CPU slots for every worker;
+        # its dashboard (on 127.0.0.1) serves the state API that Ray Train's placement-group cleaner polls
+        ray.init(
+            num_cpus=max(os.cpu_count() or 1, workers), include_dashboard=True, dashboard_host="127.0.0.1",
+            log_to_driver=True,
+        )  # fmt: skip
 
 
-def run_training(spec: TrainSpec, address: str | None = None) -> TrainResult:
-    """Run (or resume) one training run; blocks until it ends and returns where its results are."""
+def run_training(spec: TrainSpec, address: str | None = None, trial: dict[str, Any] | None = None) -> TrainResult:
+    """Run (or resume) one training run; blocks until it ends and returns where its results are.
+
+    ``trial`` (storage, study, trial_id, metric) makes the run an Optuna trial: evaluations are
+    reported to it and the run stops early when the study prunes it (MLflow status KILLED).
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -132,8 +141,8 @@ def run_training(spec: TrainSpec, address: str | None = None) -> TrainResult:
     out, tracking_uri, stats_root, storage = resolve_outputs(spec)
     n_params = count_parameters(spec.model.name, **spec.model.overrides)
     tracker, run_id = _start_tracking(spec, out, tracking_uri, n_params)
-    info = RunInfo(run_id=run_id, tracking_uri=tracking_uri, stats_root=stats_root, n_params=n_params)
-    _init_ray(address, spec.train.workers)
+    info = RunInfo(run_id=run_id, tracking_uri=tracking_uri, stats_root=stats_root, n_params=n_params, trial=trial)
+    init_ray(address, spec.train.workers)
     env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
     trainer = TorchTrainer(
         train_loop,
@@ -164,7 +173,9 @@ def run_training(spec: TrainSpec, address: str | None = None) -> TrainResult:
     )  # fmt: skip
     _write_json(out / "summary.json", asdict(outcome))
     tracker.log_dict(asdict(outcome), "summary.json")
-    tracker.end("FINISHED")
+    if metrics.get("pruned"):
+        tracker.set_tags({"memel.pruned": "true"})
+    tracker.end("KILLED" if metrics.get("pruned") else "FINISHED")
     return outcome
 
 
@@ -172,9 +183,14 @@ def check_address_outputs(spec: TrainSpec, address: str | None) -> None:
     """On a cluster, local paths for tracking or statistics would land on the workers' disks."""
     if not (address or os.environ.get("RAY_ADDRESS")):
         return
-    for field_name, value in (("tracking.uri", spec.tracking.uri), ("stats.root", spec.stats.root)):
+    tracking = spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    checks = [("tracking.uri", tracking)]
+    if spec.stats.enabled and spec.inhibition is not None:
+        checks.append(("stats.root", spec.stats.root))
+    for field_name, value in checks:
         if value is None or value.startswith(("file:", "sqlite:", "/", ".")):
             raise ConfigError(
                 f"{field_name}: {value!r} is local to this machine, but the run goes to a cluster; "
-                "use an http(s):// MLflow server and an s3:// statistics root"
+                "use an http(s):// MLflow server (tracking.uri or MLFLOW_TRACKING_URI) and an s3:// statistics root "
+                "(stats.root, or stats.enabled: false)"
             )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -103,6 +103,7 @@ class CheckpointSection(_Section):
 class TrainSpec(_Section):
     """One training run: model, data, inhibition, optimisation, tracking, statistics, checkpoints."""
 
+    _owner: ClassVar[str] = "spec"
     name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     model: ModelSection = ModelSection()
     data: dict[str, Any] = Field(default_factory=lambda: {"kind": "text_lm", "corpus": "shakespeare", "seq_len": 64})
@@ -118,7 +119,7 @@ class TrainSpec(_Section):
         try:
             super().__init__(**data)
         except ValidationError as error:
-            raise ConfigError(describe_validation_error("spec", error, type(self).model_fields)) from None
+            raise ConfigError(describe_validation_error(self._owner, error, type(self).model_fields)) from None
 
     @model_validator(mode="after")
     def _model(self) -> TrainSpec:

@@ -45,6 +45,9 @@ class RunInfo:
     stats_root: str | None
     n_params: int
     extra_tags: dict[str, str] = field(default_factory=dict)
+    #: An Optuna trial this run is (storage URL, study name, trial id, metric): rank 0 reports
+    #: every evaluation to it and the run stops early when the study's pruner says so.
+    trial: dict[str, Any] | None = None
 
 
 def insert_inhibition(model: torch.nn.Module, spec: TrainSpec) -> dict[str, memel.Inhibitor]:
@@ -228,7 +231,6 @@ def _train_steps(
     window_start, window_steps = time.perf_counter(), 0
     metrics: dict[str, float] = {}
     while step < train.steps:
-        step_start = time.perf_counter()
         for _ in range(train.accumulation):
             batch = next(loader)
             out = compute(engine, batch, kind, device)
@@ -267,16 +269,20 @@ def _train_steps(
             window_loss = window_items = 0.0
             window_start, window_steps = time.perf_counter(), 0
 
+        pruned = False
         if step % spec.eval.every == 0 or step == train.steps:
             evaluation = _evaluate(engine, heldout, spec.eval.batches, kind, device)
             metrics.update(evaluation)
             if rank == 0 and tracker is not None:
                 tracker.log_metrics(evaluation, step)
+            if info.trial is not None:
+                pruned = _report_to_trial(info.trial, evaluation, step, rank, device)
 
         if inserted and (step % spec.stats.every == 0 or step == train.steps):
             snaps = memel.snapshot(engine.module)  # a collective: every rank calls it
             divergence = rank_divergence(inserted, device)
             metrics["stats/rank_divergence"] = divergence
+            metrics.update(_snapshot_summary(snaps))
             if rank == 0:
                 _publish_snapshots(spec, info, snaps, depths, step, tokens_seen, tracker, sink)
                 if tracker is not None:
@@ -287,6 +293,36 @@ def _train_steps(
                 checkpoints.save(Path(directory), step, tokens_seen, info.run_id)
                 report = {**metrics, "step": step, "tokens_seen": tokens_seen}
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        if pruned:  # every rank got the same decision; the driver tells the study
+            if rank == 0:
+                print(f"[memel] pruned by the study at step {step}", flush=True)
+            ray.train.report({**metrics, "step": step, "tokens_seen": tokens_seen, "pruned": 1.0})
+            return
+
+
+def _report_to_trial(trial: dict[str, Any], evaluation: dict[str, float], step: int, rank: int, device: torch.device) -> bool:
+    """Rank 0 reports the trial's metric to Optuna and asks the pruner; every rank gets the answer."""
+    decision = 0.0
+    if rank == 0 and trial["metric"] in evaluation:
+        from memel.orchestration.storage import open_trial
+
+        optuna_trial = open_trial(trial["storage"], trial["study"], trial["trial_id"])
+        optuna_trial.report(evaluation[trial["metric"]], step)
+        decision = 1.0 if optuna_trial.should_prune() else 0.0
+    return _reduce_sum([decision], device)[0] > 0
+
+
+def _snapshot_summary(snaps: dict[str, memel.Snapshot]) -> dict[str, float]:
+    """Run-level MS summaries over every inserted module (what a sweep's table shows)."""
+    if not snaps:
+        return {}
+    values = list(snaps.values())
+    return {
+        "ms/mean": float(sum(float(s.mean_ms.mean()) for s in values) / len(values)),
+        "ms/max": max(float(s.max_ms.max()) for s in values),
+        "ms/frac_above": float(sum(float(s.frac_above.mean()) for s in values) / len(values)),
+        "inhibited/total": float(sum(float(s.inhibited_count.sum()) for s in values)),
+    }
 
 
 def _publish_snapshots(

@@ -1,0 +1,104 @@
+"""Training runs launched concurrently on Ray: one lightweight driver task per run.
+
+Each run's driver (``run_training``: MLflow run, Ray Train controller, summary) is a Ray task
+that takes no CPU itself and is pinned to this node, so the job's output dir (run ids,
+summaries) stays on one disk; its Train workers go wherever the cluster has room. Ray Train
+reserves each run's workers as one placement group, so runs start as resources free up and
+never deadlock on partial reservations. Runs are launched only while the CPUs and GPUs their
+workers need fit in what the cluster has (Ray Train gives up on a worker group that waits too
+long for resources); on an autoscaling cluster, cap concurrency with ``max_concurrent``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from memel.training import TrainResult, TrainSpec
+
+
+def _run_member(spec_tree: dict[str, Any], trial: dict[str, Any] | None) -> TrainResult:
+    from memel.training import TrainSpec, run_training
+
+    return run_training(TrainSpec(**spec_tree), trial=trial)
+
+
+@dataclass
+class Finished:
+    """A launched run that ended: its result, or the error it raised."""
+
+    key: str
+    result: TrainResult | None
+    error: str | None
+
+
+def demand(spec: TrainSpec) -> dict[str, float]:
+    """The cluster resources a run's workers hold while it trains."""
+    workers = float(spec.train.workers)
+    return {"CPU": workers, "GPU": workers if spec.train.use_gpu else 0.0}
+
+
+class Launcher:
+    """Keeps training runs in flight as far as the cluster's resources (and ``max_concurrent``) allow."""
+
+    def __init__(self, max_concurrent: int | None = None) -> None:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        self._remote = ray.remote(num_cpus=0, max_retries=0)(_run_member).options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        )
+        self.max_concurrent = max_concurrent
+        self._running: dict[Any, tuple[str, dict[str, float]]] = {}
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._running)
+
+    def has_room(self, spec: TrainSpec) -> bool:
+        """Whether ``spec`` can start now: under ``max_concurrent`` and within the cluster's total."""
+        import ray
+
+        if self.max_concurrent is not None and len(self._running) >= self.max_concurrent:
+            return False
+        if not self._running:
+            return True  # the first run always goes (Ray Train reports a run that can never fit)
+        total = ray.cluster_resources()
+        wanted = demand(spec)
+        for resource, amount in wanted.items():
+            held = sum(need.get(resource, 0.0) for _, need in self._running.values())
+            if amount and held + amount > total.get(resource, 0.0):
+                return False
+        return True
+
+    def launch(self, key: str, spec: TrainSpec, trial: dict[str, Any] | None = None) -> None:
+        reference = self._remote.remote(spec.model_dump(mode="json"), trial)
+        self._running[reference] = (key, demand(spec))
+
+    def wait_one(self) -> Finished:
+        """Block until one run ends."""
+        import ray
+
+        done, _ = ray.wait(list(self._running), num_returns=1)
+        reference = done[0]
+        key, _ = self._running.pop(reference)
+        try:
+            return Finished(key, ray.get(reference), None)
+        except Exception as error:  # noqa: BLE001 - one failed run must not stop the others
+            cause = getattr(error, "cause", None) or error
+            return Finished(key, None, f"{type(cause).__name__}: {cause}")
+
+    def run_all(
+        self, items: Iterable[tuple[str, TrainSpec]], on_finished: Callable[[Finished], None],
+        on_launch: Callable[[str], None] | None = None,
+    ) -> None:  # fmt: skip
+        """Launch every item as room allows; call ``on_finished`` as each ends."""
+        pending = list(items)
+        while pending or self._running:
+            while pending and self.has_room(pending[0][1]):
+                key, spec = pending.pop(0)
+                self.launch(key, spec)
+                if on_launch is not None:
+                    on_launch(key)
+            on_finished(self.wait_one())

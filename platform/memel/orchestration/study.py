@@ -1,0 +1,290 @@
+"""MEmeL-Tune as an Optuna study: every trial is a training run on Ray and an MLflow child run.
+
+The driver asks the study for parameters, launches up to ``tune.parallel`` trials at once,
+and tells the study each result (the final value of ``tune.metric``). Rank 0 of every trial
+reports each evaluation to the study, so the pruner can stop it early. ``tune.trials`` counts
+the whole study: starting the job again continues it (trials that an interrupted invocation
+left running are run again with the same parameters, resuming their training).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from memel.errors import ConfigError
+from memel.training import init_ray
+from memel.training.runner import resolve_outputs
+
+from .job import JobSpec, TuneSection, attach, member_spec
+from .launch import Finished, Launcher
+from .storage import dashboard_command, default_storage, open_storage, public_storage
+
+INTERRUPTED = "memel.interrupted"
+
+
+@dataclass
+class StudyResult:
+    """A study after this invocation: its trials, the best one, and where everything is."""
+
+    study_name: str
+    storage: str
+    parent_run_id: str
+    tracking_uri: str
+    output_dir: str
+    dashboard: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+    wall_seconds: float = 0.0
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def make_sampler(tune: TuneSection) -> Any:
+    import optuna
+
+    class AskTellGridSampler(optuna.samplers.GridSampler):
+        """The grid sampler without its end-of-grid ``study.stop()``, which only works inside
+        ``optimize()``; the driver counts trials itself."""
+
+        def after_trial(self, *_: object) -> None:
+            return None
+
+    if tune.sampler == "grid":
+        return AskTellGridSampler(tune.grid_space(), seed=tune.seed)
+    if tune.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=tune.seed)
+    return optuna.samplers.TPESampler(seed=tune.seed)
+
+
+def make_pruner(tune: TuneSection) -> Any:
+    import optuna
+
+    if tune.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    if tune.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner()
+    return optuna.pruners.NopPruner()
+
+
+def suggest(trial: Any, job: JobSpec, tune: TuneSection) -> dict[str, Any]:
+    """The trial's parameters, as dotted overrides of the job's base spec."""
+    if tune.sampler == "grid":
+        grid = tune.grid_space()
+        return {
+            "inhibition.mode": "rd",
+            "inhibition.top_n": int(trial.suggest_categorical("top_n", grid["top_n"])),
+            "inhibition.strength": float(trial.suggest_categorical("strength", grid["strength"])),
+        }
+    space = tune.space
+    base = job.inhibition
+    assert base is not None
+    overrides: dict[str, Any] = {}
+    mode = trial.suggest_categorical("mode", space.mode) if space.mode else base.mode
+    overrides["inhibition.mode"] = mode
+    if mode == "rd" and space.strength is not None:
+        overrides["inhibition.strength"] = trial.suggest_float("strength", space.strength.low, space.strength.high, log=space.strength.log)
+    elif mode != "rd":
+        overrides["inhibition.strength"] = 1.0
+    if space.top_n:
+        overrides["inhibition.top_n"] = trial.suggest_categorical("top_n", space.top_n)
+    if space.preset:
+        overrides["model.preset"] = trial.suggest_categorical("preset", space.preset)
+    if space.forget_steps is not None:
+        overrides["inhibition.forget_steps"] = trial.suggest_int("forget_steps", space.forget_steps.low, space.forget_steps.high)
+    if space.late_start is not None:
+        overrides["inhibition.late_start"] = trial.suggest_int("late_start", space.late_start.low, space.late_start.high)
+    return overrides
+
+
+def trial_key(overrides: dict[str, Any]) -> str:
+    """Named by its parameters: the same parameters (a re-run trial) resume the same training run."""
+    digest = hashlib.sha256(json.dumps(overrides, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"trial-{digest}"
+
+
+def check_study(job: JobSpec, address: str | None) -> TuneSection:
+    """What ``memel tune`` needs beyond the schema: a tune section, inhibition, storage reachable from workers."""
+    if job.tune is None:
+        raise ConfigError("tune: the job has no tune section; add `tune: {trials: 20}` (see jobs/tune_memel.yaml)")
+    if job.inhibition is None:
+        raise ConfigError("inhibition: a study tunes inhibition; the job has `inhibition: null`, give it an inhibition section")
+    on_cluster = bool(address or os.environ.get("RAY_ADDRESS"))
+    storage = job.tune.storage or ""
+    if on_cluster and not storage.startswith(("postgresql", "mysql")):
+        raise ConfigError(
+            f"tune.storage: {public_storage(storage) if storage else 'the default local file'} is on this machine, but trials "
+            "run on a cluster and report to the study from their workers; use postgresql://... or mysql://..."
+        )
+    return job.tune
+
+
+def _parent_run(job: JobSpec, tune: TuneSection, out: Path, tracking_uri: str, study_name: str, storage: str) -> Any:
+    from memel.tracking import MlflowTracker, flatten, public_uri
+
+    state_file = out / "study.json"
+    previous = json.loads(state_file.read_text()) if state_file.exists() else {}
+    tracker = MlflowTracker(tracking_uri, job.tracking.experiment, run_id=previous.get("parent_run_id"), run_name=study_name)
+    run_id = tracker.start()
+    state = {"study": study_name, "parent_run_id": run_id, "storage": public_storage(storage), "tracking_uri": public_uri(tracking_uri)}
+    _write_atomic(state_file, json.dumps(state, indent=2))
+    if previous.get("parent_run_id") != run_id:
+        tracker.log_params(flatten({"tune": tune.model_dump(mode="json")}))
+        tracker.set_tags({
+            "memel.kind": "study", "memel.study": study_name, "memel.optuna_storage": public_storage(storage),
+            "memel.rung": job.model.name, **job.tracking.tags,
+        })  # fmt: skip
+        tracker.log_dict(job.model_dump(mode="json"), "job.json")
+    return tracker
+
+
+def _finished_count(study: Any) -> int:
+    from optuna.trial import TrialState
+
+    ended = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    return sum(1 for t in study.get_trials(deepcopy=False) if t.state in ended and not t.user_attrs.get(INTERRUPTED))
+
+
+def _requeue_interrupted(study: Any) -> int:
+    """Trials a previous invocation left RUNNING: fail them and enqueue their parameters again."""
+    from optuna.trial import TrialState
+
+    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for trial in stale:
+        study.enqueue_trial(trial.params, skip_if_exists=False)
+        study._storage.set_trial_user_attr(trial._trial_id, INTERRUPTED, True)
+        study.tell(trial.number, state=TrialState.FAIL)
+    return len(stale)
+
+
+def trial_rows(study: Any) -> list[dict[str, Any]]:
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        if t.user_attrs.get(INTERRUPTED):
+            continue
+        rows.append({
+            "trial": t.number, "state": t.state.name, "value": t.value, **{f"param_{k}": v for k, v in t.params.items()},
+            "run_id": t.user_attrs.get("mlflow_run_id"), "member": t.user_attrs.get("memel.member"),
+        })  # fmt: skip
+    return rows
+
+
+def _rows_csv(rows: list[dict[str, Any]]) -> str:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def run_study(
+    job: JobSpec, address: str | None = None, trials: int | None = None, parallel: int | None = None,
+    progress: Any = None,
+) -> StudyResult:  # fmt: skip
+    """Run the job's study until it holds ``trials`` finished trials; blocks until then."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from memel.tracking import public_uri
+
+    started = time.perf_counter()
+    tune = check_study(job, address)
+    tune = tune.model_copy(update={k: v for k, v in {"trials": trials, "parallel": parallel}.items() if v is not None})
+    if tune.storage and tune.storage.startswith("sqlite:") and tune.parallel > 1:
+        raise ConfigError(f"--parallel {tune.parallel}: the study's storage is SQLite, which is not safe for parallel writers; use a journal or PostgreSQL storage")
+    notify = progress or (lambda *_: None)
+    out, tracking_uri, stats_root, _ = resolve_outputs(job)
+    storage_url = tune.storage or default_storage(out, tune.parallel)
+    study_name = tune.study_name or job.name
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        study_name=study_name, storage=open_storage(storage_url), sampler=make_sampler(tune), pruner=make_pruner(tune),
+        direction=tune.direction, load_if_exists=True,
+    )  # fmt: skip
+    requeued = _requeue_interrupted(study)
+    if requeued:
+        notify("requeued", str(requeued), None)
+    parent = _parent_run(job, tune, out, tracking_uri, study_name, storage_url)
+    target = tune.trials
+    if tune.sampler == "grid":
+        target = min(target, len(tune.grid_space()["top_n"]) * len(tune.grid_space()["strength"]))
+    remaining = target - _finished_count(study)
+    launcher: Launcher | None = None
+    trials_in_flight: dict[str, Any] = {}
+
+    def tell(outcome: Finished) -> None:
+        trial = trials_in_flight.pop(outcome.key)
+        result = outcome.result
+        if result is not None and result.run_id:
+            study._storage.set_trial_user_attr(trial._trial_id, "mlflow_run_id", result.run_id)
+        if result is None:
+            study.tell(trial, state=TrialState.FAIL)
+            notify("failed", outcome.key, outcome.error)
+        elif result.metrics.get("pruned"):
+            study.tell(trial, state=TrialState.PRUNED)
+            notify("pruned", outcome.key, result)
+        elif tune.metric not in result.metrics:
+            study.tell(trial, state=TrialState.FAIL)
+            notify("failed", outcome.key, f"the run reported no {tune.metric!r}; it reported {sorted(result.metrics)}")
+        else:
+            value = float(result.metrics[tune.metric])
+            study.tell(trial, value)
+            parent.log_metrics({f"trial/{tune.metric}": value}, trial.number)
+            notify("finished", outcome.key, result)
+
+    if remaining > 0:
+        init_ray(address, job.train.workers)
+        launcher = Launcher(tune.parallel)
+    try:
+        while launcher is not None and (remaining > 0 or launcher.in_flight):
+            if remaining > 0 and launcher.has_room(job):  # every trial needs what the base run needs
+                trial = study.ask()
+                overrides = suggest(trial, job, tune)
+                key = trial_key(overrides)
+                tags = {"memel.study": study_name, "memel.trial": str(trial.number), "memel.kind": "trial"}
+                spec = attach(member_spec(job, key, overrides, f"trial {trial.number}", folder="trials"), tracking_uri, parent.run_id, stats_root, tags)
+                study._storage.set_trial_user_attr(trial._trial_id, "memel.member", key)
+                name = str(trial.number)
+                trials_in_flight[name] = trial
+                launcher.launch(name, spec, {"storage": storage_url, "study": study_name, "trial_id": trial._trial_id, "metric": tune.metric})
+                notify("started", name, trial.params)
+                remaining -= 1
+            else:
+                tell(launcher.wait_one())
+    except BaseException:
+        for trial in trials_in_flight.values():
+            study.tell(trial, state=TrialState.FAIL)
+        parent.end("KILLED")
+        raise
+    rows = trial_rows(study)
+    completed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    best = None
+    if completed:
+        best_trial = study.best_trial
+        best = {"trial": best_trial.number, "value": best_trial.value, "params": best_trial.params}
+        parent.log_metrics({f"best/{tune.metric}": float(best_trial.value)}, best_trial.number)
+        parent.set_tags({"memel.best_trial": str(best_trial.number), "memel.best_params": json.dumps(best_trial.params)})
+    text = _rows_csv(rows)
+    _write_atomic(out / "trials.csv", text)
+    parent.log_text(text, "trials.csv")
+    result = StudyResult(
+        study_name=study_name, storage=public_storage(storage_url), parent_run_id=parent.run_id,
+        tracking_uri=public_uri(tracking_uri), output_dir=str(out), dashboard=dashboard_command(storage_url), rows=rows,
+        best=best, wall_seconds=time.perf_counter() - started,
+    )  # fmt: skip
+    parent.log_dict(asdict(result), "study_summary.json")
+    parent.end("FINISHED" if completed else "FAILED")
+    return result
+

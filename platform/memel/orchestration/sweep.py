@@ -1,0 +1,167 @@
+"""A scale sweep: one MLflow parent run, one child training run per member, a final table.
+
+Outputs go under the job's output dir (``runs/<job>/`` by default): ``sweep.json`` (the parent
+run id, so running the job again reuses it), ``members/<key>/`` per member (its run id,
+summary and checkpoints), ``stats/`` (one Parquet dataset for every member, partitioned by
+run id) and ``sweep_table.csv``. Running the job again skips finished members and resumes
+interrupted ones from their last checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from memel.models import count_parameters
+from memel.training import TrainResult, TrainSpec, init_ray
+from memel.training.runner import resolve_outputs
+
+from .job import JobSpec, Member, attach, expand_sweep
+from .launch import Finished, Launcher
+
+#: The columns of the sweep table, in order.
+COLUMNS = (
+    "member", "rung", "params", "mode", "strength", "top_n", "seed", "status", "eval_loss", "eval_metric",
+    "ms_mean", "ms_frac_above", "inhibited", "wall_s", "run_id",
+)  # fmt: skip
+
+
+@dataclass
+class SweepResult:
+    """A finished (or partly failed) sweep: the table and where everything is."""
+
+    job: str
+    parent_run_id: str
+    tracking_uri: str
+    stats_root: str | None
+    output_dir: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    wall_seconds: float = 0.0
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def finished_result(spec: TrainSpec) -> TrainResult | None:
+    """The member's result when a previous invocation already finished it (same spec), else None."""
+    summary = spec.out / "summary.json"
+    if not summary.exists():
+        return None
+    saved = json.loads(summary.read_text())
+    if saved.get("run_name") != spec.run_name:
+        return None
+    return TrainResult(**saved)
+
+
+def table_row(member: Member, result: TrainResult | None, status: str, n_params: int) -> dict[str, Any]:
+    """One row of the sweep table."""
+    metrics = result.metrics if result else {}
+    eval_metric = metrics.get("eval/perplexity", metrics.get("eval/accuracy"))
+    return {
+        "member": member.key, "rung": member.rung, "params": n_params, "mode": member.mode,
+        "strength": member.strength, "top_n": member.top_n, "seed": member.seed, "status": status,
+        "eval_loss": metrics.get("eval/loss"), "eval_metric": eval_metric, "ms_mean": metrics.get("ms/mean"),
+        "ms_frac_above": metrics.get("ms/frac_above"), "inhibited": metrics.get("inhibited/total"),
+        "wall_s": round(result.wall_seconds, 1) if result else None, "run_id": result.run_id if result else None,
+    }  # fmt: skip
+
+
+def table_csv(rows: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _parent_run(job: JobSpec, out: Path, tracking_uri: str, members: list[Member]) -> Any:
+    from memel.tracking import MlflowTracker, flatten, public_uri
+
+    state_file = out / "sweep.json"
+    previous = json.loads(state_file.read_text()) if state_file.exists() else {}
+    tracker = MlflowTracker(tracking_uri, job.tracking.experiment, run_id=previous.get("parent_run_id"), run_name=job.name)
+    run_id = tracker.start()
+    _write_atomic(state_file, json.dumps({"job": job.name, "parent_run_id": run_id, "tracking_uri": public_uri(tracking_uri)}, indent=2))
+    if previous.get("parent_run_id") != run_id:
+        sweep = job.sweep.model_dump(mode="json") if job.sweep else {}
+        tracker.log_params(flatten({"sweep": sweep, "base": job.base_tree()}))
+        tracker.set_tags({
+            "memel.kind": "sweep", "memel.sweep": job.name, "memel.members": str(len(members)),
+            "memel.rungs": ",".join(dict.fromkeys(m.rung for m in members)),
+            "memel.modes": ",".join(dict.fromkeys(m.mode for m in members)), **job.tracking.tags,
+        })  # fmt: skip
+        tracker.log_dict(job.model_dump(mode="json"), "job.json")
+    return tracker
+
+
+def run_sweep(job: JobSpec, address: str | None = None, progress: Any = None) -> SweepResult:
+    """Run every member not yet finished (concurrently as far as resources allow); blocks until all end.
+
+    ``progress`` (optional) is called as ``progress(event, member_key, detail)`` with event
+    ``skipped``, ``started`` or ``finished``/``failed``.
+    """
+    from memel.tracking import public_uri
+
+    started = time.perf_counter()
+    members = expand_sweep(job)
+    out, tracking_uri, stats_root, _ = resolve_outputs(job)
+    notify = progress or (lambda *_: None)
+    parent = _parent_run(job, out, tracking_uri, members)
+    tags = {"memel.sweep": job.name, "memel.kind": "sweep-member"}
+    specs = {m.key: attach(m.spec, tracking_uri, parent.run_id, stats_root, {**tags, "memel.member": m.key}) for m in members}
+    by_key = {m.key: m for m in members}
+    params = {m.rung: count_parameters(m.spec.model.name, **m.spec.model.overrides) for m in members}
+    rows: dict[str, dict[str, Any]] = {}
+    failed: list[str] = []
+    to_run: list[tuple[str, TrainSpec]] = []
+    for member in members:
+        done = finished_result(specs[member.key])
+        if done is not None:
+            rows[member.key] = table_row(member, done, "done before", params[member.rung])
+            notify("skipped", member.key, done)
+        else:
+            to_run.append((member.key, specs[member.key]))
+
+    def on_finished(outcome: Finished) -> None:
+        member = by_key[outcome.key]
+        if outcome.result is not None:
+            rows[outcome.key] = table_row(member, outcome.result, "finished", params[member.rung])
+            notify("finished", outcome.key, outcome.result)
+        else:
+            failed.append(outcome.key)
+            rows[outcome.key] = table_row(member, None, "failed", params[member.rung])
+            notify("failed", outcome.key, outcome.error)
+
+    try:
+        if to_run:
+            init_ray(address, max(spec.train.workers for _, spec in to_run))
+            launcher = Launcher(job.sweep.max_concurrent if job.sweep else None)
+            launcher.run_all(to_run, on_finished, on_launch=lambda key: notify("started", key, None))
+    except BaseException:
+        parent.end("KILLED")
+        raise
+    ordered = [rows[m.key] for m in members if m.key in rows]
+    text = table_csv(ordered)
+    _write_atomic(out / "sweep_table.csv", text)
+    parent.log_text(text, "sweep_table.csv")
+    parent.log_dict({"columns": list(COLUMNS), "data": [[row[c] for c in COLUMNS] for row in ordered]}, "sweep_table.json")
+    for row in ordered:
+        if row["eval_loss"] is not None:
+            parent.log_metrics({f"eval_loss/{row['member']}": float(row["eval_loss"])}, 0)
+    result = SweepResult(
+        job=job.name, parent_run_id=parent.run_id, tracking_uri=public_uri(tracking_uri), stats_root=stats_root,
+        output_dir=str(out), rows=ordered, failed=failed, wall_seconds=time.perf_counter() - started,
+    )  # fmt: skip
+    parent.log_dict(asdict(result), "sweep_summary.json")
+    parent.end("FAILED" if failed else "FINISHED")
+    return result
