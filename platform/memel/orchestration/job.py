@@ -150,7 +150,7 @@ class TuneSection(_Section):
     @field_validator("storage")
     @classmethod
     def _storage_scheme(cls, value: str | None) -> str | None:
-        allowed = ("sqlite:///", "postgresql://", "postgresql+psycopg2://", "mysql://", "mysql+pymysql://", "journal:///")
+        allowed = ("sqlite:///", "postgresql://", "postgresql+psycopg://", "postgresql+psycopg2://", "mysql://", "mysql+pymysql://", "journal:///")
         if value is not None and not value.startswith(allowed):
             raise ValueError(f"unsupported storage URL {value!r}; allowed schemes: {', '.join(allowed)}")
         return value

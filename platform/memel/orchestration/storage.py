@@ -1,4 +1,5 @@
-"""Optuna storage from a URL: RDB (SQLite, PostgreSQL, MySQL) or ``journal:///path`` (journal file).
+"""Optuna storage from a URL (RDB: SQLite, PostgreSQL, MySQL; or ``journal:///path``, a journal
+file), pruners by name, and the trial handle a training worker reports to.
 
 SQLite is for one trial at a time (it is not safe for parallel writers); parallel trials on one
 machine default to a journal file, and parallel trials across machines need PostgreSQL or MySQL.
@@ -39,11 +40,24 @@ def open_storage(url: str) -> Any:
         raise ConfigError(f"tune.storage: cannot open {public_storage(url)!r}: {type(error).__name__}: {error}") from None
 
 
-def open_trial(url: str, study_name: str, trial_id: int) -> Any:
-    """A live handle on one trial of a study (what a training worker reports to)."""
+def make_pruner(name: str) -> Any:
+    """The study's pruner (storage does not keep it: the driver and every trial build it by name)."""
     import optuna
 
-    study = optuna.load_study(study_name=study_name, storage=open_storage(url))
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner()
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise ConfigError(f"tune.pruner: got {name!r}; allowed: median, hyperband, none")
+
+
+def open_trial(url: str, study_name: str, trial_id: int, pruner: str) -> Any:
+    """A live handle on one trial of a study, with the study's pruner (what a training worker reports to)."""
+    import optuna
+
+    study = optuna.load_study(study_name=study_name, storage=open_storage(url), pruner=make_pruner(pruner))
     return optuna.trial.Trial(study, trial_id)
 
 

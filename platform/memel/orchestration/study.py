@@ -25,7 +25,7 @@ from memel.training.runner import resolve_outputs
 
 from .job import JobSpec, TuneSection, attach, member_spec
 from .launch import Finished, Launcher
-from .storage import dashboard_command, default_storage, open_storage, public_storage
+from .storage import dashboard_command, default_storage, make_pruner, open_storage, public_storage
 
 INTERRUPTED = "memel.interrupted"
 
@@ -51,7 +51,9 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def make_sampler(tune: TuneSection) -> Any:
+def make_sampler(tune: TuneSection, offset: int = 0) -> Any:
+    """The study's sampler, seeded from ``tune.seed`` plus the trials the study already holds (a
+    continued study must not replay the first invocation's random draws)."""
     import optuna
 
     class AskTellGridSampler(optuna.samplers.GridSampler):
@@ -62,20 +64,10 @@ def make_sampler(tune: TuneSection) -> Any:
             return None
 
     if tune.sampler == "grid":
-        return AskTellGridSampler(tune.grid_space(), seed=tune.seed)
+        return AskTellGridSampler(tune.grid_space(), seed=tune.seed + offset)
     if tune.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=tune.seed)
-    return optuna.samplers.TPESampler(seed=tune.seed)
-
-
-def make_pruner(tune: TuneSection) -> Any:
-    import optuna
-
-    if tune.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
-    if tune.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner()
-    return optuna.pruners.NopPruner()
+        return optuna.samplers.RandomSampler(seed=tune.seed + offset)
+    return optuna.samplers.TPESampler(seed=tune.seed + offset)
 
 
 def suggest(trial: Any, job: JobSpec, tune: TuneSection) -> dict[str, Any]:
@@ -210,9 +202,11 @@ def run_study(
     study_name = tune.study_name or job.name
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
-        study_name=study_name, storage=open_storage(storage_url), sampler=make_sampler(tune), pruner=make_pruner(tune),
+        study_name=study_name, storage=open_storage(storage_url), sampler=make_sampler(tune), pruner=make_pruner(tune.pruner),
         direction=tune.direction, load_if_exists=True,
     )  # fmt: skip
+    if held := len(study.get_trials(deepcopy=False)):
+        study.sampler = make_sampler(tune, held)
     requeued = _requeue_interrupted(study)
     if requeued:
         notify("requeued", str(requeued), None)
@@ -258,7 +252,7 @@ def run_study(
                 study._storage.set_trial_user_attr(trial._trial_id, "memel.member", key)
                 name = str(trial.number)
                 trials_in_flight[name] = trial
-                launcher.launch(name, spec, {"storage": storage_url, "study": study_name, "trial_id": trial._trial_id, "metric": tune.metric})
+                launcher.launch(name, spec, {"storage": storage_url, "study": study_name, "trial_id": trial._trial_id, "metric": tune.metric, "pruner": tune.pruner})
                 notify("started", name, trial.params)
                 remaining -= 1
             else:

@@ -306,7 +306,7 @@ def _report_to_trial(trial: dict[str, Any], evaluation: dict[str, float], step: 
     if rank == 0 and trial["metric"] in evaluation:
         from memel.orchestration.storage import open_trial
 
-        optuna_trial = open_trial(trial["storage"], trial["study"], trial["trial_id"])
+        optuna_trial = open_trial(trial["storage"], trial["study"], trial["trial_id"], trial.get("pruner", "median"))
         optuna_trial.report(evaluation[trial["metric"]], step)
         decision = 1.0 if optuna_trial.should_prune() else 0.0
     return _reduce_sum([decision], device)[0] > 0

@@ -1,0 +1,198 @@
+"""Sweeps and studies end to end through the real CLI on a local Ray instance: the quickstart sweep
+at reduced size (MLflow parent and child runs on a real server, Parquet per member, re-run skips
+and resumes) and Optuna studies with parallel trials on journal and PostgreSQL storage."""
+
+from __future__ import annotations
+
+import csv
+import json
+import uuid
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+from typer.testing import CliRunner
+
+from memel.cli import app
+
+RUNNER = CliRunner(env={"COLUMNS": "240"})
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
+TINY = [
+    "--set", "train.steps=3", "--set", "train.log_every=1", "--set", "eval.every=1", "--set", "eval.batches=1",
+    "--set", "stats.every=3", "--set", "checkpoint.every=3", "--set", "inhibition.late_start=1",
+    "--set", "inhibition.forget_steps=1",
+]  # fmt: skip
+NEURONS = {"byte-0.2m": 256, "byte-1m": 512}  # MLP width 4 x d_model
+MODULES = {"byte-0.2m": 4, "byte-1m": 5}
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def _children(client, parent_id: str) -> list:
+    parent = client.get_run(parent_id)
+    return client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+@pytest.mark.timeout(900)
+def test_quickstart_sweep_end_to_end_then_skips_and_resumes(tmp_path: Path, mlflow_server: str) -> None:
+    out = tmp_path / "quickstart"
+    args = [
+        "run", str(JOBS / "quickstart.yaml"), *TINY, "--set", "sweep.rungs=[byte-0.2m, byte-1m]",
+        "--set", f"output_dir={out}", "--set", f"tracking.uri={mlflow_server}", "--set", "tracking.experiment=ci-sweep",
+    ]  # fmt: skip
+    result = RUNNER.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "sweep quickstart: 4 members" in result.output and "Parquet neuron statistics" in result.output
+
+    parent_id = json.loads((out / "sweep.json").read_text())["parent_run_id"]
+    client = _client(mlflow_server)
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["memel.kind"] == "sweep" and parent.data.tags["memel.rungs"] == "byte-0.2m,byte-1m"
+    assert {"sweep_table.csv", "sweep_table.json", "job.json"} <= {a.path for a in client.list_artifacts(parent_id)}
+    children = _children(client, parent_id)
+    assert sorted((c.data.tags["memel.rung"], c.data.tags["memel.mode"]) for c in children) == [
+        ("byte-0.2m", "original"), ("byte-0.2m", "rd"), ("byte-1m", "original"), ("byte-1m", "rd"),
+    ]  # fmt: skip
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["memel.sweep"] == "quickstart" and child.data.tags["memel.kind"] == "sweep-member"
+        assert int(child.data.tags["memel.n_params"]) > 0 and child.data.params["model.name"] == child.data.tags["memel.rung"]
+        assert "eval/loss" in child.data.metrics
+
+    # one Parquet dataset for the sweep, one partition per member, each with its rung's neurons
+    table = ds.dataset(out / "stats", partitioning="hive").to_table()
+    by_run = {c.info.run_id: c.data.tags["memel.rung"] for c in children}
+    run_ids = table.column("run_id").to_pylist()
+    assert set(run_ids) == set(by_run)
+    for run_id, rung in by_run.items():
+        assert run_ids.count(run_id) == NEURONS[rung] * MODULES[rung]  # one snapshot (step 3)
+
+    with open(out / "sweep_table.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["status"] for row in rows] == ["finished"] * 4
+    assert all(float(row["eval_loss"]) > 0 and row["run_id"] in by_run for row in rows)
+    inhibited = {row["member"]: float(row["inhibited"]) for row in rows}
+    assert inhibited["byte-0.2m-original"] == 0 and inhibited["byte-0.2m-rd"] > 0
+
+    # again: every member is skipped; nothing trains, the parent run is the same
+    again = RUNNER.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert again.output.count("finished before") == 4 and json.loads((out / "sweep.json").read_text())["parent_run_id"] == parent_id
+
+    # an interrupted member (no summary yet) resumes from its checkpoint in the same MLflow run
+    member = out / "members" / "byte-1m-rd"
+    run_id = json.loads((member / "run.json").read_text())["run_id"]
+    (member / "summary.json").unlink()
+    resumed = RUNNER.invoke(app, args)
+    assert resumed.exit_code == 0, resumed.output
+    assert resumed.output.count("finished before") == 3 and "finished byte-1m-rd" in resumed.output
+    assert json.loads((member / "summary.json").read_text())["run_id"] == run_id
+    steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+    assert steps == [1, 2, 3], "resuming a finished checkpoint trains no extra steps"
+    assert len(_children(client, parent_id)) == 4
+
+
+def _study(storage):
+    import optuna
+
+    from memel.orchestration.storage import open_storage
+
+    return optuna.load_study(study_name="tune_memel", storage=open_storage(storage))
+
+
+def _tune(tmp_path: Path, mlflow_server: str, *extra: str) -> list[str]:
+    return [
+        "tune", str(JOBS / "tune_memel.yaml"), *TINY, "--set", "train.workers=1", "--set", "train.micro_batch_size=16",
+        "--set", f"output_dir={tmp_path / 'study'}", "--set", f"tracking.uri={mlflow_server}",
+        "--set", "tracking.experiment=ci-study", "--set", "tune.pruner=none", *extra,
+    ]  # fmt: skip
+
+
+def _check_trials(study, mlflow_server: str, parent_id: str, finished: int) -> None:
+    from optuna.trial import TrialState
+
+    trials = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(trials) == finished
+    client = _client(mlflow_server)
+    for trial in trials:
+        assert trial.intermediate_values, "rank 0 reports every evaluation to the study"
+        assert trial.value == pytest.approx(trial.intermediate_values[max(trial.intermediate_values)])
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.data.tags["mlflow.parentRunId"] == parent_id and run.data.tags["memel.kind"] == "trial"
+        assert run.data.params["inhibition.mode"] == trial.params["mode"]
+    parent = client.get_run(parent_id)
+    assert parent.data.tags["memel.kind"] == "study" and "memel.best_params" in parent.data.tags
+
+
+@pytest.mark.timeout(900)
+def test_study_runs_parallel_trials_on_journal_storage_and_continues(tmp_path: Path, mlflow_server: str) -> None:
+    result = RUNNER.invoke(app, _tune(tmp_path, mlflow_server, "--trials", "3", "--parallel", "2"))
+    assert result.exit_code == 0, result.output
+    state = json.loads((tmp_path / "study" / "study.json").read_text())
+    assert state["storage"].startswith("journal:///") and "optuna-dashboard" in result.output
+    _check_trials(_study(state["storage"]), mlflow_server, state["parent_run_id"], 3)
+
+    more = RUNNER.invoke(app, _tune(tmp_path, mlflow_server, "--trials", "4", "--parallel", "2"))
+    assert more.exit_code == 0, more.output
+    assert more.output.count("started:") == 1, "the study continues: only the missing trial runs"
+    _check_trials(_study(state["storage"]), mlflow_server, state["parent_run_id"], 4)
+
+
+def _postgres_url() -> str:
+    url = "postgresql://root@127.0.0.1:5432/test"
+    try:
+        import sqlalchemy
+
+        with sqlalchemy.create_engine(url).connect():
+            return url
+    except Exception as error:  # noqa: BLE001
+        pytest.skip(f"PostgreSQL is not running on 127.0.0.1:5432 ({type(error).__name__})")
+
+
+@pytest.mark.timeout(900)
+def test_study_with_parallel_trials_on_postgresql(tmp_path: Path, mlflow_server: str) -> None:
+    url = _postgres_url()
+    name = f"ci-{uuid.uuid4().hex[:8]}"
+    result = RUNNER.invoke(app, _tune(tmp_path, mlflow_server, "--trials", "2", "--parallel", "2", "--set", f"tune.storage={url}", "--set", f"tune.study_name={name}"))
+    assert result.exit_code == 0, result.output
+    import optuna
+
+    study = optuna.load_study(study_name=name, storage=url)
+    state = json.loads((tmp_path / "study" / "study.json").read_text())
+    assert state["storage"] == "postgresql://127.0.0.1:5432/test", "credentials are never stored"
+    assert len([t for t in study.trials if t.state.name == "COMPLETE"]) == 2
+    optuna.delete_study(study_name=name, storage=url)
+
+
+def test_pruning_decision_comes_from_the_study(tmp_path: Path) -> None:
+    """What a trial's rank 0 does at each evaluation: report, ask the pruner (journal storage)."""
+    import optuna
+    import torch
+
+    from memel.orchestration.storage import open_storage
+    from memel.training.worker import _report_to_trial
+
+    url = f"journal:///{tmp_path / 'prune.journal'}"
+    study = optuna.create_study(study_name="p", storage=open_storage(url))
+    for _ in range(2):  # the median pruner starts after two finished trials
+        good = study.ask()
+        for step, value in enumerate([2.0, 1.5, 1.0], start=1):
+            good.report(value, step)
+        study.tell(good, 1.0)
+    worse, better = study.ask(), study.ask()
+    info = {"storage": url, "study": "p", "metric": "eval/loss", "pruner": "median"}
+    cpu = torch.device("cpu")
+    assert _report_to_trial({**info, "trial_id": worse._trial_id}, {"eval/loss": 3.0}, 1, 0, cpu) is True
+    assert _report_to_trial({**info, "trial_id": better._trial_id}, {"eval/loss": 1.0}, 1, 0, cpu) is False
+    assert study.trials[2].intermediate_values == {1: 3.0}
+    # a rank other than 0 does not report; a metric the run does not have is not reported
+    assert _report_to_trial({**info, "trial_id": better._trial_id}, {"eval/loss": 9.0}, 2, 1, cpu) is False
+    assert _report_to_trial({**info, "trial_id": better._trial_id}, {"eval/accuracy": 0.5}, 2, 0, cpu) is False
+    assert study.trials[3].intermediate_values == {1: 1.0}
+    nop = {**info, "pruner": "none", "trial_id": study.ask()._trial_id}
+    assert _report_to_trial(nop, {"eval/loss": 99.0}, 1, 0, cpu) is False
