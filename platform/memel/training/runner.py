@@ -83,6 +83,7 @@ def _start_tracking(spec: TrainSpec, out: Path, tracking_uri: str, n_params: int
     )  # fmt: skip
     run_id = tracker.start()
     _write_json(state_file, {"run_name": spec.run_name, "run_id": run_id, "tracking_uri": public_uri(tracking_uri)})
+    _write_json(out / "spec.json", spec.model_dump(mode="json"))  # what offline analysis rebuilds the model from
     if previous.get("run_id") != run_id:
         tracker.log_params(flatten(spec.model_dump(mode="json")))
         inhibition = spec.inhibition
