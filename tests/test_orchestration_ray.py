@@ -196,3 +196,25 @@ def test_pruning_decision_comes_from_the_study(tmp_path: Path) -> None:
     assert study.trials[3].intermediate_values == {1: 1.0}
     nop = {**info, "pruner": "none", "trial_id": study.ask()._trial_id}
     assert _report_to_trial(nop, {"eval/loss": 99.0}, 1, 0, cpu) is False
+
+
+def test_interrupted_trials_are_rerun_with_their_parameters(tmp_path: Path) -> None:
+    """A trial left RUNNING by a killed invocation is failed (not counted) and its parameters are
+    asked again, so the rerun resumes the same training run (named by its parameters)."""
+    import optuna
+
+    from memel.orchestration import load_job
+    from memel.orchestration.storage import open_storage
+    from memel.orchestration.study import _finished_count, _requeue_interrupted, suggest, trial_key
+
+    job = load_job(JOBS / "tune_memel.yaml")
+    study = optuna.create_study(study_name="r", storage=open_storage(f"journal:///{tmp_path / 'r.journal'}"))
+    done = study.ask()
+    suggest(done, job, job.tune)
+    study.tell(done, 1.0)
+    killed = study.ask()
+    key = trial_key(suggest(killed, job, job.tune))
+    assert _requeue_interrupted(study) == 1
+    assert study.trials[killed.number].state.name == "FAIL" and _finished_count(study) == 1
+    again = study.ask()
+    assert trial_key(suggest(again, job, job.tune)) == key and again.params == killed.params

@@ -148,15 +148,24 @@ def _finished_count(study: Any) -> int:
     return sum(1 for t in study.get_trials(deepcopy=False) if t.state in ended and not t.user_attrs.get(INTERRUPTED))
 
 
+def _requeue(study: Any, trials: list[Any]) -> None:
+    """Fail interrupted trials (marked, so they do not count) and enqueue their parameters again:
+    the next invocation reruns them, resuming the same training runs (named by parameters)."""
+    from optuna.trial import TrialState
+
+    for trial in trials:
+        study.enqueue_trial(trial.params, skip_if_exists=False)
+        # FrozenTrials have no setter; the storage call is how Optuna itself records user attrs
+        study._storage.set_trial_user_attr(trial._trial_id, INTERRUPTED, True)
+        study.tell(trial.number, state=TrialState.FAIL)
+
+
 def _requeue_interrupted(study: Any) -> int:
-    """Trials a previous invocation left RUNNING: fail them and enqueue their parameters again."""
+    """Trials a previous invocation left RUNNING (it was killed) go back in the queue."""
     from optuna.trial import TrialState
 
     stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    for trial in stale:
-        study.enqueue_trial(trial.params, skip_if_exists=False)
-        study._storage.set_trial_user_attr(trial._trial_id, INTERRUPTED, True)
-        study.tell(trial.number, state=TrialState.FAIL)
+    _requeue(study, stale)
     return len(stale)
 
 
@@ -222,7 +231,7 @@ def run_study(
         trial = trials_in_flight.pop(outcome.key)
         result = outcome.result
         if result is not None and result.run_id:
-            study._storage.set_trial_user_attr(trial._trial_id, "mlflow_run_id", result.run_id)
+            trial.set_user_attr("mlflow_run_id", result.run_id)
         if result is None:
             study.tell(trial, state=TrialState.FAIL)
             notify("failed", outcome.key, outcome.error)
@@ -249,7 +258,7 @@ def run_study(
                 key = trial_key(overrides)
                 tags = {"memel.study": study_name, "memel.trial": str(trial.number), "memel.kind": "trial"}
                 spec = attach(member_spec(job, key, overrides, f"trial {trial.number}", folder="trials"), tracking_uri, parent.run_id, stats_root, tags)
-                study._storage.set_trial_user_attr(trial._trial_id, "memel.member", key)
+                trial.set_user_attr("memel.member", key)
                 name = str(trial.number)
                 trials_in_flight[name] = trial
                 launcher.launch(name, spec, {"storage": storage_url, "study": study_name, "trial_id": trial._trial_id, "metric": tune.metric, "pruner": tune.pruner})
@@ -258,8 +267,7 @@ def run_study(
             else:
                 tell(launcher.wait_one())
     except BaseException:
-        for trial in trials_in_flight.values():
-            study.tell(trial, state=TrialState.FAIL)
+        _requeue(study, list(trials_in_flight.values()))
         parent.end("KILLED")
         raise
     rows = trial_rows(study)
