@@ -1,0 +1,93 @@
+"""What travels with a job: the project as ``working_dir``, memel's own code, forwarded
+environment variables and (optionally) pinned requirements."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .errors import SubmissionError
+
+#: Tracking and S3 settings forwarded from the submitter's environment when set (values never printed).
+FORWARDED_ENV = (
+    "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+    "AWS_REGION", "AWS_DEFAULT_REGION",
+)  # fmt: skip
+
+#: gitwildmatch patterns left out of the upload (Ray also honours the project's .gitignore);
+#: a leading "/" anchors a pattern at the project root.
+DEFAULT_EXCLUDES = (
+    ".git", "/runs", "/mlruns", "/.benchmarks", "/checkpoints", "__pycache__", "*.py[cod]", "*.egg-info",
+    ".pytest_cache", ".ruff_cache", ".mypy_cache", ".ipynb_checkpoints", ".venv", "/venv", "/build", "/dist",
+    "/.gl", "/.whl",
+)  # fmt: skip
+
+#: Requirements kept exactly as memel declares them (a local build such as 2.13.0+cpu is not on PyPI).
+KEEP_AS_DECLARED = ("torch",)
+
+#: memel's package inside the project root, shipped as ``py_modules`` so the job runs the submitted code.
+PACKAGE_DIR = Path("platform") / "memel"
+
+
+def find_project_root(job_file: Path, cwd: Path | None = None) -> Path:
+    """The nearest folder holding ``pyproject.toml`` and ``jobs/``: above the job file, else above ``cwd``."""
+    for start in (job_file.resolve().parent, (cwd or Path.cwd()).resolve()):
+        for folder in (start, *start.parents):
+            if (folder / "pyproject.toml").is_file() and (folder / "jobs").is_dir():
+                return folder
+    raise SubmissionError(
+        f"no project root (a folder with pyproject.toml and jobs/) above {str(job_file)!r} or the current folder; "
+        "run memel submit from the project checkout"
+    )
+
+
+def forwarded_env(extra: Iterable[str] = (), environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``FORWARDED_ENV`` variables that are set, plus every ``extra`` name (which must be set)."""
+    env = os.environ if environ is None else environ
+    missing = [name for name in extra if name not in env]
+    if missing:
+        raise SubmissionError(f"--env {', '.join(missing)}: not set in this environment, so there is nothing to forward")
+    names = dict.fromkeys([*FORWARDED_ENV, *extra])
+    return {name: env[name] for name in names if name in env}
+
+
+def pinned_requirements(distribution: str = "memel") -> list[str]:
+    """memel's requirements (no extras) pinned to the versions installed here."""
+    from packaging.requirements import Requirement
+
+    pinned = []
+    for line in metadata.requires(distribution) or []:
+        requirement = Requirement(line)
+        if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+            continue  # an optional extra (test tools)
+        extras = f"[{','.join(sorted(requirement.extras))}]" if requirement.extras else ""
+        if requirement.name in KEEP_AS_DECLARED:
+            pinned.append(f"{requirement.name}{extras}{requirement.specifier}")
+            continue
+        try:
+            installed = metadata.version(requirement.name)
+        except metadata.PackageNotFoundError:
+            raise SubmissionError(f"--pip: {requirement.name} is a requirement of {distribution} but is not installed here") from None
+        pinned.append(f"{requirement.name}{extras}=={installed}")
+    return pinned
+
+
+def build_runtime_env(
+    project_root: Path,
+    env_vars: Mapping[str, str],
+    pip: list[str] | None = None,
+    excludes: Iterable[str] = DEFAULT_EXCLUDES,
+) -> dict[str, Any]:
+    """The job's ``runtime_env``: the project as working_dir, memel's package, env vars, pip."""
+    runtime_env: dict[str, Any] = {"working_dir": str(project_root), "excludes": list(excludes)}
+    if (project_root / PACKAGE_DIR / "__init__.py").is_file():
+        runtime_env["py_modules"] = [str(project_root / PACKAGE_DIR)]
+    if env_vars:
+        runtime_env["env_vars"] = dict(env_vars)
+    if pip:
+        runtime_env["pip"] = list(pip)
+    return runtime_env
