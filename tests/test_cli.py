@@ -14,7 +14,7 @@ SMOKE = str(Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml")
 
 
 @pytest.mark.parametrize(
-    "command", [["train"], ["demo"], ["models"], ["bench", "inhibition"], ["bench", "overhead"], ["bench", "ddp"], ["bench", "parquet"]]
+    "command", [["run"], ["validate"], ["tune"], ["train"], ["demo"], ["models"], ["bench", "inhibition"], ["bench", "overhead"], ["bench", "ddp"], ["bench", "parquet"]]
 )
 def test_every_command_has_help_with_an_example(command: list[str]) -> None:
     result = RUNNER.invoke(app, [*command, "--help"])
