@@ -48,7 +48,7 @@ MALFORMED: list[tuple[str, dict[str, Any], str]] = [
     ("zero-stage-4", _with(train={"zero_stage": 4}), r"job\.train\.zero_stage: ZeRO stage must be 0, 1, 2 or 3, got 4"),
     ("batch-does-not-divide", _with(train={"global_batch_size": 12}), r"global_batch_size=12 does not divide .* use a multiple of 16"),
     ("bf16-on-cpu", _with(train={"precision": "bf16"}), r"precision='bf16' needs use_gpu: true"),
-    ("bad-mode", _with(inhibition={"mode": "reverse"}), r"job\.inhibition\.mode: .*'rd', 'naive_a', 'naive_b' or 'original' \(got 'reverse'\)"),
+    ("bad-mode", _with(inhibition={"mode": "reverse"}), r"job\.inhibition\.mode: .*'rd', 'naive_a', 'naive_b', 'original' or 'l2e' \(got 'reverse'\)"),
     ("strength-on-naive", _with(inhibition={"mode": "naive_a", "strength": 2.0}), r"strength=2.0 is only used by mode 'rd'"),
     ("unknown-model", _with(model={"name": "pythia-3b"}, sweep=None), r"model: unknown name 'pythia-3b'; known models: pythia-14m"),
     ("unknown-preset", _with(model={"preset": "everywhere"}, sweep=None), r"unknown preset 'everywhere'; allowed for this model: mlp"),
@@ -159,3 +159,16 @@ def test_paper_grid_preset_and_suggestions() -> None:
 def test_load_job_errors_are_config_errors() -> None:
     with pytest.raises(ConfigError, match=r"job\.sweep\.seeds: lists a value twice"):
         load_job(JOBS / "quickstart.yaml", ["sweep.seeds=[1, 1]"])
+
+
+def test_mode_variants_carry_their_own_settings() -> None:
+    job = load_job(JOBS / "l2e_vs_memel.yaml")
+    members = {m.key: m for m in expand_sweep(job)}
+    assert len(members) == 3 * 3 * 2
+    l2e, memel_rd = members["byte-1m-l2e-s0"], members["byte-1m-memel-s1"]
+    assert (l2e.mode, l2e.spec.inhibition.mode, l2e.spec.inhibition.select, l2e.spec.inhibition.fraction) == ("l2e", "l2e", "threshold", 0.02)
+    assert (memel_rd.spec.inhibition.mode, memel_rd.spec.inhibition.select) == ("rd", "top_n")
+    with pytest.raises(ConfigError, match=r"job\.sweep\.modes: lists a value twice: \['rd', 'rd'\]; .*name the variants apart"):
+        load_job(JOBS / "l2e_vs_memel.yaml", ["sweep.modes=[rd, {mode: rd, set: {inhibition.select: threshold}}]"])
+    with pytest.raises(ConfigError, match=r"sweep member byte-0.2m-l2e-s0: inhibition.*fraction"):
+        load_job(JOBS / "l2e_vs_memel.yaml", ["sweep.modes=[{mode: l2e, set: {inhibition.fraction: 0.05}}]"])

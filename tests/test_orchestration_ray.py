@@ -218,3 +218,24 @@ def test_interrupted_trials_are_rerun_with_their_parameters(tmp_path: Path) -> N
     assert study.trials[killed.number].state.name == "FAIL" and _finished_count(study) == 1
     again = study.ask()
     assert trial_key(suggest(again, job, job.tune)) == key and again.params == killed.params
+
+
+@pytest.mark.timeout(900)
+def test_l2e_variant_trains_with_its_loss_term(tmp_path: Path) -> None:
+    """jobs/l2e_vs_memel.yaml's L2E variant (threshold selection + log-MS loss) against original."""
+    out = tmp_path / "l2e"
+    args = [
+        "run", str(JOBS / "l2e_vs_memel.yaml"), *TINY, "--set", "sweep.rungs=[byte-0.2m]", "--set", "sweep.seeds=[0]",
+        "--set", "sweep.modes=[original, {mode: l2e, set: {inhibition.select: threshold}}]", "--set", f"output_dir={out}",
+    ]  # fmt: skip
+    result = RUNNER.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    with open(out / "sweep_table.csv") as handle:
+        rows = {row["mode"]: row for row in csv.DictReader(handle)}
+    assert float(rows["l2e"]["inhibited"]) > 0 and float(rows["original"]["inhibited"]) == 0
+    # the loss pulls the selected values towards their neuron's mean: less monosemantic than original
+    assert float(rows["l2e"]["ms_mean"]) < float(rows["original"]["ms_mean"])
+    client = _client(f"sqlite:///{out / 'mlflow.db'}")
+    run = client.get_run(rows["l2e"]["run_id"])
+    assert run.data.tags["memel.mode"] == "l2e" and run.data.tags["memel.select"] == "threshold"
+    assert run.data.params["inhibition.select"] == "threshold"

@@ -40,7 +40,7 @@ def test_user_deepspeed_keys_win() -> None:
         (["train.precision=bf16"], r"precision='bf16' needs use_gpu"),
         (["train.stepz=3"], r"train\.stepz: unknown field"),
         (["inhibition.top_n=0"], r"inhibition.*top_n"),
-        (["inhibition.mode=reverse"], r"inhibition.*mode.*'rd', 'naive_a', 'naive_b' or 'original'"),
+        (["inhibition.mode=reverse"], r"inhibition.*mode.*'rd', 'naive_a', 'naive_b', 'original' or 'l2e'"),
         (["model.preset=nope"], r"model: preset: unknown preset 'nope'; allowed for this model: mlp"),
         (["model.name=pythia-3b"], r"model: model: unknown name 'pythia-3b'"),
         (["data.kind=video"], r"data"),

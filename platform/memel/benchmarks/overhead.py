@@ -1,5 +1,10 @@
 """Training-step overhead of inhibition, measured side by side in one process.
 
+Variants: ``none``, a mode (``original``, ``rd``, ``l2e``, ...), optionally ``@threshold``
+(one moving threshold per module instead of per-sample top-n), ``/eager`` or ``/compiled``
+(kernel), ``+parquet`` (a snapshot of every module written at every step). ``l2e`` adds
+``memel.auxiliary_loss(model)`` to the loss.
+
 Every variant is the same model (same seed) trained on the same batches; one optimizer
 step of each is timed in turn (none, original, rd, ..., none, original, rd, ...), so drift
 of the machine cancels in the per-round ratios, whose medians are reported against the
@@ -36,9 +41,13 @@ def _variant(
     after_step: Callable[[int], None] = lambda step: None  # noqa: E731
     if variant != "none":
         mode, _, kernel = variant.partition("/")
-        config = memel.InhibitionConfig(mode=mode.removesuffix("+parquet"), kernel=kernel or "auto", late_start=1)
+        mode, _, select = mode.partition("@")  # rd@threshold: one moving threshold instead of per-sample top-n
+        parquet = mode.endswith("+parquet") or select.endswith("+parquet")
+        select = select.removesuffix("+parquet") or "top_n"
+        mode = mode.removesuffix("+parquet")
+        config = memel.InhibitionConfig(mode=mode, select=select, kernel=kernel or "auto", late_start=1)
         inserted = memel.inhibit(model, preset_targets(model_name, preset), config)
-        if mode.endswith("+parquet") and sink_root is not None:
+        if parquet and sink_root is not None:
             from memel.stats import ParquetStatsSink, snapshot_table
 
             sink = ParquetStatsSink(sink_root, "bench")
@@ -62,7 +71,7 @@ def bench_overhead(
     seq: int = 256,
     rounds: int = 7,
     warmup: int = 2,
-    variants: tuple[str, ...] = ("none", "original", "rd", "rd/eager", "rd+parquet"),
+    variants: tuple[str, ...] = ("none", "original", "rd", "rd@threshold", "l2e@threshold", "l2e", "rd/eager", "rd+parquet"),
 ) -> list[OverheadRow]:
     """Median step time per variant and the median per-round ratio to ``none``."""
     generator = torch.Generator().manual_seed(0)
@@ -78,7 +87,7 @@ def bench_overhead(
             for name, (model, optimizer, after) in runs.items():
                 start = time.perf_counter()
                 logits = model(tokens[:, :-1])
-                loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+                loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()) + memel.auxiliary_loss(model)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -47,18 +47,26 @@ def bench_overhead_command(
     seq: int = typer.Option(256),
     rounds: int = typer.Option(7, help="Timed steps per variant (interleaved)."),
     threads: int = typer.Option(2, help="torch CPU threads."),
+    variant: list[str] = typer.Option(
+        [], "--variant", help="Variants to time (repeatable; default: all): none, original, rd, rd@threshold, l2e, "
+        "l2e@threshold, rd/eager, rd+parquet.",
+    ),  # fmt: skip
 ) -> None:
-    """Training-step time with inhibition (original, rd, rd with the eager kernel, rd while
-    writing Parquet snapshots every step) against the same model without any module, interleaved in one run.
+    """Training-step time with inhibition (original, rd top-1, rd with threshold selection, l2e,
+    rd with the eager kernel, rd while writing Parquet snapshots every step) against the same
+    model without any module, interleaved in one run.
 
-    Example: [bold]memel bench overhead --model byte-4m --rounds 9[/bold]
+    Example: [bold]memel bench overhead --model byte-4m --rounds 9 --variant none --variant rd --variant l2e@threshold[/bold]
     """
     import torch
 
     from memel.benchmarks.overhead import bench_overhead
 
     torch.set_num_threads(threads)
-    rows = bench_overhead(model, preset, batch, seq, rounds)
+    chosen = tuple(variant) if variant else None
+    if chosen and "none" not in chosen:
+        chosen = ("none", *chosen)  # ratios are to the model without any module
+    rows = bench_overhead(model, preset, batch, seq, rounds, **({"variants": chosen} if chosen else {}))
     table = Table(title=f"{model} ({preset}), batch {batch} x {seq}, {threads} threads: step time vs no module")
     for column in ("variant", "step ms", "ratio to none"):
         table.add_column(column, justify="right")

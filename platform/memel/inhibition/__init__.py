@@ -3,7 +3,15 @@
 from memel.errors import ConfigError
 
 from .config import InhibitionConfig
-from .insertion import inhibit, inhibitors, match_targets, remove, snapshot, sync
+from .insertion import (
+    auxiliary_loss,
+    inhibit,
+    inhibitors,
+    match_targets,
+    remove,
+    snapshot,
+    sync,
+)
 from .module import Inhibitor, Snapshot
 
 __all__ = [
@@ -11,6 +19,7 @@ __all__ = [
     "InhibitionConfig",
     "Inhibitor",
     "Snapshot",
+    "auxiliary_loss",
     "inhibit",
     "inhibitors",
     "match_targets",

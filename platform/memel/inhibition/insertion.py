@@ -136,3 +136,30 @@ def snapshot(model: nn.Module, reset: bool = True, process_group: Any = None) ->
     windows = {name: m.window.clone() for name, m in found.items()}
     reduce_windows(list(windows.values()), process_group)
     return {name: found[name]._snapshot_from(windows[name], reset) for name in found}
+
+
+def auxiliary_loss(model: nn.Module) -> torch.Tensor:
+    """The inhibition loss of mode ``l2e`` (arXiv 2503.23298) to add to the training loss.
+
+    Sum over every Inhibitor in ``model`` of l2e_weight * mean, over the values it selected
+    since the last call (training forwards after the late start), of log((z - mu)^2 + delta),
+    with autograd to those values (mu, the neuron's history mean, is a constant). Minimising
+    it pulls the selected values towards their means, lowering their Monosemantic Scale.
+    What it returns is forgotten, so calling it once per forward (or per micro-batch), before
+    ``backward()``, counts every term once: ``loss = task_loss + memel.auxiliary_loss(model)``.
+    A 0-dim zero tensor when nothing is pending: other modes, eval mode, before the late
+    start, nothing selected, or no Inhibitor. Switching a module to eval mode forgets its
+    unconsumed terms. In a data-parallel run each rank's loss covers its own values.
+    """
+    total: torch.Tensor | None = None
+    device = None
+    for module in inhibitors(model).values():
+        if device is None:
+            device = module.mean.device
+        loss = module.auxiliary_loss()
+        if loss is not None:
+            total = loss if total is None else total + loss.to(total.device)
+    if total is None:
+        return torch.zeros((), device=device)
+    return total
+

@@ -7,6 +7,12 @@ samples (per-neuron sums of d = z - mu and d^2, max |d*a|, count above threshold
 neurons (each sample's top-n). Each is one pure function below; ``kernel="compiled"`` fuses
 each into a single pass with ``torch.compile`` (the output copy rides in the second pass),
 ``kernel="eager"`` computes the same op by op (``eager_measure``).
+
+Threshold selection (``select="threshold"``) replaces the per-sample top-n by one comparison
+per value, |d*a| >= sqrt(tau) in float32 (NaN counts as above, as it ranks highest in top-n);
+the selection is then the flat indices of those values in row-major order. The native kernel
+does it in its single pass; ``compiled`` runs it eagerly (its data-dependent size does not fit
+a full graph).
 """
 
 from __future__ import annotations
@@ -26,13 +32,24 @@ class Measurement:
     #: sum over samples of d = z - mu and of d^2 (float32, exact shift: mu is the history mean).
     sum_d: torch.Tensor
     sum_d2: torch.Tensor
-    #: [samples, top_n] neuron indices selected in each sample.
+    #: top-n selection: [samples, top_n] neuron indices selected in each sample; threshold
+    #: selection: 1-D flat indices into [samples, neurons] (row-major order) of phi >= tau.
     selected: torch.Tensor
     #: max over samples of sqrt(phi), and samples with phi > threshold (tracked calls only).
     max_scaled: torch.Tensor | None
     above: torch.Tensor | None
     #: a copy of the values to modify (only when the call inhibits).
     copy: torch.Tensor | None
+    #: whether ``selected`` holds flat indices (threshold selection).
+    flat: bool = False
+
+    def flat_index(self, neurons: int) -> torch.Tensor:
+        """Flat indices into the contiguous [samples, neurons] values of every selected value."""
+        return self.selected if self.flat else flat_selection(self.selected, neurons)
+
+    def neuron_index(self, neurons: int) -> torch.Tensor:
+        """The neuron of every selected value (same order as ``flat_index``)."""
+        return self.selected.remainder(neurons) if self.flat else self.selected.reshape(-1)
 
 
 def column_pass(values: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, sqrt_threshold: float, track: bool) -> tuple:
@@ -66,14 +83,27 @@ def _compiled(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def eager_measure(
-    values: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, top_n: int, sqrt_threshold: float, track: bool, copy: bool
+    values: torch.Tensor,
+    mean: torch.Tensor,
+    scale: torch.Tensor,
+    top_n: int,
+    sqrt_threshold: float,
+    track: bool,
+    copy: bool,
+    select_threshold: torch.Tensor | float | None = None,
 ) -> tuple:
     """Both passes op by op, with one scratch tensor reused in place (large CPU allocations
-    cost page faults, so fewer of them is most of the eager speed)."""
+    cost page faults, so fewer of them is most of the eager speed). With ``select_threshold``
+    (sqrt(tau), float32) the selection is the flat indices of |d*a| >= it (or NaN)."""
     scratch = values.float() - mean
     sum_d = scratch.sum(0)
     scaled = scratch.mul_(scale).abs_()  # sqrt(phi)
-    selected = scaled.argmax(1, keepdim=True) if top_n == 1 else scaled.topk(top_n, 1, sorted=False).indices
+    if select_threshold is not None:
+        selected = (~(scaled < select_threshold)).view(-1).nonzero().squeeze(1)
+    elif top_n == 1:
+        selected = scaled.argmax(1, keepdim=True)
+    else:
+        selected = scaled.topk(top_n, 1, sorted=False).indices
     max_scaled = above = None
     if track:
         max_scaled = scaled.amax(0)
@@ -114,8 +144,13 @@ def measure(
     track: bool,
     copy: bool,
     kernel: str = "eager",
+    select_threshold: torch.Tensor | None = None,
 ) -> Measurement:
-    """Measure a [samples, neurons] call against the history (``mean``, ``scale`` = 1/sqrt(denom))."""
+    """Measure a [samples, neurons] call against the history (``mean``, ``scale`` = 1/sqrt(denom)).
+
+    ``select_threshold`` (a 0-dim float32 tensor, sqrt(tau)) selects by threshold instead of
+    top-n (``compiled`` then runs eagerly)."""
+    flat = select_threshold is not None
     if kernel == "auto":  # the fused C++ pass where it applies (CPU), else op by op
         from .native import SUPPORTED_DTYPES
 
@@ -123,16 +158,19 @@ def measure(
     if kernel == "native":
         from .native import native_measure
 
-        fused = native_measure(values, mean, scale, top_n, sqrt_threshold, track, copy)
+        fused = native_measure(
+            values, mean, scale, top_n, sqrt_threshold, track, copy,
+            select_threshold=float(select_threshold) if flat else None,
+        )  # fmt: skip
         if fused is not None:
             sum_d, sum_d2, max_scaled, above, selected, copied = fused
-            return Measurement(sum_d, sum_d2, selected, max_scaled, above, copied)
+            return Measurement(sum_d, sum_d2, selected, max_scaled, above, copied, flat)
         kernel = "eager"  # unavailable here (warned once): the same result op by op
-    if kernel != "compiled" or _COMPILED.get("columns") is column_pass:
+    if kernel != "compiled" or flat or _COMPILED.get("columns") is column_pass:
         sum_d, sum_d2, max_scaled, above, selected, copied = eager_measure(
-            values, mean, scale, top_n, sqrt_threshold, track, copy
+            values, mean, scale, top_n, sqrt_threshold, track, copy, select_threshold
         )
-        return Measurement(sum_d, sum_d2, selected, max_scaled, above, copied)
+        return Measurement(sum_d, sum_d2, selected, max_scaled, above, copied, flat)
     columns, rows = _compiled("columns", column_pass), _compiled("rows", row_pass)
     try:
         sum_d, sum_d2, max_scaled, above = columns(values, mean, scale, sqrt_threshold, track)

@@ -11,12 +11,11 @@ from torch import nn
 
 from memel.errors import ConfigError
 
-from .config import InhibitionConfig
+from .config import InhibitionConfig, initial_threshold
 from .kernels import (
     Measurement,
     ReverseDeactivation,
     accumulate_moments,
-    flat_selection,
     maybe_compiled,
     measure,
 )
@@ -33,6 +32,29 @@ PENDING_ROWS = PAYLOAD_ROWS = 3
 W_SELECTED, W_INHIBITED, W_MS_SUM, W_MS_N, W_ABOVE, W_TRACKED, W_MS_MAX = range(7)
 WINDOW_ROWS = 7
 SUMMED_WINDOW_ROWS = slice(W_SELECTED, W_MS_MAX)
+# Entries of the ``tau_pending`` buffer (threshold selection): this rank's values judged
+# against tau since the last merge, and how many of them had phi >= tau. They ride after the
+# moments in the sync payload, so the threshold update costs no collective of its own.
+T_ABOVE, T_JUDGED = range(2)
+TAU_PENDING = 2
+#: Largest change of log(tau) in one update, and the range tau is kept in.
+TAU_MAX_LOG_STEP = 1.0
+TAU_RANGE = (1e-30, 1e30)
+
+
+def threshold_update(tau: torch.Tensor, above: torch.Tensor, judged: torch.Tensor, fraction: float, rate: float) -> torch.Tensor:
+    """The next tau after one merged batch in which ``above`` of ``judged`` values had phi >= tau:
+    log tau += clip(rate * (above/judged - fraction) / fraction, -1, 1) (unchanged if judged == 0).
+
+    A stochastic-approximation (Robbins-Monro) step in log space: its fixed point is the tau at
+    which the expected fraction selected is ``fraction``, i.e. the (1 - fraction) quantile of
+    phi; in log space the step is relative, so it works at any scale of phi; dividing by the
+    fraction makes the rate a relative error gain. Pure float64 arithmetic on the reduced counts:
+    the same on every rank."""
+    observed = above / judged.clamp_min(1)
+    step = ((observed - fraction) * (rate / fraction)).clamp(-TAU_MAX_LOG_STEP, TAU_MAX_LOG_STEP)
+    step = torch.where(judged > 0, step, torch.zeros_like(step))
+    return (tau * step.exp()).clamp(*TAU_RANGE)
 
 
 def merge_payload(
@@ -69,9 +91,19 @@ class Inhibitor(nn.Module):
     Has no parameters. In eval mode it is an exact identity. In training mode each call
     (1) merges the statistics of earlier calls that are still pending (``stats_update="call"``),
     (2) computes every value's Monosemantic Scale against the history, which excludes this
-    call, (3) selects the top-n values of each sample and, once the history holds
-    ``late_start`` batches, modifies them according to ``mode``, and (4) records the call's
-    moments as pending. All state lives in buffers, so it travels with ``state_dict``.
+    call, (3) selects the top-n values of each sample (or, with ``select="threshold"``, every
+    value with phi >= tau) and, once the history holds ``late_start`` batches, inhibits them
+    according to ``mode``, and (4) records the call's moments (and the count above tau) as
+    pending. All state lives in buffers, so it travels with ``state_dict``.
+
+    Threshold selection: ``tau`` (a float64 buffer) starts at ``initial_threshold(fraction)``
+    and is updated by ``threshold_update`` whenever pending statistics are merged (each call
+    with ``stats_update="call"``, each ``memel.sync`` with ``"step"``, from the global counts),
+    also during the late start, so that it has converged when inhibition begins.
+
+    Mode ``l2e``: the output is the input object; the selected values of every training call
+    after the late start are kept (with autograd) until ``auxiliary_loss()`` (or
+    ``memel.auxiliary_loss(model)``) turns them into the loss and forgets them.
     """
 
     mean: torch.Tensor
@@ -82,6 +114,8 @@ class Inhibitor(nn.Module):
     neuron_shape: torch.Tensor
     pending: torch.Tensor
     window: torch.Tensor
+    tau: torch.Tensor
+    tau_pending: torch.Tensor
 
     def __init__(self, config: InhibitionConfig | None = None, **overrides: Any) -> None:
         super().__init__()
@@ -97,6 +131,9 @@ class Inhibitor(nn.Module):
         self._scale: torch.Tensor | None = None  # 1/sqrt(MS denominator) of the current history
         self._group: Any = None  # set by memel.inhibit: the modules synced together
         self._inflight: Any = None  # an asynchronous sync whose result is not applied yet
+        self._select_above: torch.Tensor | None = None  # float32 sqrt(tau) of threshold selection
+        self._loss_sum: torch.Tensor | None = None  # mode l2e: sum of log((z-mu)^2+delta) not yet consumed
+        self._loss_count = 0
 
     # ----------------------------------------------------------------------------------
     # state
@@ -112,6 +149,10 @@ class Inhibitor(nn.Module):
         self.register_buffer("neuron_shape", torch.tensor(shape, dtype=torch.int64, device=device))
         self.register_buffer("pending", torch.zeros(PENDING_ROWS, neurons, dtype=torch.float64, device=device))
         self.register_buffer("window", torch.zeros(WINDOW_ROWS, neurons, dtype=torch.float64, device=device))
+        tau = initial_threshold(self.config.fraction)
+        self.register_buffer("tau", torch.tensor(tau, dtype=torch.float64, device=device))
+        self.register_buffer("tau_pending", torch.zeros(TAU_PENDING, dtype=torch.float64, device=device))
+        self._select_above = None
 
     @property
     def initialized(self) -> bool:
@@ -122,10 +163,17 @@ class Inhibitor(nn.Module):
     def neurons(self) -> int:
         return self.mean.numel()
 
+    @property
+    def payload_size(self) -> int:
+        """Float64 numbers this module adds to the sync collective: count, sum d and sum d^2
+        per neuron, then (threshold selection) the values above tau and the values judged."""
+        return PAYLOAD_ROWS * self.neurons + (TAU_PENDING if self.config.by_threshold else 0)
+
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Inhibitor:
         # model.half()/bfloat16() must not lower the statistics' precision: keep dtypes, follow devices.
         kept = dict(self._buffers)
         self._scale = None
+        self._select_above = None
         super()._apply(fn, recurse)
         for name, buffer in self._buffers.items():
             old = kept.get(name)
@@ -143,11 +191,28 @@ class Inhibitor(nn.Module):
         if incoming is not None and incoming.numel() != self.neurons and shape_key in state_dict:
             shape = tuple(int(v) for v in state_dict[shape_key].tolist())
             self._register_state(incoming.numel(), shape, self.mean.device)
+        if incoming is not None:  # a checkpoint from before threshold selection: start tau afresh
+            for name in ("tau", "tau_pending"):
+                state_dict.setdefault(prefix + name, getattr(self, name).clone())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._batches = int(self.batches.item())
         self._scale = None
+        self._select_above = None
         self._calls = int(self.calls.item())
-        self._has_pending = bool(self.neurons) and bool((self.pending[P_COUNT] > 0).any().item())
+        self._has_pending = bool(self.neurons) and (
+            bool((self.pending[P_COUNT] > 0).any().item()) or bool(self.tau_pending[T_JUDGED].item() > 0)
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_loss_sum"], state["_loss_count"] = None, 0  # a graph is not state (and cannot be copied)
+        return state
+
+    def train(self, mode: bool = True) -> Inhibitor:
+        """Switching to eval mode drops unconsumed ``l2e`` loss terms (they belong to training forwards)."""
+        if not mode:
+            self._clear_loss()
+        return super().train(mode)
 
     # ----------------------------------------------------------------------------------
     # forward
@@ -176,18 +241,39 @@ class Inhibitor(nn.Module):
         if self._scale is None:
             self._scale = inverse_sqrt_denominator(self.var, config.eps)
         scale = self._scale
+        select_above = self._threshold_operand() if config.by_threshold else None
+        rewrite = inhibiting and config.mode != "l2e"  # l2e leaves the forward values alone
         with torch.no_grad():
             measured = measure(
-                values.detach(), self.mean, scale, config.top_n, math.sqrt(config.ms_threshold), track, inhibiting, config.kernel
-            )
-        self._record(values.shape[0], measured, inhibiting)
+                values.detach(), self.mean, scale, config.top_n, math.sqrt(config.ms_threshold), track, rewrite,
+                config.kernel, select_above,
+            )  # fmt: skip
+        neuron_index = measured.neuron_index(values.shape[1])
+        self._record(values.shape[0], measured, neuron_index, inhibiting)
         if not inhibiting:
             return activation
+        flat_index = measured.flat_index(values.shape[1])
+        if config.mode == "l2e":
+            self._add_loss_terms(values, flat_index, neuron_index)
+            return activation
         assert measured.copy is not None
-        flat_index = flat_selection(measured.selected, values.shape[1])
-        replacement = self.mean.index_select(0, measured.selected.reshape(-1))
+        replacement = self.mean.index_select(0, neuron_index)
         output = ReverseDeactivation.apply(values, measured.copy, flat_index, replacement, config.effective_strength)
         return output.view(activation.shape)
+
+    def _threshold_operand(self) -> torch.Tensor:
+        """sqrt(tau) as a float32 0-dim tensor (what ``|d*a|`` is compared with), cached until tau changes."""
+        if self._select_above is None:
+            self._select_above = self.tau.sqrt().float()
+        return self._select_above
+
+    def _add_loss_terms(self, values: torch.Tensor, flat_index: torch.Tensor, neuron_index: torch.Tensor) -> None:
+        """Mode l2e: keep sum of log((z - mu)^2 + delta) over the selected values (autograd to z)."""
+        z = values.reshape(-1).index_select(0, flat_index).float()
+        mu = self.mean.index_select(0, neuron_index)  # a buffer: no gradient
+        total = torch.log((z - mu).square() + self.config.delta).sum()
+        self._loss_sum = total if self._loss_sum is None else self._loss_sum + total
+        self._loss_count += flat_index.numel()
 
     def _as_samples(self, activation: torch.Tensor) -> torch.Tensor:
         if not activation.is_floating_point():
@@ -238,15 +324,17 @@ class Inhibitor(nn.Module):
         self._has_pending = True
 
     @torch.no_grad()
-    def _record(self, samples: int, measured: Measurement, inhibiting: bool) -> None:
-        """Pending moments and this rank's snapshot trackers += one call's measurements."""
+    def _record(self, samples: int, measured: Measurement, neuron_index: torch.Tensor, inhibiting: bool) -> None:
+        """Pending moments (and threshold counts) and this rank's snapshot trackers += one call's measurements."""
         assert self._scale is not None
         window = self.window
-        flat = measured.selected.reshape(-1)
-        ones = torch.ones(flat.numel(), dtype=torch.float64, device=flat.device)
-        window[W_SELECTED].index_add_(0, flat, ones)
+        ones = torch.ones(neuron_index.numel(), dtype=torch.float64, device=neuron_index.device)
+        window[W_SELECTED].index_add_(0, neuron_index, ones)
         if inhibiting:
-            window[W_INHIBITED].index_add_(0, flat, ones)
+            window[W_INHIBITED].index_add_(0, neuron_index, ones)
+        if measured.flat:
+            self.tau_pending[T_ABOVE] += neuron_index.numel()
+            self.tau_pending[T_JUDGED] += samples * self.neurons
         native = bookkeeping(self.pending, self.config.kernel)
         if native is not None and measured.sum_d.dtype == measured.sum_d2.dtype == torch.float32:
             native.record_moments(
@@ -269,12 +357,21 @@ class Inhibitor(nn.Module):
     # ----------------------------------------------------------------------------------
     # merging pending statistics (called by memel.sync / the group)
     def _sync_payload(self) -> torch.Tensor:
-        """This rank's pending rows that add up across ranks (a view: copy before reducing)."""
-        return self.pending[:PAYLOAD_ROWS]
+        """This rank's pending numbers that add up across ranks, flat (``payload_size`` of them;
+        may be a view of ``pending``: copy before reducing)."""
+        moments = self.pending[:PAYLOAD_ROWS].reshape(-1)
+        return torch.cat([moments, self.tau_pending]) if self.config.by_threshold else moments
 
     @torch.no_grad()
-    def _apply_payload(self, payload: torch.Tensor) -> None:
-        """Merge a (global) payload of moments into the history as one batch and clear pending."""
+    def _apply_payload(self, flat: torch.Tensor) -> None:
+        """Merge a (global) flat payload into the history as one batch (moments, then the
+        threshold update) and clear pending."""
+        payload = flat[: PAYLOAD_ROWS * self.neurons].view(PAYLOAD_ROWS, self.neurons)
+        if self.config.by_threshold:
+            counts = flat[PAYLOAD_ROWS * self.neurons :]
+            config = self.config
+            self.tau.copy_(threshold_update(self.tau, counts[T_ABOVE], counts[T_JUDGED], config.fraction, config.threshold_rate))
+            self._select_above = None
         if bool((payload[P_COUNT] > 0).any()):
             capped = self._batches >= self.config.forget_steps
             native = bookkeeping(self.mean, self.config.kernel)
@@ -290,6 +387,7 @@ class Inhibitor(nn.Module):
             self.batches.fill_(self._batches)
             self._scale = None
         self.pending.zero_()
+        self.tau_pending.zero_()
         self._has_pending = False
 
     def _finish_inflight(self) -> None:
@@ -297,7 +395,39 @@ class Inhibitor(nn.Module):
             self._inflight.wait()
 
     # ----------------------------------------------------------------------------------
+    # mode l2e: the loss
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """``l2e_weight`` * mean over the values selected (after the late start) in the training
+        calls since the last call of log((z - mu)^2 + delta), with autograd to z (mu is the
+        pre-call history mean, a constant); None when there is none. Forgets what it returns.
+
+        Minimising it pulls each selected value towards its neuron's mean (the gradient is
+        2*(z - mu)/((z - mu)^2 + delta)): it reduces the values' Monosemantic Scale.
+        """
+        if self._loss_sum is None or self._loss_count == 0:
+            self._clear_loss()
+            return None
+        loss = self._loss_sum * (self.config.l2e_weight / self._loss_count)
+        self._clear_loss()
+        return loss
+
+    def _clear_loss(self) -> None:
+        self._loss_sum = None
+        self._loss_count = 0
+
+    # ----------------------------------------------------------------------------------
     # reading
+    @torch.no_grad()
+    def threshold(self) -> float:
+        """The current tau of threshold selection, with this rank's pending counts applied
+        (as ``statistics()``; in a distributed run call ``memel.sync(model)`` first)."""
+        self._finish_inflight()
+        tau = self.tau
+        if self.config.by_threshold and self._has_pending:
+            c = self.config
+            tau = threshold_update(tau, self.tau_pending[T_ABOVE], self.tau_pending[T_JUDGED], c.fraction, c.threshold_rate)
+        return float(tau)
+
     @torch.no_grad()
     def _effective(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """History with this rank's pending batch merged in (without changing any state)."""
@@ -381,5 +511,6 @@ class Inhibitor(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"mode={c.mode}, strength={c.strength:g}, top_n={c.top_n}, layout={c.layout}, neurons={self.neurons}"
+        selection = f"top_n={c.top_n}" if not c.by_threshold else f"select=threshold, fraction={c.fraction:g}"
+        return f"mode={c.mode}, strength={c.strength:g}, {selection}, layout={c.layout}, neurons={self.neurons}"
 

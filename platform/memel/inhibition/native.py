@@ -1,9 +1,10 @@
 """``kernel="native"``: the hot path as one fused C++ pass over the values (CPU).
 
 ``native_kernel.cpp`` computes everything ``kernels.eager_measure`` does (per-neuron sums of
-d and d^2 in double, max |d*a| and the count above threshold, each sample's top-n, and the
-copy) in a single read of the [samples, neurons] values, parallel over rows when there are
-many samples (channel layout) and over neurons otherwise (element layout).
+d and d^2 in double, max |d*a| and the count above threshold, each sample's top-n or, for
+threshold selection, the row-major flat indices of the values with |d*a| >= sqrt(tau), and
+the copy) in a single read of the [samples, neurons] values, parallel over rows when there
+are many samples (channel layout) and over neurons otherwise (element layout).
 
 Build: compiled on first use with ``torch.utils.cpp_extension.load`` (``-O3 -fopenmp``; the
 hot loop is cloned for x86-64-v4/v3/baseline and picked at run time, so one build works on
@@ -90,9 +91,13 @@ def native_measure(
     track: bool,
     copy: bool,
     threads: int = 0,
+    select_threshold: float | None = None,
 ) -> tuple | None:
     """``eager_measure``'s tuple from one fused pass, or None where the caller must use eager
     (kernel unavailable, unsupported device/dtype, or shapes eager itself must judge).
+
+    ``select_threshold`` (sqrt(tau), compared in float32): select every value with
+    |d*a| >= it (NaN too) instead of each sample's top-n; ``selected`` is then 1-D flat indices.
 
     ``threads``: how many parallel tasks to split the work into (0: ``torch.get_num_threads()``);
     the kernel runs row-parallel when there are at least 64 samples per task, else
@@ -109,6 +114,7 @@ def native_measure(
         or values.numel() == 0
         or not 1 <= top_n <= values.shape[1]
         or values.shape[1] >= 2**31
+        or (select_threshold is not None and not select_threshold >= 0)
     ):
         return None  # eager handles (or raises on) these
     module = load()
@@ -125,6 +131,7 @@ def native_measure(
                 bool(track),
                 bool(copy),
                 int(threads),
+                -1.0 if select_threshold is None else float(select_threshold),
             )
         )
     except Exception as error:  # noqa: BLE001  (an unforeseen input: never crash training, use eager for it)

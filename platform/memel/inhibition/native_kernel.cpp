@@ -6,6 +6,12 @@
 // threshold, and, per sample (row), the indices of its top_n largest scaled values; the
 // copy of the values (same dtype) is written in the same pass when requested.
 //
+// Threshold selection (select_threshold >= 0) replaces the per-row top-n: every value whose
+// scaled >= select_threshold (keys compared, so NaN counts as above) is selected, and the
+// result is the flat indices of those values in row-major order (each task appends its hits
+// branch-free; a stable counting sort by row restores row-major order when the work split
+// produced another).
+//
 // Ranking uses the IEEE bit pattern of scaled as an int32 key: scaled is |.|, so its sign
 // bit is clear and the integer order of the bits is the float order, with every NaN above
 // +inf (NaN ranks highest, as in torch.topk / argmax). Per-column max is taken on the same
@@ -84,6 +90,14 @@ MEMEL_INLINE uint64_t pack(int32_t key, int64_t index) {
 
 MEMEL_INLINE int32_t key_part(uint64_t packed) { return static_cast<int32_t>(packed >> 32); }
 
+// One task's threshold hits: flat indices in the order found (tile by tile, row by row) and
+// the (row, length) of each row-tile segment of them, to put them in row-major order later.
+struct Hits {
+  std::vector<int64_t> index;
+  int64_t count = 0;
+  std::vector<int64_t> segments;
+};
+
 struct TaskArgs {
   int64_t N;
   int64_t r0, r1, c0, c1;
@@ -94,6 +108,9 @@ struct TaskArgs {
   uint64_t* kept;
   int32_t* count;
   int32_t* tau;
+  // threshold selection: key a value must reach (-1: top-n selection), this task's hits
+  int32_t select_key;
+  Hits* hits;
   // column results: either final outputs (direct) or this task's partial buffers
   bool direct;
   float* out_sd;
@@ -205,6 +222,35 @@ MEMEL_INLINE void offer_tile(const int32_t* __restrict keys, int64_t w, int64_t 
   tau = t;
 }
 
+// Append the flat index of every key >= key in row r's tile to the task's hits: a vectorised
+// pass writes one flag byte per value, then 8 flags at a time are read as a word and only
+// the set ones (ctz) are visited: a fraction of a cycle per value plus a few per hit.
+MEMEL_INLINE void append_hits(const int32_t* __restrict keys, int64_t w, int64_t r, int64_t base, int32_t key,
+                              Hits& hits) {
+  int64_t k = hits.count;
+  if (static_cast<int64_t>(hits.index.size()) < k + w) {
+    hits.index.resize(static_cast<size_t>(std::max<int64_t>(2 * static_cast<int64_t>(hits.index.size()), k + w)));
+  }
+  alignas(64) uint8_t flags[TILE + 8];
+  for (int64_t j = 0; j < w; ++j) flags[j] = keys[j] >= key ? 1 : 0;
+  std::memset(flags + w, 0, 8);
+  int64_t* __restrict out = hits.index.data();
+  const int64_t first = k;
+  for (int64_t j = 0; j < w; j += 8) {
+    uint64_t word;
+    std::memcpy(&word, flags + j, sizeof(word));
+    while (word != 0) {
+      out[k++] = base + j + (__builtin_ctzll(word) >> 3);
+      word &= word - 1;
+    }
+  }
+  if (k > first) {
+    hits.segments.push_back(r);
+    hits.segments.push_back(k - first);
+  }
+  hits.count = k;
+}
+
 template <typename T, bool TRACK, bool COPY>
 MEMEL_INLINE void run_task_impl(const T* x, T* out, const float* mean, const float* scale, const TaskArgs& a) {
   alignas(64) double sd[TILE];
@@ -213,7 +259,8 @@ MEMEL_INLINE void run_task_impl(const T* x, T* out, const float* mean, const flo
   alignas(64) int32_t ab[TILE];
   alignas(64) int32_t keys[TILE];
   const int64_t N = a.N, n = a.n;
-  std::vector<uint64_t> buf(n > 1 ? static_cast<size_t>(buffer_size(n)) : 0);
+  const bool by_threshold = a.select_key >= 0;
+  std::vector<uint64_t> buf(n > 1 && !by_threshold ? static_cast<size_t>(buffer_size(n)) : 0);
   for (int64_t t0 = a.c0; t0 < a.c1; t0 += TILE) {
     const int64_t w = std::min(TILE, a.c1 - t0);
     std::fill(sd, sd + w, 0.0);
@@ -225,6 +272,10 @@ MEMEL_INLINE void run_task_impl(const T* x, T* out, const float* mean, const flo
       T* op = COPY ? out + r * N + t0 : nullptr;
       const int32_t kmax =
           row_tile<T, TRACK, COPY>(xp, op, mean + t0, scale + t0, w, a.thr, sd, sd2, mx, ab, keys);
+      if (by_threshold) {
+        if (kmax >= a.select_key) append_hits(keys, w, r, r * N + t0, a.select_key, *a.hits);
+        continue;
+      }
       const int64_t row = r - a.r0;
       if (kmax > a.tau[row]) offer_tile(keys, w, t0, kmax, a.kept + row * n, a.count[row], a.tau[row], n, buf.data());
     }
@@ -317,10 +368,46 @@ at::Tensor empty_copy(const at::Tensor& like) {
 
 }  // namespace
 
+// The flat indices of every task's hits in row-major order. Within a task and row, hits come
+// in increasing columns, and tasks sharing a row cover increasing columns, so concatenating in
+// task order is row-major unless a task walked several tiles: then the row-tile segments are
+// placed by a counting sort on their rows (stable, no per-hit division).
+at::Tensor gather_hits(const std::vector<Hits>& hits, int64_t S, const at::TensorOptions& options) {
+  int64_t total = 0;
+  for (const Hits& h : hits) total += h.count;
+  at::Tensor selected = at::empty({total}, options);
+  int64_t* out = selected.data_ptr<int64_t>();
+  int64_t offset = 0;
+  for (const Hits& h : hits) {
+    std::memcpy(out + offset, h.index.data(), static_cast<size_t>(h.count) * sizeof(int64_t));
+    offset += h.count;
+  }
+  if (std::is_sorted(out, out + total)) return selected;
+  std::vector<int64_t> start(static_cast<size_t>(S) + 1, 0);
+  for (const Hits& h : hits) {
+    for (size_t i = 0; i < h.segments.size(); i += 2) start[static_cast<size_t>(h.segments[i]) + 1] += h.segments[i + 1];
+  }
+  for (int64_t r = 0; r < S; ++r) start[r + 1] += start[r];
+  for (const Hits& h : hits) {
+    const int64_t* src = h.index.data();
+    for (size_t i = 0; i < h.segments.size(); i += 2) {
+      const int64_t len = h.segments[i + 1];
+      int64_t& at = start[static_cast<size_t>(h.segments[i])];
+      std::memcpy(out + at, src, static_cast<size_t>(len) * sizeof(int64_t));
+      at += len;
+      src += len;
+    }
+  }
+  return selected;
+}
+
 // Returns (sum_d, sum_d2, max_scaled, above, selected, copy); max_scaled/above/copy are
-// undefined tensors (None in Python) when not requested.
+// undefined tensors (None in Python) when not requested. selected is [S, top_n] neuron
+// indices, or with select_threshold >= 0 the 1-D flat indices of the values with
+// scaled >= select_threshold (top_n is then unused).
 std::vector<at::Tensor> measure(const at::Tensor& values_in, const at::Tensor& mean_in, const at::Tensor& scale_in,
-                                int64_t top_n, double sqrt_threshold, bool track, bool copy, int64_t threads) {
+                                int64_t top_n, double sqrt_threshold, bool track, bool copy, int64_t threads,
+                                double select_threshold) {
   TORCH_CHECK(values_in.dim() == 2, "values must be [samples, neurons]");
   TORCH_CHECK(values_in.device().is_cpu(), "values must be on the CPU");
   const at::Tensor values = values_in.contiguous();
@@ -342,7 +429,9 @@ std::vector<at::Tensor> measure(const at::Tensor& values_in, const at::Tensor& m
   }
   at::Tensor copied;
   if (copy) copied = empty_copy(values);
-  at::Tensor selected = at::empty({S, n}, values.options().dtype(at::kLong));
+  const bool by_threshold = select_threshold >= 0;  // (NaN: top-n)
+  at::Tensor selected;
+  if (!by_threshold) selected = at::empty({S, n}, values.options().dtype(at::kLong));
 
   int64_t T = threads > 0 ? threads : at::get_num_threads();
   if (S * N < (int64_t(1) << 15)) T = 1;  // tiny calls: threads cost more than they save
@@ -360,11 +449,15 @@ std::vector<at::Tensor> measure(const at::Tensor& values_in, const at::Tensor& m
   const float* mp = mean.const_data_ptr<float>();
   const float* sp = scale.const_data_ptr<float>();
   const float thr = static_cast<float>(sqrt_threshold);
+  const int32_t select_key = by_threshold ? key_of(static_cast<float>(select_threshold)) : -1;
 
-  // selection state per (column part, row): [C][S][n] kept, [C][S] count and tau
-  std::vector<uint64_t> kept(static_cast<size_t>(C * S * n));
-  std::vector<int32_t> count(static_cast<size_t>(C * S), 0);
-  std::vector<int32_t> tau(static_cast<size_t>(C * S), -1);
+  // top-n selection state per (column part, row): [C][S][n] kept, [C][S] count and tau
+  const int64_t states = by_threshold ? 0 : C * S;
+  std::vector<uint64_t> kept(static_cast<size_t>(states * n));
+  std::vector<int32_t> count(static_cast<size_t>(states), 0);
+  std::vector<int32_t> tau(static_cast<size_t>(states), -1);
+  // threshold selection: each task's hits (flat indices) and how many
+  std::vector<Hits> hits(by_threshold ? static_cast<size_t>(P * C) : 0);
   std::vector<double> part_sd, part_sd2;
   std::vector<int32_t> part_max, part_above;
   if (P > 1) {
@@ -381,15 +474,21 @@ std::vector<at::Tensor> measure(const at::Tensor& values_in, const at::Tensor& m
     a.N = N;
     a.n = n;
     a.thr = thr;
+    a.select_key = select_key;
+    if (by_threshold) {
+      a.hits = &hits[static_cast<size_t>(t)];
+    }
     if (P > 1) {
       const int64_t p = t;
       a.r0 = S * p / P;
       a.r1 = S * (p + 1) / P;
       a.c0 = 0;
       a.c1 = N;
-      a.kept = kept.data() + a.r0 * n;
-      a.count = count.data() + a.r0;
-      a.tau = tau.data() + a.r0;
+      if (!by_threshold) {
+        a.kept = kept.data() + a.r0 * n;
+        a.count = count.data() + a.r0;
+        a.tau = tau.data() + a.r0;
+      }
       a.direct = false;
       a.part_sd = part_sd.data() + p * N;
       a.part_sd2 = part_sd2.data() + p * N;
@@ -403,9 +502,11 @@ std::vector<at::Tensor> measure(const at::Tensor& values_in, const at::Tensor& m
       a.r1 = S;
       a.c0 = std::min(N, (blocks * c / C) * 64);
       a.c1 = std::min(N, (blocks * (c + 1) / C) * 64);
-      a.kept = kept.data() + c * S * n;
-      a.count = count.data() + c * S;
-      a.tau = tau.data() + c * S;
+      if (!by_threshold) {
+        a.kept = kept.data() + c * S * n;
+        a.count = count.data() + c * S;
+        a.tau = tau.data() + c * S;
+      }
       a.direct = true;
     }
     a.out_sd = sum_d.data_ptr<float>();
@@ -449,6 +550,11 @@ std::vector<at::Tensor> measure(const at::Tensor& values_in, const at::Tensor& m
       }
     }
   }  // (the direct path already wrote the max keys' bits into the float output)
+
+  if (by_threshold) {
+    selected = gather_hits(hits, S, values.options().dtype(at::kLong));
+    return {sum_d, sum_d2, max_scaled, above, selected, copied};
+  }
 
   // merge the per-(column part, row) selections, then write them (every row keeps n: N >= n)
   int64_t* sel = selected.data_ptr<int64_t>();
@@ -604,7 +710,8 @@ void merge_moments(at::Tensor mean, at::Tensor var, at::Tensor count, const at::
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("measure", &measure, "memel fused inhibition measurement (one pass over [samples, neurons] values)",
         pybind11::arg("values"), pybind11::arg("mean"), pybind11::arg("scale"), pybind11::arg("top_n"),
-        pybind11::arg("sqrt_threshold"), pybind11::arg("track"), pybind11::arg("copy"), pybind11::arg("threads") = 0);
+        pybind11::arg("sqrt_threshold"), pybind11::arg("track"), pybind11::arg("copy"), pybind11::arg("threads") = 0,
+        pybind11::arg("select_threshold") = -1.0);
   m.def("record_moments", &record_moments, "add one call's moments and MS trackers to pending and window, in place",
         pybind11::arg("pending"), pybind11::arg("window"), pybind11::arg("sum_d"), pybind11::arg("sum_d2"),
         pybind11::arg("scale"), pybind11::arg("samples"), pybind11::arg("ms_sum_row"), pybind11::arg("ms_n_row"),

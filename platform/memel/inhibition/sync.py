@@ -4,6 +4,9 @@ Each rank's pending statistics travel as sums (count, sum and sum of squares of 
 from the shared history mean, and the snapshot counters) in float64, so a single
 ``all_reduce(SUM)`` over one flat buffer covering every module gives every rank the moments
 of the global batch; merging them is then the same deterministic arithmetic on every rank.
+With threshold selection each module appends two numbers to its part of that buffer (values
+with phi >= tau, values judged), so every rank updates tau from the global fraction, with
+the same arithmetic: tau stays identical on all ranks at no extra collective.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .module import PAYLOAD_ROWS, Inhibitor
+from .module import Inhibitor
 
 
 def distributed_world(group: Any = None) -> int | None:
@@ -67,8 +70,8 @@ class PendingReduction:
 def _apply_flat(members: list[Inhibitor], flat: torch.Tensor) -> None:
     offset = 0
     for member in members:
-        size = PAYLOAD_ROWS * member.neurons
-        member._apply_payload(flat[offset : offset + size].view(PAYLOAD_ROWS, member.neurons))
+        size = member.payload_size
+        member._apply_payload(flat[offset : offset + size])
         offset += size
 
 

@@ -25,7 +25,7 @@ from pydantic import Field, field_validator, model_validator
 from memel.errors import ConfigError
 from memel.training.spec import TrainSpec, _Section, _set_dotted
 
-Mode = Literal["rd", "naive_a", "naive_b", "original"]
+from memel.inhibition.config import Mode
 
 #: The paper's MEmeL-Tune grid (Section 4): top_n x strength.
 PAPER_GRID: dict[str, list[float | int]] = {"top_n": [1, 5, 10, 50, 100], "strength": [1, 5, 10, 50, 100]}
@@ -38,11 +38,28 @@ class Rung(_Section):
     set: dict[str, Any] = Field(default_factory=dict)
 
 
+class Variant(_Section):
+    """An inhibition variant of the sweep: a mode, with settings only it gets (e.g. threshold
+    selection for l2e) and a ``name`` for its members (default: the mode)."""
+
+    mode: Mode
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    set: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.mode
+
+
 class SweepSection(_Section):
-    """The axes of a sweep; each member is one combination. Empty axes keep the base value."""
+    """The axes of a sweep; each member is one combination. Empty axes keep the base value.
+
+    ``modes`` items are a mode name or ``{mode: l2e, name: l2e-threshold, set: {inhibition.select:
+    threshold}}``; ``strengths`` only vary ``rd`` (the other modes have a fixed D).
+    """
 
     rungs: list[Rung] = Field(default_factory=list)
-    modes: list[Mode] = Field(default_factory=list)
+    modes: list[Variant] = Field(default_factory=list)
     strengths: list[float] = Field(default_factory=list)
     top_n: list[int] = Field(default_factory=list)
     seeds: list[int] = Field(default_factory=list)
@@ -55,7 +72,22 @@ class SweepSection(_Section):
             return [{"model": item} if isinstance(item, str) else item for item in value]
         return value
 
-    @field_validator("modes", "strengths", "top_n", "seeds")
+    @field_validator("modes", mode="before")
+    @classmethod
+    def _mode_names(cls, value: Any) -> Any:
+        if isinstance(value, list):  # a bare mode is a variant with no settings of its own
+            return [{"mode": item} if isinstance(item, str) else item for item in value]
+        return value
+
+    @field_validator("modes")
+    @classmethod
+    def _distinct_variants(cls, value: list[Variant]) -> list[Variant]:
+        labels = [variant.label for variant in value]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"lists a value twice: {labels}; give each mode once, or name the variants apart (name: ...)")
+        return value
+
+    @field_validator("strengths", "top_n", "seeds")
     @classmethod
     def _distinct(cls, value: list[Any]) -> list[Any]:
         if len(set(value)) != len(value):
@@ -193,7 +225,7 @@ class JobSpec(TrainSpec):
 
 
 class Member(_Section):
-    """One training run of a sweep: its axis values and validated spec."""
+    """One training run of a sweep: its axis values (``mode`` is the variant's label) and validated spec."""
 
     key: str
     rung: str
@@ -240,22 +272,23 @@ def expand_sweep(job: JobSpec) -> list[Member]:
     inhibition = base.get("inhibition") or {}
     sweep = job.sweep or SweepSection()
     rungs = sweep.rungs or [Rung(model=job.model.name)]
-    modes = sweep.modes or [inhibition.get("mode", "none")]
+    modes = sweep.modes or [Variant.model_construct(mode=inhibition.get("mode", "none"), name=None, set={})]
     strengths = sweep.strengths or [inhibition.get("strength", 1.0)]
     top_ns = sweep.top_n or [inhibition.get("top_n", 1)]
     seeds = sweep.seeds or [job.train.seed]
     if job.inhibition is None and (sweep.modes or sweep.strengths or sweep.top_n):
         raise ConfigError("sweep: modes/strengths/top_n need an inhibition section in the job; add `inhibition: {}`")
     members: list[Member] = []
-    for rung, mode, strength, top_n, seed in itertools.product(rungs, modes, strengths, top_ns, seeds):
-        if mode in ("naive_a", "naive_b", "original") and strength != strengths[0]:
+    for rung, variant, strength, top_n, seed in itertools.product(rungs, modes, strengths, top_ns, seeds):
+        mode = variant.mode
+        if mode != "rd" and strength != strengths[0]:
             continue  # strength only changes rd: one member per other mode
         overrides: dict[str, Any] = {"model.name": rung.model, "train.seed": seed}
         if job.inhibition is not None:
             overrides |= {"inhibition.mode": mode, "inhibition.top_n": top_n}
             overrides["inhibition.strength"] = strength if mode == "rd" else 1.0
-        overrides |= rung.set
-        parts = [rung.model, mode]
+        overrides |= variant.set | rung.set
+        parts = [rung.model, variant.label]
         if mode == "rd" and len(strengths) > 1:
             parts.append(f"D{strength:g}")
         if len(top_ns) > 1:
@@ -265,7 +298,7 @@ def expand_sweep(job: JobSpec) -> list[Member]:
         key = "-".join(_slug(part) for part in parts)
         where = f"sweep member {key}"
         spec = member_spec(job, key, overrides, where)
-        shown_mode = spec.inhibition.mode if spec.inhibition else "none"
+        shown_mode = variant.label if spec.inhibition else "none"
         shown_strength = spec.inhibition.strength if spec.inhibition else 0.0
         shown_top_n = spec.inhibition.top_n if spec.inhibition else 0
         members.append(

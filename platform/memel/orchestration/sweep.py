@@ -118,7 +118,7 @@ def run_sweep(job: JobSpec, address: str | None = None, progress: Any = None) ->
     notify = progress or (lambda *_: None)
     parent = _parent_run(job, out, tracking_uri, members)
     tags = {"memel.sweep": job.name, "memel.kind": "sweep-member"}
-    specs = {m.key: attach(m.spec, tracking_uri, parent.run_id, stats_root, {**tags, "memel.member": m.key}) for m in members}
+    specs = {m.key: attach(m.spec, tracking_uri, parent.run_id, stats_root, {**tags, "memel.member": m.key, "memel.variant": m.mode}) for m in members}
     by_key = {m.key: m for m in members}
     params = {m.rung: count_parameters(m.spec.model.name, **m.spec.model.overrides) for m in members}
     rows: dict[str, dict[str, Any]] = {}
@@ -135,6 +135,9 @@ def run_sweep(job: JobSpec, address: str | None = None, progress: Any = None) ->
     def on_finished(outcome: Finished) -> None:
         member = by_key[outcome.key]
         if outcome.result is not None:
+            summary = specs[outcome.key].out / "summary.json"  # also here when the member ran elsewhere
+            summary.parent.mkdir(parents=True, exist_ok=True)
+            _write_atomic(summary, json.dumps(asdict(outcome.result), indent=2, sort_keys=True, default=str))
             rows[outcome.key] = table_row(member, outcome.result, "finished", params[member.rung])
             notify("finished", outcome.key, outcome.result)
         else:

@@ -250,7 +250,8 @@ def _train_steps(
         for _ in range(train.accumulation):
             batch = next(loader)
             out = compute(engine, batch, kind, device)
-            engine.backward(out.loss)
+            # mode l2e: the inhibition is a loss term over this forward's selected values (zero otherwise)
+            engine.backward(out.loss + memel.auxiliary_loss(engine.module))
             engine.step()
             window_loss += float(out.loss.detach()) * out.items
             window_items += out.items

@@ -1,0 +1,469 @@
+"""Threshold selection and inhibition as a loss (arXiv 2503.23298, "L2E") against independent
+computations: NumPy/torch float64 Monosemantic Scale, hand-worked losses, autograd."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from pathlib import Path
+
+import memel
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from distributed import run_distributed
+from memel.inhibition import kernels, native
+from memel.inhibition.config import initial_threshold
+from reference import PaperStatistics
+from torch import nn
+
+
+def _stationary(kind: str, seed: int, calls: int, samples: int, neurons: int) -> list[torch.Tensor]:
+    """Stationary activations with a per-neuron location and scale."""
+    generator = torch.Generator().manual_seed(seed)
+    loc = torch.randn(neurons, generator=generator) * 2
+    spread = torch.rand(neurons, generator=generator) + 0.5
+    batches = []
+    for _ in range(calls):
+        if kind == "gaussian":
+            x = torch.randn(samples, neurons, generator=generator)
+        elif kind == "laplace":  # heavier tails than Gaussian: the initial tau is too low
+            u = torch.rand(samples, neurons, generator=generator) - 0.5
+            x = -u.sign() * torch.log1p(-2 * u.abs())
+        else:  # uniform: bounded, lighter tails: the initial tau is too high
+            x = torch.rand(samples, neurons, generator=generator) * 2 - 1
+        batches.append(x * spread + loc)
+    return batches
+
+
+def _judge(inhibitor: memel.Inhibitor, batch: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """phi of every value (float64, independent of the kernels) and the tau the next call uses."""
+    return inhibitor.monosemantic_scale(batch), inhibitor.threshold()
+
+
+# ---------------------------------------------------------------------------------------
+# the moving threshold
+@pytest.mark.parametrize("kind", ["gaussian", "laplace", "uniform"])
+@pytest.mark.parametrize("fraction", [0.02, 0.05])
+def test_threshold_converges_to_the_requested_fraction(kind: str, fraction: float) -> None:
+    """On stationary data the share of values with phi >= tau over the last calls is within
+    0.5 percentage points of ``fraction``, and tau sits at the (1 - fraction) quantile of phi."""
+    inhibitor = memel.Inhibitor(mode="original", select="threshold", fraction=fraction, forget_steps=20)
+    batches = _stationary(kind, 1, 220, 128, 64)
+    selected, judged, phis, taus = 0, 0, [], []
+    for index, batch in enumerate(batches):
+        if index >= 120:
+            phi, tau = _judge(inhibitor, batch)
+            before = inhibitor.window[0].sum().item()
+            inhibitor(batch)
+            chosen = inhibitor.window[0].sum().item() - before
+            assert chosen == (phi >= tau).sum().item() or _near(phi, tau)
+            selected += chosen
+            judged += batch.numel()
+            phis.append(phi.flatten())
+            taus.append(tau)
+        else:
+            inhibitor(batch)
+    share = selected / judged
+    assert abs(share - fraction) <= 0.005, (kind, fraction, share)
+    quantile = torch.quantile(torch.cat(phis[-40:]), 1 - fraction).item()
+    assert abs(math.log(taus[-1] / quantile)) < 0.1, (taus[-1], quantile)
+    if kind != "gaussian":  # the start (the Gaussian quantile) was wrong: tau really moved
+        assert abs(math.log(taus[-1] / initial_threshold(fraction))) > 0.1
+
+
+def _near(phi: torch.Tensor, tau: float) -> bool:
+    """Some value lies within float32 rounding of tau (where the kernel may judge either way)."""
+    return bool(((phi - tau).abs() <= 1e-5 * tau).any())
+
+
+def test_initial_threshold_is_the_gaussian_quantile() -> None:
+    x = torch.randn(2_000_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for p in (0.02, 0.05):
+        empirical = torch.quantile(x.square()[:1_000_000], 1 - p).item()
+        assert initial_threshold(p) == pytest.approx(empirical, rel=0.01)
+
+
+def test_threshold_update_rule_by_hand() -> None:
+    """log tau += clip(rate * (observed - p)/p, -1, 1), once per merged batch, from the counts."""
+    inhibitor = memel.Inhibitor(mode="original", select="threshold", fraction=0.1, threshold_rate=0.2, forget_steps=50)
+    batches = _stationary("gaussian", 2, 6, 40, 5)
+    inhibitor(batches[0])
+    tau = initial_threshold(0.1)
+    assert inhibitor.tau.item() == tau and inhibitor.tau.dtype == torch.float64
+    for batch in batches[1:]:
+        phi = inhibitor.monosemantic_scale(batch)
+        inhibitor(batch)
+        observed = (phi >= tau).double().mean().item()
+        tau *= math.exp(max(-1.0, min(1.0, 0.2 * (observed - 0.1) / 0.1)))
+        assert inhibitor.threshold() == pytest.approx(tau, rel=1e-12)
+    # a batch far out (everything above tau) moves log tau by at most 1
+    before = inhibitor.threshold()
+    inhibitor(batches[0] * 100)
+    assert inhibitor.threshold() == pytest.approx(before * math.e, rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------
+# selection and modification by threshold
+@pytest.mark.parametrize(("mode", "strength"), [("rd", 2.0), ("naive_a", 1.0), ("naive_b", 1.0), ("original", 1.0)])
+@pytest.mark.parametrize("kernel", ["eager", "native"])
+@pytest.mark.parametrize("layout", ["channel", "element"])
+def test_threshold_inhibits_exactly_the_values_above_tau(mode: str, strength: float, kernel: str, layout: str) -> None:
+    config = memel.InhibitionConfig(
+        mode=mode, strength=strength, select="threshold", fraction=0.05, forget_steps=4, late_start=3,
+        layout=layout, kernel=kernel,
+    )  # fmt: skip
+    inhibitor = memel.Inhibitor(config)
+    reference = PaperStatistics(forget_steps=4)
+    d = {"rd": strength, "naive_a": 0.0, "naive_b": -1.0}.get(mode)
+    for index, batch in enumerate(_stationary("laplace", 3, 7, 48, 24)):
+        z = batch.reshape(48, 4, 6).requires_grad_(True)
+        upstream = torch.randn(z.shape)
+        if index == 0:
+            out = inhibitor(z)
+            assert torch.equal(out, z)
+            reference.update(_rows(batch, layout))
+            continue
+        phi, tau = _judge(inhibitor, z.detach())
+        np.testing.assert_allclose(_rows(phi, layout), reference.ms(_rows(batch, layout)), rtol=1e-5, atol=1e-8)
+        mask = phi >= tau
+        assert not _near(phi, tau)
+        before = inhibitor.window.clone()
+        out = inhibitor(z)
+        (out * upstream).sum().backward()
+        counts = _rows(mask, layout).sum(0)
+        assert np.array_equal((inhibitor.window[0] - before[0]).numpy(), counts)
+        inhibiting = index >= 3 and d is not None
+        assert np.array_equal((inhibitor.window[1] - before[1]).numpy(), counts if index >= 3 and mode != "original" else 0 * counts)
+        mu = torch.as_tensor(reference.mean, dtype=torch.float32)
+        mu = mu.reshape(4, 6) if layout == "element" else mu.reshape(6)
+        if inhibiting:
+            expected = torch.where(mask, mu.expand_as(z), z.detach())
+            grad = torch.where(mask, -d * upstream, upstream)
+        else:
+            expected, grad = z.detach(), upstream
+        torch.testing.assert_close(out.detach(), expected, rtol=1e-6, atol=1e-6)
+        assert torch.equal(out.detach()[~mask], z.detach()[~mask])
+        torch.testing.assert_close(z.grad, grad)
+        if index >= 3:
+            assert mask.any()
+        reference.update(_rows(batch, layout))
+
+
+def _rows(t: torch.Tensor, layout: str) -> np.ndarray:
+    """[samples, neurons] view of a [48, 4, 6] (or [48, 24]) tensor under ``layout``."""
+    array = t.detach().numpy() if isinstance(t, torch.Tensor) else t
+    return array.reshape(-1, 6) if layout == "channel" else array.reshape(48, -1)
+
+
+def test_native_threshold_selection_equals_eager() -> None:
+    """The fused C++ pass selects the same values, in the same (row-major) order, as the eager
+    comparison, for every work split, dtype and non-finite value (NaN counts as above)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if native.load() is None:
+            pytest.skip(f"the native inhibition kernel cannot be built here: {native._failed}")
+    generator = torch.Generator().manual_seed(4)
+    for samples, neurons in [(1, 1), (5, 7), (300, 40), (70, 2500), (3, 3000), (700, 1100)]:
+        for dtype in (torch.float32, torch.bfloat16):
+            values = (torch.randn(samples, neurons, generator=generator) * 2).to(dtype)
+            values[0, 0] = float("nan")
+            values[-1, -1] = float("inf")
+            values[samples // 2, neurons // 2] = float("-inf")
+            mean = torch.randn(neurons, generator=generator) * 0.3
+            scale = torch.rand(neurons, generator=generator) + 0.25
+            cut = torch.tensor(1.9).float()
+            eager = kernels.eager_measure(values, mean, scale, 1, 3.0, True, True, cut)
+            for threads in (1, 2, 3):
+                fused = native.native_measure(values, mean, scale, 1, 3.0, True, True, threads, select_threshold=float(cut))
+                assert fused is not None
+                assert torch.equal(fused[4], eager[4]), (samples, neurons, dtype, threads)
+                assert torch.equal(fused[3], eager[3])
+    flat = eager[4]
+    assert flat.dim() == 1 and bool((flat[1:] > flat[:-1]).all())
+
+
+# ---------------------------------------------------------------------------------------
+# state
+class _Host(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+def _host(config: memel.InhibitionConfig, seed: int = 0) -> _Host:
+    torch.manual_seed(seed)
+    host = _Host()
+    memel.inhibit(host, "blocks.*.1", config)
+    return host
+
+
+@pytest.mark.parametrize("mode", ["rd", "l2e"])
+def test_tau_survives_state_dict_and_training_continues_bit_identically(mode: str) -> None:
+    config = memel.InhibitionConfig(mode=mode, select="threshold", fraction=0.05, forget_steps=3, late_start=2)
+    original = _host(config)
+    data = [torch.randn(6, 8, 16, generator=torch.Generator().manual_seed(i)) * (1 + i % 3) for i in range(12)]
+
+    def step(host: _Host, x: torch.Tensor) -> torch.Tensor:
+        host.zero_grad()
+        out = host(x)
+        (out.square().mean() + memel.auxiliary_loss(host)).backward()
+        return out
+
+    for x in data[:6]:
+        step(original, x)
+    saved = copy.deepcopy(original.state_dict())
+    taus = [m.tau.item() for m in memel.inhibitors(original).values()]
+    assert all(tau != initial_threshold(0.05) for tau in taus)
+    assert all(saved[f"blocks.{i}.1.inhibitor.tau"].dtype == torch.float64 for i in range(2))
+
+    restored = _host(config, seed=0)
+    restored.load_state_dict(saved)
+    assert [m.tau.item() for m in memel.inhibitors(restored).values()] == taus
+    for x in data[6:]:
+        a, b = step(original, x), step(restored, x)
+        assert torch.equal(a, b)
+        for p, q in zip(original.parameters(), restored.parameters()):
+            assert torch.equal(p.grad, q.grad)
+    for key, value in original.state_dict().items():
+        assert torch.equal(value, restored.state_dict()[key]), key
+
+
+def test_checkpoint_without_tau_loads_with_the_initial_tau() -> None:
+    """A checkpoint written before threshold selection existed still loads (tau starts afresh)."""
+    config = memel.InhibitionConfig(select="threshold", forget_steps=2, late_start=1)
+    host = _host(config)
+    for i in range(3):
+        host(torch.randn(4, 16))
+    saved = {k: v for k, v in host.state_dict().items() if not k.endswith(("tau", "tau_pending"))}
+    fresh = _host(config)
+    fresh.load_state_dict(saved)
+    for module in memel.inhibitors(fresh).values():
+        assert module.tau.item() == initial_threshold(0.02) and module.statistics()["batches"] == 3
+
+
+# ---------------------------------------------------------------------------------------
+# the L2E loss
+def _hand_example(**overrides: object) -> tuple[memel.Inhibitor, torch.Tensor]:
+    """History: mean (1, 12, 0), var (2, 8, 2) (eps 0); the next batch is ``z``."""
+    config = {"mode": "l2e", "forget_steps": 100, "late_start": 1, "eps": 0.0, "l2e_weight": 0.5, "delta": 0.25}
+    inhibitor = memel.Inhibitor(**{**config, **overrides})
+    inhibitor(torch.tensor([[0.0, 10.0, -1.0], [2.0, 14.0, 1.0]]))
+    stats = inhibitor.statistics()
+    assert stats["mean"].tolist() == [1.0, 12.0, 0.0] and stats["var"].tolist() == [2.0, 8.0, 2.0]
+    z = torch.tensor([[1.5, 12.0, 3.0], [1.0, 20.0, 0.5]], requires_grad=True)
+    return inhibitor, z
+
+
+def test_l2e_loss_and_gradient_by_hand() -> None:
+    """phi rows: (0.125, 0, 4.5) and (0, 8, 0.125): top-1 selects z=3 (mu 0) and z=20 (mu 12).
+    L = 0.5 * mean(log(3^2 + 0.25), log(8^2 + 0.25)); dL/dz = 0.5 * 2(z-mu)/((z-mu)^2+0.25) / 2."""
+    inhibitor, z = _hand_example()
+    out = inhibitor(z)
+    assert out is z  # forward values and gradient path untouched
+    loss = memel.auxiliary_loss(inhibitor)
+    assert loss.item() == pytest.approx(0.5 * (math.log(9.25) + math.log(64.25)) / 2, rel=1e-6)
+    loss.backward()
+    expected = torch.zeros(2, 3)
+    expected[0, 2] = 0.5 * 2 * 3.0 / 9.25 / 2
+    expected[1, 1] = 0.5 * 2 * 8.0 / 64.25 / 2
+    torch.testing.assert_close(z.grad, expected)
+
+
+def test_l2e_with_threshold_selection_by_hand() -> None:
+    """Threshold selection composes with the loss: here every value with phi >= tau = 1."""
+    inhibitor, z = _hand_example(select="threshold", fraction=0.3)
+    state = inhibitor.state_dict()
+    state["tau"] = torch.tensor(1.0, dtype=torch.float64)  # as if tau had converged there
+    inhibitor.load_state_dict(state)
+    inhibitor(z)
+    loss = memel.auxiliary_loss(inhibitor)
+    assert loss.item() == pytest.approx(0.5 * (math.log(9.25) + math.log(64.25)) / 2, rel=1e-6)
+
+
+def test_l2e_against_autograd_and_one_sgd_step_moves_selected_values_to_the_mean() -> None:
+    inhibitor = memel.Inhibitor(mode="l2e", top_n=3, forget_steps=5, late_start=2, l2e_weight=2.0, delta=1e-3)
+    batches = _stationary("laplace", 5, 3, 32, 10)
+    for batch in batches[:2]:
+        inhibitor(batch)
+    assert memel.auxiliary_loss(inhibitor).item() == 0.0  # before the late start: nothing
+    x = batches[2].clone().requires_grad_(True)
+    phi = inhibitor.monosemantic_scale(x.detach())
+    mu = inhibitor.statistics()["mean"]
+    mask = torch.zeros_like(phi, dtype=torch.bool).scatter_(1, phi.topk(3, 1).indices, True)
+    out = inhibitor(x)
+    assert torch.equal(out, batches[2])
+    loss = memel.auxiliary_loss(inhibitor)
+    loss.backward()
+    x_ref = batches[2].clone().requires_grad_(True)
+    expected = 2.0 * torch.log((x_ref - mu)[mask].square() + 1e-3).mean()
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    assert bool((x.grad[~mask] == 0).all()) and bool((x.grad[mask] != 0).all())
+    stepped = x.detach() - 0.5 * x.grad
+    closer = (stepped - mu).abs() < (x.detach() - mu).abs()
+    assert bool(closer[mask].all())  # the loss pushes selected values TOWARDS the mean
+    assert torch.equal(stepped[~mask], x.detach()[~mask])
+
+
+def test_auxiliary_loss_sums_modules_and_never_counts_twice() -> None:
+    config = memel.InhibitionConfig(mode="l2e", select="threshold", fraction=0.1, forget_steps=3, late_start=1)
+    host = _host(config)
+    assert memel.auxiliary_loss(host).item() == 0.0  # no forward yet
+    inserted = memel.inhibitors(host)
+    x = torch.randn(6, 8, 16, generator=torch.Generator().manual_seed(6))
+    host(x)
+    assert memel.auxiliary_loss(host).item() == 0.0  # first batch: no history, nothing selected
+
+    # independent per-module losses from the input, phi, tau and the history mean of each call
+    expected = {}
+
+    def judge(module: memel.Inhibitor, args: tuple, name: str) -> None:
+        z = args[0].detach().reshape(-1, 16)
+        phi, tau = _judge(module, z)
+        mu = module.statistics()["mean"]
+        selected = phi >= tau
+        assert selected.any() and not _near(phi, tau)
+        expected[name] = torch.log((z - mu)[selected].square() + 1e-6).mean()
+
+    hooks = [
+        module.register_forward_pre_hook(lambda m, args, name=name: judge(m, args, name))
+        for name, module in inserted.items()
+    ]
+    host(x * 1.5)
+    for h in hooks:
+        h.remove()
+    total = memel.auxiliary_loss(host)
+    torch.testing.assert_close(total, sum(expected.values()), rtol=1e-5, atol=1e-6)
+    assert total.requires_grad
+    assert memel.auxiliary_loss(host).item() == 0.0  # consumed: never counted twice
+
+    # two forwards before one call: the mean over both calls' selections, once
+    host(x)
+    host(x * 0.5)
+    both = memel.auxiliary_loss(host)
+    assert both.requires_grad and memel.auxiliary_loss(host).item() == 0.0
+
+    # eval mode: no terms; switching to eval forgets unconsumed ones
+    host(x)
+    host.eval()
+    host(x)
+    assert memel.auxiliary_loss(host).item() == 0.0
+    host.train()
+    host(x)
+    copy.deepcopy(host)  # pending terms (a graph) do not stop a copy
+    assert memel.auxiliary_loss(host).requires_grad
+    assert memel.auxiliary_loss(nn.Linear(2, 2)).item() == 0.0  # no Inhibitor at all
+
+
+def test_auxiliary_loss_is_zero_when_nothing_is_selected_or_mode_is_not_l2e() -> None:
+    constant = memel.Inhibitor(mode="l2e", select="threshold", forget_steps=2, late_start=1)
+    for _ in range(3):
+        out = constant(torch.full((4, 5), 2.0))  # phi = 0 < tau everywhere
+    assert constant.window[0].sum().item() == 0
+    assert memel.auxiliary_loss(constant).item() == 0.0
+    rd = memel.Inhibitor(mode="rd", forget_steps=2, late_start=1)
+    for _ in range(3):
+        rd(torch.randn(4, 5))
+    assert memel.auxiliary_loss(rd).item() == 0.0 and out.shape == (4, 5)
+
+
+# ---------------------------------------------------------------------------------------
+# data parallel: tau rides in the one collective
+STEPS = 10
+CONFIG = {"mode": "rd", "select": "threshold", "fraction": 0.05, "forget_steps": 3, "late_start": 2, "stats_update": "step"}
+
+
+def _data() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(21)
+    # the two halves (one per rank) differ: a rank-local update would give different taus
+    return [torch.cat([torch.randn(8, 6, 16, generator=generator), torch.randn(8, 6, 16, generator=generator) * 3 + 1]) for _ in range(STEPS)]
+
+
+def _train(host: _Host, batches: list[torch.Tensor]) -> dict:
+    record: dict = {"outputs": [], "taus": []}
+    for batch in batches:
+        out = host(batch)
+        out.sum().backward()
+        memel.sync(host)
+        record["outputs"].append(out.detach())
+        record["taus"].append([m.tau.clone() for m in memel.inhibitors(host).values()])
+    return record
+
+
+def _worker(rank: int, world_size: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    calls = {"all_reduce": 0}
+    original = dist.all_reduce
+
+    def counting(*args, **kwargs):
+        calls["all_reduce"] += 1
+        return original(*args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        host = _host(memel.InhibitionConfig(**CONFIG))
+        record = _train(host, [batch.chunk(world_size)[rank] for batch in _data()])
+    finally:
+        dist.all_reduce = original
+    record["all_reduce_calls"] = calls["all_reduce"]
+    torch.save(record, Path(out_dir) / f"rank{rank}.pt")
+
+
+def test_two_ranks_share_tau_with_one_collective_per_step(tmp_path: Path) -> None:
+    run_distributed(_worker, 2, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    single = _train(_host(memel.InhibitionConfig(**CONFIG)), _data())
+    for record in ranks:
+        assert record["all_reduce_calls"] == STEPS  # the counts ride in the statistics' collective
+    start = initial_threshold(0.05)
+    for step in range(STEPS):
+        for a, b, s in zip(ranks[0]["taus"][step], ranks[1]["taus"][step], single["taus"][step]):
+            assert torch.equal(a, b)  # bit for bit on every rank
+            torch.testing.assert_close(a, s, rtol=1e-9, atol=0)  # = one process on the whole batch
+        both = torch.cat([ranks[0]["outputs"][step], ranks[1]["outputs"][step]])
+        torch.testing.assert_close(both, single["outputs"][step], rtol=1e-5, atol=1e-5)
+    assert all(abs(math.log(t.item() / start)) > 0.05 for t in single["taus"][-1])
+
+
+# ---------------------------------------------------------------------------------------
+# configuration
+@pytest.mark.parametrize(
+    ("message", "kwargs"),
+    [
+        (r"fraction=0\.05 is only used by select='threshold'", {"fraction": 0.05}),
+        (r"threshold_rate=0\.2 is only used by select='threshold'", {"threshold_rate": 0.2}),
+        (r"top_n=3 is only used by select='top_n'", {"select": "threshold", "top_n": 3}),
+        (r"strength=2\.0 is Reverse Deactivation's D.*set l2e_weight", {"mode": "l2e", "strength": 2.0}),
+        (r"l2e_weight=0\.1 is only used by mode 'l2e'.*set mode='l2e'", {"l2e_weight": 0.1}),
+        (r"delta=0\.001 is only used by mode 'l2e'", {"mode": "rd", "delta": 1e-3}),
+        (r"l2e_weight: Input should be greater than 0", {"mode": "l2e", "l2e_weight": 0.0}),
+        (r"l2e_weight: must be a finite number", {"mode": "l2e", "l2e_weight": float("inf")}),
+        (r"delta: Input should be greater than 0", {"mode": "l2e", "delta": -1.0}),
+        (r"fraction: Input should be less than 1", {"select": "threshold", "fraction": 1.0}),
+        (r"fraction: Input should be greater than 0", {"select": "threshold", "fraction": 0.0}),
+        (r"threshold_rate: Input should be less than or equal to 1", {"select": "threshold", "threshold_rate": 1.5}),
+        (r"threshold_rate: Input should be greater than 0", {"select": "threshold", "threshold_rate": 0.0}),
+        (r"select: Input should be 'top_n' or 'threshold'", {"select": "quantile"}),
+    ],
+)
+def test_incompatible_options_fail_early_naming_the_field(message: str, kwargs: dict) -> None:
+    with pytest.raises(memel.ConfigError, match=message):
+        memel.InhibitionConfig(**kwargs)
+
+
+def test_new_defaults_and_round_trip() -> None:
+    config = memel.InhibitionConfig()
+    assert (config.select, config.fraction, config.threshold_rate) == ("top_n", 0.02, 0.05)
+    assert (config.l2e_weight, config.delta) == (1.0, 1e-6)
+    for kwargs in ({}, {"mode": "l2e", "select": "threshold", "fraction": 0.03, "l2e_weight": 0.1, "delta": 1e-4}):
+        config = memel.InhibitionConfig(**kwargs)
+        assert memel.InhibitionConfig(**config.model_dump(mode="json")) == config
