@@ -7,8 +7,9 @@ train, eval, tracking, stats, checkpoint) plus two optional sections:
   combination is one member training run. An empty axis keeps the base spec's value.
 - ``tune``: an Optuna study over the inhibition settings (see ``TuneSection``).
 
-Every member and trial is validated when the job is loaded, so a bad rung or an impossible
-top_n fails before anything starts, naming the member.
+Every sweep member is validated when the job is loaded, so a bad rung or a setting that does
+not fit one fails before anything starts, naming the member (a top_n larger than a module's
+neurons is only known once the model runs: that member fails alone).
 """
 
 from __future__ import annotations
@@ -23,9 +24,8 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from memel.errors import ConfigError
-from memel.training.spec import TrainSpec, _Section, _set_dotted
-
 from memel.inhibition.config import Mode
+from memel.training.spec import TrainSpec, _Section, _set_dotted
 
 #: The paper's MEmeL-Tune grid (Section 4): top_n x strength.
 PAPER_GRID: dict[str, list[float | int]] = {"top_n": [1, 5, 10, 50, 100], "strength": [1, 5, 10, 50, 100]}
