@@ -1,0 +1,31 @@
+"""Offline emergence analysis of a sweep's per-neuron statistics and checkpoints (``memel analyze``).
+
+- :mod:`.source`: TARGET (sweep folder, Parquet root, MLflow parent run id) -> members + dataset.
+- :mod:`.monosemantic_ratio`: the fraction of monosemantic neurons per rung, mode, step and depth
+  (one streaming DuckDB pass over the Parquet dataset).
+- :mod:`.ablation`: the paper's Figure 2 (clamp the most monosemantic neurons, loss increase per group).
+- :mod:`.case_study`: the paper's Table 4 (one optimizer step per mode: Decrease and Update Ratios).
+- :mod:`.significance`: the paper's Table 9 (paired t-tests, original vs inhibited).
+- :mod:`.plots`, :mod:`.report`, :mod:`.pipeline`: figures, the HTML report, the whole run.
+- :mod:`.benchmark`: aggregation throughput and memory on a generated dataset (``memel bench analyze``).
+"""
+
+from .monosemantic_ratio import Criterion, RatioResult, analyze_ratio, module_steps, top_neurons
+from .pipeline import Analysis, Options, analyze, log_to_mlflow, write
+from .source import Member, Source, resolve
+
+__all__ = [
+    "Analysis",
+    "Criterion",
+    "Member",
+    "Options",
+    "RatioResult",
+    "Source",
+    "analyze",
+    "analyze_ratio",
+    "log_to_mlflow",
+    "module_steps",
+    "resolve",
+    "top_neurons",
+    "write",
+]

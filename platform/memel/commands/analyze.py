@@ -1,0 +1,243 @@
+"""``memel analyze``: offline emergence analysis of a sweep; ``memel bench analyze``: its aggregation speed."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from memel.commands.app import app, bench_app
+from memel.commands.run import make_console
+from memel.errors import ConfigError
+
+SECTION_NAMES = "ablation, case_study, significance"
+OUT_OPTION = typer.Option(None, "--out", help="Where to write the report, figures and tables (default: <sweep folder>/analysis).")
+SKIP_OPTION = typer.Option([], "--skip", help=f"Leave out a section (repeatable or comma-separated): {SECTION_NAMES}.")
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _ci(row: dict[str, Any], column: str) -> str:
+    low, high = row.get(f"{column}_ci_low"), row.get(f"{column}_ci_high")
+    if low is None or (isinstance(low, float) and math.isnan(low)):
+        return "-"
+    return f"[{low:.3g}, {high:.3g}]"
+
+
+def print_summary(console: Any, analysis: Any) -> None:
+    """The terminal summary: one table per section, then the notes."""
+    from memel.analysis.pipeline import sign_pattern
+
+    ratio = analysis.ratio
+    if ratio is not None and len(ratio.by_rung):
+        table = Table(title=f"Monosemantic ratio at the end of training ({analysis.criterion.describe()})")
+        for column in ("rung", "params", "mode", "runs", "mean", "95% CI"):
+            table.add_column(column, justify="left" if column in ("rung", "mode") else "right")
+        for row in ratio.by_rung.sort_values(["n_params", "variant"]).to_dict("records"):
+            table.add_row(
+                row["model"],
+                f"{row['n_params']:,}",
+                row["variant"],
+                str(row["ratio_n"]),
+                _fmt(row["ratio_mean"]),
+                _ci(row, "ratio"),
+            )
+        console.print(table)
+    if analysis.ablation_summary is not None:
+        table = Table(
+            title=f"Deactivation ablation: top-{analysis.options.top_k} monosemantic neurons per module set to their held-out mean"
+        )
+        for column in ("rung", "params", "mode", "group", "loss increase", "95% CI", f"random {analysis.options.top_k}"):
+            table.add_column(column, justify="left" if column in ("rung", "mode", "group") else "right")
+        for row in analysis.ablation_summary.sort_values(["variant", "group", "n_params"]).to_dict("records"):
+            table.add_row(row["model"], f"{row['n_params']:,}", row["variant"], row["group"], _fmt(row["increase_mean"]),
+                          _ci(row, "increase"), _fmt(row["random_increase_mean"]))  # fmt: skip
+        console.print(table)
+    if analysis.case_summary is not None:
+        options = analysis.options
+        table = Table(
+            title=f"Case study on {analysis.case_member}: one {options.case_optimizer.upper()} step (lr {options.case_lr:g}), {options.case_seeds} seeds"
+        )
+        for column in (
+            "mode",
+            "Decrease Ratio %",
+            "95% CI",
+            "vs original %",
+            "95% CI ",
+            "Total Update %",
+            "paper DR %",
+            "paper TUR %",
+        ):
+            table.add_column(column, justify="left" if column == "mode" else "right")
+        for row in analysis.case_summary.to_dict("records"):
+            table.add_row(row["mode"], _fmt(row["decrease_ratio"]), _ci(row, "decrease_ratio"), _fmt(row.get("vs_original")),
+                          _ci(row, "vs_original"), _fmt(row["total_update_ratio"]), _fmt(row["paper_decrease_ratio"]),
+                          _fmt(row["paper_total_update_ratio"]))  # fmt: skip
+        console.print(table)
+        pattern = sign_pattern(analysis)
+        console.print("Decrease Ratio signs, ours vs the paper's ((x): 95% CI includes 0): "
+                      + ", ".join(f"{m} {p['ours']}/{p['paper']}" for m, p in pattern.items()))  # fmt: skip
+        console.print("  relative to original on the same batch: "
+                      + ", ".join(f"{m} {p['ours_vs_original']}/{p['paper_vs_original']}" for m, p in pattern.items() if m != "original"))  # fmt: skip
+    if analysis.significance is not None and len(analysis.significance):
+        table = Table(title="Paired t-tests, inhibited vs original (same rung, seed, top_n); t < 0: inhibited lower")
+        for column in ("metric", "comparison", "scope", "pairs", "mean orig.", "mean inh.", "t", "p"):
+            table.add_column(column, justify="left" if column in ("metric", "comparison", "scope") else "right")
+        for row in analysis.significance.to_dict("records"):
+            table.add_row(row["metric"], row["comparison"], row["scope"], str(row["pairs"]), _fmt(row["mean_original"]),
+                          _fmt(row["mean_inhibited"]), _fmt(row["t"], 3), _fmt(row["p"], 3))  # fmt: skip
+        console.print(table)
+    for note in analysis.notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
+
+
+@app.command("analyze")
+def analyze_command(
+    target: str = typer.Argument(
+        ...,
+        metavar="TARGET",
+        help="A sweep's output folder (runs/<job>), its MLflow parent run id, or a Parquet statistics root (local or s3://).",
+    ),
+    out: Path | None = OUT_OPTION,
+    tracking_uri: str | None = typer.Option(
+        None,
+        "--tracking-uri",
+        help="MLflow tracking URI for a run-id TARGET (default: MLFLOW_TRACKING_URI, else the sweep folder's store).",
+    ),
+    threshold: float | None = typer.Option(None, help="MS threshold (default: the runs' inhibition.ms_threshold, 9)."),
+    min_fraction: float = typer.Option(
+        0.01, help="Fraction of samples above the threshold that makes a neuron monosemantic (0: any sample, from max_ms)."
+    ),
+    depth_bins: int = typer.Option(5, help="Relative-depth bins of the heatmap."),
+    top_k: int = typer.Option(4, help="Ablation: most monosemantic neurons clamped per module."),
+    ablation_batches: int = typer.Option(8, help="Ablation: held-out batches evaluated per member."),
+    batch_size: int | None = typer.Option(
+        None, help="Batch size of the ablation and case study (default: the run's micro batch)."
+    ),
+    case_member: str | None = typer.Option(
+        None, help="Case study member (run id or member key; default: the largest rung's original member)."
+    ),
+    case_seeds: int = typer.Option(5, help="Case study: seeds (each its own fixed batch)."),
+    case_lr: float = typer.Option(1e-3, help="Case study: learning rate of the one step."),
+    case_optimizer: str = typer.Option("sgd", help="Case study: sgd or adamw (a fresh AdamW's first step is a sign step)."),
+    skip: list[str] = SKIP_OPTION,
+    mlflow: bool = typer.Option(True, "--mlflow/--no-mlflow", help="Log the outputs as artifacts of the sweep's parent run."),
+    memory_limit: str = typer.Option("1GB", help="DuckDB memory limit of the aggregation (it spills beyond)."),
+) -> None:
+    """Offline emergence analysis of a sweep: monosemantic ratio vs scale (over steps, by depth),
+    deactivation ablation (Figure 2), inhibition case study (Table 4) and paired t-tests (Table 9).
+    Writes PNG figures, CSV/Parquet tables and one self-contained report.html, logs them to the
+    sweep's MLflow parent run and prints a summary.
+
+    Example: [bold]memel analyze runs/quickstart[/bold]   (or: memel analyze PARENT_RUN_ID --tracking-uri http://127.0.0.1:5000)
+    """
+    from memel.analysis import Options, analyze, log_to_mlflow, resolve, write
+    from memel.analysis.pipeline import SECTIONS
+
+    console = make_console()
+    started = time.perf_counter()
+    try:
+        skipped = {name.strip() for item in skip for name in item.split(",") if name.strip()}
+        if skipped - set(SECTIONS):
+            raise ConfigError(f"--skip: unknown section(s) {sorted(skipped - set(SECTIONS))}; allowed: {SECTION_NAMES}")
+        options = Options(
+            threshold=threshold, min_fraction=min_fraction, depth_bins=depth_bins, top_k=top_k, ablation_batches=ablation_batches,
+            batch_size=batch_size, case_member=case_member, case_seeds=case_seeds, case_lr=case_lr, case_optimizer=case_optimizer,
+            sections=tuple(s for s in SECTIONS if s not in skipped), memory_limit=memory_limit,
+        )  # fmt: skip
+        source = resolve(target, tracking_uri)
+        console.print(f"[bold]memel analyze[/bold] {target}: {len(source.members)} members, statistics {source.stats_root}")
+        analysis = analyze(source, options, notify=lambda message: console.print(f"[dim]{message}[/dim]"))
+    except ConfigError as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(2) from None
+    folder = out or source.default_out()
+    written = write(analysis, folder)
+    print_summary(console, analysis)
+    console.print(
+        f"Report: [bold]{(folder / 'report.html').resolve()}[/bold] (open it in a browser; {len(written)} files in {folder})"
+    )
+    if mlflow:
+        try:
+            where = log_to_mlflow(analysis, folder)
+        except Exception as error:  # noqa: BLE001 - the local outputs are written; say why MLflow did not get them
+            console.print(f"[yellow]warning:[/yellow] could not log to MLflow ({type(error).__name__}: {error})")
+        else:
+            console.print(
+                f"MLflow: artifacts {where} at {source.tracking_uri}"
+                if where
+                else "MLflow: no parent run known for this TARGET; nothing logged"
+            )
+    console.print(f"done in {time.perf_counter() - started:,.1f} s")
+
+
+@bench_app.command("analyze")
+def bench_analyze_command(
+    snapshots: int = typer.Option(50, help="Snapshots of 24 modules x 4,096 neurons (50: 4.9M rows)."),
+    full: bool = typer.Option(
+        False, "--full", help="The issue's size: 1,018 snapshots = 100M neuron rows (about 2 GB of Parquet)."
+    ),
+    root: str = typer.Option(
+        "", help="Where to generate (default: a temp dir, removed afterwards); a dataset kept there is reused."
+    ),
+    keep: bool = typer.Option(False, help="Keep the generated dataset (in --root)."),
+    memory_limit: str = typer.Option("1GB", help="DuckDB memory limit."),
+    threads: int = typer.Option(0, help="DuckDB threads (0: up to 4)."),
+    arrow: bool = typer.Option(
+        False, "--arrow", help="Scan through the pyarrow dataset (the path s3:// roots take) instead of DuckDB's Parquet reader."
+    ),
+) -> None:
+    """Generate a statistics dataset shaped like a Pythia-410M run (24 modules x 4,096 neurons per
+    snapshot) and aggregate it in a fresh process: rows/s and peak resident memory of the
+    monosemantic-ratio pass and of the per-neuron ranking, checked against the known answer.
+
+    Example: [bold]memel bench analyze --full[/bold]
+    """
+    from memel.analysis.benchmark import FULL_SNAPSHOTS, generate, measure
+
+    count = FULL_SNAPSHOTS if full else snapshots
+    if count < 1:
+        print("error: --snapshots must be >= 1")
+        raise typer.Exit(2)
+    folder = Path(root) if root else Path(tempfile.mkdtemp(prefix="memel-bench-analyze-"))
+    try:
+        if any(folder.rglob("*.parquet")):
+            size = sum(f.stat().st_size for f in folder.rglob("*.parquet"))
+            print(f"reusing the dataset in {folder} ({size / 1e9:.2f} GB; --snapshots/--full ignored)")
+        else:
+            started = time.perf_counter()
+            rows = generate(folder, count)
+            generated = time.perf_counter() - started
+            size = sum(f.stat().st_size for f in folder.rglob("*.parquet"))
+            print(
+                f"generated {rows:,} neuron rows ({count} x 24 modules x 4,096 neurons, {size / 1e9:.2f} GB) in {generated:.1f}s"
+            )
+        m = measure(folder, memory_limit, threads, rank=True, arrow=arrow)
+        reader = "pyarrow dataset scanner" if arrow else "DuckDB Parquet reader"
+        print(
+            f"monosemantic ratio ({reader}): {m.rows:,} rows in {m.seconds:.2f}s = {m.rows_per_s / 1e6:.1f}M rows/s; "
+            f"peak RSS {m.peak_rss_bytes / 2**20:,.0f} MiB (after imports {m.baseline_rss_bytes / 2**20:,.0f} MiB); "
+            f"{m.groups:,} run x module x step groups"
+        )
+        if m.rank_seconds is not None:
+            print(
+                f"per-neuron ranking (ablation's top-k): {m.rank_seconds:.2f}s = {m.rows / m.rank_seconds / 1e6:.1f}M rows/s; peak RSS {m.rank_peak_rss_bytes / 2**20:,.0f} MiB"
+            )
+        print(f"answers {'match' if m.verified else 'DO NOT match'} the generated ground truth")
+        if not m.verified:
+            raise typer.Exit(1)
+    finally:
+        if not keep and not root:
+            shutil.rmtree(folder, ignore_errors=True)
