@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Callable
 from typing import Any
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from memel.services.ports import free_ports
 
 
 def _entry(rank: int, world_size: int, port: int, func: Callable[..., Any], args: tuple) -> None:
@@ -29,4 +23,4 @@ def _entry(rank: int, world_size: int, port: int, func: Callable[..., Any], args
 def run_distributed(func: Callable[..., Any], world_size: int = 2, *args: Any) -> None:
     """Call ``func(rank, world_size, *args)`` in ``world_size`` spawned processes; results
     travel back through files the function writes (e.g. into a tmp_path passed in args)."""
-    mp.spawn(_entry, args=(world_size, _free_port(), func, args), nprocs=world_size, join=True)
+    mp.spawn(_entry, args=(world_size, free_ports("127.0.0.1", 1)[0], func, args), nprocs=world_size, join=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,22 +19,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from memel.services.ports import free_ports
 from processes import stop_process_group
 
 START_TIMEOUT_S = 120.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager
 def run_mlflow_server() -> Iterator[str]:
     """Start ``mlflow server`` on a free loopback port; stop it (SIGTERM, then SIGKILL) on exit."""
     workdir = Path(tempfile.mkdtemp(prefix="memel-mlflow-"))
-    port = _free_port()
+    port = free_ports("127.0.0.1", 1)[0]
     command = [
         sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
         "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}", "--artifacts-destination", str(workdir / "artifacts"),

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from memel.services.ports import free_ports
 from memel.services.seaweed import WeedPorts, find_weed, identities_json, weed_command
 from processes import stop_process_group
 
@@ -65,23 +65,6 @@ class S3Server:
         )
 
 
-def _free_ports(count: int) -> list[int]:
-    """``count`` distinct free TCP ports on 127.0.0.1 (gRPC ports are also chosen free)."""
-    sockets, ports = [], []
-    try:
-        while len(ports) < count:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-            sockets.append(sock)
-            if port not in ports:
-                ports.append(port)
-    finally:
-        for sock in sockets:
-            sock.close()
-    return ports
-
-
 @contextlib.contextmanager
 def s3_env(server: S3Server) -> Iterator[None]:
     """Temporarily set the AWS environment variables for ``server``."""
@@ -105,7 +88,7 @@ def run_s3_server(weed: str) -> Iterator[S3Server]:
     data.mkdir()
     config = workdir / "identities.json"
     config.write_text(identities_json(ACCESS_KEY, SECRET_KEY, name="test"))
-    (master, volume, filer, s3, master_g, volume_g, filer_g, s3_g) = _free_ports(8)
+    (master, volume, filer, s3, master_g, volume_g, filer_g, s3_g) = free_ports("127.0.0.1", 8)
     ports = WeedPorts(s3, master, volume, filer, master_g, volume_g, filer_g, s3_g)
     command = weed_command(weed, data, config, ports)
     log = open(workdir / "weed.log", "wb")  # noqa: SIM115 - closed below

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from memel.cli import app
 from memel.services import StatePaths
+from memel.services.ports import free_ports
 from memel.services.process import ProcessRecord, boot_id, group_members, start_time
 from memel.services.seaweed import find_weed
 from typer.testing import CliRunner, Result
@@ -44,21 +45,6 @@ def _require_binaries() -> None:
         (Path(folder) / "optuna-dashboard").is_file() for folder in os.environ.get("PATH", "").split(os.pathsep)
     ):
         pytest.fail("optuna-dashboard is missing: pip install 'optuna-dashboard>=0.21' (a project dependency)")
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets, ports = [], []
-    try:
-        while len(ports) < count:
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-            if sock.getsockname()[1] not in ports:
-                ports.append(sock.getsockname()[1])
-    finally:
-        for sock in sockets:
-            sock.close()
-    return ports
 
 
 def _port_free(port: int) -> bool:
@@ -116,7 +102,7 @@ def state_dir(tmp_path: Path) -> Iterator[Path]:
 def test_lifecycle_up_status_artifact_noop_down(clean_env: None, state_dir: Path) -> None:
     _require_binaries()
     paths = StatePaths(state_dir)
-    ports = dict(zip(SERVICES, _free_ports(3), strict=True))
+    ports = dict(zip(SERVICES, free_ports("127.0.0.1", 3), strict=True))
     outputs = []
 
     # up, as its own process: all three start, answer, and outlive the command (own sessions)
@@ -213,7 +199,7 @@ def test_lifecycle_up_status_artifact_noop_down(clean_env: None, state_dir: Path
 
 def test_port_in_use_names_the_option_and_starts_nothing(clean_env: None, state_dir: Path) -> None:
     _require_binaries()
-    ports = dict(zip(SERVICES, _free_ports(3), strict=True))
+    ports = dict(zip(SERVICES, free_ports("127.0.0.1", 3), strict=True))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", ports["mlflow"]))
         taken.listen()
@@ -227,7 +213,7 @@ def test_port_in_use_names_the_option_and_starts_nothing(clean_env: None, state_
 def test_bad_selection_is_refused(clean_env: None, state_dir: Path) -> None:
     result = _cli(state_dir, "up", "--only", "mlflow,nope")
     assert result.exit_code == 2 and "--only: got 'mlflow,nope'" in result.output, result.output
-    result = _cli(state_dir, "up", "--only", "mlflow", "--mlflow-port", str(_free_ports(1)[0]))
+    result = _cli(state_dir, "up", "--only", "mlflow", "--mlflow-port", str(free_ports("127.0.0.1", 1)[0]))
     assert result.exit_code == 2 and "S3 store, which is not running" in result.output and "--no-s3" in result.output, result.output
     result = _cli(state_dir, "up", "--bucket", "No_Such")
     assert result.exit_code == 2 and "--bucket: got 'No_Such'" in result.output, result.output

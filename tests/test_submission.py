@@ -9,7 +9,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from typing import ClassVar
 
 import pytest
 from memel.cli import app
+from memel.services.ports import free_ports
 from memel.submission import (
     DEFAULT_EXCLUDES,
     ClusterToken,
@@ -277,21 +277,6 @@ class Head:
         return JobSubmissionClient(self.address, headers={"Authorization": f"Bearer {self.token}"})
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets, ports = [], []
-    try:
-        while len(ports) < count:
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-            if sock.getsockname()[1] not in ports:
-                ports.append(sock.getsockname()[1])
-    finally:
-        for sock in sockets:
-            sock.close()
-    return ports
-
-
 def _clean_env(**extra: str) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith(CLEAN_PREFIXES)}
     return {**env, **extra}
@@ -339,7 +324,7 @@ def ray_head() -> Iterator[Head]:
     token_file.chmod(0o600)
     home = workdir / "home"
     home.mkdir()
-    gcs, dashboard, node_manager, object_manager, agent_grpc, agent_http, metrics, runtime_env = _free_ports(8)
+    gcs, dashboard, node_manager, object_manager, agent_grpc, agent_http, metrics, runtime_env = free_ports("127.0.0.1", 8)
     command = [
         "ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--node-manager-port", str(node_manager),
