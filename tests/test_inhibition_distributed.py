@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import memel
 import pytest
 import torch
-import torch.distributed as dist
+from distributed import counting_all_reduce, run_distributed
 from torch import nn
-
-import memel
-from distributed import run_distributed
 
 STEPS = 7
 CONFIG = dict(mode="rd", top_n=2, forget_steps=3, late_start=2, stats_update="step")
@@ -57,20 +55,10 @@ def _train(model: Host, batches: list[torch.Tensor], micro: int, async_op: bool)
 
 def _worker(rank: int, world_size: int, out_dir: str, micro: int, async_op: bool) -> None:
     torch.set_num_threads(1)
-    calls = {"all_reduce": 0}
-    original = dist.all_reduce
-
-    def counting(*args, **kwargs):
-        calls["all_reduce"] += 1
-        return original(*args, **kwargs)
-
-    dist.all_reduce = counting
-    try:
+    with counting_all_reduce() as calls:
         model = _model()
         half = [batch.chunk(world_size)[rank] for batch in _data()]
         record = _train(model, half, micro, async_op)
-    finally:
-        dist.all_reduce = original
     record["all_reduce_calls"] = calls["all_reduce"]
     record["snapshot"] = {k: v.as_numpy() for k, v in memel.snapshot(model).items()}
     torch.save(record, Path(out_dir) / f"rank{rank}.pt")

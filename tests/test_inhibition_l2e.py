@@ -12,8 +12,7 @@ import memel
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-from distributed import run_distributed
+from distributed import counting_all_reduce, run_distributed
 from memel.inhibition import kernels, native
 from memel.inhibition.config import initial_threshold
 from reference import PaperStatistics
@@ -401,19 +400,9 @@ def _train(host: _Host, batches: list[torch.Tensor]) -> dict:
 
 def _worker(rank: int, world_size: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    calls = {"all_reduce": 0}
-    original = dist.all_reduce
-
-    def counting(*args, **kwargs):
-        calls["all_reduce"] += 1
-        return original(*args, **kwargs)
-
-    dist.all_reduce = counting
-    try:
+    with counting_all_reduce() as calls:
         host = _host(memel.InhibitionConfig(**CONFIG))
         record = _train(host, [batch.chunk(world_size)[rank] for batch in _data()])
-    finally:
-        dist.all_reduce = original
     record["all_reduce_calls"] = calls["all_reduce"]
     torch.save(record, Path(out_dir) / f"rank{rank}.pt")
 

@@ -239,3 +239,28 @@ def test_l2e_variant_trains_with_its_loss_term(tmp_path: Path) -> None:
     run = client.get_run(rows["l2e"]["run_id"])
     assert run.data.tags["memel.mode"] == "l2e" and run.data.tags["memel.select"] == "threshold"
     assert run.data.params["inhibition.select"] == "threshold"
+
+
+def test_launcher_starts_runs_only_while_their_workers_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resource gating in isolation (the cluster's totals faked); the sweep test above runs it on real Ray."""
+    import ray
+
+    from memel.orchestration import load_job
+    from memel.orchestration.launch import Launcher, demand
+    from memel.training import TrainSpec
+
+    spec = load_job(JOBS / "quickstart.yaml").base_tree()
+    two_workers = TrainSpec(**spec)
+    one_worker = TrainSpec(**{**spec, "train": {**spec["train"], "workers": 1}})
+    assert demand(two_workers) == {"CPU": 2.0, "GPU": 0.0}
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 3.0})
+    launcher = Launcher.__new__(Launcher)  # no Ray task needed to test the bookkeeping
+    launcher.max_concurrent, launcher._running = None, {}
+    assert launcher.has_room(two_workers), "the first run always goes"
+    launcher._running["a"] = ("a", demand(two_workers))
+    assert launcher.has_room(one_worker) and not launcher.has_room(two_workers)
+    launcher._running["b"] = ("b", demand(one_worker))
+    assert not launcher.has_room(one_worker)
+    launcher.max_concurrent, launcher._running = 1, {"a": ("a", demand(one_worker))}
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64.0})
+    assert not launcher.has_room(one_worker), "max_concurrent caps runs in flight"

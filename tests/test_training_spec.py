@@ -66,3 +66,19 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
     scalar.write_text("42\n")
     with pytest.raises(ConfigError, match="mapping of sections"):
         load_spec(scalar)
+
+
+def test_cluster_runs_take_tracking_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from memel.training import check_address_outputs
+
+    spec = load_spec(SMOKE, ["stats.root=s3://bucket/stats"])
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    check_address_outputs(spec, None)  # embedded default: local outputs are fine
+    with pytest.raises(ConfigError, match=r"tracking.uri: None is local to this machine.*MLFLOW_TRACKING_URI"):
+        check_address_outputs(spec, "ray://head:10001")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    check_address_outputs(spec, "ray://head:10001")
+    with pytest.raises(ConfigError, match=r"stats.root: None is local"):
+        check_address_outputs(load_spec(SMOKE), "ray://head:10001")
+    check_address_outputs(load_spec(SMOKE, ["stats.enabled=false"]), "ray://head:10001")

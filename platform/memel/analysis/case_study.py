@@ -105,6 +105,19 @@ def _capture(inserted: dict[str, memel.Inhibitor], store: dict[str, torch.Tensor
     return [module.register_forward_pre_hook(make(name)) for name, module in inserted.items()]
 
 
+def _forward_capturing(
+    model: torch.nn.Module, inserted: dict[str, Any], batch: Any, kind: str, device: torch.device, layout: str,
+    into: dict[str, torch.Tensor],
+) -> None:  # fmt: skip
+    """One eval-mode forward of ``batch`` recording each inserted module's input in ``into``."""
+    handles = _capture(inserted, into, layout)
+    model.eval()
+    with torch.no_grad():
+        compute(model, batch, kind, device)
+    for handle in handles:
+        handle.remove()
+
+
 def one_step(
     model: nn.Module, targets: list[str], states: dict[str, dict[str, torch.Tensor]], config: dict[str, Any],
     mode: str, batch: Any, kind: str, lr: float, optimizer: str = "sgd", strength: float = 1.0,
@@ -127,12 +140,7 @@ def one_step(
     device = next(model.parameters()).device
     before: dict[str, torch.Tensor] = {}
     after: dict[str, torch.Tensor] = {}
-    handles = _capture(inserted, before, layout)
-    model.eval()
-    with torch.no_grad():
-        compute(model, batch, kind, device)
-    for handle in handles:
-        handle.remove()
+    _forward_capturing(model, inserted, batch, kind, device, layout, before)
     if not stats:  # no trained statistics: the step's forward starts them, phi is judged after it
         raise ValueError("the Inhibitors have no statistics: load trained Inhibitor states first")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -141,12 +149,7 @@ def one_step(
     step.zero_grad(set_to_none=True)
     compute(model, batch, kind, device).loss.backward()
     step.step()
-    handles = _capture(inserted, after, layout)
-    model.eval()
-    with torch.no_grad():
-        compute(model, batch, kind, device)
-    for handle in handles:
-        handle.remove()
+    _forward_capturing(model, inserted, batch, kind, device, layout, after)
     memel.remove(model)
     eps = next(iter(inserted.values())).config.eps
     top_n = next(iter(inserted.values())).config.top_n

@@ -144,7 +144,7 @@ def run_command(job_path: Path = JOB_ARGUMENT, set_: list[str] = SET_OPTION, add
     MLflow parent run with a child run per member. Outputs go under runs/<job name>/. Running the
     job again skips finished members and resumes interrupted ones.
 
-    Example: [bold]memel run jobs/quickstart.yaml[/bold]   (on a cluster: --address ray://HEAD:10001)
+    Example: [bold]memel run jobs/quickstart.yaml[/bold]   (on a node of a cluster: --address auto; from elsewhere: memel submit)
     """
     console = make_console()
     job = load_or_exit(console, job_path, set_, address)

@@ -79,27 +79,19 @@ class SweepSection(_Section):
             return [{"mode": item} if isinstance(item, str) else item for item in value]
         return value
 
-    @field_validator("modes")
-    @classmethod
-    def _distinct_variants(cls, value: list[Variant]) -> list[Variant]:
-        labels = [variant.label for variant in value]
-        if len(set(labels)) != len(labels):
-            raise ValueError(f"lists a value twice: {labels}; give each mode once, or name the variants apart (name: ...)")
-        return value
-
-    @field_validator("strengths", "top_n", "seeds")
+    @field_validator("rungs", "modes", "strengths", "top_n", "seeds")
     @classmethod
     def _distinct(cls, value: list[Any]) -> list[Any]:
-        if len(set(value)) != len(value):
-            raise ValueError(f"lists a value twice: {value}; give each value once")
-        return value
-
-    @field_validator("rungs")
-    @classmethod
-    def _distinct_rungs(cls, value: list[Rung]) -> list[Rung]:
-        names = [rung.model for rung in value]
-        if len(set(names)) != len(names):
-            raise ValueError(f"lists a model twice: {names}; give each rung once")
+        """Each axis value once (rungs by model, modes by their variant label)."""
+        first = value[0] if value else None
+        if isinstance(first, Rung):
+            keys, what, fix = [rung.model for rung in value], "a model", "give each rung once"
+        elif isinstance(first, Variant):
+            keys, what, fix = [v.label for v in value], "a value", "give each mode once, or name the variants apart (name: ...)"
+        else:
+            keys, what, fix = list(value), "a value", "give each value once"
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"lists {what} twice: {keys}; {fix}")
         return value
 
 

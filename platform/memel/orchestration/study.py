@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from memel.atomic import write_json, write_text
 from memel.errors import ConfigError
 from memel.training import init_ray
 from memel.training.runner import resolve_outputs
@@ -43,12 +44,6 @@ class StudyResult:
     rows: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] | None = None
     wall_seconds: float = 0.0
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 def make_sampler(tune: TuneSection, offset: int = 0) -> Any:
@@ -130,7 +125,7 @@ def _parent_run(job: JobSpec, tune: TuneSection, out: Path, tracking_uri: str, s
     tracker = MlflowTracker(tracking_uri, job.tracking.experiment, run_id=previous.get("parent_run_id"), run_name=study_name)
     run_id = tracker.start()
     state = {"study": study_name, "parent_run_id": run_id, "storage": public_storage(storage), "tracking_uri": public_uri(tracking_uri)}
-    _write_atomic(state_file, json.dumps(state, indent=2))
+    write_json(state_file, state)
     if previous.get("parent_run_id") != run_id:
         tracker.log_params(flatten({"tune": tune.model_dump(mode="json")}))
         tracker.set_tags({
@@ -279,7 +274,7 @@ def run_study(
         parent.log_metrics({f"best/{tune.metric}": float(best_trial.value)}, best_trial.number)
         parent.set_tags({"memel.best_trial": str(best_trial.number), "memel.best_params": json.dumps(best_trial.params)})
     text = _rows_csv(rows)
-    _write_atomic(out / "trials.csv", text)
+    write_text(out / "trials.csv", text)
     parent.log_text(text, "trials.csv")
     result = StudyResult(
         study_name=study_name, storage=public_storage(storage_url), parent_run_id=parent.run_id,

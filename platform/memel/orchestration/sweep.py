@@ -12,12 +12,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from memel.atomic import write_json, write_text
 from memel.models import count_parameters
 from memel.training import TrainResult, TrainSpec, init_ray
 from memel.training.runner import resolve_outputs
@@ -44,12 +44,6 @@ class SweepResult:
     rows: list[dict[str, Any]] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     wall_seconds: float = 0.0
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 def finished_result(spec: TrainSpec) -> TrainResult | None:
@@ -91,7 +85,7 @@ def _parent_run(job: JobSpec, out: Path, tracking_uri: str, members: list[Member
     previous = json.loads(state_file.read_text()) if state_file.exists() else {}
     tracker = MlflowTracker(tracking_uri, job.tracking.experiment, run_id=previous.get("parent_run_id"), run_name=job.name)
     run_id = tracker.start()
-    _write_atomic(state_file, json.dumps({"job": job.name, "parent_run_id": run_id, "tracking_uri": public_uri(tracking_uri)}, indent=2))
+    write_json(state_file, {"job": job.name, "parent_run_id": run_id, "tracking_uri": public_uri(tracking_uri)})
     if previous.get("parent_run_id") != run_id:
         sweep = job.sweep.model_dump(mode="json") if job.sweep else {}
         tracker.log_params(flatten({"sweep": sweep, "base": job.base_tree()}))
@@ -136,8 +130,7 @@ def run_sweep(job: JobSpec, address: str | None = None, progress: Any = None) ->
         member = by_key[outcome.key]
         if outcome.result is not None:
             summary = specs[outcome.key].out / "summary.json"  # also here when the member ran elsewhere
-            summary.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomic(summary, json.dumps(asdict(outcome.result), indent=2, sort_keys=True, default=str))
+            write_json(summary, asdict(outcome.result))
             rows[outcome.key] = table_row(member, outcome.result, "finished", params[member.rung])
             notify("finished", outcome.key, outcome.result)
         else:
@@ -155,7 +148,7 @@ def run_sweep(job: JobSpec, address: str | None = None, progress: Any = None) ->
         raise
     ordered = [rows[m.key] for m in members if m.key in rows]
     text = table_csv(ordered)
-    _write_atomic(out / "sweep_table.csv", text)
+    write_text(out / "sweep_table.csv", text)
     parent.log_text(text, "sweep_table.csv")
     parent.log_dict({"columns": list(COLUMNS), "data": [[row[c] for c in COLUMNS] for row in ordered]}, "sweep_table.json")
     for row in ordered:

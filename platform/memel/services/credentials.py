@@ -11,10 +11,10 @@ import json
 import os
 import secrets
 import shlex
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from memel.atomic import write_text
 from memel.services.config import REGION, StatePaths
 
 
@@ -29,18 +29,7 @@ class S3Credentials:
 
 def write_private(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically with mode 0600 (never readable by others, even briefly)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # created 0600
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temp, 0o600)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    write_text(path, text, mode=0o600)
 
 
 def load_or_create(paths: StatePaths) -> S3Credentials:

@@ -21,6 +21,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
+from memel.atomic import write_text
+
 State = Literal["running", "stopped", "stale"]
 StopOutcome = Literal["stopped", "killed", "stale"]
 
@@ -40,9 +42,7 @@ class ProcessRecord:
 
     def save(self, path: Path) -> None:
         """Write the record atomically (readers never see half a file)."""
-        temp = path.with_name(f".{path.name}.{os.getpid()}")
-        temp.write_text(json.dumps(asdict(self), indent=1))
-        os.replace(temp, path)
+        write_text(path, json.dumps(asdict(self), indent=1))
 
     @classmethod
     def load(cls, path: Path) -> ProcessRecord | None:

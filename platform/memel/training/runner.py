@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from memel.atomic import write_json
 from memel.errors import ConfigError
 from memel.models import count_parameters
 
@@ -46,12 +47,6 @@ class TrainResult:
     output_dir: str
     metrics: dict[str, Any] = field(default_factory=dict)
     wall_seconds: float = 0.0
-
-
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
-    os.replace(temporary, path)
 
 
 def resolve_outputs(spec: TrainSpec) -> tuple[Path, str | None, str | None, str]:
@@ -82,8 +77,8 @@ def _start_tracking(spec: TrainSpec, out: Path, tracking_uri: str, n_params: int
         run_name=spec.tracking.run_name or spec.run_name, parent_run_id=spec.tracking.parent_run_id,
     )  # fmt: skip
     run_id = tracker.start()
-    _write_json(state_file, {"run_name": spec.run_name, "run_id": run_id, "tracking_uri": public_uri(tracking_uri)})
-    _write_json(out / "spec.json", spec.model_dump(mode="json"))  # what offline analysis rebuilds the model from
+    write_json(state_file, {"run_name": spec.run_name, "run_id": run_id, "tracking_uri": public_uri(tracking_uri)})
+    write_json(out / "spec.json", spec.model_dump(mode="json"))  # what offline analysis rebuilds the model from
     if previous.get("run_id") != run_id:
         tracker.log_params(flatten(spec.model_dump(mode="json")))
         inhibition = spec.inhibition
@@ -173,7 +168,7 @@ def run_training(spec: TrainSpec, address: str | None = None, trial: dict[str, A
         checkpoint=result.checkpoint.path if result.checkpoint else None, output_dir=str(out), metrics=metrics,
         wall_seconds=time.perf_counter() - started,
     )  # fmt: skip
-    _write_json(out / "summary.json", asdict(outcome))
+    write_json(out / "summary.json", asdict(outcome))
     tracker.log_dict(asdict(outcome), "summary.json")
     if metrics.get("pruned"):
         tracker.set_tags({"memel.pruned": "true"})
