@@ -132,7 +132,7 @@ def snapshot(model: nn.Module, reset: bool = True, process_group: Any = None) ->
     if distributed_world(process_group) is None:
         return {name: m.snapshot(reset=reset) for name, m in found.items()}
     for module in found.values():
-        module._finish_inflight()
+        module._settle()
     windows = {name: m.window.clone() for name, m in found.items()}
     reduce_windows(list(windows.values()), process_group)
     return {name: found[name]._snapshot_from(windows[name], reset) for name in found}

@@ -29,9 +29,10 @@ import torch
 class Measurement:
     """What one call measured against the pre-call history (per neuron unless said otherwise)."""
 
-    #: sum over samples of d = z - mu and of d^2 (float32, exact shift: mu is the history mean).
-    sum_d: torch.Tensor
-    sum_d2: torch.Tensor
+    #: sum over samples of d = z - mu and of d^2 (float32, exact shift: mu is the history mean);
+    #: None where the call was folded into the history in the same pass (``Inhibitor._fold``).
+    sum_d: torch.Tensor | None
+    sum_d2: torch.Tensor | None
     #: top-n selection: [samples, top_n] neuron indices selected in each sample; threshold
     #: selection: 1-D flat indices into [samples, neurons] (row-major order) of phi >= tau.
     selected: torch.Tensor

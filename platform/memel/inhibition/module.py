@@ -19,7 +19,7 @@ from .kernels import (
     maybe_compiled,
     measure,
 )
-from .native import bookkeeping
+from .native import bookkeeping, native_fold
 from .statistics import Moments, inverse_sqrt_denominator, merge_history, variance_denominator
 
 # Rows of the ``pending`` buffer: this rank's moments since the last merge, as sums of
@@ -134,6 +134,7 @@ class Inhibitor(nn.Module):
         self._select_above: torch.Tensor | None = None  # float32 sqrt(tau) of threshold selection
         self._loss_sum: torch.Tensor | None = None  # mode l2e: sum of log((z-mu)^2+delta) not yet consumed
         self._loss_count = 0
+        self._clear_fold_state()
 
     # ----------------------------------------------------------------------------------
     # state
@@ -153,6 +154,31 @@ class Inhibitor(nn.Module):
         self.register_buffer("tau", torch.tensor(tau, dtype=torch.float64, device=device))
         self.register_buffer("tau_pending", torch.zeros(TAU_PENDING, dtype=torch.float64, device=device))
         self._select_above = None
+        self._clear_fold_state()
+
+    def _clear_fold_state(self) -> None:
+        # The local fused path (``_fold``) adds the increments that every neuron shares (count,
+        # and the window's samples behind the mean MS and samples tracked) here, not to the
+        # buffers: ``_flush_lazy`` adds them before anything reads those buffers.
+        self._lazy_count = 0
+        self._lazy_ms_n = 0
+        self._lazy_tracked = 0
+        self._compensation: float | None = None  # eps * mean(var) of the current history
+        self._prev_mean: torch.Tensor | None = None  # the history mean the last folded call judged against
+        self._all_counted = False  # known: every neuron's count > 0 (counts never fall)
+
+    @torch.no_grad()
+    def _flush_lazy(self) -> None:
+        """Add the lazily kept uniform increments to ``count`` and the window (exact integers)."""
+        if self._lazy_count:
+            self.count.add_(self._lazy_count)
+            self._lazy_count = 0
+        if self._lazy_ms_n:
+            self.window[W_MS_N].add_(self._lazy_ms_n)
+            self._lazy_ms_n = 0
+        if self._lazy_tracked:
+            self.window[W_TRACKED].add_(self._lazy_tracked)
+            self._lazy_tracked = 0
 
     @property
     def initialized(self) -> bool:
@@ -171,9 +197,11 @@ class Inhibitor(nn.Module):
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Inhibitor:
         # model.half()/bfloat16() must not lower the statistics' precision: keep dtypes, follow devices.
+        self._settle()
         kept = dict(self._buffers)
         self._scale = None
         self._select_above = None
+        self._prev_mean = None
         super()._apply(fn, recurse)
         for name, buffer in self._buffers.items():
             old = kept.get(name)
@@ -182,10 +210,11 @@ class Inhibitor(nn.Module):
         return self
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        self._finish_inflight()
+        self._settle()
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        self._settle()
         incoming = state_dict.get(prefix + "mean")
         shape_key = prefix + "neuron_shape"
         if incoming is not None and incoming.numel() != self.neurons and shape_key in state_dict:
@@ -198,6 +227,8 @@ class Inhibitor(nn.Module):
         self._batches = int(self.batches.item())
         self._scale = None
         self._select_above = None
+        self._compensation = None
+        self._all_counted = False
         self._calls = int(self.calls.item())
         self._has_pending = bool(self.neurons) and (
             bool((self.pending[P_COUNT] > 0).any().item()) or bool(self.tau_pending[T_JUDGED].item() > 0)
@@ -219,7 +250,8 @@ class Inhibitor(nn.Module):
     def forward(self, activation: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return activation
-        self._finish_inflight()
+        if self._inflight is not None:
+            self._inflight.wait()
         if self._has_pending and self.config.stats_update == "call":
             if self._group is not None:
                 self._group.flush()
@@ -238,26 +270,34 @@ class Inhibitor(nn.Module):
         config = self.config
         inhibiting = config.modifies and self._batches >= config.late_start
         track = (self._calls - 1) % config.track_every == 0
-        if self._scale is None:
-            self._scale = inverse_sqrt_denominator(self.var, config.eps)
-        scale = self._scale
         select_above = self._threshold_operand() if config.by_threshold else None
         rewrite = inhibiting and config.mode != "l2e"  # l2e leaves the forward values alone
-        with torch.no_grad():
-            measured = measure(
-                values.detach(), self.mean, scale, config.top_n, math.sqrt(config.ms_threshold), track, rewrite,
-                config.kernel, select_above,
-            )  # fmt: skip
-        neuron_index = measured.neuron_index(values.shape[1])
-        self._record(values.shape[0], measured, neuron_index, inhibiting)
+        measured = self._fold(values, track, rewrite, select_above)
+        if measured is not None:
+            judged_mean = self._prev_mean  # the history the call was judged against, before its fold
+            neuron_index = measured.neuron_index(values.shape[1])
+            self._count_selections(neuron_index, inhibiting)
+        else:
+            if self._scale is None:
+                self._scale = inverse_sqrt_denominator(self.var, config.eps)
+            with torch.no_grad():
+                measured = measure(
+                    values.detach(), self.mean, self._scale, config.top_n, math.sqrt(config.ms_threshold), track,
+                    rewrite, config.kernel, select_above,
+                )  # fmt: skip
+            judged_mean = self.mean
+            neuron_index = measured.neuron_index(values.shape[1])
+            self._count_selections(neuron_index, inhibiting)
+            self._record(values.shape[0], measured)
+        assert judged_mean is not None
         if not inhibiting:
             return activation
         flat_index = measured.flat_index(values.shape[1])
         if config.mode == "l2e":
-            self._add_loss_terms(values, flat_index, neuron_index)
+            self._add_loss_terms(values, flat_index, neuron_index, judged_mean)
             return activation
         assert measured.copy is not None
-        replacement = self.mean.index_select(0, neuron_index)
+        replacement = judged_mean.index_select(0, neuron_index)
         output = ReverseDeactivation.apply(values, measured.copy, flat_index, replacement, config.effective_strength)
         return output.view(activation.shape)
 
@@ -267,10 +307,13 @@ class Inhibitor(nn.Module):
             self._select_above = self.tau.sqrt().float()
         return self._select_above
 
-    def _add_loss_terms(self, values: torch.Tensor, flat_index: torch.Tensor, neuron_index: torch.Tensor) -> None:
-        """Mode l2e: keep sum of log((z - mu)^2 + delta) over the selected values (autograd to z)."""
+    def _add_loss_terms(
+        self, values: torch.Tensor, flat_index: torch.Tensor, neuron_index: torch.Tensor, judged_mean: torch.Tensor
+    ) -> None:
+        """Mode l2e: keep sum of log((z - mu)^2 + delta) over the selected values (autograd to z),
+        mu being the pre-call history mean."""
         z = values.reshape(-1).index_select(0, flat_index).float()
-        mu = self.mean.index_select(0, neuron_index)  # a buffer: no gradient
+        mu = judged_mean.index_select(0, neuron_index)  # a buffer: no gradient
         total = torch.log((z - mu).square() + self.config.delta).sum()
         self._loss_sum = total if self._loss_sum is None else self._loss_sum + total
         self._loss_count += flat_index.numel()
@@ -324,16 +367,73 @@ class Inhibitor(nn.Module):
         self._has_pending = True
 
     @torch.no_grad()
-    def _record(self, samples: int, measured: Measurement, neuron_index: torch.Tensor, inhibiting: bool) -> None:
-        """Pending moments (and threshold counts) and this rank's snapshot trackers += one call's measurements."""
-        assert self._scale is not None
-        window = self.window
+    def _count_selections(self, neuron_index: torch.Tensor, inhibiting: bool) -> None:
+        """This rank's window: times each neuron was selected (and inhibited) += this call's."""
         ones = torch.ones(neuron_index.numel(), dtype=torch.float64, device=neuron_index.device)
-        window[W_SELECTED].index_add_(0, neuron_index, ones)
+        self.window[W_SELECTED].index_add_(0, neuron_index, ones)
         if inhibiting:
-            window[W_INHIBITED].index_add_(0, neuron_index, ones)
+            self.window[W_INHIBITED].index_add_(0, neuron_index, ones)
+
+    @torch.no_grad()
+    def _fold(
+        self, values: torch.Tensor, track: bool, rewrite: bool, select_above: torch.Tensor | None
+    ) -> Measurement | None:
+        """The local fused path: measure the call AND merge it into the history as one batch in
+        one native pass (trackers, moments, Lemma 3.2 with the forget step, threshold update),
+        exactly what ``_record`` followed by the next call's merge does, without the per-neuron
+        intermediates. Applies to ``stats_update="call"`` outside a distributed run (there the
+        call's moments must first be all-reduced) with the native kernel; None elsewhere.
+        ``_prev_mean`` then holds the history mean the call was judged against."""
+        config = self.config
+        if config.stats_update != "call" or self._has_pending or self._distributed():
+            return None
+        if bookkeeping(values, config.kernel) is None:
+            return None
+        if self._compensation is None:
+            self._compensation = config.eps * float(self.var.sum(dtype=torch.float64)) / max(self.neurons, 1)
+        if self._prev_mean is None:
+            self._prev_mean = torch.empty_like(self.mean)
+        samples = values.shape[0]
+        fused = native_fold(
+            values.detach(), self.mean, self.var, self.count, self.window, self._prev_mean, self._compensation,
+            config.top_n, math.sqrt(config.ms_threshold), track, rewrite,
+            None if select_above is None else float(select_above),
+            self._batches >= config.forget_steps, config.forget_steps, self._lazy_count, self._all_counted,
+            (W_MS_SUM, W_MS_N, W_ABOVE, W_MS_MAX),
+        )  # fmt: skip
+        if fused is None:
+            return None
+        selected, copied, var_sum, merged = fused
+        self._lazy_count += samples
+        self._lazy_ms_n += samples
+        if track:
+            self._lazy_tracked += samples
+        flat = select_above is not None
+        if flat:
+            above = torch.tensor(float(selected.numel()), dtype=torch.float64)
+            judged = torch.tensor(float(samples * self.neurons), dtype=torch.float64)
+            self.tau.copy_(threshold_update(self.tau, above, judged, config.fraction, config.threshold_rate))
+            self._select_above = None
+        self._all_counted = self._all_counted or merged == self.neurons
+        if merged > 0:
+            self._batches += 1
+            self.batches.fill_(self._batches)
+        self._scale = None
+        self._compensation = config.eps * var_sum / max(self.neurons, 1)
+        return Measurement(None, None, selected, None, None, copied, flat)
+
+    def _distributed(self) -> bool:
+        from .sync import distributed_world
+
+        return distributed_world(self._group.process_group if self._group is not None else None) is not None
+
+    @torch.no_grad()
+    def _record(self, samples: int, measured: Measurement) -> None:
+        """Pending moments (and threshold counts) and this rank's snapshot trackers += one call's measurements."""
+        assert self._scale is not None and measured.sum_d is not None and measured.sum_d2 is not None
+        window = self.window
         if measured.flat:
-            self.tau_pending[T_ABOVE] += neuron_index.numel()
+            self.tau_pending[T_ABOVE] += measured.selected.numel()
             self.tau_pending[T_JUDGED] += samples * self.neurons
         native = bookkeeping(self.pending, self.config.kernel)
         if native is not None and measured.sum_d.dtype == measured.sum_d2.dtype == torch.float32:
@@ -367,6 +467,7 @@ class Inhibitor(nn.Module):
         """Merge a (global) flat payload into the history as one batch (moments, then the
         threshold update) and clear pending."""
         payload = flat[: PAYLOAD_ROWS * self.neurons].view(PAYLOAD_ROWS, self.neurons)
+        self._flush_lazy()  # the merge weighs the history by its true count
         if self.config.by_threshold:
             counts = flat[PAYLOAD_ROWS * self.neurons :]
             config = self.config
@@ -393,6 +494,12 @@ class Inhibitor(nn.Module):
     def _finish_inflight(self) -> None:
         if self._inflight is not None:
             self._inflight.wait()
+
+    def _settle(self) -> None:
+        """Bring every buffer up to date before it is read: a pending asynchronous sync
+        applied, lazily kept increments added."""
+        self._finish_inflight()
+        self._flush_lazy()
 
     # ----------------------------------------------------------------------------------
     # mode l2e: the loss
@@ -421,7 +528,7 @@ class Inhibitor(nn.Module):
     def threshold(self) -> float:
         """The current tau of threshold selection, with this rank's pending counts applied
         (as ``statistics()``; in a distributed run call ``memel.sync(model)`` first)."""
-        self._finish_inflight()
+        self._settle()
         tau = self.tau
         if self.config.by_threshold and self._has_pending:
             c = self.config
@@ -431,7 +538,7 @@ class Inhibitor(nn.Module):
     @torch.no_grad()
     def _effective(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """History with this rank's pending batch merged in (without changing any state)."""
-        self._finish_inflight()
+        self._settle()
         if not self._has_pending:
             return self.mean, self.var, self.count, self._batches
         pending = self.pending
@@ -483,7 +590,7 @@ class Inhibitor(nn.Module):
             raise RuntimeError("Inhibitor has no statistics yet: it has not seen a training batch")
         from .sync import reduce_windows
 
-        self._finish_inflight()
+        self._settle()
         window = self.window.clone()
         if reduce:
             reduce_windows([window])

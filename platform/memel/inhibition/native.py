@@ -62,7 +62,7 @@ def load() -> Any:
                 _module = load_extension(
                     name=EXTENSION_NAME,
                     sources=[str(SOURCE)],
-                    extra_cflags=["-O3", "-fopenmp"],
+                    extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],
                     extra_ldflags=["-fopenmp"],
                     verbose=False,
                 )
@@ -140,6 +140,55 @@ def native_measure(
             f"memel: the native inhibition kernel failed ({type(error).__name__}: {error}); using the eager kernel",
         )
         return None
+
+
+def native_fold(
+    values: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    count: torch.Tensor,
+    window: torch.Tensor,
+    prev_mean: torch.Tensor,
+    compensation: float,
+    top_n: int,
+    sqrt_threshold: float,
+    track: bool,
+    copy: bool,
+    select_threshold: float | None,
+    capped: bool,
+    forget_steps: int,
+    count_offset: int,
+    all_counted: bool,
+    window_rows: tuple[int, int, int, int],
+    threads: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None, float, int] | None:
+    """One training call measured and merged into the history in a single pass, in place
+    (``measure_fold`` in native_kernel.cpp): (selected, copy, sum of the new var, neurons
+    merged); None where it cannot run (the caller then takes the two-step path).
+
+    ``window_rows``: the rows of the window for the MS sum, the samples behind it, the count
+    above ``ms_threshold`` and the max MS. Uniform increments are the caller's to add (see
+    ``Inhibitor._flush_lazy``); ``count_offset`` is the part of them not yet in ``count``.
+    Unlike ``native_measure`` a failure inside the kernel is not caught: it may have changed
+    the history already, so falling back could merge the call twice."""
+    if values.device.type != "cpu" or values.dtype not in SUPPORTED_DTYPES:
+        return None
+    if values.dim() != 2 or values.numel() == 0 or not 1 <= top_n <= values.shape[1] or values.shape[1] >= 2**31:
+        return None
+    if select_threshold is not None and not select_threshold >= 0:
+        return None
+    module = load()
+    if module is None or not hasattr(module, "measure_fold"):
+        return None
+    ms_sum_row, ms_n_row, above_row, max_row = window_rows
+    selected, copied, totals = module.measure_fold(
+        values.contiguous(), mean, var, count, window, prev_mean, float(compensation), int(top_n),
+        float(sqrt_threshold), bool(track), bool(copy), int(threads),
+        -1.0 if select_threshold is None else float(select_threshold), bool(capped), int(forget_steps),
+        int(count_offset), bool(all_counted), ms_sum_row, ms_n_row, above_row, max_row,
+    )  # fmt: skip
+    var_sum, merged = totals.tolist()
+    return selected, copied, var_sum, int(merged)
 
 
 def bookkeeping(tensor: torch.Tensor, kernel: str) -> Any:

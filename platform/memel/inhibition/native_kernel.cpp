@@ -82,6 +82,138 @@ MEMEL_INLINE int32_t key_of(float s) {
   return k;
 }
 
+MEMEL_INLINE float float_bits(int32_t k) {
+  float f;
+  std::memcpy(&f, &k, sizeof(f));
+  return f;
+}
+
+// The MS scale of the hot path, 1/sqrt(var + comp) floored like inverse_sqrt_denominator in
+// statistics.py (float32 add, clamp to the smallest normal, then 1/sqrt: torch's rsqrt).
+MEMEL_INLINE float ms_scale(float var, float comp) {
+  return 1.0f / std::sqrt(std::max(var + comp, std::numeric_limits<float>::min()));
+}
+
+// Per-neuron bookkeeping folded into the pass (measure_fold): what record_moments and then
+// merge_moments do with one call's sums, done for a column as soon as its sums are complete,
+// so that no per-neuron intermediate (sums, pending moments) is written and read back.
+// Uniform increments (count, samples behind the mean MS, samples tracked) are left to the
+// caller, which adds them lazily; the fold only writes a neuron's deficit where a non-finite
+// value made it skip the call. `capped`: the history weighs forget_steps batches of this size.
+struct Fold {
+  float* mean;        // history mean (in place; the pre-call value is kept in prev_mean)
+  float* var;         // history variance (in place)
+  int64_t* count;     // history count minus lazily added samples (in place: deficits only)
+  int64_t count_offset;
+  bool capped;
+  bool all_counted;   // every neuron's history has a count (so a capped one weighs the same)
+  double forget_steps;
+  double samples;     // b: this call's samples
+  double* ms_sum;     // window rows (float64, in place)
+  double* ms_n;
+  double* above;
+  double* ms_max;
+  float* prev_mean;   // out: the mean each value was judged against
+  double* block_var;  // out: sum of the new var per block of 64 neurons
+  int64_t* block_merged;  // out: neurons merged per block of 64
+};
+
+// Fold one tile of columns [t0, t0 + w) given their sums (sd, sd2: double accumulators of
+// d and d^2; mx: max keys; ab: counts above the threshold; sc: the scale each was judged
+// with). Written as straight-line selects so that it vectorises: every value is computed for
+// every column and the finite ones kept; the rare neurons that skip the call (a non-finite
+// value) get their deficits in a scalar loop afterwards. UNIFORM: the history is capped and
+// every neuron has a count, so every history weighs forget_steps * b and count is not read.
+// The merge is merge_moments' arithmetic, operation for operation (with -ffp-contract=off
+// the results are the same bits).
+template <bool TRACK, bool UNIFORM>
+MEMEL_INLINE void fold_tile(const Fold& f, int64_t t0, int64_t w, const double* __restrict sd,
+                            const double* __restrict sd2, const int32_t* __restrict mx, const int32_t* __restrict ab,
+                            const float* __restrict sc) {
+  const double b = f.samples;
+  float* __restrict mean = f.mean + t0;
+  float* __restrict var = f.var + t0;
+  float* __restrict prev = f.prev_mean + t0;
+  const int64_t* __restrict count = f.count + t0;
+  double* __restrict ms_sum = f.ms_sum + t0;
+  double* __restrict above = f.above + t0;
+  double* __restrict ms_max = f.ms_max + t0;
+  const double capped_m = f.forget_steps * b;
+  const double first_dof = std::max(b - 1, 1.0);
+  int64_t skipped = 0;
+  for (int64_t j = 0; j < w; ++j) {
+    const float d1 = static_cast<float>(sd[j]), d2 = static_cast<float>(sd2[j]);  // as measure's outputs
+    const bool finite2 = std::isfinite(d2);
+    const bool ok = finite2 && std::isfinite(d1);
+    skipped += ok ? 0 : 1;
+    if (TRACK) {
+      above[j] += static_cast<double>(ab[j]);
+      const double m = static_cast<double>(float_bits(mx[j]));
+      double sq = m * m;
+      sq = std::isnan(sq) ? 0.0 : sq;
+      sq = std::isinf(sq) ? std::numeric_limits<double>::max() : sq;
+      const double old = ms_max[j];
+      ms_max[j] = (sq > old || std::isnan(old)) ? sq : old;
+    }
+    const double scale_j = static_cast<double>(sc[j]);
+    const double add = static_cast<double>(finite2 ? d2 : 0.0f) * (scale_j * scale_j);
+    ms_sum[j] = finite2 ? ms_sum[j] + add : ms_sum[j];
+    const float mu_f = mean[j];
+    const float nu_f = var[j];
+    prev[j] = mu_f;
+    const double mu = static_cast<double>(mu_f);
+    const double nu = static_cast<double>(nu_f);
+    const double s1 = ok ? static_cast<double>(d1) : 0.0, s2 = ok ? static_cast<double>(d2) : 0.0;
+    const double delta = s1 / b;
+    const double mean_b = mu + delta;
+    const double m2 = std::max(s2 - s1 * delta, 0.0);
+    double m;
+    if (UNIFORM) {
+      m = capped_m;
+    } else {
+      m = static_cast<double>(count[j] + f.count_offset);
+      if (f.capped && m > 0) m = capped_m;
+    }
+    const double total = m + b;
+    const double dof = std::max(total - 1, 1.0);
+    const double dm = mu - mean_b;
+    double out_mu = (m * mu + b * mean_b) / total;
+    double out_nu = m * b * dm * dm / (dof * total) + (m2 + (m - 1) * nu) / dof;
+    if (!UNIFORM) {
+      out_mu = m == 0 ? mean_b : out_mu;
+      out_nu = m == 0 ? m2 / first_dof : out_nu;
+    }
+    mean[j] = ok ? static_cast<float>(out_mu) : mu_f;
+    var[j] = ok ? static_cast<float>(std::max(out_nu, 0.0)) : nu_f;
+  }
+  if (skipped > 0) {  // deficits of the neurons that skip this call (the caller adds b to all)
+    for (int64_t j = 0; j < w; ++j) {
+      const float d1 = static_cast<float>(sd[j]), d2 = static_cast<float>(sd2[j]);
+      if (!std::isfinite(d2)) f.ms_n[t0 + j] -= b;
+      if (!(std::isfinite(d2) && std::isfinite(d1))) f.count[t0 + j] -= static_cast<int64_t>(b);
+    }
+  }
+  // the new var summed per block of 64 in a fixed order (8 lanes, then the lanes in order)
+  for (int64_t k = 0; k < w; k += 64) {
+    const int64_t e = std::min<int64_t>(64, w - k);
+    double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 8 <= e; i += 8) {
+      for (int l = 0; l < 8; ++l) lanes[l] += static_cast<double>(var[k + i + l]);
+    }
+    for (; i < e; ++i) lanes[0] += static_cast<double>(var[k + i]);
+    f.block_var[(t0 + k) >> 6] = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+  }
+  f.block_merged[t0 >> 6] += w - skipped;
+}
+
+template <bool TRACK>
+MEMEL_INLINE void fold_columns(const Fold& f, int64_t t0, int64_t w, const double* sd, const double* sd2,
+                               const int32_t* mx, const int32_t* ab, const float* sc) {
+  if (f.capped && f.all_counted) fold_tile<TRACK, true>(f, t0, w, sd, sd2, mx, ab, sc);
+  else fold_tile<TRACK, false>(f, t0, w, sd, sd2, mx, ab, sc);
+}
+
 // A selection candidate: key in the high half, neuron index in the low half, so that integer
 // order is key order (ties: either).
 MEMEL_INLINE uint64_t pack(int32_t key, int64_t index) {
@@ -121,6 +253,11 @@ struct TaskArgs {
   double* part_sd2;
   int32_t* part_max;
   int32_t* part_above;
+  // the scale from the history variance (var != nullptr) instead of a precomputed one, and
+  // the fold (measure_fold; applied at the end of each tile on the direct path)
+  const float* var;
+  float comp;
+  const Fold* fold;
 };
 
 template <typename T, bool TRACK, bool COPY>
@@ -258,6 +395,7 @@ MEMEL_INLINE void run_task_impl(const T* x, T* out, const float* mean, const flo
   alignas(64) int32_t mx[TILE];
   alignas(64) int32_t ab[TILE];
   alignas(64) int32_t keys[TILE];
+  alignas(64) float scale_tile[TILE];
   const int64_t N = a.N, n = a.n;
   const bool by_threshold = a.select_key >= 0;
   std::vector<uint64_t> buf(n > 1 && !by_threshold ? static_cast<size_t>(buffer_size(n)) : 0);
@@ -267,11 +405,17 @@ MEMEL_INLINE void run_task_impl(const T* x, T* out, const float* mean, const flo
     std::fill(sd2, sd2 + w, 0.0);
     std::fill(mx, mx + w, static_cast<int32_t>(0));
     std::fill(ab, ab + w, static_cast<int32_t>(0));
+    const float* sc = scale_tile;
+    if (a.var != nullptr) {
+      for (int64_t j = 0; j < w; ++j) scale_tile[j] = ms_scale(a.var[t0 + j], a.comp);
+    } else {
+      sc = scale + t0;
+    }
     for (int64_t r = a.r0; r < a.r1; ++r) {
       const T* xp = x + r * N + t0;
       T* op = COPY ? out + r * N + t0 : nullptr;
       const int32_t kmax =
-          row_tile<T, TRACK, COPY>(xp, op, mean + t0, scale + t0, w, a.thr, sd, sd2, mx, ab, keys);
+          row_tile<T, TRACK, COPY>(xp, op, mean + t0, sc, w, a.thr, sd, sd2, mx, ab, keys);
       if (by_threshold) {
         if (kmax >= a.select_key) append_hits(keys, w, r, r * N + t0, a.select_key, *a.hits);
         continue;
@@ -279,7 +423,9 @@ MEMEL_INLINE void run_task_impl(const T* x, T* out, const float* mean, const flo
       const int64_t row = r - a.r0;
       if (kmax > a.tau[row]) offer_tile(keys, w, t0, kmax, a.kept + row * n, a.count[row], a.tau[row], n, buf.data());
     }
-    if (a.direct) {
+    if (a.direct && a.fold != nullptr) {
+      fold_columns<TRACK>(*a.fold, t0, w, sd, sd2, mx, ab, sc);
+    } else if (a.direct) {
       for (int64_t j = 0; j < w; ++j) {
         a.out_sd[t0 + j] = static_cast<float>(sd[j]);
         a.out_sd2[t0 + j] = static_cast<float>(sd2[j]);
@@ -333,12 +479,6 @@ inline void run_task(const at::Tensor& values, const at::Tensor& copied, const f
     default:
       TORCH_CHECK(false, "memel native inhibition kernel: unsupported dtype ", values.scalar_type());
   }
-}
-
-inline float float_bits(int32_t k) {
-  float f;
-  std::memcpy(&f, &k, sizeof(f));
-  return f;
 }
 
 // The copy is a fresh [S, N] buffer written once. With MEMEL_NATIVE_HUGEPAGES=1, on Linux,
@@ -405,25 +545,26 @@ at::Tensor gather_hits(const std::vector<Hits>& hits, int64_t S, const at::Tenso
 // undefined tensors (None in Python) when not requested. selected is [S, top_n] neuron
 // indices, or with select_threshold >= 0 the 1-D flat indices of the values with
 // scaled >= select_threshold (top_n is then unused).
-std::vector<at::Tensor> measure(const at::Tensor& values_in, const at::Tensor& mean_in, const at::Tensor& scale_in,
-                                int64_t top_n, double sqrt_threshold, bool track, bool copy, int64_t threads,
-                                double select_threshold) {
-  TORCH_CHECK(values_in.dim() == 2, "values must be [samples, neurons]");
-  TORCH_CHECK(values_in.device().is_cpu(), "values must be on the CPU");
-  const at::Tensor values = values_in.contiguous();
-  const at::Tensor mean = mean_in.to(at::kFloat).contiguous();
-  const at::Tensor scale = scale_in.to(at::kFloat).contiguous();
+//
+// The scale is `scale` (one per neuron) or, when `var` is given, computed per tile from the
+// history variance and comp = eps * mean(var). With a fold (measure_fold) the per-neuron
+// results are folded into the history instead of returned (their tensors are undefined).
+std::vector<at::Tensor> measure_impl(const at::Tensor& values, const float* mp, const float* sp, const float* var,
+                                     float comp, int64_t top_n, double sqrt_threshold, bool track, bool copy,
+                                     int64_t threads, double select_threshold, const Fold* fold) {
   const int64_t S = values.size(0), N = values.size(1), n = top_n;
   TORCH_CHECK(S > 0 && N > 0, "values must not be empty");
   TORCH_CHECK(n >= 1 && n <= N, "top_n must be in 1..neurons");
   TORCH_CHECK(N < (int64_t(1) << 31), "too many neurons for the native kernel");
-  TORCH_CHECK(mean.numel() == N && scale.numel() == N, "mean and scale must have one value per neuron");
 
   const auto fopts = values.options().dtype(at::kFloat);
-  at::Tensor sum_d = at::empty({N}, fopts);
-  at::Tensor sum_d2 = at::empty({N}, fopts);
-  at::Tensor max_scaled, above;
-  if (track) {
+  const bool outputs = fold == nullptr;
+  at::Tensor sum_d, sum_d2, max_scaled, above;
+  if (outputs) {
+    sum_d = at::empty({N}, fopts);
+    sum_d2 = at::empty({N}, fopts);
+  }
+  if (track && outputs) {
     max_scaled = at::empty({N}, fopts);
     above = at::empty({N}, values.options().dtype(at::kInt));
   }
@@ -446,8 +587,6 @@ std::vector<at::Tensor> measure(const at::Tensor& values_in, const at::Tensor& m
     C = std::max<int64_t>(1, std::min(T, (N + 63) / 64));
   }
 
-  const float* mp = mean.const_data_ptr<float>();
-  const float* sp = scale.const_data_ptr<float>();
   const float thr = static_cast<float>(sqrt_threshold);
   const int32_t select_key = by_threshold ? key_of(static_cast<float>(select_threshold)) : -1;
 
@@ -509,10 +648,13 @@ std::vector<at::Tensor> measure(const at::Tensor& values_in, const at::Tensor& m
       }
       a.direct = true;
     }
-    a.out_sd = sum_d.data_ptr<float>();
-    a.out_sd2 = sum_d2.data_ptr<float>();
-    a.out_max = track ? max_scaled.data_ptr<float>() : nullptr;
-    a.out_above = track ? above.data_ptr<int32_t>() : nullptr;
+    a.out_sd = outputs ? sum_d.data_ptr<float>() : nullptr;
+    a.out_sd2 = outputs ? sum_d2.data_ptr<float>() : nullptr;
+    a.out_max = track && outputs ? max_scaled.data_ptr<float>() : nullptr;
+    a.out_above = track && outputs ? above.data_ptr<int32_t>() : nullptr;
+    a.var = var;
+    a.comp = comp;
+    a.fold = fold;
     return a;
   };
 
@@ -525,8 +667,40 @@ std::vector<at::Tensor> measure(const at::Tensor& values_in, const at::Tensor& m
     });
   }
 
-  // merge partial column sums (row-parallel) in a fixed order
-  if (P > 1) {
+  // merge partial column sums (row-parallel) in a fixed order; with a fold, fold each column
+  // (blocks of 64 in parallel: each block's sums are taken in column order, so deterministic)
+  if (P > 1 && fold != nullptr) {
+    at::parallel_for(0, (N + 63) / 64, 16, [&](int64_t begin, int64_t end) {
+      alignas(64) double bsd[64];
+      alignas(64) double bsd2[64];
+      alignas(64) int32_t bmx[64];
+      alignas(64) int32_t bab[64];
+      alignas(64) float bsc[64];
+      for (int64_t block = begin; block < end; ++block) {
+        const int64_t j0 = block * 64, w = std::min<int64_t>(64, N - j0);
+        for (int64_t i = 0; i < w; ++i) {
+          const int64_t j = j0 + i;
+          double a = 0.0, b = 0.0;
+          int32_t mk = 0, cnt = 0;
+          for (int64_t p = 0; p < P; ++p) {
+            a += part_sd[p * N + j];
+            b += part_sd2[p * N + j];
+            if (track) {
+              mk = std::max(mk, part_max[p * N + j]);
+              cnt += part_above[p * N + j];
+            }
+          }
+          bsd[i] = a;
+          bsd2[i] = b;
+          bmx[i] = mk;
+          bab[i] = cnt;
+          bsc[i] = var != nullptr ? ms_scale(var[j], comp) : sp[j];
+        }
+        if (track) fold_columns<true>(*fold, j0, w, bsd, bsd2, bmx, bab, bsc);
+        else fold_columns<false>(*fold, j0, w, bsd, bsd2, bmx, bab, bsc);
+      }
+    });
+  } else if (P > 1) {
     float* osd = sum_d.data_ptr<float>();
     float* osd2 = sum_d2.data_ptr<float>();
     float* omax = track ? max_scaled.data_ptr<float>() : nullptr;
@@ -586,6 +760,88 @@ std::vector<at::Tensor> measure(const at::Tensor& values_in, const at::Tensor& m
   for (int64_t i = 0; i < S * n; ++i) sel[i] = static_cast<int64_t>(static_cast<uint32_t>(kept[static_cast<size_t>(i)]));
 
   return {sum_d, sum_d2, max_scaled, above, selected, copied};
+}
+
+static void check_vector(const at::Tensor& t, at::ScalarType dtype, int64_t n, const char* name);
+
+// Returns (sum_d, sum_d2, max_scaled, above, selected, copy); max_scaled/above/copy are
+// undefined tensors (None in Python) when not requested. selected is [S, top_n] neuron
+// indices, or with select_threshold >= 0 the 1-D flat indices of the values with
+// scaled >= select_threshold (top_n is then unused).
+std::vector<at::Tensor> measure(const at::Tensor& values_in, const at::Tensor& mean_in, const at::Tensor& scale_in,
+                                int64_t top_n, double sqrt_threshold, bool track, bool copy, int64_t threads,
+                                double select_threshold) {
+  TORCH_CHECK(values_in.dim() == 2, "values must be [samples, neurons]");
+  TORCH_CHECK(values_in.device().is_cpu(), "values must be on the CPU");
+  const at::Tensor values = values_in.contiguous();
+  const at::Tensor mean = mean_in.to(at::kFloat).contiguous();
+  const at::Tensor scale = scale_in.to(at::kFloat).contiguous();
+  TORCH_CHECK(mean.numel() == values.size(1) && scale.numel() == values.size(1),
+              "mean and scale must have one value per neuron");
+  return measure_impl(values, mean.const_data_ptr<float>(), scale.const_data_ptr<float>(), nullptr, 0.0f, top_n,
+                      sqrt_threshold, track, copy, threads, select_threshold, nullptr);
+}
+
+// One training call measured AND folded into the history in the same pass (the local path
+// of module.py: no distributed reduction, one call = one batch): MS against the history
+// (scale from var and comp = eps * mean(var)), each sample's selection, the copy, and per
+// neuron the window's trackers and the Lemma 3.2 / forget-step merge of the call's moments,
+// in place. The pre-call mean of every neuron lands in prev_mean. Uniform increments are
+// the caller's (count += samples for every neuron, window ms_n += samples, and tracked +=
+// samples on tracked calls), added lazily: the fold subtracts them where a neuron skips the
+// call (a non-finite value), and count_offset is what the caller has not added to count yet.
+// Returns (selected, copy, totals) with totals = float64 [sum of the new var, neurons merged].
+std::vector<at::Tensor> measure_fold(const at::Tensor& values_in, at::Tensor mean, at::Tensor var, at::Tensor count,
+                                     at::Tensor window, at::Tensor prev_mean, double comp, int64_t top_n,
+                                     double sqrt_threshold, bool track, bool copy, int64_t threads,
+                                     double select_threshold, bool capped, int64_t forget_steps,
+                                     int64_t count_offset, bool all_counted, int64_t ms_sum_row, int64_t ms_n_row,
+                                     int64_t above_row, int64_t max_row) {
+  TORCH_CHECK(values_in.dim() == 2, "values must be [samples, neurons]");
+  TORCH_CHECK(values_in.device().is_cpu(), "values must be on the CPU");
+  const at::Tensor values = values_in.contiguous();
+  const int64_t S = values.size(0), N = values.size(1);
+  check_vector(mean, at::kFloat, N, "mean");
+  check_vector(var, at::kFloat, N, "var");
+  check_vector(count, at::kLong, N, "count");
+  check_vector(prev_mean, at::kFloat, N, "prev_mean");
+  TORCH_CHECK(window.dim() == 2 && window.size(1) == N, "memel native fold: bad window shape");
+  check_vector(window, at::kDouble, window.numel(), "window");
+  const int64_t rows = window.size(0);
+  TORCH_CHECK(ms_sum_row < rows && ms_n_row < rows && above_row < rows && max_row < rows, "bad window rows");
+  const int64_t blocks = (N + 63) / 64;
+  std::vector<double> block_var(static_cast<size_t>(blocks), 0.0);
+  std::vector<int64_t> block_merged(static_cast<size_t>(blocks), 0);
+  double* w = window.data_ptr<double>();
+  Fold fold{};
+  fold.mean = mean.data_ptr<float>();
+  fold.var = var.data_ptr<float>();
+  fold.count = count.data_ptr<int64_t>();
+  fold.count_offset = count_offset;
+  fold.capped = capped;
+  fold.all_counted = all_counted;
+  fold.forget_steps = static_cast<double>(forget_steps);
+  fold.samples = static_cast<double>(S);
+  fold.ms_sum = w + ms_sum_row * N;
+  fold.ms_n = w + ms_n_row * N;
+  fold.above = w + above_row * N;
+  fold.ms_max = w + max_row * N;
+  fold.prev_mean = prev_mean.data_ptr<float>();
+  fold.block_var = block_var.data();
+  fold.block_merged = block_merged.data();
+  std::vector<at::Tensor> out =
+      measure_impl(values, fold.mean, nullptr, fold.var, static_cast<float>(comp), top_n, sqrt_threshold, track, copy,
+                   threads, select_threshold, &fold);
+  at::Tensor totals = at::zeros({2}, values.options().dtype(at::kDouble));
+  double var_sum = 0.0;
+  int64_t merged = 0;
+  for (int64_t k = 0; k < blocks; ++k) {
+    var_sum += block_var[static_cast<size_t>(k)];
+    merged += block_merged[static_cast<size_t>(k)];
+  }
+  totals.data_ptr<double>()[0] = var_sum;
+  totals.data_ptr<double>()[1] = static_cast<double>(merged);
+  return {out[4], out[5], totals};
 }
 
 // ---------------------------------------------------------------------------------------
@@ -717,5 +973,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("scale"), pybind11::arg("samples"), pybind11::arg("ms_sum_row"), pybind11::arg("ms_n_row"),
         pybind11::arg("max_scaled") = pybind11::none(), pybind11::arg("above") = pybind11::none(),
         pybind11::arg("above_row") = 0, pybind11::arg("tracked_row") = 0, pybind11::arg("max_row") = 0);
+  m.def("measure_fold", &measure_fold,
+        "one training call measured and folded into the history in one pass (local path), in place",
+        pybind11::arg("values"), pybind11::arg("mean"), pybind11::arg("var"), pybind11::arg("count"),
+        pybind11::arg("window"), pybind11::arg("prev_mean"), pybind11::arg("comp"), pybind11::arg("top_n"),
+        pybind11::arg("sqrt_threshold"), pybind11::arg("track"), pybind11::arg("copy"), pybind11::arg("threads"),
+        pybind11::arg("select_threshold"), pybind11::arg("capped"), pybind11::arg("forget_steps"),
+        pybind11::arg("count_offset"), pybind11::arg("all_counted"), pybind11::arg("ms_sum_row"), pybind11::arg("ms_n_row"),
+        pybind11::arg("above_row"), pybind11::arg("max_row"));
   m.def("merge_moments", &merge_moments, "merge pending moments into the history (Lemma 3.2, forget step), in place");
 }
