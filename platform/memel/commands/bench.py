@@ -19,8 +19,12 @@ def bench_inhibition_command(
     track_every: int = typer.Option(1, help="Snapshot tracking interval (InhibitionConfig.track_every)."),
     threads: int = typer.Option(0, help="torch threads (0 = torch's default)."),
     kernel: list[str] = typer.Option(["native", "compiled", "eager"], "--kernel", help="Hot-path kernels to time (repeatable)."),
+    reuse: bool = typer.Option(True, "--reuse/--no-reuse", help="InhibitionConfig.reuse_buffers of the module timed."),
 ) -> None:
     """Time the Inhibitor (rd mode) forward+backward against a plain h*1.0 on the same tensor.
+
+    Also against a warm copy (one read and one write each way into reused buffers): h*1.0
+    writes fresh tensors, whose page faults the module's reused buffers do not pay.
 
     Example: [bold]memel bench inhibition --top-n 1 --top-n 10[/bold]
     """
@@ -30,12 +34,18 @@ def bench_inhibition_command(
 
     if threads:
         torch.set_num_threads(threads)
-    rows = bench_inhibition((batch, seq, hidden), top_ns=top_n, repeats=repeats, track_every=track_every, kernels=kernel)
+    rows = bench_inhibition(
+        (batch, seq, hidden), top_ns=top_n, repeats=repeats, track_every=track_every, kernels=kernel, reuse_buffers=reuse
+    )
     table = Table(title=f"Inhibitor fwd+bwd / (h*1.0) fwd+bwd, float32 [{batch}, {seq}, {hidden}], {torch.get_num_threads()} threads")
-    for column in ("kernel", "layout", "top_n", "module ms", "h*1.0 ms", "median ratio", "best/best"):
+    for column in ("kernel", "layout", "top_n", "module ms", "h*1.0 ms", "median ratio", "best/best", "warm copy ms", "/ warm"):
         table.add_column(column, justify="right")
     for row in rows:
-        table.add_row(row.kernel, row.layout, str(row.top_n), f"{row.module_ms:.1f}", f"{row.baseline_ms:.1f}", f"{row.ratio:.2f}x", f"{row.best_ratio:.2f}x")
+        warm = ("-", "-") if row.warm_ms is None else (f"{row.warm_ms:.1f}", f"{row.warm_ratio:.2f}x")
+        table.add_row(
+            row.kernel, row.layout, str(row.top_n), f"{row.module_ms:.1f}", f"{row.baseline_ms:.1f}", f"{row.ratio:.2f}x",
+            f"{row.best_ratio:.2f}x", *warm,
+        )  # fmt: skip
     Console().print(table)
 
 

@@ -76,6 +76,11 @@ class InhibitionConfig(BaseModel):
             ``native`` runs it as one fused C++ pass on CPU (built once on first use and cached;
             falls back to ``eager``, with a warning, where it cannot be built or used).
             Threshold selection is fused in ``native`` too; ``compiled`` runs it eagerly.
+        reuse_buffers: with the native kernel, write each call's output copy (and RD's
+            gradient) into the buffer of an earlier call once nothing refers to it any more,
+            instead of fresh memory, whose page faults are most of the cost of writing an
+            activation-sized tensor on CPU. Holds up to two activation-sized buffers per module
+            between steps (during a step they are alive anyway); False frees them each time.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -96,6 +101,7 @@ class InhibitionConfig(BaseModel):
     stats_update: StatsUpdate = "call"
     track_every: int = Field(1, ge=1)
     kernel: Kernel = "auto"
+    reuse_buffers: bool = True
 
     def __init__(self, **data: object) -> None:
         try:

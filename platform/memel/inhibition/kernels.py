@@ -189,20 +189,69 @@ def flat_selection(selected: torch.Tensor, neurons: int) -> torch.Tensor:
     return (rows + selected).reshape(-1)
 
 
+class BufferSlot:
+    """One reusable buffer of the native kernel: the last one it handed out, offered again
+    (it is reused once nothing else refers to its memory; see ``reusable`` in native_kernel.cpp)."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self) -> None:
+        self.tensor: torch.Tensor | None = None
+
+
+class GatherSelected(torch.autograd.Function):
+    """The values at ``flat_index`` of a contiguous tensor (mode l2e's loss terms). Its gradient
+    is a full-size tensor that is zero but at those values; with a ``grad_slot`` (CPU, native
+    kernel) it is written into that slot's buffer when it is free instead of fresh zeros."""
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, flat_index: torch.Tensor, grad_slot: BufferSlot | None = None):  # type: ignore[override]
+        ctx.save_for_backward(flat_index)
+        ctx.like = values.detach()  # (its shape, dtype and device)
+        ctx.grad_slot = grad_slot
+        return values.reshape(-1).index_select(0, flat_index)
+
+    @staticmethod
+    def backward(ctx, grad_selected: torch.Tensor):  # type: ignore[override]
+        (flat_index,) = ctx.saved_tensors
+        like, slot = ctx.like, ctx.grad_slot
+        if slot is not None:
+            from .native import native_scattered_gradient
+
+            scattered = native_scattered_gradient(grad_selected, flat_index, like, slot.tensor)
+            if scattered is not None:
+                grad, slot.tensor = scattered
+                return grad, None, None
+        grad = torch.zeros(like.shape, dtype=like.dtype, device=grad_selected.device)
+        grad.view(-1).index_copy_(0, flat_index, grad_selected.to(like.dtype))
+        return grad, None, None
+
+
 class ReverseDeactivation(torch.autograd.Function):
     """z' = -D*z + (mu + D*z).detach() at the selected values; identity elsewhere.
 
     Forward: selected values become the neuron mean (written into ``output``, a fresh copy
     of ``values``). Backward: their gradient is multiplied by -D (D=0: no gradient, naive
-    (a); D=-1: unchanged, naive (b)); every other gradient passes through untouched.
+    (a); D=-1: unchanged, naive (b)); every other gradient passes through untouched. With a
+    ``grad_slot`` (CPU, native kernel) the gradient is written into that slot's buffer when
+    it is free instead of a fresh tensor.
     """
 
     @staticmethod
-    def forward(ctx, values: torch.Tensor, output: torch.Tensor, flat_index: torch.Tensor, replacement: torch.Tensor, strength: float):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx,
+        values: torch.Tensor,
+        output: torch.Tensor,
+        flat_index: torch.Tensor,
+        replacement: torch.Tensor,
+        strength: float,
+        grad_slot: BufferSlot | None = None,
+    ):
         output.view(-1).index_copy_(0, flat_index, replacement.to(output.dtype))
         ctx.mark_dirty(output)
         ctx.save_for_backward(flat_index)
         ctx.strength = strength
+        ctx.grad_slot = grad_slot
         return output
 
     @staticmethod
@@ -210,11 +259,19 @@ class ReverseDeactivation(torch.autograd.Function):
         (flat_index,) = ctx.saved_tensors
         strength = ctx.strength
         if strength == -1.0:
-            return grad_output, None, None, None, None
+            return grad_output, None, None, None, None, None
+        slot = ctx.grad_slot
+        if slot is not None:
+            from .native import native_reversed_gradient
+
+            reused = native_reversed_gradient(grad_output, flat_index, strength, slot.tensor)
+            if reused is not None:
+                grad, slot.tensor = reused
+                return grad, None, None, None, None, None
         grad = grad_output.contiguous().clone() if grad_output.is_contiguous() else grad_output.contiguous()
         flat = grad.view(-1)
         if strength == 0.0:
             flat.index_fill_(0, flat_index, 0.0)
         else:
             flat.index_copy_(0, flat_index, flat.index_select(0, flat_index) * (-strength))
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None

@@ -13,6 +13,8 @@ from memel.errors import ConfigError
 
 from .config import InhibitionConfig, initial_threshold
 from .kernels import (
+    BufferSlot,
+    GatherSelected,
     Measurement,
     ReverseDeactivation,
     accumulate_moments,
@@ -165,6 +167,9 @@ class Inhibitor(nn.Module):
         self._lazy_tracked = 0
         self._compensation: float | None = None  # eps * mean(var) of the current history
         self._prev_mean: torch.Tensor | None = None  # the history mean the last folded call judged against
+        # the output copy's and the gradient's buffers, reused once free (config.reuse_buffers)
+        self._copy_slot = BufferSlot()
+        self._grad_slot = BufferSlot()
         self._all_counted = False  # known: every neuron's count > 0 (counts never fall)
 
     @torch.no_grad()
@@ -202,6 +207,7 @@ class Inhibitor(nn.Module):
         self._scale = None
         self._select_above = None
         self._prev_mean = None
+        self._copy_slot, self._grad_slot = BufferSlot(), BufferSlot()
         super()._apply(fn, recurse)
         for name, buffer in self._buffers.items():
             old = kept.get(name)
@@ -237,6 +243,7 @@ class Inhibitor(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["_loss_sum"], state["_loss_count"] = None, 0  # a graph is not state (and cannot be copied)
+        state["_copy_slot"], state["_grad_slot"] = BufferSlot(), BufferSlot()  # scratch memory
         return state
 
     def train(self, mode: bool = True) -> Inhibitor:
@@ -298,8 +305,14 @@ class Inhibitor(nn.Module):
             return activation
         assert measured.copy is not None
         replacement = judged_mean.index_select(0, neuron_index)
-        output = ReverseDeactivation.apply(values, measured.copy, flat_index, replacement, config.effective_strength)
+        output = ReverseDeactivation.apply(
+            values, measured.copy, flat_index, replacement, config.effective_strength, self._reused_grad_slot()
+        )
         return output.view(activation.shape)
+
+    def _reused_grad_slot(self) -> BufferSlot | None:
+        """Where the gradient of this module's op goes when buffers are reused (native kernel)."""
+        return self._grad_slot if self.config.reuse_buffers and self.config.kernel in ("auto", "native") else None
 
     def _threshold_operand(self) -> torch.Tensor:
         """sqrt(tau) as a float32 0-dim tensor (what ``|d*a|`` is compared with), cached until tau changes."""
@@ -312,7 +325,7 @@ class Inhibitor(nn.Module):
     ) -> None:
         """Mode l2e: keep sum of log((z - mu)^2 + delta) over the selected values (autograd to z),
         mu being the pre-call history mean."""
-        z = values.reshape(-1).index_select(0, flat_index).float()
+        z = GatherSelected.apply(values, flat_index, self._reused_grad_slot()).float()
         mu = judged_mean.index_select(0, neuron_index)  # a buffer: no gradient
         total = torch.log((z - mu).square() + self.config.delta).sum()
         self._loss_sum = total if self._loss_sum is None else self._loss_sum + total
@@ -399,11 +412,13 @@ class Inhibitor(nn.Module):
             config.top_n, math.sqrt(config.ms_threshold), track, rewrite,
             None if select_above is None else float(select_above),
             self._batches >= config.forget_steps, config.forget_steps, self._lazy_count, self._all_counted,
-            (W_MS_SUM, W_MS_N, W_ABOVE, W_MS_MAX),
+            (W_MS_SUM, W_MS_N, W_ABOVE, W_MS_MAX), self._copy_slot.tensor if config.reuse_buffers else None,
         )  # fmt: skip
         if fused is None:
             return None
-        selected, copied, var_sum, merged = fused
+        selected, copied, var_sum, merged, buffer = fused
+        if config.reuse_buffers and buffer is not None:
+            self._copy_slot.tensor = buffer
         self._lazy_count += samples
         self._lazy_ms_n += samples
         if track:

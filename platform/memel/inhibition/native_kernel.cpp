@@ -506,6 +506,24 @@ at::Tensor empty_copy(const at::Tensor& like) {
   return at::empty_like(like, at::MemoryFormat::Contiguous);
 }
 
+// Buffer reuse (a CPU caching allocator for one buffer): the caller keeps the buffer it got
+// last time and offers it again; it is reused when nothing but the caller refers to its memory
+// any more, else a fresh one is allocated. What is handed out is lent: a tensor over the
+// buffer's memory with a storage of its own (so not an autograd view of the buffer) that keeps
+// the buffer's storage alive, so while the lent tensor or any view of it lives the buffer's
+// storage count stays above one. Reusing skips the page faults of fresh memory, most of the
+// cost of writing a new activation-sized tensor on CPU.
+bool reusable(const c10::optional<at::Tensor>& buffer, const at::Tensor& like) {
+  return buffer.has_value() && buffer->defined() && buffer->storage().use_count() == 1 &&
+         buffer->device() == like.device() && buffer->scalar_type() == like.scalar_type() &&
+         buffer->sizes() == like.sizes() && buffer->is_contiguous() && buffer->storage_offset() == 0;
+}
+
+at::Tensor lend(const at::Tensor& buffer) {
+  c10::Storage keep = buffer.storage();
+  return at::from_blob(buffer.data_ptr(), buffer.sizes(), buffer.strides(), [keep](void*) {}, buffer.options());
+}
+
 }  // namespace
 
 // The flat indices of every task's hits in row-major order. Within a task and row, hits come
@@ -551,7 +569,8 @@ at::Tensor gather_hits(const std::vector<Hits>& hits, int64_t S, const at::Tenso
 // results are folded into the history instead of returned (their tensors are undefined).
 std::vector<at::Tensor> measure_impl(const at::Tensor& values, const float* mp, const float* sp, const float* var,
                                      float comp, int64_t top_n, double sqrt_threshold, bool track, bool copy,
-                                     int64_t threads, double select_threshold, const Fold* fold) {
+                                     int64_t threads, double select_threshold, const Fold* fold,
+                                     const c10::optional<at::Tensor>& reuse = c10::nullopt) {
   const int64_t S = values.size(0), N = values.size(1), n = top_n;
   TORCH_CHECK(S > 0 && N > 0, "values must not be empty");
   TORCH_CHECK(n >= 1 && n <= N, "top_n must be in 1..neurons");
@@ -569,7 +588,7 @@ std::vector<at::Tensor> measure_impl(const at::Tensor& values, const float* mp, 
     above = at::empty({N}, values.options().dtype(at::kInt));
   }
   at::Tensor copied;
-  if (copy) copied = empty_copy(values);
+  if (copy) copied = reusable(reuse, values) ? *reuse : empty_copy(values);
   const bool by_threshold = select_threshold >= 0;  // (NaN: top-n)
   at::Tensor selected;
   if (!by_threshold) selected = at::empty({S, n}, values.options().dtype(at::kLong));
@@ -790,13 +809,14 @@ std::vector<at::Tensor> measure(const at::Tensor& values_in, const at::Tensor& m
 // the caller's (count += samples for every neuron, window ms_n += samples, and tracked +=
 // samples on tracked calls), added lazily: the fold subtracts them where a neuron skips the
 // call (a non-finite value), and count_offset is what the caller has not added to count yet.
-// Returns (selected, copy, totals) with totals = float64 [sum of the new var, neurons merged].
+// Returns (selected, copy, totals, buffer) with totals = float64 [sum of the new var, neurons
+// merged]; the copy is lent from buffer (see reusable): offer buffer as `reuse` next time.
 std::vector<at::Tensor> measure_fold(const at::Tensor& values_in, at::Tensor mean, at::Tensor var, at::Tensor count,
                                      at::Tensor window, at::Tensor prev_mean, double comp, int64_t top_n,
                                      double sqrt_threshold, bool track, bool copy, int64_t threads,
                                      double select_threshold, bool capped, int64_t forget_steps,
                                      int64_t count_offset, bool all_counted, int64_t ms_sum_row, int64_t ms_n_row,
-                                     int64_t above_row, int64_t max_row) {
+                                     int64_t above_row, int64_t max_row, const c10::optional<at::Tensor>& reuse) {
   TORCH_CHECK(values_in.dim() == 2, "values must be [samples, neurons]");
   TORCH_CHECK(values_in.device().is_cpu(), "values must be on the CPU");
   const at::Tensor values = values_in.contiguous();
@@ -831,7 +851,7 @@ std::vector<at::Tensor> measure_fold(const at::Tensor& values_in, at::Tensor mea
   fold.block_merged = block_merged.data();
   std::vector<at::Tensor> out =
       measure_impl(values, fold.mean, nullptr, fold.var, static_cast<float>(comp), top_n, sqrt_threshold, track, copy,
-                   threads, select_threshold, &fold);
+                   threads, select_threshold, &fold, reuse);
   at::Tensor totals = at::zeros({2}, values.options().dtype(at::kDouble));
   double var_sum = 0.0;
   int64_t merged = 0;
@@ -841,7 +861,48 @@ std::vector<at::Tensor> measure_fold(const at::Tensor& values_in, at::Tensor mea
   }
   totals.data_ptr<double>()[0] = var_sum;
   totals.data_ptr<double>()[1] = static_cast<double>(merged);
-  return {out[4], out[5], totals};
+  // (selected, the copy lent, totals, the copy's buffer to offer next time)
+  return {out[4], copy ? lend(out[5]) : out[5], totals, out[5]};
+}
+
+// The gradient of Reverse Deactivation: a copy of grad with the values at flat_index multiplied
+// by -strength, written into a reused buffer when it is free (see reusable). Returns (the
+// gradient lent, its buffer to offer next time).
+std::vector<at::Tensor> reversed_gradient(const at::Tensor& grad_in, const at::Tensor& flat_index, double strength,
+                                          const c10::optional<at::Tensor>& reuse) {
+  TORCH_CHECK(grad_in.device().is_cpu() && flat_index.device().is_cpu(), "reversed_gradient: CPU tensors only");
+  TORCH_CHECK(flat_index.scalar_type() == at::kLong && flat_index.dim() == 1, "reversed_gradient: bad index");
+  const at::Tensor grad = grad_in.contiguous();
+  at::Tensor out = reusable(reuse, grad) ? *reuse : empty_copy(grad);
+  const int64_t bytes = grad.numel() * static_cast<int64_t>(grad.element_size());
+  const char* src = static_cast<const char*>(grad.const_data_ptr());
+  char* dst = static_cast<char*>(out.data_ptr());
+  at::parallel_for(0, bytes, int64_t(1) << 20, [&](int64_t begin, int64_t end) {
+    std::memcpy(dst + begin, src + begin, static_cast<size_t>(end - begin));
+  });
+  const at::Tensor flat = out.view(-1);
+  if (flat_index.numel() > 0) {  // (index_select checks the indices)
+    const at::Tensor picked = flat.index_select(0, flat_index);
+    flat.index_copy_(0, flat_index, strength == 0.0 ? at::zeros_like(picked) : picked.mul(-strength));
+  }
+  return {lend(out), out};
+}
+
+// The gradient of gathering the values at flat_index (mode l2e's loss terms): zeros of
+// `like`'s shape and dtype with grad_selected scattered in, written into a reused buffer when
+// it is free (zeroed in full: whoever had it may have accumulated into it) instead of fresh
+// memory. Returns (the gradient lent, its buffer to offer next time).
+std::vector<at::Tensor> scattered_gradient(const at::Tensor& grad_selected, const at::Tensor& flat_index,
+                                           const at::Tensor& like, const c10::optional<at::Tensor>& reuse) {
+  TORCH_CHECK(like.device().is_cpu() && flat_index.device().is_cpu(), "scattered_gradient: CPU tensors only");
+  at::Tensor out = reusable(reuse, like) ? *reuse : empty_copy(like);
+  const int64_t bytes = out.numel() * static_cast<int64_t>(out.element_size());
+  char* dst = static_cast<char*>(out.data_ptr());
+  at::parallel_for(0, bytes, int64_t(1) << 20, [&](int64_t begin, int64_t end) {
+    std::memset(dst + begin, 0, static_cast<size_t>(end - begin));
+  });
+  if (flat_index.numel() > 0) out.view(-1).index_copy_(0, flat_index, grad_selected.reshape(-1).to(out.scalar_type()));
+  return {lend(out), out};
 }
 
 // ---------------------------------------------------------------------------------------
@@ -980,6 +1041,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("sqrt_threshold"), pybind11::arg("track"), pybind11::arg("copy"), pybind11::arg("threads"),
         pybind11::arg("select_threshold"), pybind11::arg("capped"), pybind11::arg("forget_steps"),
         pybind11::arg("count_offset"), pybind11::arg("all_counted"), pybind11::arg("ms_sum_row"), pybind11::arg("ms_n_row"),
-        pybind11::arg("above_row"), pybind11::arg("max_row"));
+        pybind11::arg("above_row"), pybind11::arg("max_row"), pybind11::arg("reuse") = pybind11::none());
+  m.def("scattered_gradient", &scattered_gradient,
+        "gradient of a gather: zeros with the selected gradients scattered in, in a reused buffer",
+        pybind11::arg("grad_selected"), pybind11::arg("flat_index"), pybind11::arg("like"),
+        pybind11::arg("reuse") = pybind11::none());
+  m.def("reversed_gradient", &reversed_gradient,
+        "Reverse Deactivation's gradient (selected values times -strength) into a reused buffer",
+        pybind11::arg("grad"), pybind11::arg("flat_index"), pybind11::arg("strength"),
+        pybind11::arg("reuse") = pybind11::none());
   m.def("merge_moments", &merge_moments, "merge pending moments into the history (Lemma 3.2, forget step), in place");
 }

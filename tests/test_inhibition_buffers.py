@@ -1,0 +1,101 @@
+"""Buffer reuse (``InhibitionConfig.reuse_buffers``, native kernel): the output copy and the
+gradient are written into the memory of an earlier call's once nothing refers to it any
+more, never while the user (or autograd) still holds that tensor or a view of it."""
+
+from __future__ import annotations
+
+import warnings
+
+import memel
+import pytest
+import torch
+from memel.inhibition import native
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if native.load() is None:
+            pytest.skip(f"the native inhibition kernel cannot be built here: {native._failed}")
+
+
+def _batches(count: int, shape: tuple[int, ...] = (4, 12, 32), seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=generator) * (1 + 0.1 * i) for i in range(count)]
+
+
+def _inhibitor(mode: str = "rd", reuse: bool = True) -> memel.Inhibitor:
+    strength = {"strength": 1.5} if mode == "rd" else {}
+    return memel.Inhibitor(mode=mode, top_n=2, forget_steps=2, late_start=1, reuse_buffers=reuse, **strength)
+
+
+@pytest.mark.parametrize("mode", ["rd", "l2e"])
+def test_results_held_by_the_caller_are_never_overwritten(mode: str) -> None:
+    """Every output and gradient kept to the end equals those of a module that never reuses."""
+    batches = _batches(8)
+    upstream = _batches(8, seed=1)
+    results = {}
+    for reuse in (True, False):
+        inhibitor = _inhibitor(mode, reuse)
+        kept = []
+        for batch, grad in zip(batches, upstream):
+            z = batch.clone().requires_grad_(True)
+            out = inhibitor(z)
+            loss = (out * grad).sum()
+            extra = inhibitor.auxiliary_loss()
+            (loss if extra is None else loss + extra).backward()
+            kept.append((out.detach(), z.grad))  # held: the next calls must write elsewhere
+        results[reuse] = kept
+    for (out_a, grad_a), (out_b, grad_b) in zip(results[True], results[False], strict=True):
+        assert torch.equal(out_a, out_b) and torch.equal(grad_a, grad_b)
+    if mode == "rd":
+        assert not torch.equal(results[True][-1][0], batches[-1])  # values were inhibited
+
+
+@pytest.mark.parametrize("mode", ["rd", "l2e"])
+def test_buffers_are_reused_once_free_and_give_the_same_results(mode: str) -> None:
+    batches = _batches(6)
+    upstream = _batches(6, seed=2)
+    outputs: dict[bool, list[torch.Tensor]] = {True: [], False: []}
+    grads: dict[bool, list[torch.Tensor]] = {True: [], False: []}
+    pointers: list[tuple[int, int]] = []
+    for reuse in (True, False):
+        inhibitor = _inhibitor(mode, reuse)
+        for batch, grad in zip(batches, upstream):
+            z = batch.clone().requires_grad_(True)
+            out = inhibitor(z)
+            loss = (out * grad).sum()
+            extra = inhibitor.auxiliary_loss()
+            (loss if extra is None else loss + extra).backward()
+            outputs[reuse].append(out.detach().clone())
+            grads[reuse].append(z.grad.clone())
+            if reuse and inhibitor._grad_slot.tensor is not None:
+                # the buffers written (l2e: its gradient is added to the downstream one, into z.grad)
+                pointers.append((out.data_ptr(), inhibitor._grad_slot.tensor.data_ptr()))
+            del out, z, loss  # all released: the buffers are free for the next call
+    for a, b in zip(outputs[True] + grads[True], outputs[False] + grads[False], strict=True):
+        assert torch.equal(a, b)
+    late = pointers[1:]  # past the late start every call writes its gradient (and, rd, its copy)
+    assert len(late) >= 3
+    assert len({grad_ptr for _, grad_ptr in late}) == 1, "the gradient buffer was not reused"
+    if mode == "rd":
+        assert len({out_ptr for out_ptr, _ in late}) == 1, "the output buffer was not reused"
+
+
+def test_a_view_of_the_output_keeps_its_buffer_busy() -> None:
+    inhibitor = _inhibitor()
+    batches = _batches(5)
+    for batch in batches[:3]:
+        inhibitor(batch)
+    first = inhibitor(batches[3])
+    row = first[0]  # a view: shares the lent memory
+    pointer = first.data_ptr()
+    snapshot = row.clone()
+    del first
+    second = inhibitor(batches[4])
+    assert second.data_ptr() != pointer and torch.equal(row, snapshot)
+    pointer = second.data_ptr()  # the buffer offered next
+    del row, second
+    third = inhibitor(batches[4] * 2)
+    assert third.data_ptr() == pointer  # nothing refers to it any more: reused
