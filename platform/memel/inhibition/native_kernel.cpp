@@ -144,7 +144,7 @@ MEMEL_INLINE void fold_tile(const Fold& f, int64_t t0, int64_t w, const double* 
   for (int64_t j = 0; j < w; ++j) {
     const float d1 = static_cast<float>(sd[j]), d2 = static_cast<float>(sd2[j]);  // as measure's outputs
     const bool finite2 = std::isfinite(d2);
-    const bool ok = finite2 && std::isfinite(d1);
+    const bool ok = finite2 & std::isfinite(d1);  // (bitwise: no branch, so the loop vectorises)
     skipped += ok ? 0 : 1;
     if (TRACK) {
       above[j] += static_cast<double>(ab[j]);
@@ -153,7 +153,7 @@ MEMEL_INLINE void fold_tile(const Fold& f, int64_t t0, int64_t w, const double* 
       sq = std::isnan(sq) ? 0.0 : sq;
       sq = std::isinf(sq) ? std::numeric_limits<double>::max() : sq;
       const double old = ms_max[j];
-      ms_max[j] = (sq > old || std::isnan(old)) ? sq : old;
+      ms_max[j] = ((sq > old) | std::isnan(old)) ? sq : old;
     }
     const double scale_j = static_cast<double>(sc[j]);
     const double add = static_cast<double>(finite2 ? d2 : 0.0f) * (scale_j * scale_j);
@@ -260,7 +260,9 @@ struct TaskArgs {
   const Fold* fold;
 };
 
-template <typename T, bool TRACK, bool COPY>
+// KEYS: store every value's key (threshold selection reads them all); top-n selection needs
+// them only for the rare tile whose max can enter the selection (tile_keys recomputes them).
+template <typename T, bool TRACK, bool COPY, bool KEYS>
 MEMEL_INLINE int32_t row_tile(const T* __restrict xp, T* __restrict op, const float* __restrict m, const float* __restrict sc,
                         int64_t w, float thr, double* __restrict sd, double* __restrict sd2, int32_t* __restrict mx,
                         int32_t* __restrict ab, int32_t* __restrict keys) {
@@ -273,7 +275,7 @@ MEMEL_INLINE int32_t row_tile(const T* __restrict xp, T* __restrict op, const fl
     sd[j] += dd;
     sd2[j] += dd * dd;
     const int32_t k = key_of(s);
-    keys[j] = k;
+    if (KEYS) keys[j] = k;
     kmax = std::max(kmax, k);
     if (TRACK) {
       mx[j] = std::max(mx[j], k);
@@ -282,6 +284,13 @@ MEMEL_INLINE int32_t row_tile(const T* __restrict xp, T* __restrict op, const fl
     if (COPY) op[j] = xp[j];
   }
   return kmax;
+}
+
+// The keys of one row's tile, exactly as row_tile computes them.
+template <typename T>
+MEMEL_INLINE void tile_keys(const T* __restrict xp, const float* __restrict m, const float* __restrict sc, int64_t w,
+                            int32_t* __restrict keys) {
+  for (int64_t j = 0; j < w; ++j) keys[j] = key_of(std::fabs((to_float<T>(xp[j]) - m[j]) * sc[j]));
 }
 
 constexpr int64_t GROUP = 32;
@@ -414,14 +423,17 @@ MEMEL_INLINE void run_task_impl(const T* x, T* out, const float* mean, const flo
     for (int64_t r = a.r0; r < a.r1; ++r) {
       const T* xp = x + r * N + t0;
       T* op = COPY ? out + r * N + t0 : nullptr;
-      const int32_t kmax =
-          row_tile<T, TRACK, COPY>(xp, op, mean + t0, sc, w, a.thr, sd, sd2, mx, ab, keys);
       if (by_threshold) {
+        const int32_t kmax = row_tile<T, TRACK, COPY, true>(xp, op, mean + t0, sc, w, a.thr, sd, sd2, mx, ab, keys);
         if (kmax >= a.select_key) append_hits(keys, w, r, r * N + t0, a.select_key, *a.hits);
         continue;
       }
+      const int32_t kmax = row_tile<T, TRACK, COPY, false>(xp, op, mean + t0, sc, w, a.thr, sd, sd2, mx, ab, keys);
       const int64_t row = r - a.r0;
-      if (kmax > a.tau[row]) offer_tile(keys, w, t0, kmax, a.kept + row * n, a.count[row], a.tau[row], n, buf.data());
+      if (kmax > a.tau[row]) {
+        tile_keys<T>(xp, mean + t0, sc, w, keys);
+        offer_tile(keys, w, t0, kmax, a.kept + row * n, a.count[row], a.tau[row], n, buf.data());
+      }
     }
     if (a.direct && a.fold != nullptr) {
       fold_columns<TRACK>(*a.fold, t0, w, sd, sd2, mx, ab, sc);
