@@ -8,21 +8,25 @@ Variants: ``none``, a mode (``original``, ``rd``, ``l2e``, ...), optionally ``@t
 Every variant is the same model (same seed) trained on the same batches; one optimizer
 step of each is timed in turn (none, original, rd, ..., none, original, rd, ...), so drift
 of the machine cancels in the per-round ratios, whose medians are reported against the
-model without any module.
+model without any module. Each variant's *module share* is steadier: the time spent inside
+its Inhibitors' forwards and their backward functions in a step, over that step's time (a
+lower bound of the overhead: the autograd engine adding l2e's gradient is not included).
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 import memel
+from memel.inhibition.kernels import GatherSelected, ReverseDeactivation
 from memel.models import build, preset_targets
 
 
@@ -31,6 +35,49 @@ class OverheadRow:
     variant: str
     step_ms: float
     ratio: float
+    module_share: float = 0.0
+
+
+class ModuleClock:
+    """Seconds spent inside Inhibitor forwards (hooks) and their autograd backward functions."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._started: dict[int, float] = {}
+
+    def attach(self, model: torch.nn.Module) -> None:
+        for module in memel.inhibitors(model).values():
+            module.register_forward_pre_hook(self._pre)
+            module.register_forward_hook(self._post)
+
+    def _pre(self, module: torch.nn.Module, args: object) -> None:
+        self._started[id(module)] = time.perf_counter()
+
+    def _post(self, module: torch.nn.Module, args: object, output: object) -> None:
+        self.seconds += time.perf_counter() - self._started.pop(id(module))
+
+    @contextlib.contextmanager
+    def timing_backwards(self) -> Iterator[None]:
+        """Time every ReverseDeactivation / GatherSelected backward while inside."""
+        originals = {cls: cls.__dict__["backward"] for cls in (ReverseDeactivation, GatherSelected)}
+
+        def timed(function: Callable[..., object]) -> staticmethod:
+            def backward(ctx: object, *grads: object) -> object:
+                start = time.perf_counter()
+                try:
+                    return function(ctx, *grads)
+                finally:
+                    self.seconds += time.perf_counter() - start
+
+            return staticmethod(backward)
+
+        try:
+            for cls, original in originals.items():
+                cls.backward = timed(original.__func__)  # type: ignore[method-assign]
+            yield
+        finally:
+            for cls, original in originals.items():
+                cls.backward = original  # type: ignore[method-assign]
 
 
 def _variant(
@@ -78,26 +125,36 @@ def bench_overhead(
     vocab = build(model_name, device="meta").config.vocab_size
     data = [torch.randint(0, vocab, (batch, seq + 1), generator=generator) for _ in range(rounds + warmup)]
     with tempfile.TemporaryDirectory(prefix="memel-bench-") as root:
-        runs, closers = {}, []
+        runs, closers, clocks = {}, [], {}
         for name in variants:
             model, after = _variant(model_name, preset, name, root, closers)
             runs[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-3), after)
+            clocks[name] = ModuleClock()
+            clocks[name].attach(model)
         times: dict[str, list[float]] = {name: [] for name in variants}
+        shares: dict[str, list[float]] = {name: [] for name in variants}
         for index, tokens in enumerate(data):
             for name, (model, optimizer, after) in runs.items():
-                start = time.perf_counter()
-                logits = model(tokens[:, :-1])
-                loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()) + memel.auxiliary_loss(model)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                after(index)
+                clock = clocks[name]
+                clock.seconds = 0.0
+                with clock.timing_backwards():
+                    start = time.perf_counter()
+                    logits = model(tokens[:, :-1])
+                    loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()) + memel.auxiliary_loss(model)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    after(index)
+                    elapsed = time.perf_counter() - start
                 if index >= warmup:
-                    times[name].append(time.perf_counter() - start)
+                    times[name].append(elapsed)
+                    shares[name].append(clock.seconds / elapsed)
         for close in closers:  # everything written before the folder goes
             close()
     base = times["none"] if "none" in times else next(iter(times.values()))
     return [
-        OverheadRow(name, statistics.median(t) * 1e3, statistics.median(a / b for a, b in zip(t, base)))
+        OverheadRow(
+            name, statistics.median(t) * 1e3, statistics.median(a / b for a, b in zip(t, base)), statistics.median(shares[name])
+        )
         for name, t in times.items()
     ]

@@ -78,10 +78,10 @@ def bench_overhead_command(
         chosen = ("none", *chosen)  # ratios are to the model without any module
     rows = bench_overhead(model, preset, batch, seq, rounds, **({"variants": chosen} if chosen else {}))
     table = Table(title=f"{model} ({preset}), batch {batch} x {seq}, {threads} threads: step time vs no module")
-    for column in ("variant", "step ms", "ratio to none"):
+    for column in ("variant", "step ms", "ratio to none", "module share"):
         table.add_column(column, justify="right")
     for row in rows:
-        table.add_row(row.variant, f"{row.step_ms:.0f}", f"{row.ratio:.3f}x")
+        table.add_row(row.variant, f"{row.step_ms:.0f}", f"{row.ratio:.3f}x", f"{100 * row.module_share:.2f}%")
     Console().print(table)
 
 

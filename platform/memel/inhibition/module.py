@@ -96,7 +96,9 @@ class Inhibitor(nn.Module):
     call, (3) selects the top-n values of each sample (or, with ``select="threshold"``, every
     value with phi >= tau) and, once the history holds ``late_start`` batches, inhibits them
     according to ``mode``, and (4) records the call's moments (and the count above tau) as
-    pending. All state lives in buffers, so it travels with ``state_dict``.
+    pending. All state lives in buffers, so it travels with ``state_dict``. Outside a
+    distributed run, with ``stats_update="call"`` and the native kernel, (1)-(4) are one fused
+    pass that merges the call at once (``_fold``; the same bits as merging it at the next call).
 
     Threshold selection: ``tau`` (a float64 buffer) starts at ``initial_threshold(fraction)``
     and is updated by ``threshold_update`` whenever pending statistics are merged (each call

@@ -5,6 +5,9 @@ d and d^2 in double, max |d*a| and the count above threshold, each sample's top-
 threshold selection, the row-major flat indices of the values with |d*a| >= sqrt(tau), and
 the copy) in a single read of the [samples, neurons] values, parallel over rows when there
 are many samples (channel layout) and over neurons otherwise (element layout).
+``native_fold`` runs the same pass and merges the call into the history in it (the local
+path of ``Inhibitor._fold``). Copies and gradients can be written into reused buffers
+(``reuse``/``BufferSlot``): a buffer is reused only once nothing but its slot refers to it.
 
 Build: compiled on first use with ``torch.utils.cpp_extension.load`` (``-O3 -fopenmp``; the
 hot loop is cloned for x86-64-v4/v3/baseline and picked at run time, so one build works on

@@ -1,0 +1,33 @@
+"""The benchmark functions run end to end on tiny shapes (their figures are not asserted:
+timing belongs in benchmarks, not tests), and measure what they say they measure."""
+
+from __future__ import annotations
+
+import pytest
+from memel.benchmarks.inhibition import bench_inhibition, warm_copy_available
+from memel.benchmarks.overhead import bench_overhead
+from memel.inhibition.kernels import GatherSelected, ReverseDeactivation
+
+
+def test_bench_inhibition_rows_cover_every_layout_and_baseline() -> None:
+    rows = bench_inhibition((2, 8, 16), top_ns=(1, 3), repeats=2, kernels=("native", "eager"))
+    assert [(r.kernel, r.layout, r.top_n) for r in rows] == [
+        (k, layout, n) for k in ("native", "eager") for layout in ("channel", "element") for n in (1, 3)
+    ]
+    for row in rows:
+        assert row.module_ms > 0 and row.baseline_ms > 0 and row.ratio > 0
+        if warm_copy_available():
+            assert row.warm_ms is not None and row.warm_ms > 0 and row.warm_ratio is not None
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_bench_overhead_module_share_counts_only_inhibitor_time() -> None:
+    backward = {cls: cls.__dict__["backward"] for cls in (ReverseDeactivation, GatherSelected)}
+    rows = bench_overhead("byte-0.2m", batch=2, seq=16, rounds=2, warmup=2, variants=("none", "original", "rd", "l2e"))
+    by_name = {row.variant: row for row in rows}
+    assert set(by_name) == {"none", "original", "rd", "l2e"}
+    assert by_name["none"].module_share == 0.0 and by_name["none"].ratio == 1.0
+    for name in ("original", "rd", "l2e"):
+        assert 0.0 < by_name[name].module_share < 1.0
+    # the backward timers are removed again
+    assert all(cls.__dict__["backward"] is original for cls, original in backward.items())
