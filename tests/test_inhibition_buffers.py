@@ -4,20 +4,12 @@ more, never while the user (or autograd) still holds that tensor or a view of it
 
 from __future__ import annotations
 
-import warnings
-
 import memel
 import pytest
 import torch
-from memel.inhibition import native
 
 
-@pytest.fixture(scope="module", autouse=True)
-def built() -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if native.load() is None:
-            pytest.skip(f"the native inhibition kernel cannot be built here: {native._failed}")
+pytestmark = pytest.mark.usefixtures("native_kernel")
 
 
 def _batches(count: int, shape: tuple[int, ...] = (4, 12, 32), seed: int = 0) -> list[torch.Tensor]:
@@ -30,6 +22,16 @@ def _inhibitor(mode: str = "rd", reuse: bool = True) -> memel.Inhibitor:
     return memel.Inhibitor(mode=mode, top_n=2, forget_steps=2, late_start=1, reuse_buffers=reuse, **strength)
 
 
+def _step(inhibitor: memel.Inhibitor, batch: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training call and backward (with the l2e loss where there is one): (output, input)."""
+    z = batch.clone().requires_grad_(True)
+    out = inhibitor(z)
+    loss = (out * grad).sum()
+    extra = inhibitor.auxiliary_loss()
+    (loss if extra is None else loss + extra).backward()
+    return out, z
+
+
 @pytest.mark.parametrize("mode", ["rd", "l2e"])
 def test_results_held_by_the_caller_are_never_overwritten(mode: str) -> None:
     """Every output and gradient kept to the end equals those of a module that never reuses."""
@@ -40,11 +42,7 @@ def test_results_held_by_the_caller_are_never_overwritten(mode: str) -> None:
         inhibitor = _inhibitor(mode, reuse)
         kept = []
         for batch, grad in zip(batches, upstream):
-            z = batch.clone().requires_grad_(True)
-            out = inhibitor(z)
-            loss = (out * grad).sum()
-            extra = inhibitor.auxiliary_loss()
-            (loss if extra is None else loss + extra).backward()
+            out, z = _step(inhibitor, batch, grad)
             kept.append((out.detach(), z.grad))  # held: the next calls must write elsewhere
         results[reuse] = kept
     for (out_a, grad_a), (out_b, grad_b) in zip(results[True], results[False], strict=True):
@@ -63,17 +61,13 @@ def test_buffers_are_reused_once_free_and_give_the_same_results(mode: str) -> No
     for reuse in (True, False):
         inhibitor = _inhibitor(mode, reuse)
         for batch, grad in zip(batches, upstream):
-            z = batch.clone().requires_grad_(True)
-            out = inhibitor(z)
-            loss = (out * grad).sum()
-            extra = inhibitor.auxiliary_loss()
-            (loss if extra is None else loss + extra).backward()
+            out, z = _step(inhibitor, batch, grad)
             outputs[reuse].append(out.detach().clone())
             grads[reuse].append(z.grad.clone())
             if reuse and inhibitor._grad_slot.tensor is not None:
                 # the buffers written (l2e: its gradient is added to the downstream one, into z.grad)
                 pointers.append((out.data_ptr(), inhibitor._grad_slot.tensor.data_ptr()))
-            del out, z, loss  # all released: the buffers are free for the next call
+            del out, z  # all released: the buffers are free for the next call
     for a, b in zip(outputs[True] + grads[True], outputs[False] + grads[False], strict=True):
         assert torch.equal(a, b)
     late = pointers[1:]  # past the late start every call writes its gradient (and, rd, its copy)

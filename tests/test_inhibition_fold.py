@@ -8,22 +8,14 @@ two steps, so both must give the same bits.
 
 from __future__ import annotations
 
-import warnings
-
 import memel
 import memel.inhibition.module as inhibitor_module
 import pytest
 import torch
-from memel.inhibition import native
 from memel.inhibition.sync import sync_inhibitors
 
 
-@pytest.fixture(scope="module", autouse=True)
-def built() -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if native.load() is None:
-            pytest.skip(f"the native inhibition kernel cannot be built here: {native._failed}")
+pytestmark = pytest.mark.usefixtures("native_kernel")
 
 
 @pytest.fixture

@@ -14,14 +14,7 @@ import torch
 from memel.inhibition import kernels, native
 
 
-@pytest.fixture(scope="module", autouse=True)
-def built() -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if native.load() is None:
-            pytest.skip(
-                f"the native inhibition kernel cannot be built here: {native._failed}"
-            )
+pytestmark = pytest.mark.usefixtures("native_kernel")
 
 
 def _case(

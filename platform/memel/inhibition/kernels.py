@@ -207,14 +207,15 @@ class GatherSelected(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values: torch.Tensor, flat_index: torch.Tensor, grad_slot: BufferSlot | None = None):  # type: ignore[override]
         ctx.save_for_backward(flat_index)
-        ctx.like = values.detach()  # (its shape, dtype and device)
+        ctx.shape, ctx.dtype = values.shape, values.dtype  # (the values themselves are not kept)
         ctx.grad_slot = grad_slot
         return values.reshape(-1).index_select(0, flat_index)
 
     @staticmethod
     def backward(ctx, grad_selected: torch.Tensor):  # type: ignore[override]
         (flat_index,) = ctx.saved_tensors
-        like, slot = ctx.like, ctx.grad_slot
+        slot = ctx.grad_slot
+        like = torch.empty((), dtype=ctx.dtype, device=grad_selected.device).expand(ctx.shape)  # no memory
         if slot is not None:
             from .native import native_scattered_gradient
 

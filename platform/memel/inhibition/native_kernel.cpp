@@ -698,6 +698,22 @@ std::vector<at::Tensor> measure_impl(const at::Tensor& values, const float* mp, 
     });
   }
 
+  // column j's sums over the row parts, in part order (deterministic)
+  auto combine_parts = [&](int64_t j, double& a, double& b, int32_t& mk, int32_t& cnt) {
+    a = 0.0;
+    b = 0.0;
+    mk = 0;
+    cnt = 0;
+    for (int64_t p = 0; p < P; ++p) {
+      a += part_sd[p * N + j];
+      b += part_sd2[p * N + j];
+      if (track) {
+        mk = std::max(mk, part_max[p * N + j]);
+        cnt += part_above[p * N + j];
+      }
+    }
+  };
+
   // merge partial column sums (row-parallel) in a fixed order; with a fold, fold each column
   // (blocks of 64 in parallel: each block's sums are taken in column order, so deterministic)
   if (P > 1 && fold != nullptr) {
@@ -711,20 +727,7 @@ std::vector<at::Tensor> measure_impl(const at::Tensor& values, const float* mp, 
         const int64_t j0 = block * 64, w = std::min<int64_t>(64, N - j0);
         for (int64_t i = 0; i < w; ++i) {
           const int64_t j = j0 + i;
-          double a = 0.0, b = 0.0;
-          int32_t mk = 0, cnt = 0;
-          for (int64_t p = 0; p < P; ++p) {
-            a += part_sd[p * N + j];
-            b += part_sd2[p * N + j];
-            if (track) {
-              mk = std::max(mk, part_max[p * N + j]);
-              cnt += part_above[p * N + j];
-            }
-          }
-          bsd[i] = a;
-          bsd2[i] = b;
-          bmx[i] = mk;
-          bab[i] = cnt;
+          combine_parts(j, bsd[i], bsd2[i], bmx[i], bab[i]);
           bsc[i] = var != nullptr ? ms_scale(var[j], comp) : sp[j];
         }
         if (track) fold_columns<true>(*fold, j0, w, bsd, bsd2, bmx, bab, bsc);
@@ -737,16 +740,9 @@ std::vector<at::Tensor> measure_impl(const at::Tensor& values, const float* mp, 
     float* omax = track ? max_scaled.data_ptr<float>() : nullptr;
     int32_t* oab = track ? above.data_ptr<int32_t>() : nullptr;
     for (int64_t j = 0; j < N; ++j) {
-      double a = 0.0, b = 0.0;
-      int32_t mk = 0, cnt = 0;
-      for (int64_t p = 0; p < P; ++p) {
-        a += part_sd[p * N + j];
-        b += part_sd2[p * N + j];
-        if (track) {
-          mk = std::max(mk, part_max[p * N + j]);
-          cnt += part_above[p * N + j];
-        }
-      }
+      double a, b;
+      int32_t mk, cnt;
+      combine_parts(j, a, b, mk, cnt);
       osd[j] = static_cast<float>(a);
       osd2[j] = static_cast<float>(b);
       if (track) {
