@@ -259,8 +259,7 @@ class Inhibitor(nn.Module):
     def forward(self, activation: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return activation
-        if self._inflight is not None:
-            self._inflight.wait()
+        self._finish_inflight()  # (not _settle: lazily kept increments stay lazy on the hot path)
         if self._has_pending and self.config.stats_update == "call":
             if self._group is not None:
                 self._group.flush()
@@ -282,11 +281,8 @@ class Inhibitor(nn.Module):
         select_above = self._threshold_operand() if config.by_threshold else None
         rewrite = inhibiting and config.mode != "l2e"  # l2e leaves the forward values alone
         measured = self._fold(values, track, rewrite, select_above)
-        if measured is not None:
-            judged_mean = self._prev_mean  # the history the call was judged against, before its fold
-            neuron_index = measured.neuron_index(values.shape[1])
-            self._count_selections(neuron_index, inhibiting)
-        else:
+        folded = measured is not None
+        if measured is None:
             if self._scale is None:
                 self._scale = inverse_sqrt_denominator(self.var, config.eps)
             with torch.no_grad():
@@ -294,11 +290,12 @@ class Inhibitor(nn.Module):
                     values.detach(), self.mean, self._scale, config.top_n, math.sqrt(config.ms_threshold), track,
                     rewrite, config.kernel, select_above,
                 )  # fmt: skip
-            judged_mean = self.mean
-            neuron_index = measured.neuron_index(values.shape[1])
-            self._count_selections(neuron_index, inhibiting)
             self._record(values.shape[0], measured)
+        # the history the call was judged against (a folded call has already merged itself)
+        judged_mean = self._prev_mean if folded else self.mean
         assert judged_mean is not None
+        neuron_index = measured.neuron_index(values.shape[1])
+        self._count_selections(neuron_index, inhibiting)
         if not inhibiting:
             return activation
         flat_index = measured.flat_index(values.shape[1])
