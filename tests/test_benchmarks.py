@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from memel.benchmarks.inhibition import bench_inhibition, warm_copy_available
 from memel.benchmarks.overhead import bench_overhead
-from memel.inhibition.kernels import GatherSelected, ReverseDeactivation
+from memel.inhibition.kernels import LogMSLoss, ReverseDeactivation
 
 
 def test_bench_inhibition_rows_cover_every_layout_and_baseline() -> None:
@@ -22,7 +22,7 @@ def test_bench_inhibition_rows_cover_every_layout_and_baseline() -> None:
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_bench_overhead_module_share_counts_only_inhibitor_time() -> None:
-    backward = {cls: cls.__dict__["backward"] for cls in (ReverseDeactivation, GatherSelected)}
+    backward = {cls: cls.__dict__["backward"] for cls in (ReverseDeactivation, LogMSLoss)}
     rows = bench_overhead("byte-0.2m", batch=2, seq=16, rounds=2, warmup=2, variants=("none", "original", "rd", "l2e"))
     by_name = {row.variant: row for row in rows}
     assert set(by_name) == {"none", "original", "rd", "l2e"}

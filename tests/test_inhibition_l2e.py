@@ -266,7 +266,7 @@ def test_l2e_loss_and_gradient_by_hand() -> None:
     L = 0.5 * mean(log(3^2 + 0.25), log(8^2 + 0.25)); dL/dz = 0.5 * 2(z-mu)/((z-mu)^2+0.25) / 2."""
     inhibitor, z = _hand_example()
     out = inhibitor(z)
-    assert out is z  # forward values and gradient path untouched
+    assert torch.equal(out, z) and out.data_ptr() == z.data_ptr()  # same values, same memory: no copy
     loss = memel.auxiliary_loss(inhibitor)
     assert loss.item() == pytest.approx(0.5 * (math.log(9.25) + math.log(64.25)) / 2, rel=1e-6)
     loss.backward()
@@ -311,6 +311,64 @@ def test_l2e_against_autograd_and_one_sgd_step_moves_selected_values_to_the_mean
     closer = (stepped - mu).abs() < (x.detach() - mu).abs()
     assert bool(closer[mask].all())  # the loss pushes selected values TOWARDS the mean
     assert torch.equal(stepped[~mask], x.detach()[~mask])
+
+
+@pytest.mark.parametrize(
+    "use_output,use_loss", [(True, True), (False, True), (True, False)], ids=["both", "loss_only", "output_only"]
+)
+@pytest.mark.parametrize("layout,shape", [("channel", (3, 7, 16)), ("element", (5, 4, 6))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_l2e_gradient_reaches_the_producer_like_autograd(
+    use_output: bool, use_loss: bool, layout: str, shape: tuple[int, ...], dtype: torch.dtype
+) -> None:
+    """The loss terms' gradient (sparse, added by autograd into the output's dense one) reaches
+    the layer before the Inhibitor exactly as plain autograd of the same expression does:
+    with or without a downstream gradient, with or without the loss, in both layouts."""
+    inhibitor = memel.Inhibitor(mode="l2e", top_n=2, forget_steps=3, late_start=2, l2e_weight=0.7, layout=layout)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        inhibitor(torch.randn(*shape, generator=generator).to(dtype))
+    memel.auxiliary_loss(inhibitor)
+    x = torch.randn(*shape, generator=generator).to(dtype).requires_grad_(True)
+    upstream = torch.randn(*shape, generator=generator).to(dtype)
+    phi = inhibitor.monosemantic_scale(torch.nn.functional.gelu(x.detach()).float())
+    mu = inhibitor.statistics()["mean"].reshape(-1)
+    samples = phi.reshape(-1, mu.numel())
+    mask = torch.zeros_like(samples, dtype=torch.bool).scatter_(1, samples.topk(2, 1).indices, True).reshape(shape)
+
+    h = torch.nn.functional.gelu(x)
+    out = inhibitor(h)
+    assert torch.equal(out, h) and out.data_ptr() == h.data_ptr()
+    loss = memel.auxiliary_loss(inhibitor)
+    total = (out * upstream).sum() if use_output else 0.0
+    (total + (loss if use_loss else 0.0)).backward()
+
+    x_ref = x.detach().clone().requires_grad_(True)
+    h_ref = torch.nn.functional.gelu(x_ref)
+    centred = (h_ref.float().reshape(-1, mu.numel()) - mu).reshape(shape)
+    expected = 0.7 * torch.log(centred[mask].square() + 1e-6).mean()
+    torch.testing.assert_close(loss, expected)
+    total_ref = (h_ref * upstream).sum() if use_output else 0.0
+    (total_ref + (expected if use_loss else 0.0)).backward()
+    assert x.grad.layout == torch.strided and x.grad.dtype == dtype
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+def test_l2e_output_keeps_the_activation_in_place_rules() -> None:
+    """The output shares the activation's memory and version counter: what an in-place change
+    of the activation itself would do (allowed after GELU, refused after ReLU, which saves its
+    output) the output does too, and an allowed one trains like plain autograd."""
+    inhibitor = memel.Inhibitor(mode="l2e", forget_steps=2, late_start=1)
+    inhibitor(torch.randn(4, 8))
+    x = torch.randn(4, 8, requires_grad=True)
+    out = inhibitor(torch.nn.functional.gelu(x))
+    out.mul_(2.0)  # GELU saves its input, not its output
+    (out.sum() + memel.auxiliary_loss(inhibitor)).backward()
+    assert torch.isfinite(x.grad).all()
+    out = inhibitor(torch.relu(x))
+    out.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (out.sum() + memel.auxiliary_loss(inhibitor)).backward()
 
 
 def test_auxiliary_loss_sums_modules_and_never_counts_twice() -> None:

@@ -271,3 +271,80 @@ def test_native_large_copy_uses_its_own_buffer_and_autograd_accepts_it() -> None
             outs[kernel] = (out.detach(), z.grad)
         for a, b in zip(outs["eager"], outs["native"]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def both_passes():
+    """Runs a function with the kernel's register-blocked AVX-512 top-1 pass off, then on;
+    skips where this CPU cannot run it (the portable pass is then the only one)."""
+    if not native.set_vector_path(True):
+        pytest.skip("this CPU has no AVX-512 (F, DQ, BW, VL): only the portable pass runs")
+
+    def run(function):
+        results = []
+        for enabled in (False, True):
+            native.set_vector_path(enabled)
+            try:
+                results.append(function())
+            finally:
+                native.set_vector_path(True)
+        return results
+
+    return run
+
+
+def _raw(results) -> list:
+    """Every tensor's raw bits, for bit-for-bit comparison (NaNs as one NaN: which NaN a sum
+    of NaN and inf terms gives depends on operand order, and means nothing)."""
+    def raw(r: torch.Tensor) -> torch.Tensor:
+        if r.dtype != torch.float32:
+            return r
+        return torch.where(r.isnan(), torch.full_like(r, float("nan")), r).view(torch.int32)
+
+    return [None if r is None else raw(r) for r in results]
+
+
+@pytest.mark.parametrize("shape", [(520, 300), (6, 9000), (5, 33), (70, 2100), (3, 1)])
+def test_vector_pass_gives_the_same_bits_as_the_portable_pass(both_passes, shape: tuple[int, int]) -> None:
+    """Same sums, maxima, counts, selections and copy, bit for bit, on every work split
+    (rows, columns, one task), partial chunks, several tiles per row and NaN/inf."""
+    values, mean, scale = _case(*shape, torch.float32, seed=shape[1], special=True)
+    for threads in (1, 2, 3):
+        for track, copy in ((True, True), (False, False), (True, False), (False, True)):
+            portable, vector = both_passes(
+                lambda: native.native_measure(values, mean, scale, 1, 3.0, track, copy, threads=threads)
+            )
+            for a, b in zip(_raw(portable), _raw(vector), strict=True):
+                assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_vector_pass_ties_pick_the_first_index(both_passes) -> None:
+    """Equal keys across chunks and tiles: each row selects its first maximum (like argmax)."""
+    values = torch.zeros(96, 2100)
+    values[:, 40] = values[:, 1500] = values[:, 2099] = 3.0  # the same max in three chunks, two tiles
+    values[5, 7] = 3.0
+    mean, scale = torch.zeros(2100), torch.ones(2100)
+    for threads in (1, 2):
+        portable, vector = both_passes(lambda: native.native_measure(values, mean, scale, 1, 3.0, True, False, threads))
+        assert torch.equal(portable[4], vector[4])
+        expected = torch.full((96, 1), 40, dtype=torch.int64)
+        expected[5, 0] = 7
+        assert torch.equal(vector[4], expected)
+
+
+def test_vector_pass_in_the_fused_training_path(both_passes) -> None:
+    """An Inhibitor trained on the same batches holds the same statistics, trackers and outputs."""
+
+    def train():
+        inhibitor = memel.Inhibitor(mode="rd", forget_steps=3, late_start=2)
+        generator = torch.Generator().manual_seed(4)
+        outputs = []
+        for step in range(6):
+            batch = torch.randn(8, 40, 333, generator=generator) * (1 + step) + step
+            outputs.append(inhibitor(batch.requires_grad_(True)).detach().clone())
+        snap = inhibitor.snapshot()
+        return [*outputs, snap.mean, snap.var, snap.count, snap.max_ms, snap.mean_ms, snap.frac_above, snap.selected_count]
+
+    portable, vector = both_passes(train)
+    for a, b in zip(_raw(portable), _raw(vector), strict=True):
+        assert torch.equal(a, b)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import memel
-from memel.inhibition.kernels import GatherSelected, ReverseDeactivation
+from memel.inhibition.kernels import LogMSLoss, ReverseDeactivation
 from memel.models import build, preset_targets
 
 
@@ -58,8 +58,8 @@ class ModuleClock:
 
     @contextlib.contextmanager
     def timing_backwards(self) -> Iterator[None]:
-        """Time every ReverseDeactivation / GatherSelected backward while inside."""
-        originals = {cls: cls.__dict__["backward"] for cls in (ReverseDeactivation, GatherSelected)}
+        """Time every ReverseDeactivation / LogMSLoss backward while inside."""
+        originals = {cls: cls.__dict__["backward"] for cls in (ReverseDeactivation, LogMSLoss)}
 
         def timed(function: Callable[..., object]) -> staticmethod:
             def backward(ctx: object, *grads: object) -> object:

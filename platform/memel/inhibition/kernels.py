@@ -43,13 +43,22 @@ class Measurement:
     copy: torch.Tensor | None
     #: whether ``selected`` holds flat indices (threshold selection).
     flat: bool = False
+    #: both index forms of ``selected`` where the kernel already made them (the fused path).
+    flat_indices: torch.Tensor | None = None
+    neuron_indices: torch.Tensor | None = None
+    #: whether the selections are already counted in the window (the fused path counts them).
+    counted: bool = False
 
     def flat_index(self, neurons: int) -> torch.Tensor:
         """Flat indices into the contiguous [samples, neurons] values of every selected value."""
+        if self.flat_indices is not None:
+            return self.flat_indices
         return self.selected if self.flat else flat_selection(self.selected, neurons)
 
     def neuron_index(self, neurons: int) -> torch.Tensor:
         """The neuron of every selected value (same order as ``flat_index``)."""
+        if self.neuron_indices is not None:
+            return self.neuron_indices
         return self.selected.remainder(neurons) if self.flat else self.selected.reshape(-1)
 
 
@@ -199,33 +208,57 @@ class BufferSlot:
         self.tensor: torch.Tensor | None = None
 
 
-class GatherSelected(torch.autograd.Function):
-    """The values at ``flat_index`` of a contiguous tensor (mode l2e's loss terms). Its gradient
-    is a full-size tensor that is zero but at those values; with a ``grad_slot`` (CPU, native
-    kernel) it is written into that slot's buffer when it is free instead of fresh zeros."""
+class LogMSLoss(torch.autograd.Function):
+    """Mode l2e on one call: the activation passed through, and its loss terms, the sum over
+    the selected values of log((z - mu)^2 + delta) (z: ``activation``'s values at
+    ``flat_index`` of its contiguous [samples, neurons] form ``values``; mu: the history mean
+    they were judged against, a constant).
+
+    ``LogMSLoss.apply(activation, activation, values, flat_index, mu, delta)`` returns
+    (output, terms). The output shares the activation's memory and version counter (no copy:
+    in-place rules are those of the activation itself) and passes its gradient through.
+
+    Backward: the terms' gradient 2(z - mu) / ((z - mu)^2 + delta) exists at the selected
+    values only. It is returned as a sparse COO tensor through the activation's first slot,
+    the output's dense gradient through the second, so autograd adds the two into the
+    activation's gradient: in place when the dense one is not shared (O(selected values)
+    instead of writing an activation-sized tensor), out of place otherwise. Where the output
+    got no gradient, the terms' gradient is returned dense.
+    """
 
     @staticmethod
-    def forward(ctx, values: torch.Tensor, flat_index: torch.Tensor, grad_slot: BufferSlot | None = None):  # type: ignore[override]
-        ctx.save_for_backward(flat_index)
-        ctx.shape, ctx.dtype = values.shape, values.dtype  # (the values themselves are not kept)
-        ctx.grad_slot = grad_slot
-        return values.reshape(-1).index_select(0, flat_index)
+    def forward(  # type: ignore[override]
+        ctx,
+        activation: torch.Tensor,
+        again: torch.Tensor,
+        values: torch.Tensor,
+        flat_index: torch.Tensor,
+        mu: torch.Tensor,
+        delta: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.set_materialize_grads(False)
+        d = values.reshape(-1).index_select(0, flat_index).float() - mu
+        shifted = d.square().add_(delta)
+        ctx.save_for_backward(flat_index, d.mul_(2.0).div_(shifted))
+        ctx.shape, ctx.dtype = activation.shape, activation.dtype
+        return activation.detach(), shifted.log_().sum()
 
     @staticmethod
-    def backward(ctx, grad_selected: torch.Tensor):  # type: ignore[override]
-        (flat_index,) = ctx.saved_tensors
-        slot = ctx.grad_slot
-        like = torch.empty((), dtype=ctx.dtype, device=grad_selected.device).expand(ctx.shape)  # no memory
-        if slot is not None:
-            from .native import native_scattered_gradient
-
-            scattered = native_scattered_gradient(grad_selected, flat_index, like, slot.tensor)
-            if scattered is not None:
-                grad, slot.tensor = scattered
-                return grad, None, None
-        grad = torch.zeros(like.shape, dtype=like.dtype, device=grad_selected.device)
-        grad.view(-1).index_copy_(0, flat_index, grad_selected.to(like.dtype))
-        return grad, None, None
+    def backward(ctx, grad_output: torch.Tensor | None, grad_terms: torch.Tensor | None):  # type: ignore[override]
+        none = (None, None, None, None)
+        if grad_terms is None:
+            return (None, grad_output, *none)
+        flat_index, local = ctx.saved_tensors
+        values = (local * grad_terms).to(ctx.dtype)
+        if grad_output is None or len(ctx.shape) == 0:
+            dense = torch.zeros(ctx.shape, dtype=ctx.dtype, device=values.device)
+            dense.view(-1).index_add_(0, flat_index, values)
+            return (None, dense if grad_output is None else dense + grad_output, *none)
+        indices = torch.stack(torch.unravel_index(flat_index, ctx.shape))
+        sparse = torch.sparse_coo_tensor(
+            indices, values, ctx.shape, dtype=ctx.dtype, device=values.device, check_invariants=False
+        )
+        return (sparse, grad_output, *none)
 
 
 class ReverseDeactivation(torch.autograd.Function):

@@ -14,7 +14,7 @@ from memel.errors import ConfigError
 from .config import InhibitionConfig, initial_threshold
 from .kernels import (
     BufferSlot,
-    GatherSelected,
+    LogMSLoss,
     Measurement,
     ReverseDeactivation,
     accumulate_moments,
@@ -105,9 +105,10 @@ class Inhibitor(nn.Module):
     with ``stats_update="call"``, each ``memel.sync`` with ``"step"``, from the global counts),
     also during the late start, so that it has converged when inhibition begins.
 
-    Mode ``l2e``: the output is the input object; the selected values of every training call
-    after the late start are kept (with autograd) until ``auxiliary_loss()`` (or
-    ``memel.auxiliary_loss(model)``) turns them into the loss and forgets them.
+    Mode ``l2e``: the output has the input's values and memory (no copy); the loss terms of
+    the values selected in every training call after the late start are kept (with autograd)
+    until ``auxiliary_loss()`` (or ``memel.auxiliary_loss(model)``) turns them into the loss
+    and forgets them. Their gradient reaches the activation sparsely (``LogMSLoss``).
     """
 
     mean: torch.Tensor
@@ -280,7 +281,7 @@ class Inhibitor(nn.Module):
         track = (self._calls - 1) % config.track_every == 0
         select_above = self._threshold_operand() if config.by_threshold else None
         rewrite = inhibiting and config.mode != "l2e"  # l2e leaves the forward values alone
-        measured = self._fold(values, track, rewrite, select_above)
+        measured = self._fold(values, track, rewrite, select_above, inhibiting)
         folded = measured is not None
         if measured is None:
             if self._scale is None:
@@ -295,13 +296,13 @@ class Inhibitor(nn.Module):
         judged_mean = self._prev_mean if folded else self.mean
         assert judged_mean is not None
         neuron_index = measured.neuron_index(values.shape[1])
-        self._count_selections(neuron_index, inhibiting)
+        if not measured.counted:
+            self._count_selections(neuron_index, inhibiting)
         if not inhibiting:
             return activation
         flat_index = measured.flat_index(values.shape[1])
         if config.mode == "l2e":
-            self._add_loss_terms(values, flat_index, neuron_index, judged_mean)
-            return activation
+            return self._add_loss_terms(activation, values, flat_index, neuron_index, judged_mean)
         assert measured.copy is not None
         replacement = judged_mean.index_select(0, neuron_index)
         output = ReverseDeactivation.apply(
@@ -310,7 +311,7 @@ class Inhibitor(nn.Module):
         return output.view(activation.shape)
 
     def _reused_grad_slot(self) -> BufferSlot | None:
-        """Where the gradient of this module's op goes when buffers are reused (native kernel)."""
+        """Where RD's gradient goes when buffers are reused (native kernel)."""
         return self._grad_slot if self.config.reuse_buffers and self.config.kernel in ("auto", "native") else None
 
     def _threshold_operand(self) -> torch.Tensor:
@@ -320,15 +321,21 @@ class Inhibitor(nn.Module):
         return self._select_above
 
     def _add_loss_terms(
-        self, values: torch.Tensor, flat_index: torch.Tensor, neuron_index: torch.Tensor, judged_mean: torch.Tensor
-    ) -> None:
-        """Mode l2e: keep sum of log((z - mu)^2 + delta) over the selected values (autograd to z),
-        mu being the pre-call history mean."""
-        z = GatherSelected.apply(values, flat_index, self._reused_grad_slot()).float()
-        mu = judged_mean.index_select(0, neuron_index)  # a buffer: no gradient
-        total = torch.log((z - mu).square() + self.config.delta).sum()
+        self,
+        activation: torch.Tensor,
+        values: torch.Tensor,
+        flat_index: torch.Tensor,
+        neuron_index: torch.Tensor,
+        judged_mean: torch.Tensor,
+    ) -> torch.Tensor:
+        """Mode l2e: keep sum of log((z - mu)^2 + delta) over the selected values (autograd to
+        the activation), mu being the pre-call history mean; returns the activation passed
+        through (``LogMSLoss``: same memory, the terms' gradient added sparsely)."""
+        mu = judged_mean.index_select(0, neuron_index)
+        output, total = LogMSLoss.apply(activation, activation, values.detach(), flat_index, mu, self.config.delta)
         self._loss_sum = total if self._loss_sum is None else self._loss_sum + total
         self._loss_count += flat_index.numel()
+        return output
 
     def _as_samples(self, activation: torch.Tensor) -> torch.Tensor:
         if not activation.is_floating_point():
@@ -388,14 +395,15 @@ class Inhibitor(nn.Module):
 
     @torch.no_grad()
     def _fold(
-        self, values: torch.Tensor, track: bool, rewrite: bool, select_above: torch.Tensor | None
+        self, values: torch.Tensor, track: bool, rewrite: bool, select_above: torch.Tensor | None, inhibiting: bool
     ) -> Measurement | None:
         """The local fused path: measure the call AND merge it into the history as one batch in
         one native pass (trackers, moments, Lemma 3.2 with the forget step, threshold update),
         exactly what ``_record`` followed by the next call's merge does, without the per-neuron
         intermediates. Applies to ``stats_update="call"`` outside a distributed run (there the
         call's moments must first be all-reduced) with the native kernel; None elsewhere.
-        ``_prev_mean`` then holds the history mean the call was judged against."""
+        ``_prev_mean`` then holds the history mean the call was judged against; the
+        selections are counted in the window (times selected, and inhibited when ``inhibiting``)."""
         config = self.config
         if config.stats_update != "call" or self._has_pending or self._distributed():
             return None
@@ -411,11 +419,12 @@ class Inhibitor(nn.Module):
             config.top_n, math.sqrt(config.ms_threshold), track, rewrite,
             None if select_above is None else float(select_above),
             self._batches >= config.forget_steps, config.forget_steps, self._lazy_count, self._all_counted,
-            (W_MS_SUM, W_MS_N, W_ABOVE, W_MS_MAX), self._copy_slot.tensor if config.reuse_buffers else None,
+            (W_MS_SUM, W_MS_N, W_ABOVE, W_MS_MAX), (W_SELECTED, W_INHIBITED if inhibiting else -1),
+            self._copy_slot.tensor if config.reuse_buffers else None,
         )  # fmt: skip
         if fused is None:
             return None
-        selected, copied, var_sum, merged, buffer = fused
+        neuron_index, flat_index, copied, var_sum, merged, buffer = fused
         if config.reuse_buffers and buffer is not None:
             self._copy_slot.tensor = buffer
         self._lazy_count += samples
@@ -424,7 +433,7 @@ class Inhibitor(nn.Module):
             self._lazy_tracked += samples
         flat = select_above is not None
         if flat:
-            above = torch.tensor(float(selected.numel()), dtype=torch.float64)
+            above = torch.tensor(float(flat_index.numel()), dtype=torch.float64)
             judged = torch.tensor(float(samples * self.neurons), dtype=torch.float64)
             self.tau.copy_(threshold_update(self.tau, above, judged, config.fraction, config.threshold_rate))
             self._select_above = None
@@ -434,7 +443,8 @@ class Inhibitor(nn.Module):
             self.batches.fill_(self._batches)
         self._scale = None
         self._compensation = config.eps * var_sum / max(self.neurons, 1)
-        return Measurement(None, None, selected, None, None, copied, flat)
+        selected = flat_index if flat else neuron_index.view(samples, config.top_n)
+        return Measurement(None, None, selected, None, None, copied, flat, flat_index, neuron_index, counted=True)
 
     def _distributed(self) -> bool:
         from .sync import distributed_world

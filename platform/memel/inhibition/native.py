@@ -163,17 +163,20 @@ def native_fold(
     count_offset: int,
     all_counted: bool,
     window_rows: tuple[int, int, int, int],
+    count_rows: tuple[int, int] = (-1, -1),
     reuse: torch.Tensor | None = None,
     threads: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor | None, float, int, torch.Tensor | None] | None:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float, int, torch.Tensor | None] | None:
     """One training call measured and merged into the history in a single pass, in place
-    (``measure_fold`` in native_kernel.cpp): (selected, copy, sum of the new var, neurons
-    merged, the copy's buffer); None where it cannot run (the caller then takes the two-step
-    path). ``reuse``: the buffer the last call returned; its memory holds the copy when
-    nothing else refers to it any more (no page faults of fresh memory).
+    (``measure_fold`` in native_kernel.cpp): (neuron index and flat index of every selected
+    value, copy, sum of the new var, neurons merged, the copy's buffer); None where it cannot
+    run (the caller then takes the two-step path). ``reuse``: the buffer the last call
+    returned; its memory holds the copy when nothing else refers to it any more (no page
+    faults of fresh memory).
 
     ``window_rows``: the rows of the window for the MS sum, the samples behind it, the count
-    above ``ms_threshold`` and the max MS. Uniform increments are the caller's to add (see
+    above ``ms_threshold`` and the max MS; ``count_rows``: the rows where each selected value
+    counts once (times selected, times inhibited; -1: none). Uniform increments are the caller's to add (see
     ``Inhibitor._flush_lazy``); ``count_offset`` is the part of them not yet in ``count``.
     Unlike ``native_measure`` a failure inside the kernel is not caught: it may have changed
     the history already, so falling back could merge the call twice."""
@@ -187,14 +190,16 @@ def native_fold(
     if module is None or not hasattr(module, "measure_fold"):
         return None
     ms_sum_row, ms_n_row, above_row, max_row = window_rows
-    selected, copied, totals, buffer = module.measure_fold(
+    selected_row, inhibited_row = count_rows
+    neuron_index, flat_index, copied, totals, buffer = module.measure_fold(
         values.contiguous(), mean, var, count, window, prev_mean, float(compensation), int(top_n),
         float(sqrt_threshold), bool(track), bool(copy), int(threads),
         -1.0 if select_threshold is None else float(select_threshold), bool(capped), int(forget_steps),
-        int(count_offset), bool(all_counted), ms_sum_row, ms_n_row, above_row, max_row, reuse,
+        int(count_offset), bool(all_counted), ms_sum_row, ms_n_row, above_row, max_row, selected_row, inhibited_row,
+        reuse,
     )  # fmt: skip
     var_sum, merged = totals.tolist()
-    return selected, copied, var_sum, int(merged), buffer
+    return neuron_index, flat_index, copied, var_sum, int(merged), buffer
 
 
 def native_reversed_gradient(
@@ -212,19 +217,11 @@ def native_reversed_gradient(
     return out, buffer
 
 
-def native_scattered_gradient(
-    grad_selected: torch.Tensor, flat_index: torch.Tensor, like: torch.Tensor, reuse: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The gradient of gathering ``like``'s values at ``flat_index``: zeros shaped like ``like``
-    with ``grad_selected`` scattered in, written into ``reuse`` when that buffer is free:
-    (gradient, its buffer), or None where the native kernel does not apply."""
-    if like.device.type != "cpu" or like.dtype not in SUPPORTED_DTYPES or flat_index.device.type != "cpu":
-        return None
+def set_vector_path(enabled: bool) -> bool:
+    """Switch the kernel's register-blocked AVX-512 top-1 pass on or off (for tests that
+    compare it with the portable pass bit for bit); returns whether this CPU can run it."""
     module = load()
-    if module is None or not hasattr(module, "scattered_gradient"):
-        return None
-    out, buffer = module.scattered_gradient(grad_selected, flat_index, like, reuse)
-    return out, buffer
+    return bool(module is not None and module.set_vector_path(bool(enabled)))
 
 
 def bookkeeping(tensor: torch.Tensor, kernel: str) -> Any:

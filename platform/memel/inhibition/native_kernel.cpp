@@ -40,10 +40,16 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
+#endif
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#include <immintrin.h>
+#define MEMEL_HAVE_AVX512_PATH 1
 #endif
 
 namespace {
@@ -397,6 +403,165 @@ MEMEL_INLINE void append_hits(const int32_t* __restrict keys, int64_t w, int64_t
   hits.count = k;
 }
 
+// ---------------------------------------------------------------------------------------
+// Register-blocked top-1 pass (float32, AVX-512): the same arithmetic as row_tile, in the
+// same order per column, so the same bits; only the loop order differs. A block of
+// BLOCK_ROWS rows is walked 32 columns at a time with that chunk's accumulators (sums of d
+// and d^2, max keys, counts above) held in registers across the block's rows, instead of
+// being loaded and stored for every value: row_tile is bound by those loads and stores.
+// Each row keeps its max key so far and the chunk it was first reached in; at the end of the
+// tile, the first column of that max in that chunk is found by recomputing the chunk's keys
+// (first index of the max, like argmax). Runs where the CPU has AVX-512 (F, DQ, BW, VL);
+// elsewhere, and for other dtypes, top-n > 1 and threshold selection, row_tile runs.
+
+constexpr int64_t BLOCK_ROWS = 16;
+constexpr int64_t CHUNK = 32;
+
+bool g_vector_path = true;  // tests switch it off to compare both paths bit for bit
+
+bool vector_path_available() {
+#if defined(MEMEL_HAVE_AVX512_PATH)
+  static const bool supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                                __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  return supported && g_vector_path;
+#else
+  return false;
+#endif
+}
+
+// Per task: the top-1 state of each row ((row - r0) indexes tau/kept/count) and the chunk a
+// row's current max was first seen in during this tile (-1: none new).
+struct Top1State {
+  int32_t* tau;
+  uint64_t* kept;
+  int32_t* count;
+  int32_t* chunk;
+};
+
+#if defined(MEMEL_HAVE_AVX512_PATH)
+template <bool TRACK, bool COPY>
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl"))) void blocked_tile(
+    const float* __restrict x, float* __restrict out, int64_t N, int64_t r0, int64_t r1, int64_t t0, int64_t w,
+    const float* __restrict m, const float* __restrict sc, float thr, double* __restrict sd,
+    double* __restrict sd2, int32_t* __restrict mx, int32_t* __restrict ab, const Top1State& st) {
+  const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  const __m512 vthr = _mm512_set1_ps(thr);
+  const __m512i one = _mm512_set1_epi32(1);
+  const __m512i none = _mm512_set1_epi32(-1);
+  for (int64_t b0 = r0; b0 < r1; b0 += BLOCK_ROWS) {
+    const int64_t b1 = std::min(r1, b0 + BLOCK_ROWS);
+    for (int64_t c = 0; c < w; c += CHUNK) {
+      const int64_t rem = std::min<int64_t>(CHUNK, w - c);
+      const __mmask16 k0 = rem >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << rem) - 1);
+      const __mmask16 k1 = rem >= 32 ? static_cast<__mmask16>(0xFFFF)
+                           : rem > 16 ? static_cast<__mmask16>((1u << (rem - 16)) - 1)
+                                      : static_cast<__mmask16>(0);
+      const __mmask8 q0 = static_cast<__mmask8>(k0), q1 = static_cast<__mmask8>(k0 >> 8);
+      const __mmask8 q2 = static_cast<__mmask8>(k1), q3 = static_cast<__mmask8>(k1 >> 8);
+      const __m512 m0 = _mm512_maskz_loadu_ps(k0, m + c), m1 = _mm512_maskz_loadu_ps(k1, m + c + 16);
+      const __m512 s0 = _mm512_maskz_loadu_ps(k0, sc + c), s1 = _mm512_maskz_loadu_ps(k1, sc + c + 16);
+      __m512d a0 = _mm512_maskz_loadu_pd(q0, sd + c), a1 = _mm512_maskz_loadu_pd(q1, sd + c + 8);
+      __m512d a2 = _mm512_maskz_loadu_pd(q2, sd + c + 16), a3 = _mm512_maskz_loadu_pd(q3, sd + c + 24);
+      __m512d e0 = _mm512_maskz_loadu_pd(q0, sd2 + c), e1 = _mm512_maskz_loadu_pd(q1, sd2 + c + 8);
+      __m512d e2 = _mm512_maskz_loadu_pd(q2, sd2 + c + 16), e3 = _mm512_maskz_loadu_pd(q3, sd2 + c + 24);
+      __m512i x0 = _mm512_setzero_si512(), x1 = _mm512_setzero_si512();
+      __m512i n0 = _mm512_setzero_si512(), n1 = _mm512_setzero_si512();
+      if (TRACK) {
+        x0 = _mm512_maskz_loadu_epi32(k0, mx + c);
+        x1 = _mm512_maskz_loadu_epi32(k1, mx + c + 16);
+        n0 = _mm512_maskz_loadu_epi32(k0, ab + c);
+        n1 = _mm512_maskz_loadu_epi32(k1, ab + c + 16);
+      }
+      for (int64_t r = b0; r < b1; ++r) {
+        const float* xp = x + r * N + t0 + c;
+        const __m512 v0 = _mm512_maskz_loadu_ps(k0, xp), v1 = _mm512_maskz_loadu_ps(k1, xp + 16);
+        if (COPY) {
+          float* op = out + r * N + t0 + c;
+          _mm512_mask_storeu_ps(op, k0, v0);
+          _mm512_mask_storeu_ps(op + 16, k1, v1);
+        }
+        const __m512 d0 = _mm512_sub_ps(v0, m0), d1 = _mm512_sub_ps(v1, m1);
+        const __m512 f0 = _mm512_and_ps(_mm512_mul_ps(d0, s0), absmask);
+        const __m512 f1 = _mm512_and_ps(_mm512_mul_ps(d1, s1), absmask);
+        const __m512d g0 = _mm512_cvtps_pd(_mm512_castps512_ps256(d0));
+        const __m512d g1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(d0, 1));
+        const __m512d g2 = _mm512_cvtps_pd(_mm512_castps512_ps256(d1));
+        const __m512d g3 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(d1, 1));
+        // (term + sum, the operand order GCC gives row_tile: the same NaN where both are NaN)
+        a0 = _mm512_add_pd(g0, a0);
+        a1 = _mm512_add_pd(g1, a1);
+        a2 = _mm512_add_pd(g2, a2);
+        a3 = _mm512_add_pd(g3, a3);
+        e0 = _mm512_add_pd(_mm512_mul_pd(g0, g0), e0);
+        e1 = _mm512_add_pd(_mm512_mul_pd(g1, g1), e1);
+        e2 = _mm512_add_pd(_mm512_mul_pd(g2, g2), e2);
+        e3 = _mm512_add_pd(_mm512_mul_pd(g3, g3), e3);
+        const __m512i y0 = _mm512_mask_mov_epi32(none, k0, _mm512_castps_si512(f0));
+        const __m512i y1 = _mm512_mask_mov_epi32(none, k1, _mm512_castps_si512(f1));
+        if (TRACK) {
+          x0 = _mm512_max_epi32(x0, y0);
+          x1 = _mm512_max_epi32(x1, y1);
+          n0 = _mm512_mask_add_epi32(n0, _mm512_mask_cmp_ps_mask(k0, f0, vthr, _CMP_GT_OQ), n0, one);
+          n1 = _mm512_mask_add_epi32(n1, _mm512_mask_cmp_ps_mask(k1, f1, vthr, _CMP_GT_OQ), n1, one);
+        }
+        const int32_t key = _mm512_reduce_max_epi32(_mm512_max_epi32(y0, y1));
+        const int64_t row = r - r0;
+        if (key > st.tau[row]) {
+          st.tau[row] = key;
+          st.chunk[row] = static_cast<int32_t>(c);
+        }
+      }
+      _mm512_mask_storeu_pd(sd + c, q0, a0);
+      _mm512_mask_storeu_pd(sd + c + 8, q1, a1);
+      _mm512_mask_storeu_pd(sd + c + 16, q2, a2);
+      _mm512_mask_storeu_pd(sd + c + 24, q3, a3);
+      _mm512_mask_storeu_pd(sd2 + c, q0, e0);
+      _mm512_mask_storeu_pd(sd2 + c + 8, q1, e1);
+      _mm512_mask_storeu_pd(sd2 + c + 16, q2, e2);
+      _mm512_mask_storeu_pd(sd2 + c + 24, q3, e3);
+      if (TRACK) {
+        _mm512_mask_storeu_epi32(mx + c, k0, x0);
+        _mm512_mask_storeu_epi32(mx + c + 16, k1, x1);
+        _mm512_mask_storeu_epi32(ab + c, k0, n0);
+        _mm512_mask_storeu_epi32(ab + c + 16, k1, n1);
+      }
+    }
+  }
+  // where a row's max rose in this tile: its first column (the keys recomputed as row_tile does)
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t row = r - r0;
+    const int32_t c = st.chunk[row];
+    if (c < 0) continue;
+    st.chunk[row] = -1;
+    const float* xp = x + r * N + t0;
+    const int64_t e = std::min<int64_t>(w, c + CHUNK);
+    int64_t j = c;
+    while (j < e - 1 && key_of(std::fabs((xp[j] - m[j]) * sc[j])) != st.tau[row]) ++j;
+    st.kept[row] = pack(st.tau[row], t0 + j);
+    st.count[row] = 1;
+  }
+}
+#endif
+
+// Whether blocked_tile runs for this task: float32 values, top-1 selection, a capable CPU.
+template <typename T>
+MEMEL_INLINE bool use_blocked(int64_t n, bool by_threshold) {
+  return std::is_same_v<T, float> && n == 1 && !by_threshold && vector_path_available();
+}
+
+template <typename T, bool TRACK, bool COPY>
+MEMEL_INLINE void call_blocked(const T* x, T* out, int64_t N, int64_t r0, int64_t r1, int64_t t0, int64_t w,
+                               const float* m, const float* sc, float thr, double* sd, double* sd2, int32_t* mx,
+                               int32_t* ab, const Top1State& st) {
+#if defined(MEMEL_HAVE_AVX512_PATH)
+  if constexpr (std::is_same_v<T, float>) {
+    blocked_tile<TRACK, COPY>(x, out, N, r0, r1, t0, w, m, sc, thr, sd, sd2, mx, ab, st);
+    return;
+  }
+#endif
+  TORCH_INTERNAL_ASSERT(false, "memel native kernel: blocked path for an unsupported dtype");
+}
+
 template <typename T, bool TRACK, bool COPY>
 MEMEL_INLINE void run_task_impl(const T* x, T* out, const float* mean, const float* scale, const TaskArgs& a) {
   alignas(64) double sd[TILE];
@@ -408,6 +573,9 @@ MEMEL_INLINE void run_task_impl(const T* x, T* out, const float* mean, const flo
   const int64_t N = a.N, n = a.n;
   const bool by_threshold = a.select_key >= 0;
   std::vector<uint64_t> buf(n > 1 && !by_threshold ? static_cast<size_t>(buffer_size(n)) : 0);
+  const bool blocked = use_blocked<T>(n, by_threshold);
+  std::vector<int32_t> chunk_of_max(blocked ? static_cast<size_t>(a.r1 - a.r0) : 0, -1);
+  const Top1State top1{a.tau, a.kept, a.count, chunk_of_max.data()};
   for (int64_t t0 = a.c0; t0 < a.c1; t0 += TILE) {
     const int64_t w = std::min(TILE, a.c1 - t0);
     std::fill(sd, sd + w, 0.0);
@@ -420,7 +588,10 @@ MEMEL_INLINE void run_task_impl(const T* x, T* out, const float* mean, const flo
     } else {
       sc = scale + t0;
     }
-    for (int64_t r = a.r0; r < a.r1; ++r) {
+    if (blocked) {
+      call_blocked<T, TRACK, COPY>(x, out, N, a.r0, a.r1, t0, w, mean + t0, sc, a.thr, sd, sd2, mx, ab, top1);
+    }
+    for (int64_t r = blocked ? a.r1 : a.r0; r < a.r1; ++r) {
       const T* xp = x + r * N + t0;
       T* op = COPY ? out + r * N + t0 : nullptr;
       if (by_threshold) {
@@ -817,14 +988,18 @@ std::vector<at::Tensor> measure(const at::Tensor& values_in, const at::Tensor& m
 // the caller's (count += samples for every neuron, window ms_n += samples, and tracked +=
 // samples on tracked calls), added lazily: the fold subtracts them where a neuron skips the
 // call (a non-finite value), and count_offset is what the caller has not added to count yet.
-// Returns (selected, copy, totals, buffer) with totals = float64 [sum of the new var, neurons
-// merged]; the copy is lent from buffer (see reusable): offer buffer as `reuse` next time.
+// Each selected value also counts once in the window rows selected_row and inhibited_row
+// (-1: none). Returns (neuron_index, flat_index, copy, totals, buffer): every selected value's
+// neuron and flat index into [S, N] (row-major for threshold selection, each sample's top-n
+// for top-n), totals = float64 [sum of the new var, neurons merged]; the copy is lent from
+// buffer (see reusable): offer buffer as `reuse` next time.
 std::vector<at::Tensor> measure_fold(const at::Tensor& values_in, at::Tensor mean, at::Tensor var, at::Tensor count,
                                      at::Tensor window, at::Tensor prev_mean, double comp, int64_t top_n,
                                      double sqrt_threshold, bool track, bool copy, int64_t threads,
                                      double select_threshold, bool capped, int64_t forget_steps,
                                      int64_t count_offset, bool all_counted, int64_t ms_sum_row, int64_t ms_n_row,
-                                     int64_t above_row, int64_t max_row, const c10::optional<at::Tensor>& reuse) {
+                                     int64_t above_row, int64_t max_row, int64_t selected_row, int64_t inhibited_row,
+                                     const c10::optional<at::Tensor>& reuse) {
   TORCH_CHECK(values_in.dim() == 2, "values must be [samples, neurons]");
   TORCH_CHECK(values_in.device().is_cpu(), "values must be on the CPU");
   const at::Tensor values = values_in.contiguous();
@@ -836,7 +1011,9 @@ std::vector<at::Tensor> measure_fold(const at::Tensor& values_in, at::Tensor mea
   TORCH_CHECK(window.dim() == 2 && window.size(1) == N, "memel native fold: bad window shape");
   check_vector(window, at::kDouble, window.numel(), "window");
   const int64_t rows = window.size(0);
-  TORCH_CHECK(ms_sum_row < rows && ms_n_row < rows && above_row < rows && max_row < rows, "bad window rows");
+  TORCH_CHECK(ms_sum_row < rows && ms_n_row < rows && above_row < rows && max_row < rows && selected_row < rows &&
+                  inhibited_row < rows,
+              "bad window rows");
   const int64_t blocks = (N + 63) / 64;
   std::vector<double> block_var(static_cast<size_t>(blocks), 0.0);
   std::vector<int64_t> block_merged(static_cast<size_t>(blocks), 0);
@@ -869,8 +1046,34 @@ std::vector<at::Tensor> measure_fold(const at::Tensor& values_in, at::Tensor mea
   }
   totals.data_ptr<double>()[0] = var_sum;
   totals.data_ptr<double>()[1] = static_cast<double>(merged);
-  // (selected, the copy lent, totals, the copy's buffer to offer next time)
-  return {out[4], copy ? lend(out[5]) : out[5], totals, out[5]};
+  // every selected value as (neuron, flat index into [S, N]), in the order selected, and the
+  // window's times selected (and inhibited) += 1 per value: a serial loop, so no races
+  const at::Tensor selected = out[4];
+  const int64_t K = selected.numel();
+  at::Tensor neuron_index, flat_index;
+  if (select_threshold >= 0) {  // flat indices, row-major
+    flat_index = selected;
+    neuron_index = at::empty({K}, selected.options());
+    const int64_t* f = flat_index.const_data_ptr<int64_t>();
+    int64_t* o = neuron_index.data_ptr<int64_t>();
+    for (int64_t i = 0; i < K; ++i) o[i] = f[i] % N;
+  } else {  // [S, top_n] neuron indices
+    neuron_index = selected.reshape({-1});
+    flat_index = at::empty({K}, selected.options());
+    const int64_t* c = neuron_index.const_data_ptr<int64_t>();
+    int64_t* o = flat_index.data_ptr<int64_t>();
+    for (int64_t r = 0, i = 0; r < S; ++r) {
+      for (int64_t k = 0; k < top_n; ++k, ++i) o[i] = r * N + c[i];
+    }
+  }
+  const int64_t* neurons = neuron_index.const_data_ptr<int64_t>();
+  for (const int64_t row : {selected_row, inhibited_row}) {
+    if (row < 0) continue;
+    double* counts = w + row * N;
+    for (int64_t i = 0; i < K; ++i) counts[neurons[i]] += 1.0;
+  }
+  // (neurons, flat indices, the copy lent, totals, the copy's buffer to offer next time)
+  return {neuron_index, flat_index, copy ? lend(out[5]) : out[5], totals, out[5]};
 }
 
 // The gradient of Reverse Deactivation: a copy of grad with the values at flat_index multiplied
@@ -893,23 +1096,6 @@ std::vector<at::Tensor> reversed_gradient(const at::Tensor& grad_in, const at::T
     const at::Tensor picked = flat.index_select(0, flat_index);
     flat.index_copy_(0, flat_index, strength == 0.0 ? at::zeros_like(picked) : picked.mul(-strength));
   }
-  return {lend(out), out};
-}
-
-// The gradient of gathering the values at flat_index (mode l2e's loss terms): zeros of
-// `like`'s shape and dtype with grad_selected scattered in, written into a reused buffer when
-// it is free (zeroed in full: whoever had it may have accumulated into it) instead of fresh
-// memory. Returns (the gradient lent, its buffer to offer next time).
-std::vector<at::Tensor> scattered_gradient(const at::Tensor& grad_selected, const at::Tensor& flat_index,
-                                           const at::Tensor& like, const c10::optional<at::Tensor>& reuse) {
-  TORCH_CHECK(like.device().is_cpu() && flat_index.device().is_cpu(), "scattered_gradient: CPU tensors only");
-  at::Tensor out = reusable(reuse, like) ? *reuse : empty_copy(like);
-  const int64_t bytes = out.numel() * static_cast<int64_t>(out.element_size());
-  char* dst = static_cast<char*>(out.data_ptr());
-  at::parallel_for(0, bytes, int64_t(1) << 20, [&](int64_t begin, int64_t end) {
-    std::memset(dst + begin, 0, static_cast<size_t>(end - begin));
-  });
-  if (flat_index.numel() > 0) out.view(-1).index_copy_(0, flat_index, grad_selected.reshape(-1).to(out.scalar_type()));
   return {lend(out), out};
 }
 
@@ -1032,7 +1218,18 @@ void merge_moments(at::Tensor mean, at::Tensor var, at::Tensor count, const at::
   });
 }
 
+// Tests: switch the register-blocked AVX-512 path off (and on again) to compare both paths;
+// returns whether it can run on this CPU.
+bool set_vector_path(bool enabled) {
+  g_vector_path = true;
+  const bool available = vector_path_available();
+  g_vector_path = enabled;
+  return available;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("set_vector_path", &set_vector_path,
+        "switch the register-blocked AVX-512 top-1 pass on or off (tests); returns whether this CPU can run it");
   m.def("measure", &measure, "memel fused inhibition measurement (one pass over [samples, neurons] values)",
         pybind11::arg("values"), pybind11::arg("mean"), pybind11::arg("scale"), pybind11::arg("top_n"),
         pybind11::arg("sqrt_threshold"), pybind11::arg("track"), pybind11::arg("copy"), pybind11::arg("threads") = 0,
@@ -1049,11 +1246,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("sqrt_threshold"), pybind11::arg("track"), pybind11::arg("copy"), pybind11::arg("threads"),
         pybind11::arg("select_threshold"), pybind11::arg("capped"), pybind11::arg("forget_steps"),
         pybind11::arg("count_offset"), pybind11::arg("all_counted"), pybind11::arg("ms_sum_row"), pybind11::arg("ms_n_row"),
-        pybind11::arg("above_row"), pybind11::arg("max_row"), pybind11::arg("reuse") = pybind11::none());
-  m.def("scattered_gradient", &scattered_gradient,
-        "gradient of a gather: zeros with the selected gradients scattered in, in a reused buffer",
-        pybind11::arg("grad_selected"), pybind11::arg("flat_index"), pybind11::arg("like"),
-        pybind11::arg("reuse") = pybind11::none());
+        pybind11::arg("above_row"), pybind11::arg("max_row"), pybind11::arg("selected_row") = -1,
+        pybind11::arg("inhibited_row") = -1, pybind11::arg("reuse") = pybind11::none());
   m.def("reversed_gradient", &reversed_gradient,
         "Reverse Deactivation's gradient (selected values times -strength) into a reused buffer",
         pybind11::arg("grad"), pybind11::arg("flat_index"), pybind11::arg("strength"),
