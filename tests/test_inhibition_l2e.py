@@ -318,13 +318,16 @@ def test_l2e_against_autograd_and_one_sgd_step_moves_selected_values_to_the_mean
 )
 @pytest.mark.parametrize("layout,shape", [("channel", (3, 7, 16)), ("element", (5, 4, 6))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kernel", ["native", "eager"])
 def test_l2e_gradient_reaches_the_producer_like_autograd(
-    use_output: bool, use_loss: bool, layout: str, shape: tuple[int, ...], dtype: torch.dtype
+    use_output: bool, use_loss: bool, layout: str, shape: tuple[int, ...], dtype: torch.dtype, kernel: str
 ) -> None:
     """The loss terms' gradient (sparse, added by autograd into the output's dense one) reaches
     the layer before the Inhibitor exactly as plain autograd of the same expression does:
     with or without a downstream gradient, with or without the loss, in both layouts."""
-    inhibitor = memel.Inhibitor(mode="l2e", top_n=2, forget_steps=3, late_start=2, l2e_weight=0.7, layout=layout)
+    inhibitor = memel.Inhibitor(
+        mode="l2e", top_n=2, forget_steps=3, late_start=2, l2e_weight=0.7, layout=layout, kernel=kernel
+    )
     generator = torch.Generator().manual_seed(1)
     for _ in range(3):
         inhibitor(torch.randn(*shape, generator=generator).to(dtype))

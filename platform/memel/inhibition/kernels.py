@@ -211,11 +211,12 @@ class BufferSlot:
 class LogMSLoss(torch.autograd.Function):
     """Mode l2e on one call: the activation passed through, and its loss terms, the sum over
     the selected values of log((z - mu)^2 + delta) (z: ``activation``'s values at
-    ``flat_index`` of its contiguous [samples, neurons] form ``values``; mu: the history mean
-    they were judged against, a constant).
+    ``flat_index`` of its contiguous [samples, neurons] form ``values``; mu: ``mean``, the
+    history mean they were judged against, a constant, at each value's ``neuron_index``).
 
-    ``LogMSLoss.apply(activation, activation, values, flat_index, mu, delta)`` returns
-    (output, terms). The output shares the activation's memory and version counter (no copy:
+    ``LogMSLoss.apply(activation, activation, values, flat_index, neuron_index, mean, delta,
+    kernel_native)`` returns (output, terms); with ``kernel_native`` the terms come from one
+    native loop where it applies (CPU). The output shares the activation's memory and version counter (no copy:
     in-place rules are those of the activation itself) and passes its gradient through.
 
     Backward: the terms' gradient 2(z - mu) / ((z - mu)^2 + delta) exists at the selected
@@ -233,19 +234,29 @@ class LogMSLoss(torch.autograd.Function):
         again: torch.Tensor,
         values: torch.Tensor,
         flat_index: torch.Tensor,
-        mu: torch.Tensor,
+        neuron_index: torch.Tensor,
+        mean: torch.Tensor,
         delta: float,
+        kernel_native: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.set_materialize_grads(False)
-        d = values.reshape(-1).index_select(0, flat_index).float() - mu
-        shifted = d.square().add_(delta)
-        ctx.save_for_backward(flat_index, d.mul_(2.0).div_(shifted))
+        from .native import native_log_ms_terms
+
         ctx.shape, ctx.dtype = activation.shape, activation.dtype
-        return activation.detach(), shifted.log_().sum()
+        native = native_log_ms_terms(values, flat_index, neuron_index, mean, delta) if kernel_native else None
+        if native is not None:
+            total, local = native
+        else:
+            d = values.reshape(-1).index_select(0, flat_index).float() - mean.index_select(0, neuron_index)
+            shifted = d.square().add_(delta)
+            local = d.mul_(2.0).div_(shifted)
+            total = shifted.log_().sum()
+        ctx.save_for_backward(flat_index, local)
+        return activation.detach(), total
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor | None, grad_terms: torch.Tensor | None):  # type: ignore[override]
-        none = (None, None, None, None)
+        none = (None, None, None, None, None, None)
         if grad_terms is None:
             return (None, grad_output, *none)
         flat_index, local = ctx.saved_tensors
@@ -254,7 +265,11 @@ class LogMSLoss(torch.autograd.Function):
             dense = torch.zeros(ctx.shape, dtype=ctx.dtype, device=values.device)
             dense.view(-1).index_add_(0, flat_index, values)
             return (None, dense if grad_output is None else dense + grad_output, *none)
-        indices = torch.stack(torch.unravel_index(flat_index, ctx.shape))
+        from .native import native_coo_indices
+
+        indices = native_coo_indices(flat_index, ctx.shape)
+        if indices is None:
+            indices = torch.stack(torch.unravel_index(flat_index, ctx.shape))
         sparse = torch.sparse_coo_tensor(
             indices, values, ctx.shape, dtype=ctx.dtype, device=values.device, check_invariants=False
         )

@@ -87,6 +87,16 @@ class Snapshot:
         return {key: value.cpu().numpy() if isinstance(value, torch.Tensor) else value for key, value in vars(self).items()}
 
 
+#: Plain Python attributes the hot path sets on every call: set directly, not through
+#: ``nn.Module.__setattr__`` (which checks parameters, submodules and buffers first).
+_PLAIN_STATE = frozenset(
+    {
+        "_calls", "_batches", "_has_pending", "_scale", "_select_above", "_loss_sum", "_loss_count",
+        "_lazy_count", "_lazy_ms_n", "_lazy_tracked", "_compensation", "_prev_mean", "_all_counted",
+    }
+)  # fmt: skip
+
+
 class Inhibitor(nn.Module):
     """Monosemantic Scale tracking and Reverse Deactivation for one activation.
 
@@ -202,6 +212,12 @@ class Inhibitor(nn.Module):
         """Float64 numbers this module adds to the sync collective: count, sum d and sum d^2
         per neuron, then (threshold selection) the values above tau and the values judged."""
         return PAYLOAD_ROWS * self.neurons + (TAU_PENDING if self.config.by_threshold else 0)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _PLAIN_STATE:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Inhibitor:
         # model.half()/bfloat16() must not lower the statistics' precision: keep dtypes, follow devices.
@@ -331,8 +347,10 @@ class Inhibitor(nn.Module):
         """Mode l2e: keep sum of log((z - mu)^2 + delta) over the selected values (autograd to
         the activation), mu being the pre-call history mean; returns the activation passed
         through (``LogMSLoss``: same memory, the terms' gradient added sparsely)."""
-        mu = judged_mean.index_select(0, neuron_index)
-        output, total = LogMSLoss.apply(activation, activation, values.detach(), flat_index, mu, self.config.delta)
+        native = self.config.kernel in ("auto", "native")
+        output, total = LogMSLoss.apply(
+            activation, activation, values.detach(), flat_index, neuron_index, judged_mean, self.config.delta, native
+        )
         self._loss_sum = total if self._loss_sum is None else self._loss_sum + total
         self._loss_count += flat_index.numel()
         return output

@@ -217,6 +217,29 @@ def native_reversed_gradient(
     return out, buffer
 
 
+def native_log_ms_terms(
+    values: torch.Tensor, flat_index: torch.Tensor, neuron_index: torch.Tensor, mean: torch.Tensor, delta: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Mode l2e's loss terms from one loop (``log_ms_terms``): (sum of log(d^2 + delta),
+    2d / (d^2 + delta) per selected value) with d = z - mean of the value's neuron; None where
+    the native kernel does not apply."""
+    if values.device.type != "cpu" or values.dtype not in SUPPORTED_DTYPES or values.dim() != 2:
+        return None
+    module = load()
+    if module is None or mean.dtype != torch.float32:
+        return None
+    total, local = module.log_ms_terms(values, flat_index.contiguous(), neuron_index.contiguous(), mean.contiguous(), float(delta))
+    return total, local
+
+
+def native_coo_indices(flat_index: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
+    """The [ndim, K] COO indices of row-major flat indices into ``shape`` (None: use torch)."""
+    if flat_index.device.type != "cpu" or len(shape) == 0:
+        return None
+    module = load()
+    return None if module is None else module.coo_indices(flat_index, list(shape))
+
+
 def set_vector_path(enabled: bool) -> bool:
     """Switch the kernel's register-blocked AVX-512 top-1 pass on or off (for tests that
     compare it with the portable pass bit for bit); returns whether this CPU can run it."""

@@ -1099,6 +1099,79 @@ std::vector<at::Tensor> reversed_gradient(const at::Tensor& grad_in, const at::T
   return {lend(out), out};
 }
 
+// Mode l2e's loss terms of one call (LogMSLoss in kernels.py): with d = z - mean[neuron] for
+// the values z at flat_index of the [S, N] values: (sum of log(d^2 + delta) as a float32
+// scalar, summed in double; and per value the gradient 2d / (d^2 + delta), float32).
+template <typename T>
+double log_ms_loop(const T* z, const float* mu, const int64_t* flat, const int64_t* neuron, int64_t K, int64_t total,
+                   int64_t N, float delta, float* g) {
+  double sum = 0.0;
+  for (int64_t i = 0; i < K; ++i) {
+    TORCH_CHECK(flat[i] >= 0 && flat[i] < total && neuron[i] >= 0 && neuron[i] < N, "log_ms_terms: index out of range");
+    const float d = to_float<T>(z[flat[i]]) - mu[neuron[i]];
+    const float shifted = d * d + delta;
+    sum += static_cast<double>(std::log(shifted));
+    g[i] = (2.0f * d) / shifted;
+  }
+  return sum;
+}
+
+std::vector<at::Tensor> log_ms_terms(const at::Tensor& values_in, const at::Tensor& flat_index,
+                                     const at::Tensor& neuron_index, const at::Tensor& mean, double delta) {
+  TORCH_CHECK(values_in.device().is_cpu() && values_in.dim() == 2, "log_ms_terms: [samples, neurons] CPU values");
+  const at::Tensor values = values_in.contiguous();
+  const int64_t K = flat_index.numel(), total = values.numel(), N = values.size(1);
+  TORCH_CHECK(flat_index.scalar_type() == at::kLong && neuron_index.scalar_type() == at::kLong &&
+                  neuron_index.numel() == K && flat_index.is_contiguous() && neuron_index.is_contiguous(),
+              "log_ms_terms: bad indices");
+  TORCH_CHECK(mean.scalar_type() == at::kFloat && mean.is_contiguous() && mean.numel() == N, "log_ms_terms: bad mean");
+  const auto fopts = values.options().dtype(at::kFloat);
+  at::Tensor local = at::empty({K}, fopts);
+  const float* mu = mean.const_data_ptr<float>();
+  const int64_t* flat = flat_index.const_data_ptr<int64_t>();
+  const int64_t* neuron = neuron_index.const_data_ptr<int64_t>();
+  float* g = local.data_ptr<float>();
+  const float dl = static_cast<float>(delta);
+  double sum = 0.0;
+  switch (values.scalar_type()) {
+    case at::kFloat:
+      sum = log_ms_loop(values.const_data_ptr<float>(), mu, flat, neuron, K, total, N, dl, g);
+      break;
+    case at::kBFloat16:
+      sum = log_ms_loop(values.const_data_ptr<c10::BFloat16>(), mu, flat, neuron, K, total, N, dl, g);
+      break;
+    case at::kHalf:
+      sum = log_ms_loop(values.const_data_ptr<c10::Half>(), mu, flat, neuron, K, total, N, dl, g);
+      break;
+    default:
+      TORCH_CHECK(false, "log_ms_terms: unsupported dtype ", values.scalar_type());
+  }
+  return {at::scalar_tensor(sum, fopts), local};
+}
+
+// The [ndim, K] COO indices of flat (row-major) indices into a contiguous tensor of `sizes`.
+at::Tensor coo_indices(const at::Tensor& flat_index, std::vector<int64_t> sizes) {
+  TORCH_CHECK(flat_index.device().is_cpu() && flat_index.scalar_type() == at::kLong && flat_index.dim() == 1,
+              "coo_indices: 1-D int64 CPU indices");
+  const int64_t D = static_cast<int64_t>(sizes.size()), K = flat_index.numel();
+  TORCH_CHECK(D > 0, "coo_indices: a tensor of at least one dimension");
+  const at::Tensor flat_c = flat_index.contiguous();
+  const int64_t* flat = flat_c.const_data_ptr<int64_t>();
+  at::Tensor out = at::empty({D, K}, flat_index.options());
+  int64_t* o = out.data_ptr<int64_t>();
+  int64_t total = 1;
+  for (const int64_t size : sizes) total *= size;
+  for (int64_t i = 0; i < K; ++i) {
+    int64_t f = flat[i];
+    TORCH_CHECK(f >= 0 && f < total, "coo_indices: index out of range");
+    for (int64_t d = D - 1; d >= 0; --d) {
+      o[d * K + i] = f % sizes[d];
+      f /= sizes[d];
+    }
+  }
+  return out;
+}
+
 // ---------------------------------------------------------------------------------------
 // Per-neuron bookkeeping, fused: the same arithmetic as module.py's torch code (float64),
 // one loop over the neurons instead of dozens of vector operations.
@@ -1252,5 +1325,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Reverse Deactivation's gradient (selected values times -strength) into a reused buffer",
         pybind11::arg("grad"), pybind11::arg("flat_index"), pybind11::arg("strength"),
         pybind11::arg("reuse") = pybind11::none());
+  m.def("log_ms_terms", &log_ms_terms, "mode l2e's loss terms of one call and their gradient per value",
+        pybind11::arg("values"), pybind11::arg("flat_index"), pybind11::arg("neuron_index"), pybind11::arg("mean"),
+        pybind11::arg("delta"));
+  m.def("coo_indices", &coo_indices, "[ndim, K] COO indices of flat row-major indices", pybind11::arg("flat_index"),
+        pybind11::arg("sizes"));
   m.def("merge_moments", &merge_moments, "merge pending moments into the history (Lemma 3.2, forget step), in place");
 }
