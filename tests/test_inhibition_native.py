@@ -318,6 +318,22 @@ def test_vector_pass_gives_the_same_bits_as_the_portable_pass(both_passes, shape
                 assert (a is None and b is None) or torch.equal(a, b)
 
 
+@pytest.mark.parametrize("shape", [(520, 300), (6, 9000), (5, 33), (70, 2100)])
+@pytest.mark.parametrize("level", [0.0, 1.5, 1e9], ids=["everything", "some", "nothing"])
+def test_vector_pass_threshold_selection_gives_the_same_bits(both_passes, shape: tuple[int, int], level: float) -> None:
+    """Threshold selection: the same hits in the same (row-major) order, with NaN counted above."""
+    values, mean, scale = _case(*shape, torch.float32, seed=shape[0], special=True)
+    for threads in (1, 2, 3):
+        for track, copy in ((True, True), (False, False)):
+            portable, vector = both_passes(
+                lambda: native.native_measure(
+                    values, mean, scale, 1, 3.0, track, copy, threads=threads, select_threshold=level
+                )
+            )
+            for a, b in zip(_raw(portable), _raw(vector), strict=True):
+                assert (a is None and b is None) or torch.equal(a, b)
+
+
 def test_vector_pass_ties_pick_the_first_index(both_passes) -> None:
     """Equal keys across chunks and tiles: each row selects its first maximum (like argmax)."""
     values = torch.zeros(96, 2100)

@@ -404,15 +404,18 @@ MEMEL_INLINE void append_hits(const int32_t* __restrict keys, int64_t w, int64_t
 }
 
 // ---------------------------------------------------------------------------------------
-// Register-blocked top-1 pass (float32, AVX-512): the same arithmetic as row_tile, in the
+// Register-blocked pass for top-1 and threshold selection (float32, AVX-512): the same arithmetic as row_tile, in the
 // same order per column, so the same bits; only the loop order differs. A block of
 // BLOCK_ROWS rows is walked 32 columns at a time with that chunk's accumulators (sums of d
 // and d^2, max keys, counts above) held in registers across the block's rows, instead of
 // being loaded and stored for every value: row_tile is bound by those loads and stores.
 // Each row keeps its max key so far and the chunk it was first reached in; at the end of the
 // tile, the first column of that max in that chunk is found by recomputing the chunk's keys
-// (first index of the max, like argmax). Runs where the CPU has AVX-512 (F, DQ, BW, VL);
-// elsewhere, and for other dtypes, top-n > 1 and threshold selection, row_tile runs.
+// (first index of the max, like argmax). Threshold selection instead compresses each row's
+// columns with key >= the threshold's into a per-row list, appended to the task's hits row
+// by row at the end of the block (row-major within the tile, as append_hits leaves them).
+// Runs where the CPU has AVX-512 (F, DQ, BW, VL); elsewhere, and for other dtypes and top-n
+// > 1, row_tile runs.
 
 constexpr int64_t BLOCK_ROWS = 16;
 constexpr int64_t CHUNK = 32;
@@ -438,18 +441,32 @@ struct Top1State {
   int32_t* chunk;
 };
 
+// Per task, threshold selection: the key a value must reach, the task's hits, and per row of
+// a block the columns found so far (capacity each: the tile width plus a vector's slack).
+struct ThresholdState {
+  int32_t key;
+  Hits* hits;
+  int32_t* columns;
+  int32_t* found;
+  int64_t capacity;
+};
+
 #if defined(MEMEL_HAVE_AVX512_PATH)
-template <bool TRACK, bool COPY>
+template <bool TRACK, bool COPY, bool SELECT>
 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl"))) void blocked_tile(
     const float* __restrict x, float* __restrict out, int64_t N, int64_t r0, int64_t r1, int64_t t0, int64_t w,
     const float* __restrict m, const float* __restrict sc, float thr, double* __restrict sd,
-    double* __restrict sd2, int32_t* __restrict mx, int32_t* __restrict ab, const Top1State& st) {
+    double* __restrict sd2, int32_t* __restrict mx, int32_t* __restrict ab, const Top1State& st,
+    const ThresholdState& th) {
   const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
   const __m512 vthr = _mm512_set1_ps(thr);
   const __m512i one = _mm512_set1_epi32(1);
   const __m512i none = _mm512_set1_epi32(-1);
+  const __m512i select_key = _mm512_set1_epi32(th.key);
+  const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   for (int64_t b0 = r0; b0 < r1; b0 += BLOCK_ROWS) {
     const int64_t b1 = std::min(r1, b0 + BLOCK_ROWS);
+    if (SELECT) std::fill(th.found, th.found + BLOCK_ROWS, 0);
     for (int64_t c = 0; c < w; c += CHUNK) {
       const int64_t rem = std::min<int64_t>(CHUNK, w - c);
       const __mmask16 k0 = rem >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << rem) - 1);
@@ -504,11 +521,26 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl"))) void blocked_tile(
           n0 = _mm512_mask_add_epi32(n0, _mm512_mask_cmp_ps_mask(k0, f0, vthr, _CMP_GT_OQ), n0, one);
           n1 = _mm512_mask_add_epi32(n1, _mm512_mask_cmp_ps_mask(k1, f1, vthr, _CMP_GT_OQ), n1, one);
         }
-        const int32_t key = _mm512_reduce_max_epi32(_mm512_max_epi32(y0, y1));
-        const int64_t row = r - r0;
-        if (key > st.tau[row]) {
-          st.tau[row] = key;
-          st.chunk[row] = static_cast<int32_t>(c);
+        if (SELECT) {  // every key >= select_key, in increasing columns, into the row's list
+          const __mmask16 h0 = _mm512_cmpge_epi32_mask(y0, select_key);
+          const __mmask16 h1 = _mm512_cmpge_epi32_mask(y1, select_key);
+          if ((h0 | h1) != 0) {
+            int32_t* list = th.columns + (r - b0) * th.capacity;
+            int32_t& found = th.found[r - b0];
+            const __m512i col0 = _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int32_t>(c)));
+            const __m512i col1 = _mm512_add_epi32(col0, _mm512_set1_epi32(16));
+            _mm512_storeu_si512(list + found, _mm512_maskz_compress_epi32(h0, col0));
+            found += __builtin_popcount(static_cast<unsigned>(h0));
+            _mm512_storeu_si512(list + found, _mm512_maskz_compress_epi32(h1, col1));
+            found += __builtin_popcount(static_cast<unsigned>(h1));
+          }
+        } else {
+          const int32_t key = _mm512_reduce_max_epi32(_mm512_max_epi32(y0, y1));
+          const int64_t row = r - r0;
+          if (key > st.tau[row]) {
+            st.tau[row] = key;
+            st.chunk[row] = static_cast<int32_t>(c);
+          }
         }
       }
       _mm512_mask_storeu_pd(sd + c, q0, a0);
@@ -526,7 +558,25 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl"))) void blocked_tile(
         _mm512_mask_storeu_epi32(ab + c + 16, k1, n1);
       }
     }
+    if (SELECT) {  // the block's hits row by row: row-major within the tile, like append_hits
+      Hits& hits = *th.hits;
+      for (int64_t r = b0; r < b1; ++r) {
+        const int32_t found = th.found[r - b0];
+        if (found == 0) continue;
+        if (static_cast<int64_t>(hits.index.size()) < hits.count + found) {
+          hits.index.resize(static_cast<size_t>(std::max<int64_t>(2 * static_cast<int64_t>(hits.index.size()), hits.count + found)));
+        }
+        const int32_t* list = th.columns + (r - b0) * th.capacity;
+        int64_t* dst = hits.index.data() + hits.count;
+        const int64_t base = r * N + t0;
+        for (int32_t i = 0; i < found; ++i) dst[i] = base + list[i];
+        hits.count += found;
+        hits.segments.push_back(r);
+        hits.segments.push_back(found);
+      }
+    }
   }
+  if (SELECT) return;
   // where a row's max rose in this tile: its first column (the keys recomputed as row_tile does)
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t row = r - r0;
@@ -543,19 +593,21 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl"))) void blocked_tile(
 }
 #endif
 
-// Whether blocked_tile runs for this task: float32 values, top-1 selection, a capable CPU.
+// Whether blocked_tile runs for this task: float32 values, top-1 or threshold selection, a
+// capable CPU.
 template <typename T>
-MEMEL_INLINE bool use_blocked(int64_t n, bool by_threshold) {
-  return std::is_same_v<T, float> && n == 1 && !by_threshold && vector_path_available();
+MEMEL_INLINE bool use_blocked(int64_t n) {
+  return std::is_same_v<T, float> && n == 1 && vector_path_available();
 }
 
 template <typename T, bool TRACK, bool COPY>
 MEMEL_INLINE void call_blocked(const T* x, T* out, int64_t N, int64_t r0, int64_t r1, int64_t t0, int64_t w,
                                const float* m, const float* sc, float thr, double* sd, double* sd2, int32_t* mx,
-                               int32_t* ab, const Top1State& st) {
+                               int32_t* ab, const Top1State& st, const ThresholdState& th, bool by_threshold) {
 #if defined(MEMEL_HAVE_AVX512_PATH)
   if constexpr (std::is_same_v<T, float>) {
-    blocked_tile<TRACK, COPY>(x, out, N, r0, r1, t0, w, m, sc, thr, sd, sd2, mx, ab, st);
+    if (by_threshold) blocked_tile<TRACK, COPY, true>(x, out, N, r0, r1, t0, w, m, sc, thr, sd, sd2, mx, ab, st, th);
+    else blocked_tile<TRACK, COPY, false>(x, out, N, r0, r1, t0, w, m, sc, thr, sd, sd2, mx, ab, st, th);
     return;
   }
 #endif
@@ -573,9 +625,13 @@ MEMEL_INLINE void run_task_impl(const T* x, T* out, const float* mean, const flo
   const int64_t N = a.N, n = a.n;
   const bool by_threshold = a.select_key >= 0;
   std::vector<uint64_t> buf(n > 1 && !by_threshold ? static_cast<size_t>(buffer_size(n)) : 0);
-  const bool blocked = use_blocked<T>(n, by_threshold);
-  std::vector<int32_t> chunk_of_max(blocked ? static_cast<size_t>(a.r1 - a.r0) : 0, -1);
+  const bool blocked = use_blocked<T>(n);
+  std::vector<int32_t> chunk_of_max(blocked && !by_threshold ? static_cast<size_t>(a.r1 - a.r0) : 0, -1);
   const Top1State top1{a.tau, a.kept, a.count, chunk_of_max.data()};
+  const int64_t capacity = TILE + 2 * 16;  // (a compressed store writes a whole vector)
+  std::vector<int32_t> hit_columns(blocked && by_threshold ? static_cast<size_t>(BLOCK_ROWS * capacity) : 0);
+  std::vector<int32_t> hit_found(blocked && by_threshold ? static_cast<size_t>(BLOCK_ROWS) : 0);
+  const ThresholdState threshold{a.select_key, a.hits, hit_columns.data(), hit_found.data(), capacity};
   for (int64_t t0 = a.c0; t0 < a.c1; t0 += TILE) {
     const int64_t w = std::min(TILE, a.c1 - t0);
     std::fill(sd, sd + w, 0.0);
@@ -589,7 +645,8 @@ MEMEL_INLINE void run_task_impl(const T* x, T* out, const float* mean, const flo
       sc = scale + t0;
     }
     if (blocked) {
-      call_blocked<T, TRACK, COPY>(x, out, N, a.r0, a.r1, t0, w, mean + t0, sc, a.thr, sd, sd2, mx, ab, top1);
+      call_blocked<T, TRACK, COPY>(x, out, N, a.r0, a.r1, t0, w, mean + t0, sc, a.thr, sd, sd2, mx, ab, top1, threshold,
+                                   by_threshold);
     }
     for (int64_t r = blocked ? a.r1 : a.r0; r < a.r1; ++r) {
       const T* xp = x + r * N + t0;
