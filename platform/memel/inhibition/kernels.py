@@ -216,8 +216,9 @@ class LogMSLoss(torch.autograd.Function):
 
     ``LogMSLoss.apply(activation, activation, values, flat_index, neuron_index, mean, delta,
     kernel_native)`` returns (output, terms); with ``kernel_native`` the terms come from one
-    native loop where it applies (CPU). The output shares the activation's memory and version counter (no copy:
-    in-place rules are those of the activation itself) and passes its gradient through.
+    native loop where it applies (CPU). The output shares the activation's memory and version
+    counter (no copy: in-place rules are those of the activation itself) and passes its
+    gradient through.
 
     Backward: the terms' gradient 2(z - mu) / ((z - mu)^2 + delta) exists at the selected
     values only. It is returned as a sparse COO tensor through the activation's first slot,
