@@ -275,7 +275,7 @@ def test_native_large_copy_uses_its_own_buffer_and_autograd_accepts_it() -> None
 
 @pytest.fixture
 def both_passes():
-    """Runs a function with the kernel's register-blocked AVX-512 top-1 pass off, then on;
+    """Runs a function with the kernel's register-blocked AVX-512 pass off, then on;
     skips where this CPU cannot run it (the portable pass is then the only one)."""
     if not native.set_vector_path(True):
         pytest.skip("this CPU has no AVX-512 (F, DQ, BW, VL): only the portable pass runs")

@@ -176,8 +176,9 @@ def native_fold(
 
     ``window_rows``: the rows of the window for the MS sum, the samples behind it, the count
     above ``ms_threshold`` and the max MS; ``count_rows``: the rows where each selected value
-    counts once (times selected, times inhibited; -1: none). Uniform increments are the caller's to add (see
-    ``Inhibitor._flush_lazy``); ``count_offset`` is the part of them not yet in ``count``.
+    counts once (times selected, times inhibited; -1: none). Uniform increments are the
+    caller's to add (see ``Inhibitor._flush_lazy``); ``count_offset`` is the part of them not
+    yet in ``count``.
     Unlike ``native_measure`` a failure inside the kernel is not caught: it may have changed
     the history already, so falling back could merge the call twice."""
     if values.device.type != "cpu" or values.dtype not in SUPPORTED_DTYPES:
@@ -228,7 +229,9 @@ def native_log_ms_terms(
     module = load()
     if module is None or mean.dtype != torch.float32:
         return None
-    total, local = module.log_ms_terms(values, flat_index.contiguous(), neuron_index.contiguous(), mean.contiguous(), float(delta))
+    total, local = module.log_ms_terms(
+        values, flat_index.contiguous(), neuron_index.contiguous(), mean.contiguous(), float(delta)
+    )
     return total, local
 
 
@@ -241,8 +244,9 @@ def native_coo_indices(flat_index: torch.Tensor, shape: torch.Size) -> torch.Ten
 
 
 def set_vector_path(enabled: bool) -> bool:
-    """Switch the kernel's register-blocked AVX-512 top-1 pass on or off (for tests that
-    compare it with the portable pass bit for bit); returns whether this CPU can run it."""
+    """Switch the kernel's register-blocked AVX-512 pass (top-1 and threshold selection) on
+    or off, for tests that compare it with the portable pass bit for bit; returns whether this
+    CPU can run it."""
     module = load()
     return bool(module is not None and module.set_vector_path(bool(enabled)))
 

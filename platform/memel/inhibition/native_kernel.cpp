@@ -1348,7 +1348,7 @@ void merge_moments(at::Tensor mean, at::Tensor var, at::Tensor count, const at::
   });
 }
 
-// Tests: switch the register-blocked AVX-512 path off (and on again) to compare both paths;
+// Tests: switch the register-blocked AVX-512 pass off (and on again) to compare both passes;
 // returns whether it can run on this CPU.
 bool set_vector_path(bool enabled) {
   g_vector_path = true;
@@ -1359,7 +1359,7 @@ bool set_vector_path(bool enabled) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_vector_path", &set_vector_path,
-        "switch the register-blocked AVX-512 top-1 pass on or off (tests); returns whether this CPU can run it");
+        "switch the register-blocked AVX-512 pass on or off (tests); returns whether this CPU can run it");
   m.def("measure", &measure, "memel fused inhibition measurement (one pass over [samples, neurons] values)",
         pybind11::arg("values"), pybind11::arg("mean"), pybind11::arg("scale"), pybind11::arg("top_n"),
         pybind11::arg("sqrt_threshold"), pybind11::arg("track"), pybind11::arg("copy"), pybind11::arg("threads") = 0,
