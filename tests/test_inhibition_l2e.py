@@ -374,6 +374,147 @@ def test_l2e_output_keeps_the_activation_in_place_rules() -> None:
         (out.sum() + memel.auxiliary_loss(inhibitor)).backward()
 
 
+def _mlp_with_l2e(kernel: str = "native", dtype: torch.dtype = torch.float32):
+    """x -> GELU -> Inhibitor(l2e) -> linear on the 3-D activation (its gradient arrives as a
+    view of a matrix product, as in every transformer MLP), past the late start."""
+    inhibitor = memel.Inhibitor(mode="l2e", top_n=2, forget_steps=3, late_start=1, l2e_weight=0.7, kernel=kernel)
+    generator = torch.Generator().manual_seed(3)
+    inhibitor(torch.randn(4, 6, 32, generator=generator).to(dtype))
+    memel.auxiliary_loss(inhibitor)
+    x = torch.randn(4, 6, 32, generator=generator).to(dtype).requires_grad_(True)
+    weight = torch.randn(5, 32, generator=generator).to(dtype)
+    return inhibitor, x, weight
+
+
+def _reference_gradient(inhibitor: memel.Inhibitor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """d/dx of (linear(gelu(x)) ** 2).sum() + the l2e loss of the next call, by plain autograd
+    (float64 MS against the history before that call: take it before the call)."""
+    phi = inhibitor.monosemantic_scale(torch.nn.functional.gelu(x.detach()).float()).reshape(-1, 32)
+    mu = inhibitor.statistics()["mean"]
+    mask = torch.zeros_like(phi, dtype=torch.bool).scatter_(1, phi.topk(2, 1).indices, True).reshape(x.shape)
+    x_ref = x.detach().clone().requires_grad_(True)
+    h = torch.nn.functional.gelu(x_ref)
+    loss = 0.7 * torch.log((h.float() - mu)[mask].square() + 1e-6).mean()
+    (torch.nn.functional.linear(h, weight).square().sum() + loss).backward()
+    return x_ref.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_l2e_gradient_is_added_in_place_into_a_gradient_only_autograd_holds(dtype: torch.dtype) -> None:
+    """The output's gradient (a view here, which autograd itself never accumulates into) gets
+    the loss terms' gradient added in place: the activation's gradient is the same memory,
+    no activation-sized tensor is written, and it equals plain autograd's."""
+    inhibitor, x, weight = _mlp_with_l2e(dtype=dtype)
+    expected = _reference_gradient(inhibitor, x, weight)
+    seen: dict[str, int] = {}
+    h = torch.nn.functional.gelu(x)
+    h.register_hook(lambda grad: seen.__setitem__("activation", grad.data_ptr()))
+    out = inhibitor(h)
+    out.register_hook(lambda grad: seen.__setitem__("output", grad.data_ptr()))  # (reads, keeps nothing)
+    (torch.nn.functional.linear(out, weight).square().sum() + memel.auxiliary_loss(inhibitor)).backward()
+    assert seen["activation"] == seen["output"]
+    torch.testing.assert_close(x.grad, expected)
+
+
+def test_l2e_gradient_that_a_hook_keeps_is_left_alone() -> None:
+    """A hook that keeps the output's gradient makes it shared: it is not written to (the
+    sparse path runs), and the activation's gradient is still plain autograd's."""
+    inhibitor, x, weight = _mlp_with_l2e()
+    expected = _reference_gradient(inhibitor, x, weight)
+    kept: list[torch.Tensor] = []
+    h = torch.nn.functional.gelu(x)
+    out = inhibitor(h)
+    out.register_hook(kept.append)
+    (torch.nn.functional.linear(out, weight).square().sum() + memel.auxiliary_loss(inhibitor)).backward()
+    downstream = 2 * torch.nn.functional.linear(h.detach(), weight) @ weight  # d/d out of the squared sum
+    torch.testing.assert_close(kept[0], downstream)  # no loss terms added into it
+    torch.testing.assert_close(x.grad, expected)
+
+
+def test_l2e_leaves_a_callers_output_gradient_alone() -> None:
+    """A gradient the caller passes for the output (``grad_tensors``) is the caller's: unchanged."""
+    inhibitor, x, _ = _mlp_with_l2e()
+    out = inhibitor(torch.nn.functional.gelu(x))
+    upstream = torch.randn(out.shape)
+    before = upstream.clone()
+    torch.autograd.backward([out, memel.auxiliary_loss(inhibitor)], [upstream, torch.tensor(1.0)])
+    assert torch.equal(upstream, before)
+    assert torch.isfinite(x.grad).all()
+
+
+def test_l2e_in_place_gradient_is_not_used_while_recording_a_graph() -> None:
+    """With create_graph=True (a gradient graph being recorded) nothing is written in place."""
+    inhibitor, x, weight = _mlp_with_l2e()
+    expected = _reference_gradient(inhibitor, x, weight)
+    seen: dict[str, int] = {}
+    h = torch.nn.functional.gelu(x)
+    h.register_hook(lambda grad: seen.__setitem__("activation", grad.data_ptr()))
+    out = inhibitor(h)
+    out.register_hook(lambda grad: seen.__setitem__("output", grad.data_ptr()))
+    loss = torch.nn.functional.linear(out, weight).square().sum() + memel.auxiliary_loss(inhibitor)
+    (grad,) = torch.autograd.grad(loss, x, create_graph=True)
+    assert seen["activation"] != seen["output"]
+    torch.testing.assert_close(grad.detach(), expected)
+
+
+@pytest.mark.parametrize("order", ["sorted", "shuffled", "repeated"])
+@pytest.mark.parametrize("shape", [(60,), (6, 10), (3, 4, 5), (2, 3, 2, 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_gradient_native_and_torch_agree_and_are_coalesced_when_unique(
+    order: str, shape: tuple[int, ...], dtype: torch.dtype
+) -> None:
+    """Both builders of l2e's sparse gradient equal index_add_ into zeros, and mark the tensor
+    coalesced exactly when its indices are unique (sorting them first when they are not in order)."""
+    generator = torch.Generator().manual_seed(len(shape))
+    flat = torch.randperm(60, generator=generator)[:12].sort().values
+    if order == "shuffled":
+        flat = flat[torch.randperm(12, generator=generator)]
+    elif order == "repeated":
+        flat = torch.cat([flat[:6], flat[:6]])
+    local = torch.randn(flat.numel(), generator=generator)
+    grad_terms = torch.tensor(0.37)
+    expected = torch.zeros(60, dtype=dtype).index_add_(0, flat, (local * grad_terms).to(dtype)).reshape(shape)
+    native_sparse = native.native_sparse_gradient(flat, local, grad_terms, torch.Size(shape), dtype)
+    torch_sparse = kernels._sparse_gradient(flat, (local * grad_terms).to(dtype), torch.Size(shape))
+    for sparse in (native_sparse, torch_sparse):
+        assert sparse.layout == torch.sparse_coo and sparse.dtype == dtype and sparse.shape == shape
+        assert sparse.is_coalesced() == (order != "repeated")
+        torch.testing.assert_close(sparse.to_dense(), expected)
+        if sparse.is_coalesced():  # the flag is true: the same tensor as torch's own coalesce
+            rebuilt = torch.sparse_coo_tensor(sparse._indices(), sparse._values(), shape).coalesce()
+            assert torch.equal(rebuilt.indices(), sparse.indices())
+
+
+def test_l2e_top_n_selections_come_in_increasing_order() -> None:
+    """Mode l2e asks the native kernel for each sample's top-n in increasing neuron order (so
+    the gradient's flat indices strictly increase), on the fused and the two-step path alike,
+    the same neurons as without the ordering."""
+    generator = torch.Generator().manual_seed(4)
+    values = torch.randn(64, 40, generator=generator)
+    mean, scale = torch.zeros(40), torch.rand(40, generator=generator) + 0.5
+    ordered = native.native_measure(values, mean, scale, 5, 3.0, False, False, sorted_rows=True)[4]
+    plain = native.native_measure(values, mean, scale, 5, 3.0, False, False)[4]
+    assert bool((ordered[:, 1:] > ordered[:, :-1]).all())
+    assert torch.equal(ordered, plain.sort(1).values)
+    for stats_update in ("call", "step"):
+        inhibitor = memel.Inhibitor(mode="l2e", top_n=5, late_start=1, stats_update=stats_update)
+        inhibitor(values)
+        memel.sync(inhibitor)
+        seen: list[torch.Tensor] = []
+        original = kernels.LogMSLoss.apply
+
+        def spy(*args: object) -> object:
+            seen.append(args[4])  # flat_index
+            return original(*args)
+
+        kernels.LogMSLoss.apply = spy  # type: ignore[method-assign]
+        try:
+            inhibitor(values + 0.1)
+        finally:
+            kernels.LogMSLoss.apply = original  # type: ignore[method-assign]
+        assert bool((seen[0][1:] > seen[0][:-1]).all()), stats_update
+
+
 def test_auxiliary_loss_sums_modules_and_never_counts_twice() -> None:
     config = memel.InhibitionConfig(mode="l2e", select="threshold", fraction=0.1, forget_steps=3, late_start=1)
     host = _host(config)

@@ -17,6 +17,8 @@ a full graph).
 
 from __future__ import annotations
 
+import sys
+import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,6 +50,9 @@ class Measurement:
     neuron_indices: torch.Tensor | None = None
     #: whether the selections are already counted in the window (the fused path counts them).
     counted: bool = False
+    #: mode l2e: the selected values' loss terms where the kernel already computed them
+    #: (``log_ms_terms``' pair, against the pre-call mean; the fused path).
+    terms: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def flat_index(self, neurons: int) -> torch.Tensor:
         """Flat indices into the contiguous [samples, neurons] values of every selected value."""
@@ -155,11 +160,14 @@ def measure(
     copy: bool,
     kernel: str = "eager",
     select_threshold: torch.Tensor | None = None,
+    sorted_rows: bool = False,
 ) -> Measurement:
     """Measure a [samples, neurons] call against the history (``mean``, ``scale`` = 1/sqrt(denom)).
 
     ``select_threshold`` (a 0-dim float32 tensor, sqrt(tau)) selects by threshold instead of
-    top-n (``compiled`` then runs eagerly)."""
+    top-n (``compiled`` then runs eagerly). ``sorted_rows``: the native kernel gives each
+    sample's top-n in increasing neuron order (mode l2e: a coalesced gradient); the others
+    in no set order."""
     flat = select_threshold is not None
     if kernel == "auto":  # the fused C++ pass where it applies (CPU), else op by op
         from .native import SUPPORTED_DTYPES
@@ -170,7 +178,7 @@ def measure(
 
         fused = native_measure(
             values, mean, scale, top_n, sqrt_threshold, track, copy,
-            select_threshold=float(select_threshold) if flat else None,
+            select_threshold=float(select_threshold) if flat else None, sorted_rows=sorted_rows,
         )  # fmt: skip
         if fused is not None:
             sum_d, sum_d2, max_scaled, above, selected, copied = fused
@@ -208,24 +216,51 @@ class BufferSlot:
         self.tensor: torch.Tensor | None = None
 
 
+def log_ms_terms(
+    values: torch.Tensor,
+    flat_index: torch.Tensor,
+    neuron_index: torch.Tensor,
+    mean: torch.Tensor,
+    delta: float,
+    kernel_native: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mode l2e's loss terms of one call: (the float32 sum over the selected values of
+    log((z - mu)^2 + delta), and per value its gradient 2(z - mu) / ((z - mu)^2 + delta)),
+    z being ``values`` (contiguous [samples, neurons]) at ``flat_index`` and mu ``mean`` at
+    ``neuron_index``; from one native loop where it applies (``kernel_native``, CPU)."""
+    if kernel_native:
+        from .native import native_log_ms_terms
+
+        native = native_log_ms_terms(values, flat_index, neuron_index, mean, delta)
+        if native is not None:
+            return native
+    d = values.reshape(-1).index_select(0, flat_index).float() - mean.index_select(0, neuron_index)
+    shifted = d.square().add_(delta)
+    local = d.mul_(2.0).div_(shifted)
+    return shifted.log_().sum(), local
+
+
 class LogMSLoss(torch.autograd.Function):
-    """Mode l2e on one call: the activation passed through, and its loss terms, the sum over
-    the selected values of log((z - mu)^2 + delta) (z: ``activation``'s values at
-    ``flat_index`` of its contiguous [samples, neurons] form ``values``; mu: ``mean``, the
-    history mean they were judged against, a constant, at each value's ``neuron_index``).
+    """Mode l2e on one call: the activation passed through, and its loss terms with autograd
+    to the activation (computed by ``log_ms_terms``: their sum ``terms`` and each selected
+    value's gradient factor ``local``, at ``flat_index`` of the activation's contiguous
+    row-major form).
 
-    ``LogMSLoss.apply(activation, activation, values, flat_index, neuron_index, mean, delta,
-    kernel_native)`` returns (output, terms); with ``kernel_native`` the terms come from one
-    native loop where it applies (CPU). The output shares the activation's memory and version
-    counter (no copy: in-place rules are those of the activation itself) and passes its
-    gradient through.
+    ``LogMSLoss.apply(activation, activation, terms, local, flat_index, in_place)`` returns
+    (output, terms). The output shares the activation's memory and version counter (no copy:
+    in-place rules are those of the activation itself) and passes its gradient through.
 
-    Backward: the terms' gradient 2(z - mu) / ((z - mu)^2 + delta) exists at the selected
-    values only. It is returned as a sparse COO tensor through the activation's first slot,
-    the output's dense gradient through the second, so autograd adds the two into the
-    activation's gradient: in place when the dense one is not shared (O(selected values)
-    instead of writing an activation-sized tensor), out of place otherwise. Where the output
-    got no gradient, the terms' gradient is returned dense.
+    Backward: the terms' gradient exists at the selected values only. With ``in_place``
+    (native kernel, CPU) and a dense gradient of the output that autograd alone holds
+    (``GradientOwnership``), it is added into that gradient in place, which then goes on as
+    the activation's: O(selected values), no tensor allocated. Otherwise it is returned as a
+    sparse COO tensor through the activation's first slot (coalesced:
+    ``native_sparse_gradient``), the output's gradient through the second, and autograd adds
+    the two (in place when that gradient is not a view and not shared, else into a new
+    tensor). Where the output got no gradient, the terms' gradient is returned dense. While
+    a gradient graph is recorded (``create_graph=True``) the sum is returned, differentiable
+    in the output's gradient; the terms' own gradient is not differentiated again (their
+    second derivative is not part of it).
     """
 
     @staticmethod
@@ -233,48 +268,122 @@ class LogMSLoss(torch.autograd.Function):
         ctx,
         activation: torch.Tensor,
         again: torch.Tensor,
-        values: torch.Tensor,
+        terms: torch.Tensor,
+        local: torch.Tensor,
         flat_index: torch.Tensor,
-        neuron_index: torch.Tensor,
-        mean: torch.Tensor,
-        delta: float,
-        kernel_native: bool = True,
+        in_place: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.set_materialize_grads(False)
-        from .native import native_log_ms_terms
-
-        ctx.shape, ctx.dtype = activation.shape, activation.dtype
-        native = native_log_ms_terms(values, flat_index, neuron_index, mean, delta) if kernel_native else None
-        if native is not None:
-            total, local = native
-        else:
-            d = values.reshape(-1).index_select(0, flat_index).float() - mean.index_select(0, neuron_index)
-            shifted = d.square().add_(delta)
-            local = d.mul_(2.0).div_(shifted)
-            total = shifted.log_().sum()
+        ctx.shape, ctx.dtype, ctx.in_place = activation.shape, activation.dtype, in_place
         ctx.save_for_backward(flat_index, local)
-        return activation.detach(), total
+        return activation.detach(), terms.clone()
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor | None, grad_terms: torch.Tensor | None):  # type: ignore[override]
-        none = (None, None, None, None, None, None)
+        # (taken first, always at this point: what GradientOwnership calibrates against)
+        references = sys.getrefcount(grad_output)
+        none = (None, None, None, None)
         if grad_terms is None:
             return (None, grad_output, *none)
         flat_index, local = ctx.saved_tensors
-        values = (local * grad_terms).to(ctx.dtype)
         if grad_output is None or len(ctx.shape) == 0:
-            dense = torch.zeros(ctx.shape, dtype=ctx.dtype, device=values.device)
-            dense.view(-1).index_add_(0, flat_index, values)
+            dense = torch.zeros(ctx.shape, dtype=ctx.dtype, device=local.device)
+            dense.view(-1).index_add_(0, flat_index, (local * grad_terms).to(ctx.dtype))
             return (None, dense if grad_output is None else dense + grad_output, *none)
-        from .native import native_coo_indices
+        if ctx.in_place and OWNERSHIP.held_by_autograd(grad_output, references):
+            from .native import load
 
-        indices = native_coo_indices(flat_index, ctx.shape)
-        if indices is None:
-            indices = torch.stack(torch.unravel_index(flat_index, ctx.shape))
-        sparse = torch.sparse_coo_tensor(
-            indices, values, ctx.shape, dtype=ctx.dtype, device=values.device, check_invariants=False
-        )
+            load().add_terms_gradient_(grad_output, flat_index, local, grad_terms)
+            return (None, grad_output, *none)
+        from .native import native_sparse_gradient
+
+        sparse = native_sparse_gradient(flat_index, local, grad_terms, ctx.shape, ctx.dtype)
+        if sparse is None:
+            sparse = _sparse_gradient(flat_index, (local * grad_terms).to(ctx.dtype), ctx.shape)
+        if torch.is_grad_enabled():  # create_graph: autograd would add sparse + dense, which torch refuses
+            return (None, grad_output + sparse, *none)
         return (sparse, grad_output, *none)
+
+
+class GradientOwnership:
+    """Whether a gradient handed to ``LogMSLoss.backward`` is held by autograd alone, so that
+    adding into it in place changes nothing anyone else can see.
+
+    Autograd itself accumulates in place only into a gradient whose TensorImpl and storage
+    have a single holder; a gradient that arrives as a view (a linear layer applied to a 3-D
+    activation hands back a reshaped matrix product) never qualifies, and then adding the
+    sparse terms writes a fresh activation-sized tensor on every call. Here the test is: no
+    gradient graph being recorded; a plain dense contiguous CPU tensor whose storage only it
+    (and, for a view, a base that only the view holds) shares (``gradient_ownership`` in
+    native_kernel.cpp); and its Python reference count and TensorImpl use count equal those
+    of a gradient known to be held by autograd alone, measured once per process by a probe
+    backward through the same code (``calibrate``). A hook that kept the gradient, a caller's
+    ``grad_outputs`` or any other holder raises a count, and the sparse path runs instead.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._expected: tuple[int, int] | None = None  # (Python references, use count)
+        self._calibrated = False
+        self._probe: list[tuple[int, int, bool]] | None = None
+
+    def calibrate(self) -> bool:
+        """Measure the counts once (a tiny backward); whether in-place adding is available."""
+        if self._calibrated:
+            return self._expected is not None
+        from .native import load
+
+        with self._lock:
+            if not self._calibrated:
+                module = load()
+                if module is not None and hasattr(module, "gradient_ownership"):
+                    self._expected = self._measure()
+                self._calibrated = True
+        return self._expected is not None
+
+    def _measure(self) -> tuple[int, int] | None:
+        self._probe = []
+        try:
+            with torch.enable_grad():
+                x = torch.zeros(2, 3, 4, requires_grad=True)
+                h = x * 1.0
+                flat_index, local = torch.tensor([1, 6]), torch.ones(2)
+                out, terms = LogMSLoss.apply(h, h, torch.zeros(()), local, flat_index, True)
+                (torch.nn.functional.linear(out, torch.ones(3, 4)).sum() + terms).backward()
+            seen = self._probe
+        finally:
+            self._probe = None
+        if len(seen) != 1 or not seen[0][2]:
+            return None
+        return seen[0][0], seen[0][1]
+
+    def held_by_autograd(self, grad: torch.Tensor, references: int) -> bool:
+        """Whether ``grad`` (with ``references`` Python references, taken first thing in
+        ``LogMSLoss.backward``) is held by autograd alone."""
+        if torch.is_grad_enabled():
+            return False
+        from .native import load
+
+        use_count, plain = load().gradient_ownership(grad)
+        if self._probe is not None:  # the calibration's own backward
+            self._probe.append((references, use_count, plain))
+            return False
+        return plain and self._expected == (references, use_count)
+
+
+OWNERSHIP = GradientOwnership()
+
+
+def _sparse_gradient(flat_index: torch.Tensor, values: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``native_sparse_gradient`` with torch ops: sorted by flat index, coalesced if unique."""
+    if flat_index.numel() > 1 and not bool((flat_index[1:] > flat_index[:-1]).all()):
+        flat_index, order = flat_index.sort()
+        values = values.index_select(0, order)
+    unique = flat_index.numel() < 2 or bool((flat_index[1:] > flat_index[:-1]).all())
+    indices = torch.stack(torch.unravel_index(flat_index, shape))
+    return torch.sparse_coo_tensor(
+        indices, values, shape, dtype=values.dtype, device=values.device, check_invariants=False, is_coalesced=unique
+    )
 
 
 class ReverseDeactivation(torch.autograd.Function):

@@ -7,17 +7,20 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from memel.errors import ConfigError
 
 from .config import InhibitionConfig, initial_threshold
 from .kernels import (
+    OWNERSHIP,
     BufferSlot,
     LogMSLoss,
     Measurement,
     ReverseDeactivation,
     accumulate_moments,
+    log_ms_terms,
     maybe_compiled,
     measure,
 )
@@ -42,6 +45,12 @@ TAU_PENDING = 2
 #: Largest change of log(tau) in one update, and the range tau is kept in.
 TAU_MAX_LOG_STEP = 1.0
 TAU_RANGE = (1e-30, 1e30)
+_DIST_AVAILABLE = dist.is_available()
+
+
+def _dist_initialized() -> bool:
+    """Whether a torch.distributed process group is up (a cheap first check on every call)."""
+    return _DIST_AVAILABLE and dist.is_initialized()
 
 
 def threshold_update(tau: torch.Tensor, above: torch.Tensor, judged: torch.Tensor, fraction: float, rate: float) -> torch.Tensor:
@@ -93,6 +102,7 @@ _PLAIN_STATE = frozenset(
     {
         "_calls", "_batches", "_has_pending", "_scale", "_select_above", "_loss_sum", "_loss_count",
         "_lazy_count", "_lazy_ms_n", "_lazy_tracked", "_compensation", "_prev_mean", "_all_counted",
+        "_shape",
     }
 )  # fmt: skip
 
@@ -169,6 +179,7 @@ class Inhibitor(nn.Module):
         self.register_buffer("tau", torch.tensor(tau, dtype=torch.float64, device=device))
         self.register_buffer("tau_pending", torch.zeros(TAU_PENDING, dtype=torch.float64, device=device))
         self._select_above = None
+        self._shape: tuple[int, ...] | None = None  # neuron_shape as a tuple (cached: read every call)
         self._clear_fold_state()
 
     def _clear_fold_state(self) -> None:
@@ -249,6 +260,7 @@ class Inhibitor(nn.Module):
             for name in ("tau", "tau_pending"):
                 state_dict.setdefault(prefix + name, getattr(self, name).clone())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._shape = None
         self._batches = int(self.batches.item())
         self._scale = None
         self._select_above = None
@@ -288,24 +300,26 @@ class Inhibitor(nn.Module):
         if not self.initialized:
             self._register_state(values.shape[1], self._neuron_shape_of(activation), activation.device)
         self._calls += 1
-        self.calls.fill_(self._calls)
         if self._batches == 0:
+            self.calls.fill_(self._calls)
             self._record_first(values)
             return activation
         config = self.config
         inhibiting = config.modifies and self._batches >= config.late_start
         track = (self._calls - 1) % config.track_every == 0
         select_above = self._threshold_operand() if config.by_threshold else None
-        rewrite = inhibiting and config.mode != "l2e"  # l2e leaves the forward values alone
-        measured = self._fold(values, track, rewrite, select_above, inhibiting)
+        l2e = config.mode == "l2e"
+        rewrite = inhibiting and not l2e  # l2e leaves the forward values alone
+        measured = self._fold(values, track, rewrite, select_above, inhibiting)  # (writes calls too)
         folded = measured is not None
         if measured is None:
+            self.calls.fill_(self._calls)
             if self._scale is None:
                 self._scale = inverse_sqrt_denominator(self.var, config.eps)
             with torch.no_grad():
                 measured = measure(
                     values.detach(), self.mean, self._scale, config.top_n, math.sqrt(config.ms_threshold), track,
-                    rewrite, config.kernel, select_above,
+                    rewrite, config.kernel, select_above, sorted_rows=l2e,
                 )  # fmt: skip
             self._record(values.shape[0], measured)
         # the history the call was judged against (a folded call has already merged itself)
@@ -317,8 +331,12 @@ class Inhibitor(nn.Module):
         if not inhibiting:
             return activation
         flat_index = measured.flat_index(values.shape[1])
-        if config.mode == "l2e":
-            return self._add_loss_terms(activation, values, flat_index, neuron_index, judged_mean)
+        if l2e:
+            terms = measured.terms
+            if terms is None:
+                native = config.kernel in ("auto", "native")
+                terms = log_ms_terms(values.detach(), flat_index, neuron_index, judged_mean, config.delta, native)
+            return self._add_loss_terms(activation, terms, flat_index)
         assert measured.copy is not None
         replacement = judged_mean.index_select(0, neuron_index)
         output = ReverseDeactivation.apply(
@@ -337,51 +355,49 @@ class Inhibitor(nn.Module):
         return self._select_above
 
     def _add_loss_terms(
-        self,
-        activation: torch.Tensor,
-        values: torch.Tensor,
-        flat_index: torch.Tensor,
-        neuron_index: torch.Tensor,
-        judged_mean: torch.Tensor,
+        self, activation: torch.Tensor, terms: tuple[torch.Tensor, torch.Tensor], flat_index: torch.Tensor
     ) -> torch.Tensor:
-        """Mode l2e: keep sum of log((z - mu)^2 + delta) over the selected values (autograd to
-        the activation), mu being the pre-call history mean; returns the activation passed
+        """Mode l2e: keep the call's sum of log((z - mu)^2 + delta) over the selected values
+        (``terms``: that sum and each value's gradient factor, from ``log_ms_terms``; mu is the
+        pre-call history mean) with autograd to the activation; returns the activation passed
         through (``LogMSLoss``: same memory, the terms' gradient added sparsely)."""
-        native = self.config.kernel in ("auto", "native")
-        output, total = LogMSLoss.apply(
-            activation, activation, values.detach(), flat_index, neuron_index, judged_mean, self.config.delta, native
-        )
+        in_place = self.config.kernel in ("auto", "native") and activation.device.type == "cpu" and OWNERSHIP.calibrate()
+        output, total = LogMSLoss.apply(activation, activation, terms[0], terms[1], flat_index, in_place)
         self._loss_sum = total if self._loss_sum is None else self._loss_sum + total
         self._loss_count += flat_index.numel()
         return output
 
     def _as_samples(self, activation: torch.Tensor) -> torch.Tensor:
+        """The activation as contiguous [samples, neurons] values, checked against the neurons
+        the module was set up for (and ``top_n``)."""
         if not activation.is_floating_point():
             raise TypeError(f"Inhibitor expects a floating-point activation, got {activation.dtype}")
-        if self.config.layout == "element":
-            if activation.dim() < 2:
+        config = self.config
+        shape = activation.shape
+        if config.layout == "element":
+            if len(shape) < 2:
                 raise ValueError(
                     f"layout='element' needs an activation of shape [batch, ...] with at least 2 dims, "
-                    f"got shape {tuple(activation.shape)}; use layout='channel'"
+                    f"got shape {tuple(shape)}; use layout='channel'"
                 )
-            values = activation.reshape(activation.shape[0], -1)
+            values = activation.reshape(shape[0], -1)
+            neuron_shape = tuple(shape[1:])
         else:
-            values = activation.reshape(-1, activation.shape[-1]) if activation.dim() else activation.reshape(1, 1)
-        if self.initialized:
-            shape = self._neuron_shape_of(activation)
-            if values.shape[1] != self.neurons or shape != tuple(self.neuron_shape.tolist()):
-                raise ValueError(
-                    f"Inhibitor(layout={self.config.layout!r}) was set up for neurons of shape "
-                    f"{tuple(self.neuron_shape.tolist())}, got an activation of shape {tuple(activation.shape)} "
-                    f"(neurons {shape}); with layout='element' every batch needs the same per-sample shape: "
-                    "use layout='channel' for variable sequence lengths"
-                )
-        top_n = self.config.top_n
-        if top_n > values.shape[1]:
+            values = activation.reshape(-1, shape[-1]) if shape else activation.reshape(1, 1)
+            neuron_shape = (values.shape[1],)
+        known = self._shape
+        if known is None and self._buffers["mean"].numel():
+            known = self._shape = tuple(self.neuron_shape.tolist())
+        if known is not None and neuron_shape != known:
+            raise ValueError(
+                f"Inhibitor(layout={config.layout!r}) was set up for neurons of shape {known}, got an activation "
+                f"of shape {tuple(shape)} (neurons {neuron_shape}); with layout='element' every batch needs the "
+                "same per-sample shape: use layout='channel' for variable sequence lengths"
+            )
+        if config.top_n > values.shape[1]:
             raise ConfigError(
-                f"InhibitionConfig.top_n: {top_n} is larger than the {values.shape[1]} neurons per sample of this "
-                f"activation (shape {tuple(activation.shape)}, layout={self.config.layout!r}); "
-                f"allowed: 1..{values.shape[1]}"
+                f"InhibitionConfig.top_n: {config.top_n} is larger than the {values.shape[1]} neurons per sample of "
+                f"this activation (shape {tuple(shape)}, layout={config.layout!r}); allowed: 1..{values.shape[1]}"
             )
         return values.contiguous()
 
@@ -411,7 +427,6 @@ class Inhibitor(nn.Module):
         if inhibiting:
             self.window[W_INHIBITED].index_add_(0, neuron_index, ones)
 
-    @torch.no_grad()
     def _fold(
         self, values: torch.Tensor, track: bool, rewrite: bool, select_above: torch.Tensor | None, inhibiting: bool
     ) -> Measurement | None:
@@ -421,28 +436,39 @@ class Inhibitor(nn.Module):
         intermediates. Applies to ``stats_update="call"`` outside a distributed run (there the
         call's moments must first be all-reduced) with the native kernel; None elsewhere.
         ``_prev_mean`` then holds the history mean the call was judged against; the
-        selections are counted in the window (times selected, and inhibited when ``inhibiting``)."""
+        selections are counted in the window (times selected, and inhibited when ``inhibiting``),
+        and the ``calls`` and ``batches`` buffers are written in the same native call.
+
+        Every line here runs on every training call, between layers that have just evicted
+        the caches, where each extra torch op or Python detour costs tens of microseconds:
+        buffers are read from ``_buffers`` directly and no autograd mode is entered (no tensor
+        op here records a graph)."""
         config = self.config
-        if config.stats_update != "call" or self._has_pending or self._distributed():
+        if config.stats_update != "call" or self._has_pending or config.kernel not in ("auto", "native"):
             return None
-        if bookkeeping(values, config.kernel) is None:
+        if _dist_initialized() and self._distributed():
             return None
+        buffers = self._buffers
+        mean, var = buffers["mean"], buffers["var"]
+        neurons = mean.numel()
         if self._compensation is None:
-            self._compensation = config.eps * float(self.var.sum(dtype=torch.float64)) / max(self.neurons, 1)
+            self._compensation = config.eps * float(var.sum(dtype=torch.float64)) / max(neurons, 1)
         if self._prev_mean is None:
-            self._prev_mean = torch.empty_like(self.mean)
+            self._prev_mean = torch.empty_like(mean)
         samples = values.shape[0]
         fused = native_fold(
-            values.detach(), self.mean, self.var, self.count, self.window, self._prev_mean, self._compensation,
+            values.detach(), mean, var, buffers["count"], buffers["window"], self._prev_mean, self._compensation,
             config.top_n, math.sqrt(config.ms_threshold), track, rewrite,
             None if select_above is None else float(select_above),
             self._batches >= config.forget_steps, config.forget_steps, self._lazy_count, self._all_counted,
             (W_MS_SUM, W_MS_N, W_ABOVE, W_MS_MAX), (W_SELECTED, W_INHIBITED if inhibiting else -1),
             self._copy_slot.tensor if config.reuse_buffers else None,
+            delta=config.delta if inhibiting and config.mode == "l2e" else None,
+            counters=(buffers["calls"], self._calls, buffers["batches"]),
         )  # fmt: skip
         if fused is None:
             return None
-        neuron_index, flat_index, copied, var_sum, merged, buffer = fused
+        neuron_index, flat_index, copied, buffer, var_sum, merged, terms = fused
         if config.reuse_buffers and buffer is not None:
             self._copy_slot.tensor = buffer
         self._lazy_count += samples
@@ -451,18 +477,20 @@ class Inhibitor(nn.Module):
             self._lazy_tracked += samples
         flat = select_above is not None
         if flat:
-            above = torch.tensor(float(flat_index.numel()), dtype=torch.float64)
-            judged = torch.tensor(float(samples * self.neurons), dtype=torch.float64)
-            self.tau.copy_(threshold_update(self.tau, above, judged, config.fraction, config.threshold_rate))
+            with torch.no_grad():
+                above = torch.tensor(float(flat_index.numel()), dtype=torch.float64)
+                judged = torch.tensor(float(samples * neurons), dtype=torch.float64)
+                self.tau.copy_(threshold_update(self.tau, above, judged, config.fraction, config.threshold_rate))
             self._select_above = None
-        self._all_counted = self._all_counted or merged == self.neurons
+        self._all_counted = self._all_counted or merged == neurons
         if merged > 0:
-            self._batches += 1
-            self.batches.fill_(self._batches)
+            self._batches += 1  # (the buffer was incremented by the kernel)
         self._scale = None
-        self._compensation = config.eps * var_sum / max(self.neurons, 1)
+        self._compensation = config.eps * var_sum / max(neurons, 1)
         selected = flat_index if flat else neuron_index.view(samples, config.top_n)
-        return Measurement(None, None, selected, None, None, copied, flat, flat_index, neuron_index, counted=True)
+        return Measurement(
+            None, None, selected, None, None, copied, flat, flat_index, neuron_index, counted=True, terms=terms
+        )
 
     def _distributed(self) -> bool:
         from .sync import distributed_world

@@ -32,7 +32,7 @@ from __future__ import annotations
 import threading
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -50,6 +50,18 @@ def _warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
         warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+class FoldResult(NamedTuple):
+    """What ``native_fold`` returns."""
+
+    neuron_index: torch.Tensor  # the neuron of every selected value
+    flat_index: torch.Tensor  # its flat index into [samples, neurons] (row-major)
+    copy: torch.Tensor | None  # the copy to modify (lent from ``buffer``), when asked for
+    buffer: torch.Tensor | None  # the copy's buffer: offer it as ``reuse`` next time
+    var_sum: float  # sum of the new history variance
+    merged: int  # neurons whose statistics took the call
+    terms: tuple[torch.Tensor, torch.Tensor] | None  # l2e: (sum of the loss terms, gradient factors)
 
 
 def load() -> Any:
@@ -95,12 +107,14 @@ def native_measure(
     copy: bool,
     threads: int = 0,
     select_threshold: float | None = None,
+    sorted_rows: bool = False,
 ) -> tuple | None:
     """``eager_measure``'s tuple from one fused pass, or None where the caller must use eager
     (kernel unavailable, unsupported device/dtype, or shapes eager itself must judge).
 
     ``select_threshold`` (sqrt(tau), compared in float32): select every value with
     |d*a| >= it (NaN too) instead of each sample's top-n; ``selected`` is then 1-D flat indices.
+    ``sorted_rows``: each sample's top-n in increasing neuron order (else in no set order).
 
     ``threads``: how many parallel tasks to split the work into (0: ``torch.get_num_threads()``);
     the kernel runs row-parallel when there are at least 64 samples per task, else
@@ -135,6 +149,7 @@ def native_measure(
                 bool(copy),
                 int(threads),
                 -1.0 if select_threshold is None else float(select_threshold),
+                bool(sorted_rows),
             )
         )
     except Exception as error:  # noqa: BLE001  (an unforeseen input: never crash training, use eager for it)
@@ -166,19 +181,22 @@ def native_fold(
     count_rows: tuple[int, int] = (-1, -1),
     reuse: torch.Tensor | None = None,
     threads: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float, int, torch.Tensor | None] | None:
+    delta: float | None = None,
+    counters: tuple[torch.Tensor, int, torch.Tensor] | None = None,
+) -> FoldResult | None:
     """One training call measured and merged into the history in a single pass, in place
-    (``measure_fold`` in native_kernel.cpp): (neuron index and flat index of every selected
-    value, copy, sum of the new var, neurons merged, the copy's buffer); None where it cannot
-    run (the caller then takes the two-step path). ``reuse``: the buffer the last call
-    returned; its memory holds the copy when nothing else refers to it any more (no page
-    faults of fresh memory).
+    (``measure_fold`` in native_kernel.cpp); None where it cannot run (the caller then takes
+    the two-step path). ``reuse``: the buffer the last call returned; its memory holds the
+    copy when nothing else refers to it any more (no page faults of fresh memory).
 
     ``window_rows``: the rows of the window for the MS sum, the samples behind it, the count
     above ``ms_threshold`` and the max MS; ``count_rows``: the rows where each selected value
     counts once (times selected, times inhibited; -1: none). Uniform increments are the
     caller's to add (see ``Inhibitor._flush_lazy``); ``count_offset`` is the part of them not
-    yet in ``count``.
+    yet in ``count``. ``delta`` (mode l2e): also the selected values' loss terms
+    (``native_log_ms_terms`` against the pre-call mean), each sample's top-n then in
+    increasing neuron order. ``counters`` = (calls, value, batches): the module's 0-dim
+    int64 buffers, written in the same call (calls = value; batches += 1 when ``merged``).
     Unlike ``native_measure`` a failure inside the kernel is not caught: it may have changed
     the history already, so falling back could merge the call twice."""
     if values.device.type != "cpu" or values.dtype not in SUPPORTED_DTYPES:
@@ -192,15 +210,15 @@ def native_fold(
         return None
     ms_sum_row, ms_n_row, above_row, max_row = window_rows
     selected_row, inhibited_row = count_rows
-    neuron_index, flat_index, copied, totals, buffer = module.measure_fold(
+    calls, calls_value, batches = counters if counters is not None else (None, 0, None)
+    neuron_index, flat_index, copied, buffer, var_sum, merged, terms, local = module.measure_fold(
         values.contiguous(), mean, var, count, window, prev_mean, float(compensation), int(top_n),
         float(sqrt_threshold), bool(track), bool(copy), int(threads),
         -1.0 if select_threshold is None else float(select_threshold), bool(capped), int(forget_steps),
         int(count_offset), bool(all_counted), ms_sum_row, ms_n_row, above_row, max_row, selected_row, inhibited_row,
-        reuse,
+        reuse, -1.0 if delta is None else float(delta), calls, int(calls_value), batches,
     )  # fmt: skip
-    var_sum, merged = totals.tolist()
-    return neuron_index, flat_index, copied, var_sum, int(merged), buffer
+    return FoldResult(neuron_index, flat_index, copied, buffer, var_sum, merged, None if terms is None else (terms, local))
 
 
 def native_reversed_gradient(
@@ -235,12 +253,17 @@ def native_log_ms_terms(
     return total, local
 
 
-def native_coo_indices(flat_index: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
-    """The [ndim, K] COO indices of row-major flat indices into ``shape`` (None: use torch)."""
+def native_sparse_gradient(
+    flat_index: torch.Tensor, local: torch.Tensor, grad_terms: torch.Tensor, shape: torch.Size, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """Mode l2e's gradient of one call as a sparse COO tensor of ``shape`` (``local *
+    grad_terms`` at the row-major ``flat_index``), marked coalesced where its indices are
+    unique (sorted first if need be), so that autograd adds it into a dense gradient in
+    O(selected values); None where the native kernel does not apply (use torch)."""
     if flat_index.device.type != "cpu" or len(shape) == 0:
         return None
     module = load()
-    return None if module is None else module.coo_indices(flat_index, list(shape))
+    return None if module is None else module.sparse_gradient(flat_index, local, grad_terms, list(shape), dtype)
 
 
 def set_vector_path(enabled: bool) -> bool:

@@ -30,6 +30,7 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <ATen/TensorSubclassLikeUtils.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -489,8 +490,18 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl"))) void blocked_tile(
         n0 = _mm512_maskz_loadu_epi32(k0, ab + c);
         n1 = _mm512_maskz_loadu_epi32(k1, ab + c + 16);
       }
+      // Software prefetch of this chunk in the next block's rows: BLOCK_ROWS streams at once,
+      // a page apart, are more than the hardware prefetchers follow, so cold values would
+      // otherwise arrive at demand-miss speed (the fold of a [4096, 1024] float32 activation
+      // not in cache: about 1.1 ms without, 0.8 ms with; nearer or farther targets, or the L2
+      // and L3 hints, measured no better). The addresses are integers: past the last block
+      // they point beyond the tensor, which a prefetch hint may do (it never faults).
+      const uintptr_t pf = reinterpret_cast<uintptr_t>(x) + static_cast<uintptr_t>(BLOCK_ROWS * N + t0 + c) * sizeof(float);
       for (int64_t r = b0; r < b1; ++r) {
         const float* xp = x + r * N + t0 + c;
+        const uintptr_t row_pf = pf + static_cast<uintptr_t>(r * N) * sizeof(float);
+        _mm_prefetch(reinterpret_cast<const char*>(row_pf), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(row_pf + 64), _MM_HINT_T0);
         const __m512 v0 = _mm512_maskz_loadu_ps(k0, xp), v1 = _mm512_maskz_loadu_ps(k1, xp + 16);
         if (COPY) {
           float* op = out + r * N + t0 + c;
@@ -810,7 +821,7 @@ at::Tensor gather_hits(const std::vector<Hits>& hits, int64_t S, const at::Tenso
 std::vector<at::Tensor> measure_impl(const at::Tensor& values, const float* mp, const float* sp, const float* var,
                                      float comp, int64_t top_n, double sqrt_threshold, bool track, bool copy,
                                      int64_t threads, double select_threshold, const Fold* fold,
-                                     const c10::optional<at::Tensor>& reuse = c10::nullopt) {
+                                     const c10::optional<at::Tensor>& reuse = c10::nullopt, bool sorted_rows = false) {
   const int64_t S = values.size(0), N = values.size(1), n = top_n;
   TORCH_CHECK(S > 0 && N > 0, "values must not be empty");
   TORCH_CHECK(n >= 1 && n <= N, "top_n must be in 1..neurons");
@@ -1013,6 +1024,9 @@ std::vector<at::Tensor> measure_impl(const at::Tensor& values, const float* mp, 
     }
   }
   for (int64_t i = 0; i < S * n; ++i) sel[i] = static_cast<int64_t>(static_cast<uint32_t>(kept[static_cast<size_t>(i)]));
+  if (sorted_rows && n > 1) {  // each sample's selections in increasing neuron order
+    for (int64_t r = 0; r < S; ++r) std::sort(sel + r * n, sel + (r + 1) * n);
+  }
 
   return {sum_d, sum_d2, max_scaled, above, selected, copied};
 }
@@ -1021,11 +1035,12 @@ static void check_vector(const at::Tensor& t, at::ScalarType dtype, int64_t n, c
 
 // Returns (sum_d, sum_d2, max_scaled, above, selected, copy); max_scaled/above/copy are
 // undefined tensors (None in Python) when not requested. selected is [S, top_n] neuron
-// indices, or with select_threshold >= 0 the 1-D flat indices of the values with
-// scaled >= select_threshold (top_n is then unused).
+// indices (with sorted_rows in increasing order within each sample), or with
+// select_threshold >= 0 the 1-D flat indices of the values with scaled >= select_threshold
+// (top_n is then unused).
 std::vector<at::Tensor> measure(const at::Tensor& values_in, const at::Tensor& mean_in, const at::Tensor& scale_in,
                                 int64_t top_n, double sqrt_threshold, bool track, bool copy, int64_t threads,
-                                double select_threshold) {
+                                double select_threshold, bool sorted_rows) {
   TORCH_CHECK(values_in.dim() == 2, "values must be [samples, neurons]");
   TORCH_CHECK(values_in.device().is_cpu(), "values must be on the CPU");
   const at::Tensor values = values_in.contiguous();
@@ -1034,7 +1049,64 @@ std::vector<at::Tensor> measure(const at::Tensor& values_in, const at::Tensor& m
   TORCH_CHECK(mean.numel() == values.size(1) && scale.numel() == values.size(1),
               "mean and scale must have one value per neuron");
   return measure_impl(values, mean.const_data_ptr<float>(), scale.const_data_ptr<float>(), nullptr, 0.0f, top_n,
-                      sqrt_threshold, track, copy, threads, select_threshold, nullptr);
+                      sqrt_threshold, track, copy, threads, select_threshold, nullptr, c10::nullopt, sorted_rows);
+}
+
+// Mode l2e's loss terms of one call (LogMSLoss in kernels.py): with d = z - mean[neuron] for
+// the values z at flat_index of the [S, N] values: (sum of log(d^2 + delta) as a float32
+// scalar, summed in double; and per value the gradient 2d / (d^2 + delta), float32).
+template <typename T>
+double log_ms_loop(const T* z, const float* mu, const int64_t* flat, const int64_t* neuron, int64_t K, int64_t total,
+                   int64_t N, float delta, float* g) {
+  double sum = 0.0;
+  for (int64_t i = 0; i < K; ++i) {
+    TORCH_CHECK(flat[i] >= 0 && flat[i] < total && neuron[i] >= 0 && neuron[i] < N, "log_ms_terms: index out of range");
+    const float d = to_float<T>(z[flat[i]]) - mu[neuron[i]];
+    const float shifted = d * d + delta;
+    sum += static_cast<double>(std::log(shifted));
+    g[i] = (2.0f * d) / shifted;
+  }
+  return sum;
+}
+
+// (sum, local) for CPU values of a supported dtype, mu: one float32 mean per neuron.
+std::tuple<at::Tensor, at::Tensor> log_ms_terms_of(const at::Tensor& values, const at::Tensor& flat_index,
+                                                   const at::Tensor& neuron_index, const float* mu, double delta) {
+  const int64_t K = flat_index.numel(), total = values.numel(), N = values.size(1);
+  const auto fopts = values.options().dtype(at::kFloat);
+  at::Tensor local = at::empty({K}, fopts);
+  const int64_t* flat = flat_index.const_data_ptr<int64_t>();
+  const int64_t* neuron = neuron_index.const_data_ptr<int64_t>();
+  float* g = local.data_ptr<float>();
+  const float dl = static_cast<float>(delta);
+  double sum = 0.0;
+  switch (values.scalar_type()) {
+    case at::kFloat:
+      sum = log_ms_loop(values.const_data_ptr<float>(), mu, flat, neuron, K, total, N, dl, g);
+      break;
+    case at::kBFloat16:
+      sum = log_ms_loop(values.const_data_ptr<c10::BFloat16>(), mu, flat, neuron, K, total, N, dl, g);
+      break;
+    case at::kHalf:
+      sum = log_ms_loop(values.const_data_ptr<c10::Half>(), mu, flat, neuron, K, total, N, dl, g);
+      break;
+    default:
+      TORCH_CHECK(false, "log_ms_terms: unsupported dtype ", values.scalar_type());
+  }
+  return {at::scalar_tensor(sum, fopts), local};
+}
+
+std::tuple<at::Tensor, at::Tensor> log_ms_terms(const at::Tensor& values_in, const at::Tensor& flat_index,
+                                                const at::Tensor& neuron_index, const at::Tensor& mean, double delta) {
+  TORCH_CHECK(values_in.device().is_cpu() && values_in.dim() == 2, "log_ms_terms: [samples, neurons] CPU values");
+  const at::Tensor values = values_in.contiguous();
+  TORCH_CHECK(flat_index.scalar_type() == at::kLong && neuron_index.scalar_type() == at::kLong &&
+                  neuron_index.numel() == flat_index.numel() && flat_index.is_contiguous() &&
+                  neuron_index.is_contiguous(),
+              "log_ms_terms: bad indices");
+  TORCH_CHECK(mean.scalar_type() == at::kFloat && mean.is_contiguous() && mean.numel() == values.size(1),
+              "log_ms_terms: bad mean");
+  return log_ms_terms_of(values, flat_index, neuron_index, mean.const_data_ptr<float>(), delta);
 }
 
 // One training call measured AND folded into the history in the same pass (the local path
@@ -1046,17 +1118,25 @@ std::vector<at::Tensor> measure(const at::Tensor& values_in, const at::Tensor& m
 // samples on tracked calls), added lazily: the fold subtracts them where a neuron skips the
 // call (a non-finite value), and count_offset is what the caller has not added to count yet.
 // Each selected value also counts once in the window rows selected_row and inhibited_row
-// (-1: none). Returns (neuron_index, flat_index, copy, totals, buffer): every selected value's
-// neuron and flat index into [S, N] (row-major for threshold selection, each sample's top-n
-// for top-n), totals = float64 [sum of the new var, neurons merged]; the copy is lent from
-// buffer (see reusable): offer buffer as `reuse` next time.
-std::vector<at::Tensor> measure_fold(const at::Tensor& values_in, at::Tensor mean, at::Tensor var, at::Tensor count,
-                                     at::Tensor window, at::Tensor prev_mean, double comp, int64_t top_n,
-                                     double sqrt_threshold, bool track, bool copy, int64_t threads,
-                                     double select_threshold, bool capped, int64_t forget_steps,
-                                     int64_t count_offset, bool all_counted, int64_t ms_sum_row, int64_t ms_n_row,
-                                     int64_t above_row, int64_t max_row, int64_t selected_row, int64_t inhibited_row,
-                                     const c10::optional<at::Tensor>& reuse) {
+// (-1: none). With delta >= 0 (mode l2e) the selected values' loss terms are computed too,
+// against the pre-call mean (log_ms_loop), and each sample's top-n come in increasing neuron
+// order, so that the flat indices strictly increase (a coalesced sparse gradient).
+// Returns (neuron_index, flat_index, copy, buffer, var_sum, merged, terms, local): every
+// selected value's neuron and flat index into [S, N] (row-major), the copy lent from buffer
+// (see reusable: offer buffer as `reuse` next time), the sum of the new var and the number
+// of neurons merged, and (l2e; else undefined) the sum of the terms and their gradient factors.
+// The module's 0-dim int64 counters, where given, are written too (no tensor op of their own
+// on the hot path): calls = calls_value, and batches += 1 when any neuron merged the call.
+using FoldResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, double, int64_t, at::Tensor, at::Tensor>;
+
+FoldResult measure_fold(const at::Tensor& values_in, at::Tensor mean, at::Tensor var, at::Tensor count,
+                        at::Tensor window, at::Tensor prev_mean, double comp, int64_t top_n, double sqrt_threshold,
+                        bool track, bool copy, int64_t threads, double select_threshold, bool capped,
+                        int64_t forget_steps, int64_t count_offset, bool all_counted, int64_t ms_sum_row,
+                        int64_t ms_n_row, int64_t above_row, int64_t max_row, int64_t selected_row,
+                        int64_t inhibited_row, const c10::optional<at::Tensor>& reuse, double delta,
+                        const c10::optional<at::Tensor>& calls, int64_t calls_value,
+                        const c10::optional<at::Tensor>& batches) {
   TORCH_CHECK(values_in.dim() == 2, "values must be [samples, neurons]");
   TORCH_CHECK(values_in.device().is_cpu(), "values must be on the CPU");
   const at::Tensor values = values_in.contiguous();
@@ -1071,6 +1151,11 @@ std::vector<at::Tensor> measure_fold(const at::Tensor& values_in, at::Tensor mea
   TORCH_CHECK(ms_sum_row < rows && ms_n_row < rows && above_row < rows && max_row < rows && selected_row < rows &&
                   inhibited_row < rows,
               "bad window rows");
+  for (const auto* counter : {&calls, &batches}) {
+    TORCH_CHECK(!counter->has_value() || ((*counter)->device().is_cpu() && (*counter)->scalar_type() == at::kLong &&
+                                          (*counter)->numel() == 1),
+                "memel native fold: a counter must be a one-element int64 CPU tensor");
+  }
   const int64_t blocks = (N + 63) / 64;
   std::vector<double> block_var(static_cast<size_t>(blocks), 0.0);
   std::vector<int64_t> block_merged(static_cast<size_t>(blocks), 0);
@@ -1091,18 +1176,16 @@ std::vector<at::Tensor> measure_fold(const at::Tensor& values_in, at::Tensor mea
   fold.prev_mean = prev_mean.data_ptr<float>();
   fold.block_var = block_var.data();
   fold.block_merged = block_merged.data();
+  const bool l2e = delta >= 0;
   std::vector<at::Tensor> out =
       measure_impl(values, fold.mean, nullptr, fold.var, static_cast<float>(comp), top_n, sqrt_threshold, track, copy,
-                   threads, select_threshold, &fold, reuse);
-  at::Tensor totals = at::zeros({2}, values.options().dtype(at::kDouble));
+                   threads, select_threshold, &fold, reuse, l2e);
   double var_sum = 0.0;
   int64_t merged = 0;
   for (int64_t k = 0; k < blocks; ++k) {
     var_sum += block_var[static_cast<size_t>(k)];
     merged += block_merged[static_cast<size_t>(k)];
   }
-  totals.data_ptr<double>()[0] = var_sum;
-  totals.data_ptr<double>()[1] = static_cast<double>(merged);
   // every selected value as (neuron, flat index into [S, N]), in the order selected, and the
   // window's times selected (and inhibited) += 1 per value: a serial loop, so no races
   const at::Tensor selected = out[4];
@@ -1129,8 +1212,11 @@ std::vector<at::Tensor> measure_fold(const at::Tensor& values_in, at::Tensor mea
     double* counts = w + row * N;
     for (int64_t i = 0; i < K; ++i) counts[neurons[i]] += 1.0;
   }
-  // (neurons, flat indices, the copy lent, totals, the copy's buffer to offer next time)
-  return {neuron_index, flat_index, copy ? lend(out[5]) : out[5], totals, out[5]};
+  at::Tensor terms, local;
+  if (l2e) std::tie(terms, local) = log_ms_terms_of(values, flat_index, neuron_index, fold.prev_mean, delta);
+  if (calls.has_value()) *calls->data_ptr<int64_t>() = calls_value;
+  if (batches.has_value() && merged > 0) *batches->data_ptr<int64_t>() += 1;
+  return {neuron_index, flat_index, copy ? lend(out[5]) : out[5], out[5], var_sum, merged, terms, local};
 }
 
 // The gradient of Reverse Deactivation: a copy of grad with the values at flat_index multiplied
@@ -1156,77 +1242,143 @@ std::vector<at::Tensor> reversed_gradient(const at::Tensor& grad_in, const at::T
   return {lend(out), out};
 }
 
-// Mode l2e's loss terms of one call (LogMSLoss in kernels.py): with d = z - mean[neuron] for
-// the values z at flat_index of the [S, N] values: (sum of log(d^2 + delta) as a float32
-// scalar, summed in double; and per value the gradient 2d / (d^2 + delta), float32).
-template <typename T>
-double log_ms_loop(const T* z, const float* mu, const int64_t* flat, const int64_t* neuron, int64_t K, int64_t total,
-                   int64_t N, float delta, float* g) {
-  double sum = 0.0;
-  for (int64_t i = 0; i < K; ++i) {
-    TORCH_CHECK(flat[i] >= 0 && flat[i] < total && neuron[i] >= 0 && neuron[i] < N, "log_ms_terms: index out of range");
-    const float d = to_float<T>(z[flat[i]]) - mu[neuron[i]];
-    const float shifted = d * d + delta;
-    sum += static_cast<double>(std::log(shifted));
-    g[i] = (2.0f * d) / shifted;
-  }
-  return sum;
-}
-
-std::vector<at::Tensor> log_ms_terms(const at::Tensor& values_in, const at::Tensor& flat_index,
-                                     const at::Tensor& neuron_index, const at::Tensor& mean, double delta) {
-  TORCH_CHECK(values_in.device().is_cpu() && values_in.dim() == 2, "log_ms_terms: [samples, neurons] CPU values");
-  const at::Tensor values = values_in.contiguous();
-  const int64_t K = flat_index.numel(), total = values.numel(), N = values.size(1);
-  TORCH_CHECK(flat_index.scalar_type() == at::kLong && neuron_index.scalar_type() == at::kLong &&
-                  neuron_index.numel() == K && flat_index.is_contiguous() && neuron_index.is_contiguous(),
-              "log_ms_terms: bad indices");
-  TORCH_CHECK(mean.scalar_type() == at::kFloat && mean.is_contiguous() && mean.numel() == N, "log_ms_terms: bad mean");
-  const auto fopts = values.options().dtype(at::kFloat);
-  at::Tensor local = at::empty({K}, fopts);
-  const float* mu = mean.const_data_ptr<float>();
-  const int64_t* flat = flat_index.const_data_ptr<int64_t>();
-  const int64_t* neuron = neuron_index.const_data_ptr<int64_t>();
-  float* g = local.data_ptr<float>();
-  const float dl = static_cast<float>(delta);
-  double sum = 0.0;
-  switch (values.scalar_type()) {
-    case at::kFloat:
-      sum = log_ms_loop(values.const_data_ptr<float>(), mu, flat, neuron, K, total, N, dl, g);
+// Mode l2e's gradient for one call (LogMSLoss.backward): local * grad_terms at the flat
+// (row-major) indices of a contiguous tensor of `sizes`, as a sparse COO tensor of `dtype`.
+// When the indices strictly increase (every native selection of l2e: one value per flat
+// index, row-major) the tensor is marked coalesced, which lets autograd add it into the
+// dense gradient in O(K) (an uncoalesced one costs about 20x more); otherwise it is sorted
+// first, and marked coalesced if the indices then turn out unique. The COO indices come from
+// one float64 multiplication per dimension, corrected to the exact quotient (no integer
+// division: indices < 2^53).
+at::Tensor sparse_gradient(const at::Tensor& flat_index_in, const at::Tensor& local_in, const at::Tensor& grad_terms,
+                           std::vector<int64_t> sizes, at::ScalarType dtype) {
+  TORCH_CHECK(flat_index_in.device().is_cpu() && flat_index_in.scalar_type() == at::kLong && flat_index_in.dim() == 1,
+              "sparse_gradient: 1-D int64 CPU indices");
+  TORCH_CHECK(local_in.dim() == 1 && local_in.numel() == flat_index_in.numel(), "sparse_gradient: one factor per index");
+  const int64_t D = static_cast<int64_t>(sizes.size()), K = flat_index_in.numel();
+  TORCH_CHECK(D > 0, "sparse_gradient: a tensor of at least one dimension");
+  TORCH_CHECK(local_in.scalar_type() == at::kFloat && grad_terms.numel() == 1, "sparse_gradient: float32 factors");
+  at::Tensor flat_index = flat_index_in.contiguous();
+  const at::Tensor local = local_in.contiguous();
+  const float g = grad_terms.scalar_type() == at::kFloat && grad_terms.is_contiguous()
+                      ? *grad_terms.const_data_ptr<float>()
+                      : grad_terms.item<float>();
+  at::Tensor values = at::empty({K}, local.options().dtype(dtype));
+  const float* lp = local.const_data_ptr<float>();
+  switch (dtype) {  // local * grad_terms, rounded to the activation's dtype like (local * g).to(dtype)
+    case at::kFloat: {
+      float* vp = values.data_ptr<float>();
+      for (int64_t i = 0; i < K; ++i) vp[i] = lp[i] * g;
       break;
-    case at::kBFloat16:
-      sum = log_ms_loop(values.const_data_ptr<c10::BFloat16>(), mu, flat, neuron, K, total, N, dl, g);
+    }
+    case at::kBFloat16: {
+      c10::BFloat16* vp = values.data_ptr<c10::BFloat16>();
+      for (int64_t i = 0; i < K; ++i) vp[i] = static_cast<c10::BFloat16>(lp[i] * g);
       break;
-    case at::kHalf:
-      sum = log_ms_loop(values.const_data_ptr<c10::Half>(), mu, flat, neuron, K, total, N, dl, g);
+    }
+    case at::kHalf: {
+      c10::Half* vp = values.data_ptr<c10::Half>();
+      for (int64_t i = 0; i < K; ++i) vp[i] = static_cast<c10::Half>(lp[i] * g);
       break;
+    }
     default:
-      TORCH_CHECK(false, "log_ms_terms: unsupported dtype ", values.scalar_type());
+      values = at::mul(local, grad_terms).to(dtype);
   }
-  return {at::scalar_tensor(sum, fopts), local};
-}
-
-// The [ndim, K] COO indices of flat (row-major) indices into a contiguous tensor of `sizes`.
-at::Tensor coo_indices(const at::Tensor& flat_index, std::vector<int64_t> sizes) {
-  TORCH_CHECK(flat_index.device().is_cpu() && flat_index.scalar_type() == at::kLong && flat_index.dim() == 1,
-              "coo_indices: 1-D int64 CPU indices");
-  const int64_t D = static_cast<int64_t>(sizes.size()), K = flat_index.numel();
-  TORCH_CHECK(D > 0, "coo_indices: a tensor of at least one dimension");
-  const at::Tensor flat_c = flat_index.contiguous();
-  const int64_t* flat = flat_c.const_data_ptr<int64_t>();
-  at::Tensor out = at::empty({D, K}, flat_index.options());
-  int64_t* o = out.data_ptr<int64_t>();
-  int64_t total = 1;
-  for (const int64_t size : sizes) total *= size;
+  const int64_t* flat = flat_index.const_data_ptr<int64_t>();
+  bool increasing = true;
+  for (int64_t i = 1; i < K; ++i) increasing &= flat[i - 1] < flat[i];
+  if (!increasing) {  // (eager top-n: unordered within a sample)
+    at::Tensor order;
+    std::tie(flat_index, order) = flat_index.sort();
+    values = values.index_select(0, order);
+    flat = flat_index.const_data_ptr<int64_t>();
+    increasing = true;
+    for (int64_t i = 1; i < K; ++i) increasing &= flat[i - 1] < flat[i];
+  }
+  std::vector<int64_t> strides(static_cast<size_t>(D), 1);
+  for (int64_t d = D - 2; d >= 0; --d) strides[d] = strides[d + 1] * sizes[d + 1];
+  const int64_t total = strides[0] * sizes[0];
+  TORCH_CHECK(total < (int64_t(1) << 53), "sparse_gradient: tensor too large");
+  at::Tensor indices = at::empty({D, K}, flat_index.options());
+  int64_t* o = indices.data_ptr<int64_t>();
   for (int64_t i = 0; i < K; ++i) {
-    int64_t f = flat[i];
-    TORCH_CHECK(f >= 0 && f < total, "coo_indices: index out of range");
-    for (int64_t d = D - 1; d >= 0; --d) {
-      o[d * K + i] = f % sizes[d];
-      f /= sizes[d];
+    TORCH_CHECK(flat[i] >= 0 && flat[i] < total, "sparse_gradient: index out of range");
+  }
+  std::vector<double> inverse(static_cast<size_t>(D));
+  for (int64_t d = 0; d < D; ++d) inverse[d] = 1.0 / static_cast<double>(strides[d]);
+  for (int64_t i = 0; i < K; ++i) {
+    const int64_t f = flat[i];
+    int64_t outer = 0;  // f / strides[d - 1]
+    for (int64_t d = 0; d < D; ++d) {
+      const int64_t stride = strides[d];
+      int64_t q = static_cast<int64_t>(static_cast<double>(f) * inverse[d]);  // f / stride, maybe off by one
+      while (q * stride > f) --q;
+      while ((q + 1) * stride <= f) ++q;
+      o[d * K + i] = q - outer * sizes[d];
+      outer = q;
     }
   }
-  return out;
+  at::Tensor sparse = at::_sparse_coo_tensor_unsafe(indices, values, sizes, values.options().layout(at::kSparse));
+  if (increasing) sparse._coalesced_(true);
+  return sparse;
+}
+
+// Who holds a gradient handed to a backward function: (its TensorImpl use count as seen
+// through this call, and whether it is a plain dense contiguous CPU tensor whose storage
+// nothing else shares: no other tensor over it, and, for a view, a base that only the view
+// holds). With the Python reference count, this tells whether autograd alone holds it
+// (LogMSLoss.backward compares both with a calibrated case, see kernels.py).
+std::tuple<int64_t, bool> gradient_ownership(const at::Tensor& grad) {
+  bool plain = grad.defined() && grad.layout() == at::kStrided && grad.device().is_cpu() && grad.has_storage() &&
+               grad.is_contiguous() && !at::isTensorSubclassLike(grad) && !grad._is_zerotensor() && !grad.is_neg() &&
+               !grad.is_conj();
+  if (!plain) return {grad.defined() ? static_cast<int64_t>(grad.use_count()) : 0, false};
+  int64_t sharers = static_cast<int64_t>(grad.storage().use_count());
+  if (grad.is_view()) {
+    plain = grad._base().use_count() == 1;
+    sharers -= 1;  // (the base's own hold on the storage)
+  }
+  return {static_cast<int64_t>(grad.use_count()), plain && sharers == 1};
+}
+
+// grad[flat_index] += local * grad_terms, in place, each term rounded to grad's dtype first
+// (what adding the sparse gradient of sparse_gradient into grad computes). For a gradient
+// that gradient_ownership found autograd alone holds: no sparse tensor, no accumulation.
+template <typename T>
+void add_terms_loop(T* g, const float* lp, const int64_t* flat, int64_t K, int64_t total, float gt) {
+  for (int64_t i = 0; i < K; ++i) {
+    TORCH_CHECK(flat[i] >= 0 && flat[i] < total, "add_terms_gradient_: index out of range");
+    const T term = static_cast<T>(lp[i] * gt);
+    g[flat[i]] = static_cast<T>(static_cast<float>(g[flat[i]]) + static_cast<float>(term));
+  }
+}
+
+void add_terms_gradient_(at::Tensor grad, const at::Tensor& flat_index, const at::Tensor& local,
+                         const at::Tensor& grad_terms) {
+  TORCH_CHECK(!at::GradMode::is_enabled(), "add_terms_gradient_: not while recording a graph");
+  TORCH_CHECK(grad.device().is_cpu() && grad.is_contiguous() && grad.layout() == at::kStrided,
+              "add_terms_gradient_: a contiguous CPU gradient");
+  TORCH_CHECK(flat_index.scalar_type() == at::kLong && flat_index.is_contiguous() && flat_index.dim() == 1 &&
+                  local.scalar_type() == at::kFloat && local.is_contiguous() && local.numel() == flat_index.numel() &&
+                  grad_terms.numel() == 1,
+              "add_terms_gradient_: bad indices or factors");
+  const float gt = grad_terms.item<float>();
+  const int64_t K = flat_index.numel(), total = grad.numel();
+  const int64_t* flat = flat_index.const_data_ptr<int64_t>();
+  const float* lp = local.const_data_ptr<float>();
+  switch (grad.scalar_type()) {
+    case at::kFloat:
+      add_terms_loop(grad.data_ptr<float>(), lp, flat, K, total, gt);
+      break;
+    case at::kBFloat16:
+      add_terms_loop(grad.data_ptr<c10::BFloat16>(), lp, flat, K, total, gt);
+      break;
+    case at::kHalf:
+      add_terms_loop(grad.data_ptr<c10::Half>(), lp, flat, K, total, gt);
+      break;
+    default:
+      TORCH_CHECK(false, "add_terms_gradient_: unsupported dtype ", grad.scalar_type());
+  }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1363,7 +1515,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("measure", &measure, "memel fused inhibition measurement (one pass over [samples, neurons] values)",
         pybind11::arg("values"), pybind11::arg("mean"), pybind11::arg("scale"), pybind11::arg("top_n"),
         pybind11::arg("sqrt_threshold"), pybind11::arg("track"), pybind11::arg("copy"), pybind11::arg("threads") = 0,
-        pybind11::arg("select_threshold") = -1.0);
+        pybind11::arg("select_threshold") = -1.0, pybind11::arg("sorted_rows") = false);
   m.def("record_moments", &record_moments, "add one call's moments and MS trackers to pending and window, in place",
         pybind11::arg("pending"), pybind11::arg("window"), pybind11::arg("sum_d"), pybind11::arg("sum_d2"),
         pybind11::arg("scale"), pybind11::arg("samples"), pybind11::arg("ms_sum_row"), pybind11::arg("ms_n_row"),
@@ -1377,7 +1529,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("select_threshold"), pybind11::arg("capped"), pybind11::arg("forget_steps"),
         pybind11::arg("count_offset"), pybind11::arg("all_counted"), pybind11::arg("ms_sum_row"), pybind11::arg("ms_n_row"),
         pybind11::arg("above_row"), pybind11::arg("max_row"), pybind11::arg("selected_row") = -1,
-        pybind11::arg("inhibited_row") = -1, pybind11::arg("reuse") = pybind11::none());
+        pybind11::arg("inhibited_row") = -1, pybind11::arg("reuse") = pybind11::none(), pybind11::arg("delta") = -1.0,
+        pybind11::arg("calls") = pybind11::none(), pybind11::arg("calls_value") = 0,
+        pybind11::arg("batches") = pybind11::none());
   m.def("reversed_gradient", &reversed_gradient,
         "Reverse Deactivation's gradient (selected values times -strength) into a reused buffer",
         pybind11::arg("grad"), pybind11::arg("flat_index"), pybind11::arg("strength"),
@@ -1385,7 +1539,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("log_ms_terms", &log_ms_terms, "mode l2e's loss terms of one call and their gradient per value",
         pybind11::arg("values"), pybind11::arg("flat_index"), pybind11::arg("neuron_index"), pybind11::arg("mean"),
         pybind11::arg("delta"));
-  m.def("coo_indices", &coo_indices, "[ndim, K] COO indices of flat row-major indices", pybind11::arg("flat_index"),
-        pybind11::arg("sizes"));
+  m.def("gradient_ownership", &gradient_ownership,
+        "(use count, whether nothing but the tensor (and a base only it holds) shares its storage)");
+  m.def("add_terms_gradient_", &add_terms_gradient_, "grad[flat_index] += local * grad_terms, in place");
+  m.def("sparse_gradient", &sparse_gradient, "mode l2e's sparse gradient of one call (coalesced where it can be)",
+        pybind11::arg("flat_index"), pybind11::arg("local"), pybind11::arg("grad_terms"), pybind11::arg("sizes"),
+        pybind11::arg("dtype"));
   m.def("merge_moments", &merge_moments, "merge pending moments into the history (Lemma 3.2, forget step), in place");
 }
