@@ -22,10 +22,15 @@ def _inhibitor(mode: str = "rd", reuse: bool = True) -> memel.Inhibitor:
     return memel.Inhibitor(mode=mode, top_n=2, forget_steps=2, late_start=1, reuse_buffers=reuse, **strength)
 
 
-def _step(inhibitor: memel.Inhibitor, batch: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One training call and backward (with the l2e loss where there is one): (output, input)."""
+def _step(
+    inhibitor: memel.Inhibitor, batch: torch.Tensor, grad: torch.Tensor, keep: list | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training call and backward (with the l2e loss where there is one): (output, input).
+    ``keep``: a hook keeps the output's gradient there (so autograd is not its only holder)."""
     z = batch.clone().requires_grad_(True)
     out = inhibitor(z)
+    if keep is not None:
+        out.register_hook(keep.append)
     loss = (out * grad).sum()
     extra = inhibitor.auxiliary_loss()
     (loss if extra is None else loss + extra).backward()
@@ -53,6 +58,8 @@ def test_results_held_by_the_caller_are_never_overwritten(mode: str) -> None:
 
 @pytest.mark.parametrize("mode", ["rd", "l2e"])
 def test_buffers_are_reused_once_free_and_give_the_same_results(mode: str) -> None:
+    """(The output's gradient is kept by a hook, so RD writes its gradient into the reused
+    buffer instead of changing that one in place.)"""
     batches = _batches(6)
     upstream = _batches(6, seed=2)
     outputs: dict[bool, list[torch.Tensor]] = {True: [], False: []}
@@ -61,7 +68,7 @@ def test_buffers_are_reused_once_free_and_give_the_same_results(mode: str) -> No
     for reuse in (True, False):
         inhibitor = _inhibitor(mode, reuse)
         for batch, grad in zip(batches, upstream):
-            out, z = _step(inhibitor, batch, grad)
+            out, z = _step(inhibitor, batch, grad, keep=[])
             outputs[reuse].append(out.detach().clone())
             grads[reuse].append(z.grad.clone())
             if reuse and inhibitor._grad_slot.tensor is not None:
@@ -76,6 +83,34 @@ def test_buffers_are_reused_once_free_and_give_the_same_results(mode: str) -> No
     assert len(late) >= 3
     assert len({grad_ptr for _, grad_ptr in late}) == 1, "the gradient buffer was not reused"
     assert len({out_ptr for out_ptr, _ in late}) == 1, "the output buffer was not reused"
+
+
+@pytest.mark.parametrize("strength", [1.5, 0.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rd_changes_a_gradient_only_autograd_holds_in_place(strength: float, dtype: torch.dtype) -> None:
+    """Behind a linear layer on the 3-D output (its gradient arrives as a view, which only
+    autograd holds), RD reverses the selected values of that gradient in place: the input's
+    gradient is the same memory, no buffer is written, and the values are those of the copy
+    into a fresh tensor (reuse_buffers=False) bit for bit."""
+    generator = torch.Generator().manual_seed(5)
+    batches = [torch.randn(4, 6, 32, generator=generator).to(dtype) for _ in range(3)]
+    weight = torch.randn(5, 32, generator=generator).to(dtype)
+    grads = {}
+    for reuse in (True, False):
+        inhibitor = memel.Inhibitor(mode="rd", strength=strength, top_n=2, late_start=1, reuse_buffers=reuse)
+        seen: dict[str, int] = {}
+        for batch in batches:
+            x = batch.clone().requires_grad_(True)
+            h = torch.nn.functional.gelu(x)
+            h.register_hook(lambda grad: seen.__setitem__("input", grad.data_ptr()))
+            out = inhibitor(h)
+            out.register_hook(lambda grad: seen.__setitem__("output", grad.data_ptr()))  # (keeps nothing)
+            torch.nn.functional.linear(out, weight).square().sum().backward()
+        grads[reuse] = x.grad
+        assert (seen["input"] == seen["output"]) == reuse
+        if reuse:
+            assert inhibitor._grad_slot.tensor is None  # the copy's buffer was never needed
+    assert torch.equal(grads[True], grads[False])
 
 
 def test_a_view_of_the_output_keeps_its_buffer_busy() -> None:

@@ -290,7 +290,7 @@ class LogMSLoss(torch.autograd.Function):
             dense = torch.zeros(ctx.shape, dtype=ctx.dtype, device=local.device)
             dense.view(-1).index_add_(0, flat_index, (local * grad_terms).to(ctx.dtype))
             return (None, dense if grad_output is None else dense + grad_output, *none)
-        if ctx.in_place and OWNERSHIP.held_by_autograd(grad_output, references):
+        if ctx.in_place and OWNERSHIP.held_by_autograd(grad_output, references, LogMSLoss):
             from .native import load
 
             load().add_terms_gradient_(grad_output, flat_index, local, grad_terms)
@@ -323,44 +323,54 @@ class GradientOwnership:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._expected: tuple[int, int] | None = None  # (Python references, use count)
+        self._expected: dict[type, tuple[int, int]] = {}  # per Function: (Python references, use count)
         self._calibrated = False
         self._probe: list[tuple[int, int, bool]] | None = None
 
     def calibrate(self) -> bool:
-        """Measure the counts once (a tiny backward); whether in-place adding is available."""
-        if self._calibrated:
-            return self._expected is not None
-        from .native import load
+        """Measure the counts once per process (two tiny backwards); whether in-place
+        changes are available (the native kernel loads and both probes saw the expected case)."""
+        if not self._calibrated:
+            from .native import load
 
-        with self._lock:
-            if not self._calibrated:
-                module = load()
-                if module is not None and hasattr(module, "gradient_ownership"):
-                    self._expected = self._measure()
-                self._calibrated = True
-        return self._expected is not None
+            with self._lock:
+                if not self._calibrated:
+                    module = load()
+                    if module is not None and hasattr(module, "gradient_ownership"):
+                        self._expected = self._measure()
+                    self._calibrated = True
+        return bool(self._expected)
 
-    def _measure(self) -> tuple[int, int] | None:
-        self._probe = []
-        try:
-            with torch.enable_grad():
-                x = torch.zeros(2, 3, 4, requires_grad=True)
-                h = x * 1.0
-                flat_index, local = torch.tensor([1, 6]), torch.ones(2)
-                out, terms = LogMSLoss.apply(h, h, torch.zeros(()), local, flat_index, True)
-                (torch.nn.functional.linear(out, torch.ones(3, 4)).sum() + terms).backward()
-            seen = self._probe
-        finally:
-            self._probe = None
-        if len(seen) != 1 or not seen[0][2]:
-            return None
-        return seen[0][0], seen[0][1]
+    def _measure(self) -> dict[type, tuple[int, int]]:
+        """Run each Function's backward once on a gradient that autograd alone holds (the
+        product of a linear layer on a 3-D activation, reshaped: a view only it holds)."""
+        expected: dict[type, tuple[int, int]] = {}
+        for function in (LogMSLoss, ReverseDeactivation):
+            self._probe = []
+            try:
+                with torch.enable_grad():
+                    h = torch.zeros(2, 3, 4, requires_grad=True) * 1.0
+                    flat_index = torch.tensor([1, 6])
+                    if function is LogMSLoss:
+                        out, terms = LogMSLoss.apply(h, h, torch.zeros(()), torch.ones(2), flat_index, True)
+                    else:
+                        values = h.view(6, 4)
+                        copy = values.detach().clone()
+                        out = ReverseDeactivation.apply(values, copy, flat_index, torch.zeros(2), 2.0, BufferSlot())
+                        out, terms = out.view(2, 3, 4), 0.0
+                    (torch.nn.functional.linear(out, torch.ones(3, 4)).sum() + terms).backward()
+                seen = self._probe
+            finally:
+                self._probe = None
+            if len(seen) != 1 or not seen[0][2]:
+                return {}
+            expected[function] = (seen[0][0], seen[0][1])
+        return expected
 
-    def held_by_autograd(self, grad: torch.Tensor, references: int) -> bool:
+    def held_by_autograd(self, grad: torch.Tensor, references: int, function: type) -> bool:
         """Whether ``grad`` (with ``references`` Python references, taken first thing in
-        ``LogMSLoss.backward``) is held by autograd alone."""
-        if torch.is_grad_enabled():
+        ``function``'s backward) is held by autograd alone."""
+        if torch.is_grad_enabled() or (self._probe is None and not self._expected):
             return False
         from .native import load
 
@@ -368,7 +378,7 @@ class GradientOwnership:
         if self._probe is not None:  # the calibration's own backward
             self._probe.append((references, use_count, plain))
             return False
-        return plain and self._expected == (references, use_count)
+        return plain and self._expected.get(function) == (references, use_count)
 
 
 OWNERSHIP = GradientOwnership()
@@ -392,8 +402,9 @@ class ReverseDeactivation(torch.autograd.Function):
     Forward: selected values become the neuron mean (written into ``output``, a fresh copy
     of ``values``). Backward: their gradient is multiplied by -D (D=0: no gradient, naive
     (a); D=-1: unchanged, naive (b)); every other gradient passes through untouched. With a
-    ``grad_slot`` (CPU, native kernel) the gradient is written into that slot's buffer when
-    it is free instead of a fresh tensor.
+    ``grad_slot`` (CPU, native kernel) the selected values of a gradient that autograd alone
+    holds (``GradientOwnership``) are changed in place, and any other gradient is copied into
+    that slot's buffer when it is free instead of a fresh tensor.
     """
 
     @staticmethod
@@ -415,13 +426,19 @@ class ReverseDeactivation(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
+        # (taken first, always at this point: what GradientOwnership calibrates against)
+        references = sys.getrefcount(grad_output)
         (flat_index,) = ctx.saved_tensors
         strength = ctx.strength
         if strength == -1.0:
             return grad_output, None, None, None, None, None
         slot = ctx.grad_slot
         if slot is not None:
-            from .native import native_reversed_gradient
+            from .native import load, native_reversed_gradient
+
+            if OWNERSHIP.held_by_autograd(grad_output, references, ReverseDeactivation):
+                load().reverse_selected_(grad_output, flat_index, strength)
+                return grad_output, None, None, None, None, None
 
             reused = native_reversed_gradient(grad_output, flat_index, strength, slot.tensor)
             if reused is not None:

@@ -346,7 +346,10 @@ class Inhibitor(nn.Module):
 
     def _reused_grad_slot(self) -> BufferSlot | None:
         """Where RD's gradient goes when buffers are reused (native kernel)."""
-        return self._grad_slot if self.config.reuse_buffers and self.config.kernel in ("auto", "native") else None
+        if self.config.reuse_buffers and self.config.kernel in ("auto", "native"):
+            OWNERSHIP.calibrate()  # (once per process: whether RD may change a gradient in place)
+            return self._grad_slot
+        return None
 
     def _threshold_operand(self) -> torch.Tensor:
         """sqrt(tau) as a float32 0-dim tensor (what ``|d*a|`` is compared with), cached until tau changes."""

@@ -1242,6 +1242,42 @@ std::vector<at::Tensor> reversed_gradient(const at::Tensor& grad_in, const at::T
   return {lend(out), out};
 }
 
+// Reverse Deactivation's gradient in place: grad[flat_index] *= -strength (0 when strength
+// is 0), rounded to grad's dtype like reversed_gradient's copy. For a gradient that
+// gradient_ownership found autograd alone holds: no copy of it.
+template <typename T>
+void reverse_loop(T* g, const int64_t* flat, int64_t K, int64_t total, float factor, bool zero) {
+  for (int64_t i = 0; i < K; ++i) {
+    TORCH_CHECK(flat[i] >= 0 && flat[i] < total, "reverse_selected_: index out of range");
+    g[flat[i]] = zero ? static_cast<T>(0.0f) : static_cast<T>(static_cast<float>(g[flat[i]]) * factor);
+  }
+}
+
+void reverse_selected_(at::Tensor grad, const at::Tensor& flat_index, double strength) {
+  TORCH_CHECK(!at::GradMode::is_enabled(), "reverse_selected_: not while recording a graph");
+  TORCH_CHECK(grad.device().is_cpu() && grad.is_contiguous() && grad.layout() == at::kStrided,
+              "reverse_selected_: a contiguous CPU gradient");
+  TORCH_CHECK(flat_index.scalar_type() == at::kLong && flat_index.is_contiguous() && flat_index.dim() == 1,
+              "reverse_selected_: bad indices");
+  const int64_t K = flat_index.numel(), total = grad.numel();
+  const int64_t* flat = flat_index.const_data_ptr<int64_t>();
+  const float factor = static_cast<float>(-strength);
+  const bool zero = strength == 0.0;
+  switch (grad.scalar_type()) {
+    case at::kFloat:
+      reverse_loop(grad.data_ptr<float>(), flat, K, total, factor, zero);
+      break;
+    case at::kBFloat16:
+      reverse_loop(grad.data_ptr<c10::BFloat16>(), flat, K, total, factor, zero);
+      break;
+    case at::kHalf:
+      reverse_loop(grad.data_ptr<c10::Half>(), flat, K, total, factor, zero);
+      break;
+    default:
+      TORCH_CHECK(false, "reverse_selected_: unsupported dtype ", grad.scalar_type());
+  }
+}
+
 // Mode l2e's gradient for one call (LogMSLoss.backward): local * grad_terms at the flat
 // (row-major) indices of a contiguous tensor of `sizes`, as a sparse COO tensor of `dtype`.
 // When the indices strictly increase (every native selection of l2e: one value per flat
@@ -1542,6 +1578,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gradient_ownership", &gradient_ownership,
         "(use count, whether nothing but the tensor (and a base only it holds) shares its storage)");
   m.def("add_terms_gradient_", &add_terms_gradient_, "grad[flat_index] += local * grad_terms, in place");
+  m.def("reverse_selected_", &reverse_selected_, "grad[flat_index] *= -strength (0 for strength 0), in place");
   m.def("sparse_gradient", &sparse_gradient, "mode l2e's sparse gradient of one call (coalesced where it can be)",
         pybind11::arg("flat_index"), pybind11::arg("local"), pybind11::arg("grad_terms"), pybind11::arg("sizes"),
         pybind11::arg("dtype"));
