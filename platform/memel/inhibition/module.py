@@ -363,8 +363,10 @@ class Inhibitor(nn.Module):
         """Mode l2e: keep the call's sum of log((z - mu)^2 + delta) over the selected values
         (``terms``: that sum and each value's gradient factor, from ``log_ms_terms``; mu is the
         pre-call history mean) with autograd to the activation; returns the activation passed
-        through (``LogMSLoss``: same memory, the terms' gradient added sparsely)."""
-        in_place = self.config.kernel in ("auto", "native") and activation.device.type == "cpu" and OWNERSHIP.calibrate()
+        through (``LogMSLoss``: same memory; the terms' gradient is added in place into a
+        downstream gradient only autograd holds, else sparsely)."""
+        native = self.config.kernel in ("auto", "native") and activation.device.type == "cpu"
+        in_place = native and OWNERSHIP.calibrate()
         output, total = LogMSLoss.apply(activation, activation, terms[0], terms[1], flat_index, in_place)
         self._loss_sum = total if self._loss_sum is None else self._loss_sum + total
         self._loss_count += flat_index.numel()

@@ -496,7 +496,8 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl"))) void blocked_tile(
       // not in cache: about 1.1 ms without, 0.8 ms with; nearer or farther targets, or the L2
       // and L3 hints, measured no better). The addresses are integers: past the last block
       // they point beyond the tensor, which a prefetch hint may do (it never faults).
-      const uintptr_t pf = reinterpret_cast<uintptr_t>(x) + static_cast<uintptr_t>(BLOCK_ROWS * N + t0 + c) * sizeof(float);
+      const uintptr_t pf =
+          reinterpret_cast<uintptr_t>(x) + static_cast<uintptr_t>(BLOCK_ROWS * N + t0 + c) * sizeof(float);
       for (int64_t r = b0; r < b1; ++r) {
         const float* xp = x + r * N + t0 + c;
         const uintptr_t row_pf = pf + static_cast<uintptr_t>(r * N) * sizeof(float);
@@ -1290,7 +1291,8 @@ at::Tensor sparse_gradient(const at::Tensor& flat_index_in, const at::Tensor& lo
                            std::vector<int64_t> sizes, at::ScalarType dtype) {
   TORCH_CHECK(flat_index_in.device().is_cpu() && flat_index_in.scalar_type() == at::kLong && flat_index_in.dim() == 1,
               "sparse_gradient: 1-D int64 CPU indices");
-  TORCH_CHECK(local_in.dim() == 1 && local_in.numel() == flat_index_in.numel(), "sparse_gradient: one factor per index");
+  TORCH_CHECK(local_in.dim() == 1 && local_in.numel() == flat_index_in.numel(),
+              "sparse_gradient: one factor per index");
   const int64_t D = static_cast<int64_t>(sizes.size()), K = flat_index_in.numel();
   TORCH_CHECK(D > 0, "sparse_gradient: a tensor of at least one dimension");
   TORCH_CHECK(local_in.scalar_type() == at::kFloat && grad_terms.numel() == 1, "sparse_gradient: float32 factors");
