@@ -89,28 +89,34 @@ def test_buffers_are_reused_once_free_and_give_the_same_results(mode: str) -> No
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rd_changes_a_gradient_only_autograd_holds_in_place(strength: float, dtype: torch.dtype) -> None:
     """Behind a linear layer on the 3-D output (its gradient arrives as a view, which only
-    autograd holds), RD reverses the selected values of that gradient in place: the input's
-    gradient is the same memory, no buffer is written, and the values are those of the copy
-    into a fresh tensor (reuse_buffers=False) bit for bit."""
+    autograd holds), RD reverses the selected values of that gradient in place, buffers
+    reused or not: the input's gradient is the same memory and no buffer is written. Where a
+    hook keeps that gradient it is copied instead; the values are the same bit for bit."""
     generator = torch.Generator().manual_seed(5)
     batches = [torch.randn(4, 6, 32, generator=generator).to(dtype) for _ in range(3)]
     weight = torch.randn(5, 32, generator=generator).to(dtype)
     grads = {}
     for reuse in (True, False):
-        inhibitor = memel.Inhibitor(mode="rd", strength=strength, top_n=2, late_start=1, reuse_buffers=reuse)
-        seen: dict[str, int] = {}
-        for batch in batches:
-            x = batch.clone().requires_grad_(True)
-            h = torch.nn.functional.gelu(x)
-            h.register_hook(lambda grad: seen.__setitem__("input", grad.data_ptr()))
-            out = inhibitor(h)
-            out.register_hook(lambda grad: seen.__setitem__("output", grad.data_ptr()))  # (keeps nothing)
-            torch.nn.functional.linear(out, weight).square().sum().backward()
-        grads[reuse] = x.grad
-        assert (seen["input"] == seen["output"]) == reuse
-        if reuse:
-            assert inhibitor._grad_slot.tensor is None  # the copy's buffer was never needed
-    assert torch.equal(grads[True], grads[False])
+        for keep in (False, True):
+            inhibitor = memel.Inhibitor(mode="rd", strength=strength, top_n=2, late_start=1, reuse_buffers=reuse)
+            seen: dict[str, int] = {}
+            kept: list[torch.Tensor] = []
+            for batch in batches:
+                x = batch.clone().requires_grad_(True)
+                h = torch.nn.functional.gelu(x)
+                h.register_hook(lambda grad: seen.__setitem__("input", grad.data_ptr()))
+                out = inhibitor(h)
+                out.register_hook(kept.append if keep else lambda grad: seen.__setitem__("output", grad.data_ptr()))
+                torch.nn.functional.linear(out, weight).square().sum().backward()
+            grads[reuse, keep] = x.grad
+            if not keep:
+                assert seen["input"] == seen["output"]
+                assert inhibitor._grad_slot.tensor is None  # the copy's buffer was never needed
+            else:
+                assert all(grad.data_ptr() != seen["input"] for grad in kept[-1:])
+                assert (inhibitor._grad_slot.tensor is not None) == reuse
+    reference = grads[False, True]
+    assert all(torch.equal(grad, reference) for grad in grads.values())
 
 
 def test_a_view_of_the_output_keeps_its_buffer_busy() -> None:

@@ -356,7 +356,7 @@ class GradientOwnership:
                     else:
                         values = h.view(6, 4)
                         copy = values.detach().clone()
-                        out = ReverseDeactivation.apply(values, copy, flat_index, torch.zeros(2), 2.0, BufferSlot())
+                        out = ReverseDeactivation.apply(values, copy, flat_index, torch.zeros(2), 2.0, None, True)
                         out, terms = out.view(2, 3, 4), 0.0
                     (torch.nn.functional.linear(out, torch.ones(3, 4)).sum() + terms).backward()
                 seen = self._probe
@@ -401,10 +401,10 @@ class ReverseDeactivation(torch.autograd.Function):
 
     Forward: selected values become the neuron mean (written into ``output``, a fresh copy
     of ``values``). Backward: their gradient is multiplied by -D (D=0: no gradient, naive
-    (a); D=-1: unchanged, naive (b)); every other gradient passes through untouched. With a
-    ``grad_slot`` (CPU, native kernel) the selected values of a gradient that autograd alone
-    holds (``GradientOwnership``) are changed in place, and any other gradient is copied into
-    that slot's buffer when it is free instead of a fresh tensor.
+    (a); D=-1: unchanged, naive (b)); every other gradient passes through untouched. With
+    ``in_place`` (CPU, native kernel) the selected values of a gradient that autograd alone
+    holds (``GradientOwnership``) are changed in place; any other gradient is copied, into
+    ``grad_slot``'s buffer when there is one and it is free, else into a fresh tensor.
     """
 
     @staticmethod
@@ -416,12 +416,14 @@ class ReverseDeactivation(torch.autograd.Function):
         replacement: torch.Tensor,
         strength: float,
         grad_slot: BufferSlot | None = None,
+        in_place: bool = False,
     ):
         output.view(-1).index_copy_(0, flat_index, replacement.to(output.dtype))
         ctx.mark_dirty(output)
         ctx.save_for_backward(flat_index)
         ctx.strength = strength
         ctx.grad_slot = grad_slot
+        ctx.in_place = in_place
         return output
 
     @staticmethod
@@ -430,24 +432,26 @@ class ReverseDeactivation(torch.autograd.Function):
         references = sys.getrefcount(grad_output)
         (flat_index,) = ctx.saved_tensors
         strength = ctx.strength
+        none = (None, None, None, None, None, None)
         if strength == -1.0:
-            return grad_output, None, None, None, None, None
+            return grad_output, *none
+        if ctx.in_place and OWNERSHIP.held_by_autograd(grad_output, references, ReverseDeactivation):
+            from .native import load
+
+            load().reverse_selected_(grad_output, flat_index, strength)
+            return grad_output, *none
         slot = ctx.grad_slot
         if slot is not None:
-            from .native import load, native_reversed_gradient
-
-            if OWNERSHIP.held_by_autograd(grad_output, references, ReverseDeactivation):
-                load().reverse_selected_(grad_output, flat_index, strength)
-                return grad_output, None, None, None, None, None
+            from .native import native_reversed_gradient
 
             reused = native_reversed_gradient(grad_output, flat_index, strength, slot.tensor)
             if reused is not None:
                 grad, slot.tensor = reused
-                return grad, None, None, None, None, None
+                return grad, *none
         grad = grad_output.contiguous().clone() if grad_output.is_contiguous() else grad_output.contiguous()
         flat = grad.view(-1)
         if strength == 0.0:
             flat.index_fill_(0, flat_index, 0.0)
         else:
             flat.index_copy_(0, flat_index, flat.index_select(0, flat_index) * (-strength))
-        return grad, None, None, None, None, None
+        return grad, *none

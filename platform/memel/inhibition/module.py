@@ -339,17 +339,12 @@ class Inhibitor(nn.Module):
             return self._add_loss_terms(activation, terms, flat_index)
         assert measured.copy is not None
         replacement = judged_mean.index_select(0, neuron_index)
+        native = config.kernel in ("auto", "native") and activation.device.type == "cpu"
         output = ReverseDeactivation.apply(
-            values, measured.copy, flat_index, replacement, config.effective_strength, self._reused_grad_slot()
-        )
+            values, measured.copy, flat_index, replacement, config.effective_strength,
+            self._grad_slot if native and config.reuse_buffers else None, native and OWNERSHIP.calibrate(),
+        )  # fmt: skip
         return output.view(activation.shape)
-
-    def _reused_grad_slot(self) -> BufferSlot | None:
-        """Where RD's gradient goes when buffers are reused (native kernel)."""
-        if self.config.reuse_buffers and self.config.kernel in ("auto", "native"):
-            OWNERSHIP.calibrate()  # (once per process: whether RD may change a gradient in place)
-            return self._grad_slot
-        return None
 
     def _threshold_operand(self) -> torch.Tensor:
         """sqrt(tau) as a float32 0-dim tensor (what ``|d*a|`` is compared with), cached until tau changes."""
