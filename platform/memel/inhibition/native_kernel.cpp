@@ -490,19 +490,18 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl"))) void blocked_tile(
         n0 = _mm512_maskz_loadu_epi32(k0, ab + c);
         n1 = _mm512_maskz_loadu_epi32(k1, ab + c + 16);
       }
-      // Software prefetch of this chunk in the next block's rows: BLOCK_ROWS streams at once,
-      // a page apart, are more than the hardware prefetchers follow, so cold values would
-      // otherwise arrive at demand-miss speed (the fold of a [4096, 1024] float32 activation
-      // not in cache: about 1.1 ms without, 0.8 ms with; nearer or farther targets, or the L2
-      // and L3 hints, measured no better). The addresses are integers: past the last block
-      // they point beyond the tensor, which a prefetch hint may do (it never faults).
-      const uintptr_t pf =
-          reinterpret_cast<uintptr_t>(x) + static_cast<uintptr_t>(BLOCK_ROWS * N + t0 + c) * sizeof(float);
+      // Software prefetch of this chunk in the next block's rows (of this task): BLOCK_ROWS
+      // streams at once, a page apart, are more than the hardware prefetchers follow, so cold
+      // values would otherwise arrive at demand-miss speed (the fold of a [4096, 1024] float32
+      // activation not in cache: about 1.1 ms without, 0.8 ms with; nearer or farther
+      // targets, or the L2 and L3 hints, measured no better). The last block has none.
       for (int64_t r = b0; r < b1; ++r) {
         const float* xp = x + r * N + t0 + c;
-        const uintptr_t row_pf = pf + static_cast<uintptr_t>(r * N) * sizeof(float);
-        _mm_prefetch(reinterpret_cast<const char*>(row_pf), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(row_pf + 64), _MM_HINT_T0);
+        if (r + BLOCK_ROWS < r1) {
+          const float* ahead = xp + BLOCK_ROWS * N;
+          _mm_prefetch(reinterpret_cast<const char*>(ahead), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(ahead + 16), _MM_HINT_T0);
+        }
         const __m512 v0 = _mm512_maskz_loadu_ps(k0, xp), v1 = _mm512_maskz_loadu_ps(k1, xp + 16);
         if (COPY) {
           float* op = out + r * N + t0 + c;
