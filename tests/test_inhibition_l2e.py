@@ -457,6 +457,25 @@ def test_l2e_in_place_gradient_is_not_used_while_recording_a_graph() -> None:
     torch.testing.assert_close(grad.detach(), expected)
 
 
+def test_ownership_probe_waits_out_inference_mode_and_training_calls_run_there(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under inference mode the probe cannot run a backward: it is put off (not failed), and
+    a training-mode call there still works; outside, the probe succeeds."""
+    from memel.inhibition import module
+
+    ownership = kernels.GradientOwnership()  # (a fresh one: the process's is calibrated already)
+    monkeypatch.setattr(kernels, "OWNERSHIP", ownership)
+    monkeypatch.setattr(module, "OWNERSHIP", ownership)
+    with torch.inference_mode():
+        assert ownership.calibrate() is False and not ownership._calibrated
+        for mode in ("l2e", "rd"):
+            inhibitor = memel.Inhibitor(mode=mode, late_start=1)
+            inhibitor(torch.randn(4, 8))
+            assert inhibitor(torch.randn(4, 8)).shape == (4, 8)
+    assert ownership.calibrate() is native.available()
+
+
 @pytest.mark.parametrize("order", ["sorted", "shuffled", "repeated"])
 @pytest.mark.parametrize("shape", [(60,), (6, 10), (3, 4, 5), (2, 3, 2, 5)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -306,8 +306,8 @@ class LogMSLoss(torch.autograd.Function):
 
 
 class GradientOwnership:
-    """Whether a gradient handed to ``LogMSLoss.backward`` is held by autograd alone, so that
-    adding into it in place changes nothing anyone else can see.
+    """Whether a gradient handed to ``LogMSLoss``'s or ``ReverseDeactivation``'s backward is
+    held by autograd alone, so that changing it in place changes nothing anyone else can see.
 
     Autograd itself accumulates in place only into a gradient whose TensorImpl and storage
     have a single holder; a gradient that arrives as a view (a linear layer applied to a 3-D
@@ -318,7 +318,9 @@ class GradientOwnership:
     native_kernel.cpp); and its Python reference count and TensorImpl use count equal those
     of a gradient known to be held by autograd alone, measured once per process by a probe
     backward through the same code (``calibrate``). A hook that kept the gradient, a caller's
-    ``grad_outputs`` or any other holder raises a count, and the sparse path runs instead.
+    ``grad_outputs`` or any other holder raises a count, and the sparse path (or RD's copy)
+    runs instead. Where the probe cannot run or sees anything unexpected (no native kernel,
+    inference mode, a backward of another thread during it), in-place changes stay off.
     """
 
     def __init__(self) -> None:
@@ -330,14 +332,17 @@ class GradientOwnership:
     def calibrate(self) -> bool:
         """Measure the counts once per process (two tiny backwards); whether in-place
         changes are available (the native kernel loads and both probes saw the expected case)."""
-        if not self._calibrated:
+        if not self._calibrated and not torch.is_inference_mode_enabled():  # (then: at a later call)
             from .native import load
 
             with self._lock:
                 if not self._calibrated:
                     module = load()
                     if module is not None and hasattr(module, "gradient_ownership"):
-                        self._expected = self._measure()
+                        try:
+                            self._expected = self._measure()
+                        except Exception:  # noqa: BLE001  (an autograd setting the probe cannot run under)
+                            self._expected = {}
                     self._calibrated = True
         return bool(self._expected)
 
