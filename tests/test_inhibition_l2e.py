@@ -416,6 +416,28 @@ def test_l2e_gradient_is_added_in_place_into_a_gradient_only_autograd_holds(dtyp
     torch.testing.assert_close(x.grad, expected)
 
 
+@pytest.mark.parametrize("mode", ["l2e", "rd"])
+def test_float64_activations_train_with_the_default_kernel(mode: str) -> None:
+    """float64, which the native kernel does not read, trains under the default kernel
+    (``auto``: in-place changes asked for, then refused for the dtype) exactly as under the
+    eager kernel."""
+    generator = torch.Generator().manual_seed(6)
+    batches = [torch.randn(4, 6, 32, generator=generator, dtype=torch.float64) for _ in range(3)]
+    weight = torch.randn(5, 32, generator=generator, dtype=torch.float64)
+    grads = {}
+    for kernel in ("auto", "eager"):
+        inhibitor = memel.Inhibitor(mode=mode, top_n=2, late_start=1, kernel=kernel)
+        for batch in batches:
+            x = batch.clone().requires_grad_(True)
+            out = inhibitor(torch.nn.functional.gelu(x))
+            loss = torch.nn.functional.linear(out, weight).square().sum()
+            extra = inhibitor.auxiliary_loss()
+            (loss if extra is None else loss + extra).backward()
+        grads[kernel] = x.grad
+    assert grads["auto"].dtype == torch.float64 and torch.isfinite(grads["auto"]).all()
+    assert torch.equal(grads["auto"], grads["eager"])
+
+
 def test_l2e_gradient_that_a_hook_keeps_is_left_alone() -> None:
     """A hook that keeps the output's gradient makes it shared: it is not written to (the
     sparse path runs), and the activation's gradient is still plain autograd's."""

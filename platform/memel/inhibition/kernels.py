@@ -375,9 +375,12 @@ class GradientOwnership:
     def held_by_autograd(self, grad: torch.Tensor, references: int, function: type) -> bool:
         """Whether ``grad`` (with ``references`` Python references, taken first thing in
         ``function``'s backward) is held by autograd alone."""
-        if torch.is_grad_enabled() or (self._probe is None and not self._expected):
+        from .native import SUPPORTED_DTYPES, load
+
+        if torch.is_grad_enabled() or grad.dtype not in SUPPORTED_DTYPES:
             return False
-        from .native import load
+        if self._probe is None and not self._expected:
+            return False
 
         use_count, plain = load().gradient_ownership(grad)
         if self._probe is not None:  # the calibration's own backward

@@ -260,7 +260,7 @@ def native_sparse_gradient(
     grad_terms`` at the row-major ``flat_index``), marked coalesced where its indices are
     unique (sorted first if need be), so that autograd adds it into a dense gradient in
     O(selected values); None where the native kernel does not apply (use torch)."""
-    if flat_index.device.type != "cpu" or len(shape) == 0:
+    if flat_index.device.type != "cpu" or len(shape) == 0 or dtype not in SUPPORTED_DTYPES:
         return None
     module = load()
     return None if module is None else module.sparse_gradient(flat_index, local, grad_terms, list(shape), dtype)
