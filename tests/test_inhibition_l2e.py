@@ -479,6 +479,23 @@ def test_l2e_in_place_gradient_is_not_used_while_recording_a_graph() -> None:
     torch.testing.assert_close(grad.detach(), expected)
 
 
+def test_gradient_ownership_sees_every_other_holder_of_the_storage() -> None:
+    """The native ownership test on its own: a fresh tensor is plain and unshared; another
+    tensor over its storage, a view whose base is held (a view made from Python always is:
+    its base keeps a Python object), or a non-contiguous tensor is not. (A view whose base
+    only autograd holds, the case that matters, is the in-place tests' above.)"""
+    ownership = native.load().gradient_ownership
+    plain = torch.randn(6, 4)
+    assert ownership(plain)[1]
+    extra = plain.detach()  # another tensor over the same storage
+    assert not ownership(plain)[1]
+    del extra
+    assert ownership(plain)[1]
+    assert not ownership(plain.view(2, 3, 4))[1]  # the base is held here
+    assert not ownership(torch.randn(6, 4).view(2, 3, 4))[1]
+    assert not ownership(torch.randn(4, 6).t())[1]  # not contiguous
+
+
 def test_ownership_probe_waits_out_inference_mode_and_training_calls_run_there(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

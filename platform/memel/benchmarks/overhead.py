@@ -10,7 +10,8 @@ step of each is timed in turn (none, original, rd, ..., none, original, rd, ...)
 of the machine cancels in the per-round ratios, whose medians are reported against the
 model without any module. Each variant's *module share* is steadier: the time spent inside
 its Inhibitors' forwards and their backward functions in a step, over that step's time (a
-lower bound of the overhead: the autograd engine adding l2e's gradient is not included).
+lower bound of the overhead: what the autograd engine does around those functions is not
+included, e.g. adding l2e's sparse gradient where it could not be added in place).
 """
 
 from __future__ import annotations

@@ -128,7 +128,8 @@ class Inhibitor(nn.Module):
     Mode ``l2e``: the output has the input's values and memory (no copy); the loss terms of
     the values selected in every training call after the late start are kept (with autograd)
     until ``auxiliary_loss()`` (or ``memel.auxiliary_loss(model)``) turns them into the loss
-    and forgets them. Their gradient reaches the activation sparsely (``LogMSLoss``).
+    and forgets them. Their gradient is added in place into the downstream gradient where
+    autograd alone holds it, else it reaches the activation sparsely (``LogMSLoss``).
     """
 
     mean: torch.Tensor
@@ -339,12 +340,16 @@ class Inhibitor(nn.Module):
             return self._add_loss_terms(activation, terms, flat_index)
         assert measured.copy is not None
         replacement = judged_mean.index_select(0, neuron_index)
-        native = config.kernel in ("auto", "native") and activation.device.type == "cpu"
+        native = self._native_cpu(activation)
         output = ReverseDeactivation.apply(
             values, measured.copy, flat_index, replacement, config.effective_strength,
             self._grad_slot if native and config.reuse_buffers else None, native and OWNERSHIP.calibrate(),
         )  # fmt: skip
         return output.view(activation.shape)
+
+    def _native_cpu(self, activation: torch.Tensor) -> bool:
+        """Whether the native kernel may handle this call's gradient (configured, CPU)."""
+        return self.config.kernel in ("auto", "native") and activation.device.type == "cpu"
 
     def _threshold_operand(self) -> torch.Tensor:
         """sqrt(tau) as a float32 0-dim tensor (what ``|d*a|`` is compared with), cached until tau changes."""
@@ -360,8 +365,7 @@ class Inhibitor(nn.Module):
         pre-call history mean) with autograd to the activation; returns the activation passed
         through (``LogMSLoss``: same memory; the terms' gradient is added in place into a
         downstream gradient only autograd holds, else sparsely)."""
-        native = self.config.kernel in ("auto", "native") and activation.device.type == "cpu"
-        in_place = native and OWNERSHIP.calibrate()
+        in_place = self._native_cpu(activation) and OWNERSHIP.calibrate()
         output, total = LogMSLoss.apply(activation, activation, terms[0], terms[1], flat_index, in_place)
         self._loss_sum = total if self._loss_sum is None else self._loss_sum + total
         self._loss_count += flat_index.numel()
