@@ -100,3 +100,64 @@ def test_two_ranks_hold_the_global_statistics(tmp_path: Path, micro: int, async_
             torch.as_tensor(ranks[0]["snapshot"][name]["max_ms"]), snap.max_ms, rtol=1e-4, atol=1e-4
         )
 
+
+
+#: Inhibition settings whose input gradients 2 ranks must share with 1 process on the whole batch.
+GRADIENT_CASES = {
+    f"{mode}-{select}-{update}": dict(
+        mode=mode, select=select, stats_update=update, forget_steps=3, late_start=2,
+        **({"top_n": 2} if select == "top_n" else {"fraction": 0.05}),
+        **({"strength": 2.0} if mode == "rd" else {}),
+    )
+    for mode in ("rd", "naive_a", "naive_b", "l2e")
+    for select in ("top_n", "threshold")
+    for update in ("call", "step")
+    if not (mode == "l2e" and select == "threshold")  # a per-rank mean over rank-dependent counts
+}  # fmt: skip
+
+
+def _input_gradients(config: dict, batches: list[torch.Tensor], loss_share: float) -> dict:
+    """Per step: the gradient of the input and the outputs, for one model under ``config``."""
+    torch.manual_seed(0)
+    model = Host()
+    memel.inhibit(model, "blocks.*.1", memel.InhibitionConfig(**config))
+    grads, modified = [], 0
+    for batch in batches:
+        x = batch.clone().requires_grad_(True)
+        out = model(x)
+        loss = (out * 1.5).sum() + memel.auxiliary_loss(model) * loss_share
+        loss.backward()
+        if config["stats_update"] == "step":
+            memel.sync(model)
+        grads.append(x.grad)
+    for snap in memel.snapshot(model).values():
+        modified += int(snap.inhibited_count.sum()) + int(snap.selected_count.sum())
+    return {"grads": grads, "modified": modified}
+
+
+def _gradient_worker(rank: int, world_size: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    half = [batch.chunk(world_size)[rank] for batch in _data()]
+    # l2e's loss is a mean over the rank's selected values: top-n selects the same number per
+    # sample, so 1/world_size of a rank's term is the global mean's share of its values
+    records = {name: _input_gradients(config, half, 1.0 / world_size) for name, config in GRADIENT_CASES.items()}
+    torch.save(records, Path(out_dir) / f"grads{rank}.pt")
+
+
+def test_two_ranks_give_each_input_the_single_process_gradient(tmp_path: Path) -> None:
+    """rd, naive_a, naive_b and l2e; top-n and threshold; call and step updates: the input
+    gradients of 2 ranks on halves of each batch, put together, equal one process's on the
+    whole batch. Fails if any mode's backward differs under torch.distributed."""
+    run_distributed(_gradient_worker, 2, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"grads{r}.pt", weights_only=False) for r in range(2)]
+    for name, config in GRADIENT_CASES.items():
+        single = _input_gradients(config, _data(), 1.0)
+        assert single["modified"] > 0, name  # something was selected, so the gradients are tested
+        plain = _input_gradients({**config, "mode": "original"}, _data(), 1.0)["grads"]
+        changed = False
+        for step, expected in enumerate(single["grads"]):
+            got = torch.cat([ranks[0][name]["grads"][step], ranks[1][name]["grads"][step]])
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name} step {step}: {m}")
+            changed |= not torch.allclose(expected, plain[step])
+        if config["mode"] != "naive_b":  # naive (b) keeps the gradient unchanged by definition
+            assert changed, f"{name}: inhibition never changed an input gradient"
