@@ -1,4 +1,4 @@
-"""Shared pytest fixtures and the opt-in for heavy tests."""
+"""Shared pytest fixtures."""
 
 import pytest
 
@@ -18,16 +18,3 @@ def native_kernel() -> None:
         warnings.simplefilter("ignore")
         if native.load() is None:
             pytest.skip(f"the native inhibition kernel cannot be built here: {native._failed}")
-
-
-def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--run-heavy", action="store_true", help="also run tests marked heavy (slow end-to-end runs)")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("--run-heavy"):
-        return
-    skip = pytest.mark.skip(reason="heavy test: skipped by default, run with --run-heavy")
-    for item in items:
-        if "heavy" in item.keywords:
-            item.add_marker(skip)
