@@ -3,9 +3,13 @@ timing belongs in benchmarks, not tests), and measure what they say they measure
 
 from __future__ import annotations
 
+import time
+
+import memel
 import pytest
+import torch
 from memel.benchmarks.inhibition import bench_inhibition, warm_copy_available
-from memel.benchmarks.overhead import bench_overhead
+from memel.benchmarks.overhead import ModuleClock, bench_overhead
 from memel.inhibition.kernels import LogMSLoss, ReverseDeactivation
 
 
@@ -31,3 +35,39 @@ def test_bench_overhead_module_share_counts_only_inhibitor_time() -> None:
         assert 0.0 < by_name[name].module_share < 1.0
     # the backward timers are removed again
     assert all(cls.__dict__["backward"] is original for cls, original in backward.items())
+
+
+class _Sleep(torch.nn.Module):
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.seconds)
+        return x * 1.0
+
+
+def test_module_clock_counts_inhibitor_forwards_and_backwards_and_nothing_else() -> None:
+    """A host module that sleeps 0.5 s is left out; 0.05 s spent inside the Inhibitor's forward
+    and 0.05 s inside RD's backward are counted (sleep gives lower bounds that cannot flake)."""
+    model = torch.nn.Sequential(_Sleep(0.5), torch.nn.Tanh())
+    inserted = memel.inhibit(model, "1", memel.InhibitionConfig(mode="rd", late_start=1))
+    model[1](torch.randn(4, 8))  # the history RD judges the timed call against
+    clock = ModuleClock()
+    clock.attach(model)
+    inserted["1"].register_forward_pre_hook(lambda module, args: time.sleep(0.05))
+    original = ReverseDeactivation.__dict__["backward"]
+
+    def slow_backward(ctx: object, *grads: object) -> object:
+        time.sleep(0.05)
+        return original.__func__(ctx, *grads)
+
+    ReverseDeactivation.backward = staticmethod(slow_backward)  # type: ignore[method-assign]
+    try:
+        with clock.timing_backwards():
+            out = model(torch.randn(4, 8, requires_grad=True))
+            out.sum().backward()
+    finally:
+        ReverseDeactivation.backward = original  # type: ignore[method-assign]
+    assert int(inserted["1"].snapshot().inhibited_count.sum()) == 4  # RD ran: one value per sample
+    assert 0.1 <= clock.seconds < 0.5

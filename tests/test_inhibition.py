@@ -319,8 +319,10 @@ def test_non_finite_values_do_not_poison_statistics() -> None:
     both = torch.cat([first, clean[1].double()])
     torch.testing.assert_close(stats["mean"][[0, 2]].double(), both.mean(0)[[0, 2]], rtol=1e-6, atol=1e-6)
     assert stats["count"].tolist() == [12, 6, 12, 6]
-    # the non-finite values rank highest and are replaced by the (finite) mean
-    assert torch.isfinite(out[2, 1]) and torch.isfinite(out[3, 3])
+    # the non-finite values rank highest and are replaced by their neuron's mean (the history
+    # before the batch, i.e. the first batch's), not just by some finite number
+    torch.testing.assert_close(out[2, 1].double(), first.mean(0)[1], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out[3, 3].double(), first.mean(0)[3], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize(
