@@ -31,3 +31,15 @@ def test_bench_overhead_module_share_counts_only_inhibitor_time() -> None:
         assert 0.0 < by_name[name].module_share < 1.0
     # the backward timers are removed again
     assert all(cls.__dict__["backward"] is original for cls, original in backward.items())
+
+
+@pytest.mark.parametrize("command", [["inhibition"], ["overhead", "--model", "byte-0.2m"]])
+@pytest.mark.parametrize("device", ["cuda:99", "tpu"])
+def test_bench_refuses_a_device_torch_cannot_use(command: list[str], device: str) -> None:
+    from memel.cli import app
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, ["bench", *command, "--device", device])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"error: device: got {device!r}"), result.output
+    assert "Traceback" not in result.output
