@@ -15,6 +15,17 @@ def _refuse(error: ConfigError) -> typer.Exit:
     return typer.Exit(2)
 
 
+def _write_json(path: str | None, rows: list[object], **context: object) -> None:
+    """The rows (dataclasses) and the run's context as one JSON document at ``path``."""
+    if path is None:
+        return
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    Path(path).write_text(json.dumps({**context, "rows": [dataclasses.asdict(row) for row in rows]}, indent=1) + "\n")
+
+
 def _device_label(device: str) -> str:
     import torch
 
@@ -37,6 +48,7 @@ def bench_inhibition_command(
     ),
     reuse: bool = typer.Option(True, "--reuse/--no-reuse", help="InhibitionConfig.reuse_buffers of the module timed."),
     device: str = typer.Option("cpu", help="Where the activation lives: cpu, cuda or cuda:N."),
+    json_path: str | None = typer.Option(None, "--json", help="Also write the rows as JSON to this file."),
 ) -> None:
     """Time the Inhibitor (rd mode) forward+backward against a plain h*1.0 on the same tensor.
 
@@ -60,7 +72,9 @@ def bench_inhibition_command(
         )  # fmt: skip
     except ConfigError as error:
         raise _refuse(error) from None
-    table = Table(title=f"Inhibitor fwd+bwd / (h*1.0) fwd+bwd, float32 [{batch}, {seq}, {hidden}], {_device_label(device)}")
+    title = f"Inhibitor fwd+bwd / (h*1.0) fwd+bwd, float32 [{batch}, {seq}, {hidden}], {_device_label(device)}"
+    _write_json(json_path, rows, title=title, shape=[batch, seq, hidden], device=device)
+    table = Table(title=title)
     for column in ("kernel", "layout", "top_n", "module ms", "h*1.0 ms", "median ratio", "best/best", "warm copy ms", "/ warm"):
         table.add_column(column, justify="right")
     for row in rows:
@@ -85,6 +99,7 @@ def bench_overhead_command(
         "l2e@threshold, rd/eager, rd+parquet.",
     ),  # fmt: skip
     device: str = typer.Option("cpu", help="Where the model trains: cpu, cuda or cuda:N."),
+    json_path: str | None = typer.Option(None, "--json", help="Also write the rows as JSON to this file."),
 ) -> None:
     """Training-step time with inhibition (original, rd top-1, rd with threshold selection, l2e,
     rd with the eager kernel, rd while writing Parquet snapshots every step) against the same
@@ -105,7 +120,9 @@ def bench_overhead_command(
         rows = bench_overhead(model, preset, batch, seq, rounds, device=device, **({"variants": chosen} if chosen else {}))
     except ConfigError as error:
         raise _refuse(error) from None
-    table = Table(title=f"{model} ({preset}), batch {batch} x {seq}, {_device_label(device)}: step time vs no module")
+    title = f"{model} ({preset}), batch {batch} x {seq}, {_device_label(device)}: step time vs no module"
+    _write_json(json_path, rows, title=title, model=model, preset=preset, batch=batch, seq=seq, device=device)
+    table = Table(title=title)
     for column in ("variant", "step ms", "ratio to none", "module share"):
         table.add_column(column, justify="right")
     for row in rows:
