@@ -8,7 +8,7 @@
 #   tests     pytest -m gpu on every test file that holds gpu-marked tests
 #   deepspeed a 1-process DeepSpeed ZeRO-2 bf16 run of pythia-70m with rd (benchmarks/gpu_deepspeed.py), no Ray
 #   overhead  memel bench overhead --device cuda (none/original/rd/l2e) on pythia-70m, then pythia-160m
-#   kernels   memel bench inhibition --device cuda --kernel eager --kernel compiled
+#   kernels   memel bench inhibition --device cuda, --kernel eager, then (after pythia-160m) --kernel compiled
 # Without a CUDA GPU the CUDA steps are skipped with a line saying so (the tests still collect and
 # skip themselves); GPU_CHECK_CPU_SMOKE=1 runs them instead at tiny sizes on the CPU, to try the
 # script out. Raw logs, one JSON per step, results.tsv, results.json and table.txt go to $OUT if set,
@@ -128,7 +128,7 @@ run_step tests 180 "$PY" -m pytest -q -p no:cacheprovider --noconftest -m gpu -W
 
 # --- DeepSpeed ZeRO-2 bf16, one process, no Ray --------------------------------------------------
 if [[ "$DEVICE" == cpu ]]; then
-  ds_args=(--device cpu --precision fp32 --model byte-0.2m --steps 5 --batch 2 --seq 32)
+  ds_args=(--device cpu --precision fp32 --model byte-0.2m --steps 15 --batch 2 --seq 32)
 else
   ds_args=(--device cuda --precision bf16 --model pythia-70m --steps 300 --batch 8 --seq 512)
 fi
@@ -143,14 +143,16 @@ overhead() {  # overhead MODEL BOUND_S
   cuda_step "overhead-$1" "$2" "$PY" -m memel bench overhead --device "${DEVICE:-cuda}" --model "$model" "${size[@]}" \
     --variant none --variant original --variant rd --variant l2e --json "$OUT/overhead-$1.json"
 }
+kernels() {  # kernels KERNEL BOUND_S: memel bench inhibition for one kernel (compiled last: its compiles take longest)
+  local size=(--repeats 9)
+  [[ "$DEVICE" == cpu ]] && size=(--batch 2 --seq 8 --hidden 64 --top-n 1 --top-n 10 --repeats 2)
+  cuda_step "kernels-$1" "$2" "$PY" -m memel bench inhibition --device "${DEVICE:-cuda}" --kernel "$1" "${size[@]}" \
+    --json "$OUT/kernels-$1.json"
+}
 overhead pythia-70m 100
-if [[ "$DEVICE" == cpu ]]; then
-  kernel_args=(--kernel eager --batch 2 --seq 8 --hidden 64 --repeats 2)
-else
-  kernel_args=(--kernel eager --kernel compiled --repeats 9)
-fi
-cuda_step kernels 180 "$PY" -m memel bench inhibition --device "${DEVICE:-cuda}" "${kernel_args[@]}" --json "$OUT/kernels.json"
+kernels eager 90
 overhead pythia-160m 100
+kernels compiled 180
 
 # --- the table ------------------------------------------------------------------------------------
 say "total $(($(date +%s) - START_S)) s; logs and results in $OUT"

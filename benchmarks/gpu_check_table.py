@@ -20,8 +20,9 @@ STEP_TITLES = {
     "tests": "gpu tests (pytest -m gpu)",
     "deepspeed": "DeepSpeed ZeRO-2 bf16, 1 process",
     "overhead-pythia-70m": "bench overhead pythia-70m",
-    "kernels": "bench inhibition (kernels)",
+    "kernels-eager": "bench inhibition, eager kernel",
     "overhead-pythia-160m": "bench overhead pythia-160m",
+    "kernels-compiled": "bench inhibition, compiled kernel",
 }
 
 
@@ -107,10 +108,13 @@ def table(out: Path) -> tuple[str, dict[str, Any]]:
             figures = _load(out / f"{name}.json")
             if figures:
                 note, detail = figures["title"], _overhead_rows(figures)
-        elif name == "kernels":
-            figures = _load(out / "kernels.json")
+        elif name.startswith("kernels-"):
+            figures = _load(out / f"{name}.json")
             if figures:
                 note, detail = figures["title"], _kernel_rows(figures)
+                log = out / f"{name}.log"
+                if log.is_file() and "compiled inhibition kernel failed" in log.read_text(errors="replace"):
+                    note += "  COMPILE FAILED: these rows ran eager (see the log)"
         summary["steps"][name] = {"status": status, "seconds": int(seconds), "note": note, "figures": figures}
         lines.append((STEP_TITLES.get(name, name), status, seconds, note))
         lines += [(label, "", "", text) for label, text in detail]
