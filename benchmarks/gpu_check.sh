@@ -157,4 +157,4 @@ kernels compiled 180
 # --- the table ------------------------------------------------------------------------------------
 say "total $(($(date +%s) - START_S)) s; logs and results in $OUT"
 "$PY" "$ROOT/benchmarks/gpu_check_table.py" "$OUT" | tee "$OUT/table.txt" || column -t -s $'\t' "$RESULTS"
-! grep -qP '\t(FAIL|TIMEOUT)\t' "$RESULTS"
+! grep -qE $'\t(FAIL|TIMEOUT)\t' "$RESULTS"
