@@ -70,4 +70,34 @@ def test_module_clock_counts_inhibitor_forwards_and_backwards_and_nothing_else()
     finally:
         ReverseDeactivation.backward = original  # type: ignore[method-assign]
     assert int(inserted["1"].snapshot().inhibited_count.sum()) == 4  # RD ran: one value per sample
-    assert 0.1 <= clock.seconds < 0.5
+    assert 0.1 <= clock.total() < 0.5
+
+
+@pytest.mark.parametrize("command", [["inhibition"], ["overhead", "--model", "byte-0.2m"]])
+@pytest.mark.parametrize("device", ["cuda:99", "tpu"])
+def test_bench_refuses_a_device_torch_cannot_use(command: list[str], device: str) -> None:
+    from memel.cli import app
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, ["bench", *command, "--device", device])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"error: device: got {device!r}"), result.output
+    assert "Traceback" not in result.output
+
+
+def test_bench_inhibition_json_holds_every_row(tmp_path) -> None:
+    import json
+
+    from memel.cli import app
+    from typer.testing import CliRunner
+
+    path = tmp_path / "rows.json"
+    args = ["bench", "inhibition", "--kernel", "eager", "--batch", "2", "--seq", "4", "--hidden", "16", "--top-n", "1", "--top-n", "2"]
+    result = CliRunner().invoke(app, [*args, "--repeats", "1", "--json", str(path)])
+    assert result.exit_code == 0, result.output
+    written = json.loads(path.read_text())
+    assert written["device"] == "cpu" and written["shape"] == [2, 4, 16]
+    assert [(r["kernel"], r["layout"], r["top_n"]) for r in written["rows"]] == [
+        ("eager", layout, n) for layout in ("channel", "element") for n in (1, 2)
+    ]
+    assert all(r["module_ms"] > 0 and r["ratio"] > 0 for r in written["rows"])

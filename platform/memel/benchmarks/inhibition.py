@@ -4,7 +4,8 @@ All are timed interleaved in one process (baseline, warm baseline, module, ...) 
 machine drift cancels in the ratios; the median ratios are reported. Two baselines:
 ``h * 1.0`` (what the issue defines: fresh output and gradient tensors, whose page faults are
 most of their cost on CPU) and a warm copy (one read and one write each way into reused
-buffers, the data movement a module with reused buffers cannot go below).
+buffers, the data movement a module with reused buffers cannot go below; CPU only, where the
+native kernel is built). On a CUDA device each timed call ends with a synchronize.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
+from memel.errors import ConfigError
 from memel.inhibition import InhibitionConfig, Inhibitor
 from memel.inhibition.kernels import BufferSlot
+
+from .device import bench_device, synchronize
 
 
 @dataclass
@@ -66,8 +70,10 @@ def warm_copy_available() -> bool:
 
 def _fwd_bwd(fn: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, grad: torch.Tensor) -> float:
     h.grad = None
+    synchronize(h.device)
     start = time.perf_counter()
     fn(h).backward(grad)
+    synchronize(h.device)
     return time.perf_counter() - start
 
 
@@ -81,23 +87,29 @@ def bench_inhibition(
     kernels: Iterable[str] = ("native", "compiled", "eager"),
     seed: int = 0,
     reuse_buffers: bool = True,
+    device: torch.device | str = "cpu",
 ) -> list[InhibitionBenchRow]:
     """Per layout and top_n: median of the paired ratios (module fwd+bwd) / (h*1.0 fwd+bwd), and
     the ratio of the best times (large CPU allocations make both sides noisy: page faults
     come and go with the allocator's state), statistics update and tracking included; where
-    the native kernel is built, also the median ratio to the warm copy (``WarmCopy``)."""
+    the native kernel is built, also the median ratio to the warm copy (``WarmCopy``).
+    ``device``: ``cpu``, ``cuda`` or ``cuda:N`` (the native kernel and the warm copy are CPU only)."""
+    device = bench_device(device)
+    kernels = tuple(kernels)
+    if device.type != "cpu" and "native" in kernels:
+        raise ConfigError(f"kernel: 'native' runs on CPU tensors only; on device {str(device)!r} use eager or compiled")
     generator = torch.Generator().manual_seed(seed)
-    h = torch.randn(*shape, generator=generator).requires_grad_(True)
-    grad = torch.randn(*shape, generator=generator)
+    h = torch.randn(*shape, generator=generator).to(device).requires_grad_(True)
+    grad = torch.randn(*shape, generator=generator).to(device)
     slots = (BufferSlot(), BufferSlot())
-    warm = (lambda x: WarmCopy.apply(x, slots)) if warm_copy_available() else None
+    warm = (lambda x: WarmCopy.apply(x, slots)) if device.type == "cpu" and warm_copy_available() else None
     rows = []
     for kernel, layout, top_n in ((k, l, n) for k in kernels for l in layouts for n in top_ns):
         config = InhibitionConfig(
             mode=mode, top_n=top_n, layout=layout, forget_steps=2, late_start=2, track_every=track_every, kernel=kernel,
             reuse_buffers=reuse_buffers,
         )  # fmt: skip
-        module = Inhibitor(config).train()
+        module = Inhibitor(config).to(device).train()
         for _ in range(config.late_start + 1):  # history past late start: values are really inhibited
             _fwd_bwd(module, h, grad)
         _fwd_bwd(lambda x: x * 1.0, h, grad)

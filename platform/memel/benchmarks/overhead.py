@@ -12,6 +12,9 @@ model without any module. Each variant's *module share* is steadier: the time sp
 its Inhibitors' forwards and their backward functions in a step, over that step's time (a
 lower bound of the overhead: what the autograd engine does around those functions is not
 included, e.g. adding l2e's sparse gradient where it could not be added in place).
+
+On a CUDA device every step ends with a synchronize before its clock stops, and the module
+share is the stream time between CUDA events recorded on entry and exit of those functions.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ import memel
 from memel.inhibition.kernels import LogMSLoss, ReverseDeactivation
 from memel.models import build, preset_targets
 
+from .device import bench_device, synchronize
+
 
 @dataclass
 class OverheadRow:
@@ -40,11 +45,38 @@ class OverheadRow:
 
 
 class ModuleClock:
-    """Seconds spent inside Inhibitor forwards (hooks) and their autograd backward functions."""
+    """Seconds spent inside Inhibitor forwards (hooks) and their autograd backward functions.
 
-    def __init__(self) -> None:
+    On CPU the host clock; on CUDA (``device``) the stream time between events recorded on
+    entry and exit, read by :meth:`total` once the device is synchronized.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.cuda = torch.device(device).type == "cuda"
         self.seconds = 0.0
-        self._started: dict[int, float] = {}
+        self._started: dict[int, object] = {}
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def _now(self) -> object:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def _add_since(self, started: object) -> None:
+        if self.cuda:
+            self._events.append((started, self._now()))  # type: ignore[arg-type]
+        else:
+            self.seconds += time.perf_counter() - started  # type: ignore[operator]
+
+    def reset(self) -> None:
+        self.seconds = 0.0
+        self._events.clear()
+
+    def total(self) -> float:
+        """Seconds counted since :meth:`reset` (on CUDA: call after synchronizing the device)."""
+        return self.seconds + sum(start.elapsed_time(end) for start, end in self._events) / 1e3
 
     def attach(self, model: torch.nn.Module) -> None:
         for module in memel.inhibitors(model).values():
@@ -52,10 +84,10 @@ class ModuleClock:
             module.register_forward_hook(self._post)
 
     def _pre(self, module: torch.nn.Module, args: object) -> None:
-        self._started[id(module)] = time.perf_counter()
+        self._started[id(module)] = self._now()
 
     def _post(self, module: torch.nn.Module, args: object, output: object) -> None:
-        self.seconds += time.perf_counter() - self._started.pop(id(module))
+        self._add_since(self._started.pop(id(module)))
 
     @contextlib.contextmanager
     def timing_backwards(self) -> Iterator[None]:
@@ -64,11 +96,11 @@ class ModuleClock:
 
         def timed(function: Callable[..., object]) -> staticmethod:
             def backward(ctx: object, *grads: object) -> object:
-                start = time.perf_counter()
+                start = self._now()
                 try:
                     return function(ctx, *grads)
                 finally:
-                    self.seconds += time.perf_counter() - start
+                    self._add_since(start)
 
             return staticmethod(backward)
 
@@ -82,10 +114,11 @@ class ModuleClock:
 
 
 def _variant(
-    model_name: str, preset: str, variant: str, sink_root: str | None, closers: list[Callable[[], object]]
+    model_name: str, preset: str, variant: str, sink_root: str | None, closers: list[Callable[[], object]],
+    device: torch.device,
 ) -> tuple[torch.nn.Module, Callable[[int], None]]:
     torch.manual_seed(0)
-    model = build(model_name)
+    model = build(model_name).to(device)
     after_step: Callable[[int], None] = lambda step: None  # noqa: E731
     if variant != "none":
         mode, _, kernel = variant.partition("/")
@@ -120,25 +153,29 @@ def bench_overhead(
     rounds: int = 7,
     warmup: int = 2,
     variants: tuple[str, ...] = ("none", "original", "rd", "rd@threshold", "l2e@threshold", "l2e", "rd/eager", "rd+parquet"),
+    device: torch.device | str = "cpu",
 ) -> list[OverheadRow]:
-    """Median step time per variant and the median per-round ratio to ``none``."""
+    """Median step time per variant and the median per-round ratio to ``none``, on ``device``
+    (``cpu``, ``cuda``, ``cuda:N``)."""
+    device = bench_device(device)
     generator = torch.Generator().manual_seed(0)
     vocab = build(model_name, device="meta").config.vocab_size
-    data = [torch.randint(0, vocab, (batch, seq + 1), generator=generator) for _ in range(rounds + warmup)]
+    data = [torch.randint(0, vocab, (batch, seq + 1), generator=generator).to(device) for _ in range(rounds + warmup)]
     with tempfile.TemporaryDirectory(prefix="memel-bench-") as root:
         runs, closers, clocks = {}, [], {}
         for name in variants:
-            model, after = _variant(model_name, preset, name, root, closers)
+            model, after = _variant(model_name, preset, name, root, closers, device)
             runs[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-3), after)
-            clocks[name] = ModuleClock()
+            clocks[name] = ModuleClock(device)
             clocks[name].attach(model)
         times: dict[str, list[float]] = {name: [] for name in variants}
         shares: dict[str, list[float]] = {name: [] for name in variants}
         for index, tokens in enumerate(data):
             for name, (model, optimizer, after) in runs.items():
                 clock = clocks[name]
-                clock.seconds = 0.0
+                clock.reset()
                 with clock.timing_backwards():
+                    synchronize(device)
                     start = time.perf_counter()
                     logits = model(tokens[:, :-1])
                     loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()) + memel.auxiliary_loss(model)
@@ -146,10 +183,11 @@ def bench_overhead(
                     loss.backward()
                     optimizer.step()
                     after(index)
+                    synchronize(device)
                     elapsed = time.perf_counter() - start
                 if index >= warmup:
                     times[name].append(elapsed)
-                    shares[name].append(clock.seconds / elapsed)
+                    shares[name].append(clock.total() / elapsed)
         for close in closers:  # everything written before the folder goes
             close()
     base = times["none"] if "none" in times else next(iter(times.values()))

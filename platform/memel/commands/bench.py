@@ -7,6 +7,31 @@ from rich.console import Console
 from rich.table import Table
 
 from memel.commands.app import bench_app
+from memel.errors import ConfigError
+
+
+def _refuse(error: ConfigError) -> typer.Exit:
+    Console().print(f"[red]error:[/red] {error}")
+    return typer.Exit(2)
+
+
+def _write_json(path: str | None, rows: list[object], **context: object) -> None:
+    """The rows (dataclasses) and the run's context as one JSON document at ``path``."""
+    if path is None:
+        return
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    Path(path).write_text(json.dumps({**context, "rows": [dataclasses.asdict(row) for row in rows]}, indent=1) + "\n")
+
+
+def _device_label(device: str) -> str:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu, {torch.get_num_threads()} threads"
 
 
 @bench_app.command("inhibition")
@@ -18,8 +43,12 @@ def bench_inhibition_command(
     repeats: int = typer.Option(7, help="Interleaved timing pairs per row; the median ratio is reported."),
     track_every: int = typer.Option(1, help="Snapshot tracking interval (InhibitionConfig.track_every)."),
     threads: int = typer.Option(0, help="torch threads (0 = torch's default)."),
-    kernel: list[str] = typer.Option(["native", "compiled", "eager"], "--kernel", help="Hot-path kernels to time (repeatable)."),
+    kernel: list[str] = typer.Option(
+        [], "--kernel", help="Hot-path kernels to time (repeatable; default: native, compiled, eager on CPU; compiled, eager on CUDA)."
+    ),
     reuse: bool = typer.Option(True, "--reuse/--no-reuse", help="InhibitionConfig.reuse_buffers of the module timed."),
+    device: str = typer.Option("cpu", help="Where the activation lives: cpu, cuda or cuda:N."),
+    json_path: str | None = typer.Option(None, "--json", help="Also write the rows as JSON to this file."),
 ) -> None:
     """Time the Inhibitor (rd mode) forward+backward against a plain h*1.0 on the same tensor.
 
@@ -27,6 +56,7 @@ def bench_inhibition_command(
     writes fresh tensors, whose page faults the module's reused buffers do not pay.
 
     Example: [bold]memel bench inhibition --top-n 1 --top-n 10[/bold]
+    (on a GPU: [bold]memel bench inhibition --device cuda --kernel eager --kernel compiled[/bold])
     """
     import torch
 
@@ -34,10 +64,17 @@ def bench_inhibition_command(
 
     if threads:
         torch.set_num_threads(threads)
-    rows = bench_inhibition(
-        (batch, seq, hidden), top_ns=top_n, repeats=repeats, track_every=track_every, kernels=kernel, reuse_buffers=reuse
-    )
-    table = Table(title=f"Inhibitor fwd+bwd / (h*1.0) fwd+bwd, float32 [{batch}, {seq}, {hidden}], {torch.get_num_threads()} threads")
+    kernels = kernel or (["native", "compiled", "eager"] if device == "cpu" else ["compiled", "eager"])
+    try:
+        rows = bench_inhibition(
+            (batch, seq, hidden), top_ns=top_n, repeats=repeats, track_every=track_every, kernels=kernels,
+            reuse_buffers=reuse, device=device,
+        )  # fmt: skip
+    except ConfigError as error:
+        raise _refuse(error) from None
+    title = f"Inhibitor fwd+bwd / (h*1.0) fwd+bwd, float32 [{batch}, {seq}, {hidden}], {_device_label(device)}"
+    _write_json(json_path, rows, title=title, shape=[batch, seq, hidden], device=device)
+    table = Table(title=title)
     for column in ("kernel", "layout", "top_n", "module ms", "h*1.0 ms", "median ratio", "best/best", "warm copy ms", "/ warm"):
         table.add_column(column, justify="right")
     for row in rows:
@@ -61,12 +98,15 @@ def bench_overhead_command(
         [], "--variant", help="Variants to time (repeatable; default: all): none, original, rd, rd@threshold, l2e, "
         "l2e@threshold, rd/eager, rd+parquet.",
     ),  # fmt: skip
+    device: str = typer.Option("cpu", help="Where the model trains: cpu, cuda or cuda:N."),
+    json_path: str | None = typer.Option(None, "--json", help="Also write the rows as JSON to this file."),
 ) -> None:
     """Training-step time with inhibition (original, rd top-1, rd with threshold selection, l2e,
     rd with the eager kernel, rd while writing Parquet snapshots every step) against the same
     model without any module, interleaved in one run.
 
     Example: [bold]memel bench overhead --model byte-4m --rounds 9 --variant none --variant rd --variant l2e@threshold[/bold]
+    (on a GPU: [bold]memel bench overhead --device cuda --model pythia-70m --batch 8 --seq 512 --rounds 20[/bold])
     """
     import torch
 
@@ -76,8 +116,13 @@ def bench_overhead_command(
     chosen = tuple(variant) if variant else None
     if chosen and "none" not in chosen:
         chosen = ("none", *chosen)  # ratios are to the model without any module
-    rows = bench_overhead(model, preset, batch, seq, rounds, **({"variants": chosen} if chosen else {}))
-    table = Table(title=f"{model} ({preset}), batch {batch} x {seq}, {threads} threads: step time vs no module")
+    try:
+        rows = bench_overhead(model, preset, batch, seq, rounds, device=device, **({"variants": chosen} if chosen else {}))
+    except ConfigError as error:
+        raise _refuse(error) from None
+    title = f"{model} ({preset}), batch {batch} x {seq}, {_device_label(device)}: step time vs no module"
+    _write_json(json_path, rows, title=title, model=model, preset=preset, batch=batch, seq=seq, device=device)
+    table = Table(title=title)
     for column in ("variant", "step ms", "ratio to none", "module share"):
         table.add_column(column, justify="right")
     for row in rows:
