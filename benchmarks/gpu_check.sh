@@ -157,4 +157,9 @@ kernels compiled 180
 # --- the table ------------------------------------------------------------------------------------
 say "total $(($(date +%s) - START_S)) s; logs and results in $OUT"
 "$PY" "$ROOT/benchmarks/gpu_check_table.py" "$OUT" | tee "$OUT/table.txt" || column -t -s $'\t' "$RESULTS"
-! grep -qE $'\t(FAIL|TIMEOUT)\t' "$RESULTS"
+status=0
+grep -qE $'\t(FAIL|TIMEOUT)\t' "$RESULTS" && status=1
+# what comes back from a lent machine is a few files: the table, the results, one archive of the rest
+(cd "$OUT" && tar -czf logs.tar.gz --exclude=logs.tar.gz --exclude=table.txt --exclude=results.json ./* \
+  && find . -maxdepth 1 -type f ! -name logs.tar.gz ! -name table.txt ! -name results.json -delete) || true
+exit "$status"

@@ -33,7 +33,7 @@ def _one_process_group(device: torch.device) -> None:
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1")):
         os.environ[key] = value
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:

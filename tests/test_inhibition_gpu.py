@@ -23,7 +23,7 @@ def test_cuda_matches_cpu(kernel: str, dtype: torch.dtype) -> None:
         inhibitor = memel.Inhibitor(mode="rd", top_n=4, forget_steps=3, late_start=2, kernel=kernel).to(device)
         outputs = []
         for batch in batches:
-            z = batch.to(device).requires_grad_(True)
+            z = batch.detach().to(device).requires_grad_(True)  # a leaf on each device
             out = inhibitor(z)
             out.float().square().sum().backward()
             outputs.append((out.detach().float().cpu(), z.grad.float().cpu()))
