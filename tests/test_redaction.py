@@ -87,7 +87,8 @@ def test_worker_env_hands_secrets_over_in_a_private_file_then_deletes_it(tmp_pat
         assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
         monkeypatch.setenv(SECRETS_FILE_ENV, str(path))
         for name in ("AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
-            monkeypatch.delenv(name, raising=False)
+            monkeypatch.setenv(name, "")  # so that monkeypatch restores it after the test
+            monkeypatch.delenv(name)
         load_worker_env()  # what each worker does first
         assert os.environ["AWS_SECRET_ACCESS_KEY"] == "SK"
         assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("u", "pw")
@@ -100,3 +101,94 @@ def test_worker_env_without_secrets_writes_no_file(tmp_path: Path, monkeypatch) 
     with worker_env("sqlite:////tmp/x/mlflow.db", {"AWS_REGION": "eu-west-1"}) as (env_vars, uri):
         assert env_vars == {"AWS_REGION": "eu-west-1"} and uri == "sqlite:////tmp/x/mlflow.db"
     assert not list(tmp_path.iterdir())
+
+
+def test_submit_never_shows_credentials_of_the_address_or_the_overrides(monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from memel.cli import app
+
+    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", "/nonexistent-home")  # no ~/.ray/auth_token
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-sentinel-4711")
+    smoke = Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml"
+    args = [
+        "submit", str(smoke), "--command", "train", "--address", "http://ops:addr-sentinel-4711@127.0.0.1:9",
+        "--set", "tracking.uri=http://memel:uri-sentinel-4711@mlflow.example:5000", "--set", "stats.root=s3://bucket/prefix",
+    ]  # fmt: skip
+    result = CliRunner(env={"COLUMNS": "300"}).invoke(app, args)
+    assert result.exit_code == 1, result.output  # nothing listens on port 9
+    assert "cannot reach the Ray dashboard at http://ops:***@127.0.0.1:9" in result.output
+    assert "tracking.uri=http://memel:***@mlflow.example:5000" in result.output
+    assert "AWS_SECRET_ACCESS_KEY travel in the job's runtime_env" in " ".join(result.output.split()), result.output
+    for sentinel in ("addr-sentinel-4711", "uri-sentinel-4711", "aws-sentinel-4711"):
+        assert sentinel not in result.output
+
+
+def _project(root: Path) -> Path:
+    """A small project checkout: pyproject.toml and a committed job, plus untracked secrets."""
+    import shutil
+    import subprocess
+
+    (root / "jobs" / "private").mkdir(parents=True)
+    (root / "pyproject.toml").write_text("[project]\nname = 'p'\n")
+    shutil.copy(Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml", root / "jobs" / "smoke.yaml")
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    subprocess.run(["git", "-C", str(root), "add", "pyproject.toml", "jobs/smoke.yaml"], check=True)
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    subprocess.run(["git", "-C", str(root), "commit", "-qm", "init"], check=True, env=env)
+    for secret in (".env", "credentials.json", "jobs/private/id_rsa"):
+        (root / secret).write_text("secret-sentinel-4711")
+    (root / "data").mkdir()
+    (root / "data" / "extra.txt").write_text("deliberate")
+    (root / "jobs" / "new.yaml").write_text((root / "jobs" / "smoke.yaml").read_text())  # untracked, but the job
+    return root
+
+
+def _packaged(root: Path, excludes: list[str]) -> set[str]:
+    """The files Ray itself packs into the working_dir upload, with these excludes."""
+    import uuid
+    import zipfile
+
+    from ray._private.runtime_env.packaging import create_package
+
+    target = root.parent / f"package-{uuid.uuid4().hex}.zip"
+    create_package(str(root), target, include_gitignore=False, excludes=excludes)
+    with zipfile.ZipFile(target) as package:
+        return {name for name in package.namelist() if not name.endswith("/")}
+
+
+CLUSTER = ("tracking.uri=http://mlflow.example:5000", "stats.root=s3://bucket/prefix")
+
+
+def test_submit_leaves_untracked_files_behind_unless_included(tmp_path: Path) -> None:
+    from memel.submission import SubmitRequest, plan_job
+
+    root = _project(tmp_path / "project")
+    plan = plan_job(SubmitRequest(root / "jobs" / "new.yaml", "http://head:8265", "train", CLUSTER), {})
+    assert plan.left_out == (".env", "credentials.json", "data/extra.txt", "jobs/private/id_rsa")
+    assert plan.left_out_reason == "not tracked by git"
+    shipped = _packaged(root, plan.runtime_env["excludes"])
+    assert shipped == {"pyproject.toml", "jobs/smoke.yaml", "jobs/new.yaml"}, shipped
+
+    chosen = plan_job(SubmitRequest(root / "jobs" / "new.yaml", "http://head:8265", "train", CLUSTER, includes=("data/",)), {})
+    assert chosen.left_out == (".env", "credentials.json", "jobs/private/id_rsa")
+    assert "data/extra.txt" in _packaged(root, chosen.runtime_env["excludes"])
+
+
+def test_submit_outside_git_leaves_the_deny_list_behind(tmp_path: Path) -> None:
+    import shutil
+
+    from memel.submission import SubmitRequest, plan_job
+
+    root = _project(tmp_path / "project")
+    shutil.rmtree(root / ".git")
+    (root / ".aws").mkdir()
+    (root / ".aws" / "config").write_text("secret-sentinel-4711")
+    (root / "key.pem").write_text("secret-sentinel-4711")
+    plan = plan_job(SubmitRequest(root / "jobs" / "smoke.yaml", "http://head:8265", "train", CLUSTER), {})
+    assert plan.left_out == (".aws/config", ".env", "credentials.json", "jobs/private/id_rsa", "key.pem")
+    assert plan.left_out_reason.startswith("on the deny-list")
+    shipped = _packaged(root, plan.runtime_env["excludes"])
+    assert shipped == {"pyproject.toml", "jobs/smoke.yaml", "jobs/new.yaml", "data/extra.txt"}, shipped
