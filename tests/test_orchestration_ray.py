@@ -164,7 +164,7 @@ def test_study_with_parallel_trials_on_postgresql(tmp_path: Path, mlflow_server:
 
     study = optuna.load_study(study_name=name, storage=url)
     state = json.loads((tmp_path / "study" / "study.json").read_text())
-    assert state["storage"] == "postgresql://127.0.0.1:5432/test", "credentials are never stored"
+    assert state["storage"] == "postgresql://***@127.0.0.1:5432/test", "credentials are never stored"
     assert len([t for t in study.trials if t.state.name == "COMPLETE"]) == 2
     optuna.delete_study(study_name=name, storage=url)
 

@@ -48,6 +48,13 @@ def test_redact_leaves_uris_without_credentials_unchanged(text: str) -> None:
     assert redact(text) == text
 
 
+def test_redact_hides_known_secret_values(monkeypatch) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "env-secret-value")
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "abc")  # too short to replace safely
+    text = "denied: key env-secret-value, token tok-12345, word abc"
+    assert redact(text, ["tok-12345"]) == "denied: key ***, token ***, word abc"
+
+
 def test_redact_tree_reaches_nested_values_and_leaves_others() -> None:
     tree = {"tracking": {"uri": "http://u:pw@h", "tags": {"a": "b"}}, "list": ["x", "s3://k:s@b"], "n": 3, "f": None}
     assert redact_tree(tree) == {

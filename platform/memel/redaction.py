@@ -3,14 +3,16 @@
 :func:`redact` is the one place memel hides them: ``http://user:pw@host`` becomes
 ``http://user:***@host``, a lone userinfo (``https://TOKEN@host``, usually a token) becomes
 ``***@``, and secret-looking query parameters (``?token=...``, ``&X-Amz-Signature=...``) keep
-their name but lose their value. It works on a bare URI and on free text holding URIs (a log
-line, an error message); text without credentials comes back unchanged.
+their name but lose their value. The values of the secret variables in ``SECRET_ENV`` (and any
+``secrets`` passed) are replaced by ``***`` wherever they appear. It works on a bare URI and on
+free text (a log line, an error message); text without credentials comes back unchanged.
 """
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -21,6 +23,15 @@ SECRET_QUERY_MARKERS = (
     "password", "passwd", "pwd", "secret", "token", "signature", "credential", "api_key", "apikey", "access_key",
     "auth", "sig",
 )  # fmt: skip
+
+#: Environment variables whose values :func:`redact` hides in any text.
+SECRET_ENV = (
+    "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN", "RAY_AUTH_TOKEN",
+)  # fmt: skip
+
+#: Shorter values are not replaced (they would garble ordinary words).
+MIN_SECRET_LENGTH = 4
 
 _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^/\s?#@]*(?:@[^/\s?#@]*)*)@")
 _QUERY_PARAM = re.compile(r"(?P<lead>[?&;])(?P<name>[A-Za-z0-9_.\-]+)=(?P<value>[^&#;\s'\"]*)")
@@ -43,8 +54,12 @@ def _mask_param(match: re.Match[str]) -> str:
     return f"{match.group('lead')}{match.group('name')}={MASK}"
 
 
-def redact(text: str) -> str:
-    """``text`` with every URI credential replaced by ``***`` (see the module doc)."""
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` with every URI credential, every ``SECRET_ENV`` value and every one of ``secrets``
+    replaced by ``***`` (see the module doc)."""
+    values = {*secrets, *(os.environ.get(name) for name in SECRET_ENV)}
+    for value in sorted((v for v in values if v and len(v) >= MIN_SECRET_LENGTH), key=len, reverse=True):
+        text = text.replace(value, MASK)
     if "://" not in text and "=" not in text:
         return text
     text = _USERINFO.sub(_mask_userinfo, text)

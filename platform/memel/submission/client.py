@@ -114,10 +114,7 @@ class Cluster:
 
     def _redact(self, text: str) -> str:
         """``text`` without the token, the forwarded values and any URI credentials."""
-        for secret in sorted(self._secrets, key=len, reverse=True):
-            if len(secret) >= 4:
-                text = text.replace(secret, "***")
-        return redact(text)
+        return redact(text, self._secrets)
 
     def job(self, submission_id: str) -> JobDetails:
         """The job's details; raises JobNotFound."""
