@@ -170,13 +170,15 @@ def analyze_command(
         f"Report: [bold]{(folder / 'report.html').resolve()}[/bold] (open it in a browser; {len(written)} files in {folder})"
     )
     if mlflow:
+        from memel.redaction import redact
+
         try:
             where = log_to_mlflow(analysis, folder)
         except Exception as error:  # noqa: BLE001 - the local outputs are written; say why MLflow did not get them
-            console.print(f"[yellow]warning:[/yellow] could not log to MLflow ({type(error).__name__}: {error})")
+            console.print(f"[yellow]warning:[/yellow] could not log to MLflow ({redact(f'{type(error).__name__}: {error}')})")
         else:
             console.print(
-                f"MLflow: artifacts {where} at {source.tracking_uri}"
+                f"MLflow: artifacts {where} at {redact(str(source.tracking_uri))}"
                 if where
                 else "MLflow: no parent run known for this TARGET; nothing logged"
             )

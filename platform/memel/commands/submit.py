@@ -113,6 +113,10 @@ def submit_command(
         list[str] | None,
         typer.Option("--env", metavar="NAME", help="Also forward this environment variable (repeatable; only its name is shown)."),
     ] = None,
+    include: Annotated[
+        list[str] | None,
+        typer.Option("--include", metavar="PATH", help="Also upload this project file, folder or glob though git does not track it (repeatable)."),
+    ] = None,
     pip: Annotated[bool, typer.Option("--pip", help="Install memel's requirements on the cluster, pinned to the versions installed here.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the job to its end, streaming its logs; exit 0 on SUCCEEDED, else 1.")] = False,
 ) -> None:
@@ -121,28 +125,41 @@ def submit_command(
     first. The submission id is derived from the command, the job file and the overrides, so
     submitting the same thing again reports the existing job instead of starting a duplicate.
     MLflow and S3 settings (MLFLOW_TRACKING_*, AWS_*) are forwarded when set; values are never shown.
+    Files git does not track stay behind (they are listed); --include PATH uploads one on purpose.
 
     Example: [bold]memel submit jobs/smoke.yaml --address http://HEAD:8265 --token-file ~/.ray/cluster_token --set train.steps=40 --wait[/bold]
     """
     from memel.errors import ConfigError
+    from memel.redaction import redact
     from memel.submission import SubmissionError, SubmitRequest, plan_job
+    from memel.training.worker_env import is_secret
     from memel.submission.client import resolve_address
     from memel.submission.follow import status_of
 
     console = Console()
     try:
         resolved = resolve_address(address)
-        plan = plan_job(SubmitRequest(job_path, resolved, command.value, tuple(set_ or ()), tuple(env or ()), pip))
+        plan = plan_job(SubmitRequest(job_path, resolved, command.value, tuple(set_ or ()), tuple(env or ()), pip, tuple(include or ())))
     except (ConfigError, SubmissionError) as error:
         raise _fail(console, error, 2) from None
     table = Table(title=f"memel submit {plan.submission_id}", show_header=False)
-    table.add_row("cluster", resolved)
-    table.add_row("entrypoint", escape(plan.entrypoint))
+    table.add_row("cluster", escape(redact(resolved)))
+    table.add_row("entrypoint", escape(redact(plan.entrypoint)))
     table.add_row("working_dir", f"{plan.project_root} (without {', '.join(plan.runtime_env['excludes'][:6])}, ...)")
+    if plan.left_out:
+        shown = ", ".join(plan.left_out[:8]) + (f", ... ({len(plan.left_out)} files)" if len(plan.left_out) > 8 else "")
+        table.add_row("left out", escape(f"{shown} ({plan.left_out_reason}; add one with --include PATH)"))
     table.add_row("forwarded env", ", ".join(plan.env_names) or "-")
+    secret_names = [name for name in plan.env_names if is_secret(name, plan.runtime_env["env_vars"][name])]
     if "pip" in plan.runtime_env:
         table.add_row("pip", f"{len(plan.runtime_env['pip'])} pinned requirements")
     console.print(table)
+    if secret_names:
+        console.print(
+            f"note: {', '.join(secret_names)} travel in the job's runtime_env, which Ray keeps in the cluster's job "
+            "records and logs; to keep them out, set them in the cluster's own environment (e.g. a Kubernetes Secret) "
+            "and unset them here"
+        )
 
     cluster = _connect(console, resolved, token_file)
     console.print(f"token: {escape(cluster.token.source)}; uploading the project and submitting...")

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from memel.redaction import redact
 from memel.training import TrainResult, TrainSpec
 
 
@@ -87,7 +88,7 @@ class Launcher:
             return Finished(key, ray.get(reference), None)
         except Exception as error:  # noqa: BLE001 - one failed run must not stop the others
             cause = getattr(error, "cause", None) or error
-            return Finished(key, None, f"{type(cause).__name__}: {cause}")
+            return Finished(key, None, redact(f"{type(cause).__name__}: {cause}"))
 
     def run_all(
         self, items: Iterable[tuple[str, TrainSpec]], on_finished: Callable[[Finished], None],

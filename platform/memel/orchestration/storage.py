@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from memel.errors import ConfigError
+from memel.redaction import redact
 
 JOURNAL = "journal:///"
 
@@ -37,7 +38,7 @@ def open_storage(url: str) -> Any:
     try:
         return optuna.storages.RDBStorage(url, heartbeat_interval=None)
     except Exception as error:  # noqa: BLE001 - driver missing, server down: say which storage
-        raise ConfigError(f"tune.storage: cannot open {public_storage(url)!r}: {type(error).__name__}: {error}") from None
+        raise ConfigError(f"tune.storage: cannot open {redact(url)!r}: {type(error).__name__}: {error}") from None
 
 
 def make_pruner(name: str) -> Any:
@@ -61,15 +62,8 @@ def open_trial(url: str, study_name: str, trial_id: int, pruner: str) -> Any:
     return optuna.trial.Trial(study, trial_id)
 
 
-def public_storage(url: str) -> str:
-    """The URL without any ``user:password@`` part (safe to print and to store as a tag)."""
-    from memel.tracking import public_uri
-
-    return public_uri(url)
-
-
 def dashboard_command(url: str) -> str:
     """How to open the study in optuna-dashboard."""
     if url.startswith(JOURNAL):
         return f"optuna-dashboard {'/' + url.removeprefix(JOURNAL).lstrip('/')}"
-    return f"optuna-dashboard {public_storage(url)}"
+    return f"optuna-dashboard {redact(url)}"

@@ -21,12 +21,13 @@ from typing import Any
 
 from memel.atomic import write_json, write_text
 from memel.errors import ConfigError
+from memel.redaction import redact
 from memel.training import init_ray
 from memel.training.runner import resolve_outputs
 
 from .job import JobSpec, TuneSection, attach, member_spec
 from .launch import Finished, Launcher
-from .storage import dashboard_command, default_storage, make_pruner, open_storage, public_storage
+from .storage import dashboard_command, default_storage, make_pruner, open_storage
 
 INTERRUPTED = "memel.interrupted"
 
@@ -111,25 +112,25 @@ def check_study(job: JobSpec, address: str | None) -> TuneSection:
     storage = job.tune.storage or ""
     if on_cluster and not storage.startswith(("postgresql", "mysql")):
         raise ConfigError(
-            f"tune.storage: {public_storage(storage) if storage else 'the default local file'} is on this machine, but trials "
+            f"tune.storage: {redact(storage) if storage else 'the default local file'} is on this machine, but trials "
             "run on a cluster and report to the study from their workers; use postgresql://... or mysql://..."
         )
     return job.tune
 
 
 def _parent_run(job: JobSpec, tune: TuneSection, out: Path, tracking_uri: str, study_name: str, storage: str) -> Any:
-    from memel.tracking import MlflowTracker, flatten, public_uri
+    from memel.tracking import MlflowTracker, flatten
 
     state_file = out / "study.json"
     previous = json.loads(state_file.read_text()) if state_file.exists() else {}
     tracker = MlflowTracker(tracking_uri, job.tracking.experiment, run_id=previous.get("parent_run_id"), run_name=study_name)
     run_id = tracker.start()
-    state = {"study": study_name, "parent_run_id": run_id, "storage": public_storage(storage), "tracking_uri": public_uri(tracking_uri)}
+    state = {"study": study_name, "parent_run_id": run_id, "storage": redact(storage), "tracking_uri": redact(tracking_uri)}
     write_json(state_file, state)
     if previous.get("parent_run_id") != run_id:
         tracker.log_params(flatten({"tune": tune.model_dump(mode="json")}))
         tracker.set_tags({
-            "memel.kind": "study", "memel.study": study_name, "memel.optuna_storage": public_storage(storage),
+            "memel.kind": "study", "memel.study": study_name, "memel.optuna_storage": redact(storage),
             "memel.rung": job.model.name, **job.tracking.tags,
         })  # fmt: skip
         tracker.log_dict(job.model_dump(mode="json"), "job.json")
@@ -193,7 +194,6 @@ def run_study(
     import optuna
     from optuna.trial import TrialState
 
-    from memel.tracking import public_uri
 
     started = time.perf_counter()
     tune = check_study(job, address)
@@ -277,8 +277,8 @@ def run_study(
     write_text(out / "trials.csv", text)
     parent.log_text(text, "trials.csv")
     result = StudyResult(
-        study_name=study_name, storage=public_storage(storage_url), parent_run_id=parent.run_id,
-        tracking_uri=public_uri(tracking_uri), output_dir=str(out), dashboard=dashboard_command(storage_url), rows=rows,
+        study_name=study_name, storage=redact(storage_url), parent_run_id=parent.run_id,
+        tracking_uri=redact(tracking_uri), output_dir=str(out), dashboard=dashboard_command(storage_url), rows=rows,
         best=best, wall_seconds=time.perf_counter() - started,
     )  # fmt: skip
     parent.log_dict(asdict(result), "study_summary.json")

@@ -19,6 +19,7 @@ from typing import Any
 
 from memel.atomic import write_json, write_text
 from memel.models import count_parameters
+from memel.redaction import redact
 from memel.training import TrainResult, TrainSpec, init_ray
 from memel.training.runner import resolve_outputs
 
@@ -79,13 +80,13 @@ def table_csv(rows: list[dict[str, Any]]) -> str:
 
 
 def _parent_run(job: JobSpec, out: Path, tracking_uri: str, members: list[Member]) -> Any:
-    from memel.tracking import MlflowTracker, flatten, public_uri
+    from memel.tracking import MlflowTracker, flatten
 
     state_file = out / "sweep.json"
     previous = json.loads(state_file.read_text()) if state_file.exists() else {}
     tracker = MlflowTracker(tracking_uri, job.tracking.experiment, run_id=previous.get("parent_run_id"), run_name=job.name)
     run_id = tracker.start()
-    write_json(state_file, {"job": job.name, "parent_run_id": run_id, "tracking_uri": public_uri(tracking_uri)})
+    write_json(state_file, {"job": job.name, "parent_run_id": run_id, "tracking_uri": redact(tracking_uri)})
     if previous.get("parent_run_id") != run_id:
         sweep = job.sweep.model_dump(mode="json") if job.sweep else {}
         tracker.log_params(flatten({"sweep": sweep, "base": job.base_tree()}))
@@ -104,7 +105,6 @@ def run_sweep(job: JobSpec, address: str | None = None, progress: Any = None) ->
     ``progress`` (optional) is called as ``progress(event, member_key, detail)`` with event
     ``skipped``, ``started`` or ``finished``/``failed``.
     """
-    from memel.tracking import public_uri
 
     started = time.perf_counter()
     members = expand_sweep(job)
@@ -155,7 +155,7 @@ def run_sweep(job: JobSpec, address: str | None = None, progress: Any = None) ->
         if row["eval_loss"] is not None:
             parent.log_metrics({f"eval_loss/{row['member']}": float(row["eval_loss"])}, 0)
     result = SweepResult(
-        job=job.name, parent_run_id=parent.run_id, tracking_uri=public_uri(tracking_uri), stats_root=stats_root,
+        job=job.name, parent_run_id=parent.run_id, tracking_uri=redact(tracking_uri), stats_root=stats_root,
         output_dir=str(out), rows=ordered, failed=failed, wall_seconds=time.perf_counter() - started,
     )  # fmt: skip
     parent.log_dict(asdict(result), "sweep_summary.json")

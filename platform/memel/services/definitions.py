@@ -150,6 +150,6 @@ def create_optuna_tables(storage: str) -> None:
     try:
         optuna.storages.RDBStorage(storage).remove_session()
     except Exception as error:  # noqa: BLE001 - driver missing, server down: say which storage
-        from memel.tracking import public_uri
+        from memel.redaction import redact
 
-        raise ConfigError(f"--optuna-storage: cannot open {public_uri(storage)!r}: {type(error).__name__}: {error}") from None
+        raise ConfigError(f"--optuna-storage: cannot open {redact(storage)!r}: {type(error).__name__}: {error}") from None

@@ -8,6 +8,8 @@ import os
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+from memel.redaction import redact
+
 from .auth import HOW_TO_PROVIDE, LOOKUP_ORDER, ClusterToken
 from .errors import ClusterAuthError, ClusterError, JobNotFound, SubmissionError
 
@@ -79,7 +81,7 @@ class Cluster:
     """One Ray cluster's Job Submission API (``http://HEAD:8265``), authenticated with ``token``."""
 
     def __init__(self, address: str, token: ClusterToken) -> None:
-        self.address = address
+        self.address = redact(address)  # as shown in messages; the client gets the address as given
         self.token = token
         self._secrets = {token.value} if token.value else set()  # never echoed in an error message
         with self._errors(), _no_address_env():
@@ -111,10 +113,8 @@ class Cluster:
             raise ClusterError(f"the cluster at {self.address} refused the request: {text}") from None
 
     def _redact(self, text: str) -> str:
-        for secret in sorted(self._secrets, key=len, reverse=True):
-            if len(secret) >= 4:
-                text = text.replace(secret, "***")
-        return text
+        """``text`` without the token, the forwarded values and any URI credentials."""
+        return redact(text, self._secrets)
 
     def job(self, submission_id: str) -> JobDetails:
         """The job's details; raises JobNotFound."""

@@ -12,11 +12,13 @@ from typing import Any, Literal
 
 from .errors import SubmissionError
 from .runtime_env import (
+    DEFAULT_EXCLUDES,
     build_runtime_env,
     find_project_root,
     forwarded_env,
     pinned_requirements,
 )
+from .upload import as_excludes, left_out
 
 Command = Literal["run", "tune", "train"]
 COMMANDS: tuple[Command, ...] = ("run", "tune", "train")
@@ -36,6 +38,7 @@ class SubmitRequest:
     overrides: tuple[str, ...] = ()
     env_names: tuple[str, ...] = ()
     pip: bool = False
+    includes: tuple[str, ...] = ()  # project files uploaded even if git does not track them
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,8 @@ class JobPlan:
     job_path: str  # relative to the project root, as the entrypoint names it
     runtime_env: dict[str, Any] = field(repr=False)
     metadata: dict[str, str] = field(default_factory=dict)
+    left_out: tuple[str, ...] = ()  # project files not uploaded (see ``upload``)
+    left_out_reason: str = ""
 
     @property
     def env_names(self) -> list[str]:
@@ -110,9 +115,11 @@ def plan_job(request: SubmitRequest, environ: Mapping[str, str] | None = None) -
         job_path = job_file.resolve().relative_to(root).as_posix()
     except ValueError:
         raise SubmissionError(f"{str(job_file)!r} is outside the project root {root}, so it would not be shipped; move it under {root / 'jobs'}") from None
+    left, reason = left_out(root, keep=[job_path], includes=request.includes)
     runtime_env = build_runtime_env(
-        root, forwarded_env(request.env_names, environ), pinned_requirements() if request.pip else None
-    )
+        root, forwarded_env(request.env_names, environ), pinned_requirements() if request.pip else None,
+        excludes=[*DEFAULT_EXCLUDES, *as_excludes(left)],
+    )  # fmt: skip
     return JobPlan(
         submission_id=submission_id(name, request.command, job_file.read_bytes(), request.overrides),
         job_name=name,
@@ -121,4 +128,5 @@ def plan_job(request: SubmitRequest, environ: Mapping[str, str] | None = None) -
         job_path=job_path,
         runtime_env=runtime_env,
         metadata={"memel_job": name, "memel_command": request.command, "memel_file": job_path},
+        left_out=tuple(left), left_out_reason=reason,
     )

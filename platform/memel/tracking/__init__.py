@@ -6,7 +6,6 @@ from .mlflow_tracker import (
     MlflowTracker,
     check_tracking_uri,
     default_tracking_uri,
-    public_uri,
 )
 
 __all__ = [
@@ -18,5 +17,4 @@ __all__ = [
     "default_tracking_uri",
     "flatten",
     "is_secret_key",
-    "public_uri",
 ]

@@ -16,8 +16,11 @@ background thread. Params, tags and artifacts are sent synchronously (a few call
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
@@ -25,9 +28,10 @@ from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from memel.errors import ConfigError
+from memel.redaction import redact, redact_tree
 
 from .base import RunStatus, flatten, is_secret_key
 
@@ -65,20 +69,12 @@ def _local_dir(uri: str) -> Path | None:
     return None
 
 
-def public_uri(uri: str) -> str:
-    """``uri`` without any ``user:password@`` part (safe to show)."""
-    parts = urlsplit(uri)
-    if parts.username or parts.password:
-        return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
-    return uri
-
-
 def check_tracking_uri(uri: str, field: str = "tracking.uri", timeout: float = 3.0) -> None:
     """Preflight before any worker starts: an http(s) server answers ``GET /health`` within
     ``timeout`` seconds, or a local store's folder is writable. Raises ConfigError naming ``field``."""
     if not isinstance(uri, str) or not uri:
         raise ConfigError(f"{field}: got {uri!r}; allowed: http(s)://host:port, sqlite:///path/mlflow.db or a local folder")
-    shown = public_uri(uri)
+    shown = redact(uri)
     if uri.startswith(("http://", "https://")):
         import requests
 
@@ -105,6 +101,19 @@ def check_tracking_uri(uri: str, field: str = "tracking.uri", timeout: float = 3
             f"{field}: got {shown!r}; the folder {folder} is not writable ({error.strerror or error}); "
             "choose a writable output folder or an MLflow server"
         ) from None
+
+
+@contextlib.contextmanager
+def _redacted_stdout():
+    """What MLflow writes to stdout meanwhile, passed on with URI credentials redacted."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured):
+            yield
+    finally:
+        if captured.getvalue():
+            sys.stdout.write(redact(captured.getvalue()))
+            sys.stdout.flush()
 
 
 def _permanent(error: Exception) -> bool:
@@ -191,21 +200,22 @@ class MlflowTracker:
             raise ValueError(f"status: got {status!r}; allowed: FINISHED, FAILED, KILLED")
         run_id = self._run_id()
         if not self.flush(timeout):
-            log.warning("MLflow run %s ends with %d metric values not delivered to %s", run_id, len(self._metrics), public_uri(self.tracking_uri))
+            log.warning("MLflow run %s ends with %d metric values not delivered to %s", run_id, len(self._metrics), redact(self.tracking_uri))
         with self._cond:
             self._stop = True
             self._cond.notify_all()
-        self.client.set_terminated(run_id, status=status)
+        with _redacted_stdout():  # MLflow prints "View run ... at: <tracking URI>/#/..."
+            self.client.set_terminated(run_id, status=status)
         self._started = False
 
     # ------------------------------------------------------------------ params, tags, artifacts
     def log_params(self, params: Mapping[str, Any]) -> None:
-        """Flattened dotted keys; values cut to MLflow's 6,000 characters; secret-looking keys dropped."""
+        """Flattened dotted keys; values redacted and cut to MLflow's 6,000 characters; secret-looking keys dropped."""
         from mlflow.entities import Param
         from mlflow.exceptions import MlflowException
 
         run_id = self._run_id()
-        items = [Param(k[:MAX_KEY], v[:MAX_PARAM_VALUE]) for k, v in flatten(params).items() if not is_secret_key(k)]
+        items = [Param(k[:MAX_KEY], redact(v)[:MAX_PARAM_VALUE]) for k, v in flatten(params).items() if not is_secret_key(k)]
         for i in range(0, len(items), PARAMS_PER_BATCH):
             try:
                 self.client.log_batch(run_id, params=items[i : i + PARAMS_PER_BATCH], synchronous=True)
@@ -216,19 +226,21 @@ class MlflowTracker:
                 log.warning("MLflow refused params %s...: %s", [p.key for p in items[i : i + 3]], error.message[:500])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        """Tags (string values, cut to MLflow's limit); secret-looking keys dropped."""
+        """Tags (string values, redacted and cut to MLflow's limit); secret-looking keys dropped."""
         from mlflow.entities import RunTag
 
         run_id = self._run_id()
-        items = [RunTag(str(k)[:MAX_KEY], str(v)[:MAX_TAG_VALUE]) for k, v in tags.items() if not is_secret_key(str(k))]
+        items = [RunTag(str(k)[:MAX_KEY], redact(str(v))[:MAX_TAG_VALUE]) for k, v in tags.items() if not is_secret_key(str(k))]
         for i in range(0, len(items), PARAMS_PER_BATCH):
             self.client.log_batch(run_id, tags=items[i : i + PARAMS_PER_BATCH], synchronous=True)
 
     def log_dict(self, obj: Any, artifact_file: str) -> None:
-        self.client.log_dict(self._run_id(), obj, artifact_file)
+        """``obj`` (with every URI credential redacted) as a JSON/YAML artifact."""
+        self.client.log_dict(self._run_id(), redact_tree(obj), artifact_file)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self._run_id(), text, artifact_file)
+        """``text`` (with every URI credential redacted) as an artifact."""
+        self.client.log_text(self._run_id(), redact(text), artifact_file)
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self._run_id(), path, artifact_path)
@@ -290,7 +302,7 @@ class MlflowTracker:
                     if failures == 1 or failures % 10 == 0:
                         log.warning(
                             "MLflow server %s unreachable (attempt %d; %d metric values buffered, retrying in %.1fs): %s",
-                            public_uri(self.tracking_uri), failures, len(batch) + len(self._metrics), delay, type(error).__name__,
+                            redact(self.tracking_uri), failures, len(batch) + len(self._metrics), delay, type(error).__name__,
                         )  # fmt: skip
                 with self._cond:
                     self._metrics.extendleft(reversed(batch))
@@ -304,7 +316,7 @@ class MlflowTracker:
                     delay = min(delay * 2, 30.0)
                 continue
             if failures:
-                log.warning("MLflow server %s reachable again after %d failed attempts", public_uri(self.tracking_uri), failures)
+                log.warning("MLflow server %s reachable again after %d failed attempts", redact(self.tracking_uri), failures)
             delay, failures = 0.5, 0
             with self._cond:
                 self._inflight = 0

@@ -1,10 +1,10 @@
 """The driver side of a training run: preflight, MLflow run, Ray Train, summary.
 
-Credentials never travel in files or output: a tracking URI is shown and stored without any
-``user:password@`` part (give MLflow credentials as MLFLOW_TRACKING_USERNAME/PASSWORD or
-MLFLOW_TRACKING_TOKEN, which are forwarded to the workers' environment).
+Credentials never travel in files or output: every URI is stored and shown redacted
+(``memel.redaction``), and secrets reach the workers through a private file, never through
+anything Ray logs (``worker_env``).
 
-With no address a local Ray instance starts in-process (the embedded default); with
+With no address a local Ray instance starts in-process, bound to 127.0.0.1 (the embedded default); with
 ``address`` (or RAY_ADDRESS) the same run goes to a cluster. The MLflow run id is created
 once and stored in the output dir, and Ray Train's run name is derived from the spec, so
 running the same spec again resumes it (from its last checkpoint) instead of starting over.
@@ -22,17 +22,15 @@ from typing import Any
 from memel.atomic import write_json
 from memel.errors import ConfigError
 from memel.models import count_parameters
+from memel.redaction import redact, redact_tree
 
 from .deepspeed_config import deepspeed_config
 from .spec import TrainSpec
-from .worker import FAULT_MARKER_ENV, FAULT_STEP_ENV, RunInfo, train_loop
+from .worker import RunInfo, train_loop
+from .worker_env import worker_env
 
-#: Environment variables forwarded to the workers (values never logged).
-FORWARDED_ENV = (
-    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION",
-    "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD", FAULT_STEP_ENV, FAULT_MARKER_ENV,
-)  # fmt: skip
+#: The embedded Ray's processes (GCS, raylet, dashboard, agents, workers) listen only here.
+LOOPBACK = "127.0.0.1"
 
 
 @dataclass
@@ -67,7 +65,7 @@ def resolve_outputs(spec: TrainSpec) -> tuple[Path, str | None, str | None, str]
 
 
 def _start_tracking(spec: TrainSpec, out: Path, tracking_uri: str, n_params: int) -> tuple[Any, str]:
-    from memel.tracking import MlflowTracker, flatten, public_uri
+    from memel.tracking import MlflowTracker, flatten
 
     state_file = out / "run.json"
     previous = json.loads(state_file.read_text()) if state_file.exists() else {}
@@ -77,10 +75,11 @@ def _start_tracking(spec: TrainSpec, out: Path, tracking_uri: str, n_params: int
         run_name=spec.tracking.run_name or spec.run_name, parent_run_id=spec.tracking.parent_run_id,
     )  # fmt: skip
     run_id = tracker.start()
-    write_json(state_file, {"run_name": spec.run_name, "run_id": run_id, "tracking_uri": public_uri(tracking_uri)})
-    write_json(out / "spec.json", spec.model_dump(mode="json"))  # what offline analysis rebuilds the model from
+    public_spec = redact_tree(spec.model_dump(mode="json"))
+    write_json(state_file, {"run_name": spec.run_name, "run_id": run_id, "tracking_uri": redact(tracking_uri)})
+    write_json(out / "spec.json", public_spec)  # what offline analysis rebuilds the model from
     if previous.get("run_id") != run_id:
-        tracker.log_params(flatten(spec.model_dump(mode="json")))
+        tracker.log_params(flatten(public_spec))
         inhibition = spec.inhibition
         tracker.set_tags({
             "memel.model": spec.model.name, "memel.rung": spec.model.name, "memel.n_params": str(n_params),
@@ -90,7 +89,7 @@ def _start_tracking(spec: TrainSpec, out: Path, tracking_uri: str, n_params: int
             "memel.select": inhibition.select if inhibition else "",
             "memel.git_commit": _git_commit(), "memel.run_name": spec.run_name, **spec.tracking.tags,
         })  # fmt: skip
-        tracker.log_dict(spec.model_dump(mode="json"), "spec.json")
+        tracker.log_dict(public_spec, "spec.json")
         tracker.log_dict(deepspeed_config(spec), "deepspeed_config.json")
     return tracker, run_id
 
@@ -115,12 +114,35 @@ def init_ray(address: str | None, workers: int) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
-    else:  # the embedded default: a local instance in this process, enough CPU slots for every worker;
-        # its dashboard (on 127.0.0.1) serves the state API that Ray Train's placement-group cleaner polls
+    else:
+        start_embedded_ray(max(os.cpu_count() or 1, workers))
+
+
+def start_embedded_ray(num_cpus: int) -> None:
+    """A local Ray instance in this process whose every process listens on 127.0.0.1 only.
+
+    Ray turns a loopback node address into the host's address unless its cluster mode is off
+    (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read once on import, so set here for the start);
+    with the node on 127.0.0.1 the GCS, raylet, workers, dashboard, agents and metrics endpoint
+    all bind to it. The dashboard serves the state API Ray Train's placement-group cleaner polls.
+    """
+    import ray
+    from ray._private import ray_constants
+
+    saved_flag, saved_env = ray_constants.ENABLE_RAY_CLUSTER, os.environ.get(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"  # for the processes started now
+    try:
         ray.init(
-            num_cpus=max(os.cpu_count() or 1, workers), include_dashboard=True, dashboard_host="127.0.0.1",
+            num_cpus=num_cpus, include_dashboard=True, dashboard_host=LOOPBACK, _node_ip_address=LOOPBACK,
             log_to_driver=True,
         )  # fmt: skip
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, None)
+        else:
+            os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = saved_env
 
 
 def run_training(spec: TrainSpec, address: str | None = None, trial: dict[str, Any] | None = None) -> TrainResult:
@@ -129,21 +151,36 @@ def run_training(spec: TrainSpec, address: str | None = None, trial: dict[str, A
     ``trial`` (storage, study, trial_id, metric) makes the run an Optuna trial: evaluations are
     reported to it and the run stops early when the study prunes it (MLflow status KILLED).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from memel.tracking import public_uri
-
     started = time.perf_counter()
     out, tracking_uri, stats_root, storage = resolve_outputs(spec)
     n_params = count_parameters(spec.model.name, **spec.model.overrides)
     tracker, run_id = _start_tracking(spec, out, tracking_uri, n_params)
-    info = RunInfo(run_id=run_id, tracking_uri=tracking_uri, stats_root=stats_root, n_params=n_params, trial=trial)
     init_ray(address, spec.train.workers)
-    env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
+    with worker_env(tracking_uri) as (env, worker_tracking_uri):
+        info = RunInfo(run_id=run_id, tracking_uri=worker_tracking_uri, stats_root=stats_root, n_params=n_params, trial=trial)
+        result = _fit(spec, info, storage, env, tracker)
+    metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str))}
+    outcome = TrainResult(
+        run_name=spec.run_name, run_id=run_id, tracking_uri=redact(tracking_uri), stats_root=stats_root,
+        checkpoint=result.checkpoint.path if result.checkpoint else None, output_dir=str(out), metrics=metrics,
+        wall_seconds=time.perf_counter() - started,
+    )  # fmt: skip
+    write_json(out / "summary.json", asdict(outcome))
+    tracker.log_dict(asdict(outcome), "summary.json")
+    if metrics.get("pruned"):
+        tracker.set_tags({"memel.pruned": "true"})
+    tracker.end("KILLED" if metrics.get("pruned") else "FINISHED")
+    return outcome
+
+
+def _fit(spec: TrainSpec, info: RunInfo, storage: str, env: dict[str, str], tracker: Any) -> Any:
+    """Ray Train's run of the workers; the MLflow run ends FAILED when it raises."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"spec": spec.model_dump(mode="json"), "info": asdict(info)},
+        train_loop_config={"spec": redact_tree(spec.model_dump(mode="json")), "info": asdict(info)},
         scaling_config=ScalingConfig(
             num_workers=spec.train.workers, use_gpu=spec.train.use_gpu,
             resources_per_worker={"GPU": 1, "CPU": 1} if spec.train.use_gpu else {"CPU": 1},
@@ -158,22 +195,10 @@ def run_training(spec: TrainSpec, address: str | None = None, trial: dict[str, A
         ),
     )
     try:
-        result = trainer.fit()
+        return trainer.fit()
     except BaseException:
         tracker.end("FAILED")
         raise
-    metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str))}
-    outcome = TrainResult(
-        run_name=spec.run_name, run_id=run_id, tracking_uri=public_uri(tracking_uri), stats_root=stats_root,
-        checkpoint=result.checkpoint.path if result.checkpoint else None, output_dir=str(out), metrics=metrics,
-        wall_seconds=time.perf_counter() - started,
-    )  # fmt: skip
-    write_json(out / "summary.json", asdict(outcome))
-    tracker.log_dict(asdict(outcome), "summary.json")
-    if metrics.get("pruned"):
-        tracker.set_tags({"memel.pruned": "true"})
-    tracker.end("KILLED" if metrics.get("pruned") else "FINISHED")
-    return outcome
 
 
 def check_address_outputs(spec: TrainSpec, address: str | None) -> None:
@@ -187,7 +212,7 @@ def check_address_outputs(spec: TrainSpec, address: str | None) -> None:
     for field_name, value in checks:
         if value is None or value.startswith(("file:", "sqlite:", "/", ".")):
             raise ConfigError(
-                f"{field_name}: {value!r} is local to this machine, but the run goes to a cluster; "
+                f"{field_name}: {redact(value) if value else value!r} is local to this machine, but the run goes to a cluster; "
                 "use an http(s):// MLflow server (tracking.uri or MLFLOW_TRACKING_URI) and an s3:// statistics root "
                 "(stats.root, or stats.enabled: false)"
             )

@@ -167,6 +167,9 @@ def train_loop(config: dict[str, Any]) -> None:
     import deepspeed  # imported here: a top-level import breaks on CPU-only controllers
     import ray.train
 
+    from .worker_env import load_worker_env
+
+    load_worker_env()  # the driver's secrets, before anything connects to MLflow or S3
     _quiet_per_report_logs()
 
     spec = TrainSpec(**config["spec"])
