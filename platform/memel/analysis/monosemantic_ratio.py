@@ -390,3 +390,27 @@ def top_neurons(stats: Stats, run_id: str, k: int, con: duckdb.DuckDBPyConnectio
     for module, neuron in rows:
         chosen.setdefault(module, []).append(int(neuron))
     return chosen
+
+
+def ratio_notes(result: RatioResult) -> list[str]:
+    """What a reader must know before reading the ratio: whether it was measurable at all, and where not."""
+    criterion, modules, finals = result.criterion, result.modules, result.finals
+    if not criterion.calibrated:
+        return [f"monosemantic ratio not measurable: {criterion.null_text()}"]
+    notes = []
+    if len(modules) and not modules["tested"].any():
+        notes.append(
+            f"monosemantic ratio not measurable: every module snapshot has fewer than {criterion.min_samples():,} samples "
+            f"(at most {int(modules['samples'].max()):,}), too few to tell a feature from noise at a false-positive rate "
+            f"<= {criterion.alpha:g}; take statistics snapshots less often (stats.every) or use larger batches"
+        )
+    elif len(finals):
+        missing = int(finals["ratio"].isna().sum())
+        if missing:
+            notes.append(f"monosemantic ratio: {missing} of {len(finals)} runs have no final module snapshot with "
+                         f">= {criterion.min_samples():,} samples; their ratio is left out")  # fmt: skip
+        weak = finals[finals["ratio"].notna() & (finals["p_value"] >= RUN_LEVEL)]
+        if len(weak):
+            notes.append(f"monosemantic ratio: {len(weak)} of {len(finals)} runs are not significant against the "
+                         f"featureless null (p >= {RUN_LEVEL:g}); their ratio is indistinguishable from noise")  # fmt: skip
+    return notes
