@@ -414,3 +414,15 @@ def ratio_notes(result: RatioResult) -> list[str]:
             notes.append(f"monosemantic ratio: {len(weak)} of {len(finals)} runs are not significant against the "
                          f"featureless null (p >= {RUN_LEVEL:g}); their ratio is indistinguishable from noise")  # fmt: skip
     return notes
+
+
+def final_ratios(stats_root: str, threshold: float, track_every: dict[str, int] | None = None) -> dict[str, dict[str, float]]:
+    """Per run id in the statistics at ``stats_root`` (local or ``s3://``): its final ``ratio``,
+    ``p_value`` and ``null_ratio`` under the default criterion at ``threshold`` (the runs'
+    ``ms_threshold``); NaN where not measurable. For summaries such as the sweep table."""
+    from .source import open_stats
+
+    stats: Stats = str(stats_root) if "://" not in str(stats_root) else open_stats(str(stats_root))
+    criterion = Criterion(threshold=threshold)
+    finals = analyze_ratio(stats, criterion, track_every=track_every).finals
+    return {row["run_id"]: {k: float(row[k]) for k in ("ratio", "p_value", "null_ratio")} for row in finals.to_dict("records")}
