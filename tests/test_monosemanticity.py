@@ -117,3 +117,41 @@ def test_memel_analyze_reports_zero_for_noise_and_finds_planted_neurons(tmp_path
     assert "0 (n.s.)" in rows["noise"] and rows["noise"].rstrip(" │").endswith("0/1")  # 0, not significant
     assert "(n.s.)" not in rows["planted"] and rows["planted"].rstrip(" │").endswith("1/1")  # its one run significant
     assert "ratio_vs_scale.png" in {p.name for p in out.iterdir()}
+
+
+def test_sweep_table_reports_the_validated_ratio(tmp_path: Path) -> None:
+    from memel.commands.run import print_sweep
+    from memel.orchestration import expand_sweep, load_job
+    from memel.orchestration.sweep import SweepResult, add_mono_ratios
+    from memel.stats import ParquetStatsSink
+    from rich.console import Console
+
+    members = expand_sweep(load_job(Path(__file__).resolve().parents[1] / "jobs" / "quickstart.yaml", []))[:3]
+    assert {m.spec.inhibition.ms_threshold for m in members} == {36.0}
+    root = tmp_path / "stats"
+    base = {"mode": "original", "strength": 1.0, "top_n": 1, "seed": 0, "model": "m", "n_params": 1}
+    with ParquetStatsSink(str(root), "run-noise") as sink:
+        _write_snapshots(sink, "run-noise", base, {"gelu": (0.0, [featureless_batches("gelu", 64, 64, 1)])}, snapshots=1, per=40)
+    with ParquetStatsSink(str(root), "run-planted") as sink:
+        modules = {"mixed": (0.0, [planted_batches(0.02, 64, 16, seed=2), featureless_batches("gelu", 64, 48, 3)])}
+        _write_snapshots(sink, "run-planted", base, modules, snapshots=1, per=40)
+    rows = [{"member": m.key, "run_id": run} for m, run in zip(members, ["run-noise", "run-planted", None], strict=True)]
+    for row in rows:
+        row |= {"params": 1, "mode": "original", "strength": 1.0, "top_n": 1, "seed": 0, "eval_loss": None, "eval_metric": None,
+                "ms_mean": None, "mono_ratio": None, "mono_p": None, "inhibited": None, "wall_s": None, "status": "finished"}  # fmt: skip
+    criterion = add_mono_ratios(rows, members, str(root))
+    assert criterion.startswith("MS > 36 on at least 0.005 of samples; null:")
+    assert (rows[0]["mono_ratio"], rows[0]["mono_p"]) == (0.0, 1.0)
+    assert 15 / 64 <= rows[1]["mono_ratio"] <= 16 / 64 and rows[1]["mono_p"] < 1e-10 and rows[2]["mono_ratio"] is None
+    console = Console(record=True, width=250)
+    print_sweep(console, SweepResult("quickstart", "p", "file:x", str(root), str(tmp_path), rows, mono_criterion=criterion))
+    text = console.export_text()
+    lines = {line.split()[1]: line for line in text.splitlines() if line.startswith("│")}
+    assert "0 (n.s.)" in lines[members[0].key]  # the noise run: 0, not significant
+    assert f"{rows[1]['mono_ratio']:.3g} " in lines[members[1].key] and "(n.s.)" not in lines[members[1].key]
+    assert "│ - " in lines[members[2].key] or " - │" in lines[members[2].key]
+    assert "mono ratio: MS > 36" in text
+    # members that recorded frac_above at MS > 9 get no ratio, and the table says why
+    low = [m.model_copy(update={"spec": m.spec.model_copy(update={"inhibition": m.spec.inhibition.model_copy(update={"ms_threshold": 9.0})})}) for m in members]
+    fresh = [dict(row, mono_ratio=None, mono_p=None) for row in rows]
+    assert add_mono_ratios(fresh, low, str(root)).startswith("monosemantic ratio not measurable") and fresh[1]["mono_ratio"] is None
