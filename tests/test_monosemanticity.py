@@ -155,3 +155,16 @@ def test_sweep_table_reports_the_validated_ratio(tmp_path: Path) -> None:
     low = [m.model_copy(update={"spec": m.spec.model_copy(update={"inhibition": m.spec.inhibition.model_copy(update={"ms_threshold": 9.0})})}) for m in members]
     fresh = [dict(row, mono_ratio=None, mono_p=None) for row in rows]
     assert add_mono_ratios(fresh, low, str(root)).startswith("monosemantic ratio not measurable") and fresh[1]["mono_ratio"] is None
+
+
+def test_bench_monosemanticity_command() -> None:
+    args = ["bench", "monosemanticity", "--samples", "640", "--probabilities", "0.02", "--neurons", "16", "--snapshots", "1"]
+    result = RUNNER.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.startswith("│")}
+    assert set(rows) == {"gaussian", "gelu", "relu", "silu", "planted p=0.02"}
+    assert all("0.0000 │" in rows[shape] for shape in ("gaussian", "gelu", "relu", "silu"))
+    assert "Example" in RUNNER.invoke(app, ["bench", "monosemanticity", "--help"]).output
+    for bad, field in ((["--samples", "100"], "samples"), (["--probabilities", "0"], "probabilities"), (["--alpha", "0"], "--alpha")):
+        wrong = RUNNER.invoke(app, ["bench", "monosemanticity", *bad])
+        assert wrong.exit_code == 2 and f"error: {field}" in wrong.output, wrong.output
