@@ -75,6 +75,7 @@ def false_positive_rate(samples: int, min_fraction: float, rate: float) -> float
     return float(scipy_stats.binom.sf(min_count(samples, min_fraction) - 1, samples, rate))
 
 
+@lru_cache(maxsize=64)
 def min_samples(min_fraction: float, rate: float, alpha: float, steps: int = 100_000) -> int | None:
     """The fewest samples per snapshot from which on the false-positive rate stays <= ``alpha`` at
     every larger count (None when it never does, e.g. when ``min_fraction`` <= ``rate``).
