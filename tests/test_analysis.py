@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 from memel.analysis import Criterion, Options, analyze, analyze_ratio, module_steps, resolve, top_neurons, write
-from memel.analysis.monosemantic_ratio import depth_bins
+from memel.analysis.monosemantic_ratio import depth_bins, ratio_notes
 from memel.analysis.significance import member_table, significance
 from memel.analysis.source import Member
 from memel.cli import app
@@ -27,15 +27,18 @@ from typer.testing import CliRunner
 RUNNER = CliRunner(env={"COLUMNS": "200"})
 
 
-def write_run(root: Path | str, run_id: str, context: dict, modules: dict[str, float], steps: list[int], values: dict) -> None:
-    """One run through the real sink: ``values[(module, step)]`` = (frac_above, max_ms) per neuron."""
+def write_run(
+    root: Path | str, run_id: str, context: dict, modules: dict[str, float], steps: list[int], values: dict, samples: int = 1000
+) -> None:
+    """One run through the real sink: ``values[(module, step)]`` = (frac_above, max_ms) per neuron;
+    ``count`` = ``samples`` per step (so a snapshot ``d`` steps after the previous one saw ``d * samples``)."""
     with ParquetStatsSink(str(root), run_id) as sink:
         for module, depth in modules.items():
             for step in steps:
                 frac, max_ms = (np.asarray(v, dtype=np.float32) for v in values[(module, step)])
                 n = len(frac)
                 snap = Snapshot(
-                    mean=torch.zeros(n), var=torch.ones(n), count=torch.full((n,), step, dtype=torch.int64),
+                    mean=torch.zeros(n), var=torch.ones(n), count=torch.full((n,), step * samples, dtype=torch.int64),
                     selected_count=torch.zeros(n, dtype=torch.int64), inhibited_count=torch.zeros(n, dtype=torch.int64),
                     max_ms=torch.from_numpy(max_ms), mean_ms=torch.ones(n), frac_above=torch.from_numpy(frac), batches=step,
                     neuron_shape=(n,),
@@ -48,18 +51,41 @@ def write_run(root: Path | str, run_id: str, context: dict, modules: dict[str, f
 
 def test_hand_written_counts_both_criteria(tmp_path: Path) -> None:
     values = {
-        ("mlp.0", 10): ([0.0, 0.02, 0.5, 0.009], [5.0, 25.0, 19.9, 100.0]),
-        ("mlp.0", 20): ([0.01, 0.0, 0.0, 0.0], [8.0, 8.0, 30.0, 8.0]),
+        ("mlp.0", 10): ([0.0, 0.02, 0.5, 0.009], [5.0, 45.0, 19.9, 100.0]),
+        ("mlp.0", 20): ([0.01, 0.0, 0.0, 0.0], [8.0, 8.0, 50.0, 8.0]),
     }
     context = {"model": "tiny", "n_params": 10, "mode": "original", "strength": 1.0, "top_n": 1, "seed": 0}
     write_run(tmp_path, "run-x", context, {"mlp.0": 0.0}, [10, 20], values)
-    frame = module_steps(str(tmp_path), Criterion(9.0, 0.01))
+    frame = module_steps(str(tmp_path), Criterion(36.0, 0.01))
     assert frame["mono"].tolist() == [2, 1] and frame["neurons"].tolist() == [4, 4]  # >= 0.01: {0.02, 0.5}, then {0.01}
-    assert frame["tokens_seen"].tolist() == [1000, 2000] and frame["max_ms"].tolist() == pytest.approx([100.0, 30.0])
-    anywhere = module_steps(str(tmp_path), Criterion(20.0, 0.0))
-    assert anywhere["mono"].tolist() == [2, 1]  # max_ms > 20: {25, 100}, then {30}
-    result = analyze_ratio(str(tmp_path), Criterion(9.0, 0.01))
+    assert frame["tokens_seen"].tolist() == [1000, 2000] and frame["max_ms"].tolist() == pytest.approx([100.0, 50.0])
+    assert frame["samples"].tolist() == [10_000, 10_000] and frame["tested"].all()  # count 10,000 then 20,000
+    anywhere = module_steps(str(tmp_path), Criterion(40.0, 0.0))
+    assert anywhere["mono"].tolist() == [2, 1]  # max_ms > 40: {45, 100}, then {50}
+    assert not anywhere["tested"].any()  # any one of 10,000 samples above MS 40: a featureless neuron does it too
+    result = analyze_ratio(str(tmp_path), Criterion(36.0, 0.01))
     assert result.finals["ratio"].tolist() == [0.25] and result.finals["step"].tolist() == [20]
+    assert result.finals["p_value"].iloc[0] < 1e-6 and result.finals["null_ratio"].iloc[0] < 1e-12
+    # MS > 9 does not clear the featureless null (GELU: 1.9% of samples): no ratio, and a note saying so
+    low = analyze_ratio(str(tmp_path), Criterion(9.0, 0.01))
+    assert low.finals["ratio"].isna().all() and low.by_rung["ratio_mean"].isna().all()
+    assert ratio_notes(low)[0].startswith("monosemantic ratio not measurable: a featureless neuron (gelu")
+
+
+def test_too_few_samples_per_snapshot_are_not_measured(tmp_path: Path) -> None:
+    # 20 samples a step: 200 per snapshot, where one sample above MS 36 (rate 1.3e-4) flags a featureless
+    # neuron with chance 2.5% > alpha; 2 snapshots 10 steps apart, then one 30 steps later (600 samples)
+    values = {("m", s): ([0.01, 0.0], [40.0, 1.0]) for s in (10, 20, 50)}
+    context = {"model": "tiny", "n_params": 10, "mode": "rd", "strength": 1.0, "top_n": 1, "seed": 0}
+    write_run(tmp_path, "run-few", context, {"m": 0.0}, [10, 20, 50], values, samples=20)
+    criterion = Criterion(36.0, 0.005)
+    assert criterion.min_samples() == 401
+    result = analyze_ratio(str(tmp_path), criterion)
+    assert result.modules["samples"].tolist() == [200, 200, 600] and result.modules["tested"].tolist() == [False, False, True]
+    assert np.isnan(result.runs["ratio"].iloc[0]) and result.finals["ratio"].tolist() == [0.5]
+    only_early = analyze_ratio(str(tmp_path), criterion, track_every={"run-few": 2})  # a tracker saw half of them
+    assert only_early.modules["samples"].tolist() == [100, 100, 300] and only_early.finals["ratio"].isna().all()
+    assert "fewer than 401 samples" in ratio_notes(only_early)[0]
 
 
 # ------------------------------------------------------------------------------ a sweep-shaped dataset
@@ -101,7 +127,7 @@ def test_ratio_per_run_step_rung_and_depth_match_numpy(sweep_stats: tuple[Path, 
     from scipy import stats as st
 
     root, raw = sweep_stats
-    result = analyze_ratio(str(root), Criterion(9.0, 0.01), bins=2)
+    result = analyze_ratio(str(root), Criterion(36.0, 0.01), bins=2)
     expected = _expected_ratios(raw, 0.01)
     got = {(r.run_id, r.step): r.ratio for r in result.runs.itertuples()}
     assert got.keys() == expected.keys()
@@ -169,6 +195,7 @@ def test_top_neurons_rank_by_mean_frac_above_then_max_ms(tmp_path: Path) -> None
 
 def test_criterion_must_match_the_recorded_threshold() -> None:
     Criterion(9.0, 0.01).check_recorded({9.0})
+    Criterion().check_recorded({36.0})
     Criterion(20.0, 0.0).check_recorded({9.0})  # any-sample criterion reads max_ms: any threshold
     with pytest.raises(ConfigError, match="--threshold: got 20.*ms_threshold=9"):
         Criterion(20.0, 0.01).check_recorded({9.0})
@@ -176,6 +203,8 @@ def test_criterion_must_match_the_recorded_threshold() -> None:
         Criterion(9.0, 0.01).check_recorded({9.0, 4.0})
     with pytest.raises(ConfigError, match="--min-fraction"):
         Criterion(9.0, 1.5)
+    with pytest.raises(ConfigError, match="--alpha"):
+        Criterion(36.0, 0.005, 0.0)
     with pytest.raises(ConfigError, match="--depth-bins"):
         depth_bins(pd.DataFrame(), 0)
 
@@ -219,7 +248,7 @@ def _fake_sweep(folder: Path, stats_root: Path) -> None:
         _, rung, mode, seed = run_id.split("-")
         member = folder / "members" / f"{rung}-{mode}-s{seed}"
         member.mkdir(parents=True)
-        spec = {"name": "fake", "model": {"name": model[rung]}, "inhibition": {"mode": mode, "ms_threshold": 9.0},
+        spec = {"name": "fake", "model": {"name": model[rung]}, "inhibition": {"mode": mode, "ms_threshold": 36.0},
                 "train": {"seed": int(seed)}, "data": {"kind": "text_lm", "corpus": "shakespeare", "seq_len": 64}}  # fmt: skip
         (member / "spec.json").write_text(json.dumps(spec))
         (member / "run.json").write_text(json.dumps({"run_id": run_id}))
@@ -241,7 +270,7 @@ def test_resolve_targets_and_errors(sweep_stats: tuple[Path, dict], tmp_path: Pa
         and len(swept.members) == 12
         and swept.default_out() == (tmp_path / "sweep" / "analysis").resolve()
     )
-    assert {m.ms_threshold for m in swept.members} == {9.0} and swept.members[0].metrics["eval/loss"] > 0
+    assert {m.ms_threshold for m in swept.members} == {36.0} and swept.members[0].metrics["eval/loss"] > 0
     assert resolve(str(tmp_path / "sweep" / "stats")).kind == "sweep_dir"  # a root inside a sweep brings its members
     (tmp_path / "empty").mkdir()
     (tmp_path / "file.txt").write_text("x")
@@ -286,10 +315,15 @@ def test_report_tables_and_figures_from_statistics_only(sweep_stats: tuple[Path,
 
 def test_cli_analyze_and_bad_target(sweep_stats: tuple[Path, dict], tmp_path: Path) -> None:
     root, _ = sweep_stats
-    result = RUNNER.invoke(app, ["analyze", str(root), "--out", str(tmp_path / "out"), "--depth-bins", "2"])
+    result = RUNNER.invoke(app, ["analyze", str(root), "--out", str(tmp_path / "out"), "--depth-bins", "2", "--threshold", "36"])
     assert result.exit_code == 0, result.output
     assert "Monosemantic ratio at the end of training" in result.output and "report.html" in result.output
     assert "no parent run known" in result.output and (tmp_path / "out" / "report.html").is_file()
+    # no specs: frac_above is taken as recorded at MS > 9, which does not clear the null: no ratio, a note instead
+    unknown = RUNNER.invoke(app, ["analyze", str(root), "--out", str(tmp_path / "out9"), "--skip", "ablation,case_study"])
+    assert unknown.exit_code == 0, unknown.output
+    assert "Monosemantic ratio at the end of training" not in unknown.output
+    assert "monosemantic ratio not measurable" in unknown.output and not (tmp_path / "out9" / "ratio_vs_scale.png").exists()
     bad = RUNNER.invoke(app, ["analyze", str(tmp_path / "missing")])
     assert bad.exit_code == 2 and "error:" in bad.output and "TARGET: no such folder" in bad.output
     _fake_sweep(tmp_path / "sweep", root)  # its specs say which ms_threshold frac_above was measured against
@@ -297,6 +331,8 @@ def test_cli_analyze_and_bad_target(sweep_stats: tuple[Path, dict], tmp_path: Pa
     assert bad.exit_code == 2 and "--threshold: got 20" in bad.output
     bad = RUNNER.invoke(app, ["analyze", str(root), "--skip", "everything"])
     assert bad.exit_code == 2 and "--skip" in bad.output
+    bad = RUNNER.invoke(app, ["analyze", str(root), "--alpha", "2"])
+    assert bad.exit_code == 2 and "error: --alpha" in bad.output
 
 
 def test_bench_analyze_small_dataset_checks_its_answer() -> None:

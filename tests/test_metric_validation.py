@@ -171,7 +171,11 @@ def test_auroc_truth_on_synthetic_activations() -> None:
 
 def test_benchmark_end_to_end_at_a_tiny_size() -> None:
     torch.set_num_threads(1)
-    (result,) = bench_metric(steps=150, hidden=32, seed=0, heldout_samples=1024, modes=("original",))
+    # the ranking claims below are about the tail fraction at MS > 9, which orders neurons; the calibrated
+    # criterion (MS > 36 on >= 0.5%) is checked in the next test
+    (result,) = bench_metric(
+        steps=150, hidden=32, seed=0, heldout_samples=1024, modes=("original",), ms_threshold=9.0, min_fraction=0.01
+    )
     v = result.validation
     assert result.mode == "original" and result.heldout_samples == 1024 and result.hidden == 32
     assert result.heldout_loss < 0.1  # learned to read the planted features (chance is about 0.33)
@@ -186,6 +190,18 @@ def test_benchmark_end_to_end_at_a_tiny_size() -> None:
     # MS ranks the AUROC-specific neurons high (0.83-1.00 over seeds 0-9) and flags them better than chance
     assert v.rank_auroc > 0.7
     assert v.specific.flagged > 0 and v.specific.precision > v.specific.base_rate
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_calibrated_criterion_on_the_trained_planted_mlp(seed: int) -> None:
+    torch.set_num_threads(1)
+    # sparse features (on in 2% of samples): every flagged neuron is feature-specific (seeds 0-5: 4-6 flagged, precision 1)
+    (sparse,) = bench_metric(steps=150, hidden=32, seed=seed, heldout_samples=1024, modes=("original",), data={"active_prob": 0.02})
+    assert sparse.heldout_loss < 0.05 and sparse.validation.specific.flagged >= 2
+    assert sparse.validation.specific.precision == 1.0
+    # features on in 10% of samples give MS ~ 9 on them: beyond what MS > 36 can see, so nothing is flagged
+    (dense,) = bench_metric(steps=150, hidden=32, seed=seed, heldout_samples=1024, modes=("original",))
+    assert dense.validation.specific.flagged == 0
 
 
 def test_bench_metric_command_prints_the_tables() -> None:

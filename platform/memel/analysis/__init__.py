@@ -1,7 +1,8 @@
 """Offline emergence analysis of a sweep's per-neuron statistics and checkpoints (``memel analyze``).
 
 - :mod:`.source`: TARGET (sweep folder, Parquet root, MLflow parent run id) -> members + dataset.
-- :mod:`.monosemantic_ratio`: the fraction of monosemantic neurons per rung, mode, step and depth
+- :mod:`.monosemantic_ratio`: the fraction of neurons carrying a sparse feature per rung, mode, step and depth,
+  calibrated against featureless neurons (:mod:`.monosemantic_null`)
   (one streaming DuckDB pass over the Parquet dataset).
 - :mod:`.ablation`: the paper's Figure 2 (clamp the most monosemantic neurons, loss increase per group).
 - :mod:`.case_study`: the paper's Table 4 (one optimizer step per mode: Decrease and Update Ratios).

@@ -1,10 +1,21 @@
-"""Monosemantic ratio: the fraction of neurons that are monosemantic, per run, step, rung, mode and depth.
+"""Monosemantic ratio: the fraction of neurons that carry a sparse feature, per run, step, rung, mode and depth.
 
-A neuron counts as monosemantic at a snapshot when its Monosemantic Scale exceeded
-``threshold`` for at least ``min_fraction`` of the samples since the previous snapshot
-(column ``frac_above``; the training run measured it against its own ``ms_threshold``, so
-with ``min_fraction > 0`` the threshold must be that one). With ``min_fraction = 0`` the
-criterion is "in at least one sample", read from ``max_ms > threshold``, exact for any threshold.
+A neuron is monosemantic at a snapshot when its Monosemantic Scale exceeded ``threshold`` (T,
+default 36: six standard deviations) on at least ``min_fraction`` (default 0.5%) of the samples
+since the previous snapshot (column ``frac_above``, recorded by the run against its
+``inhibition.ms_threshold``, so T must be that one). A sparse feature active on a fraction p
+of the samples gives MS ~ (1 - p)/p on them, so it passes for p between ~0.5% and ~3%; a
+featureless neuron (identity, ReLU, GELU or SiLU of Gaussian inputs) exceeds MS 36 on at most
+1.3e-4 of its samples (:mod:`.monosemantic_null`).
+
+The criterion is judged against that null for every module and snapshot: with ``n`` samples
+since the previous snapshot (the growth of the ``count`` column), the chance that a featureless
+neuron is flagged is P(Binomial(n, null rate) >= min_fraction * n). Only where it is at most
+``alpha`` (default 1e-3) at n and at every larger count, and ``min_fraction`` is at least 5x the null rate, are the module's
+neurons counted ("tested"); elsewhere the ratio is not measurable and is reported as missing,
+never as a number. Each run's ratio comes with ``null_ratio`` (the expected flagged fraction if
+every neuron were featureless) and ``p_value`` (one-sided binomial test of the flagged count
+against it).
 
 The only pass over the dataset is :func:`module_steps`: one streaming DuckDB aggregation
 (DuckDB's Parquet reader on a local root, Arrow's dataset scanner on S3; only the needed
@@ -19,28 +30,59 @@ import os
 from dataclasses import dataclass
 
 import duckdb
+import numpy as np
 import pandas as pd
 import pyarrow.dataset as ds
 from scipy import stats as scipy_stats
 
 from memel.errors import ConfigError
 
+from .monosemantic_null import MARGIN, false_positive_rate, heaviest_shape, min_samples, null_rate
+
 #: What identifies a variant of the sweep (a point on the scale axis for one mode).
 VARIANT_KEYS = ["model", "n_params", "label", "mode", "strength", "top_n"]
+
+#: A run's ratio is called significant when its p-value against the null is below this.
+RUN_LEVEL = 0.05
+
+#: The recommended recording threshold (``inhibition.ms_threshold``) for the ratio.
+RECOMMENDED_THRESHOLD = 36.0
 
 
 @dataclass(frozen=True)
 class Criterion:
     """When a neuron counts as monosemantic at a snapshot (see the module doc)."""
 
-    threshold: float = 9.0
-    min_fraction: float = 0.01
+    threshold: float = RECOMMENDED_THRESHOLD
+    min_fraction: float = 0.005
+    alpha: float = 1e-3
 
     def __post_init__(self) -> None:
         if not (self.threshold > 0 and math.isfinite(self.threshold)):
             raise ConfigError(f"--threshold: got {self.threshold!r}; must be a finite number > 0")
         if not 0.0 <= self.min_fraction <= 1.0:
             raise ConfigError(f"--min-fraction: got {self.min_fraction!r}; must be in [0, 1]")
+        if not 0.0 < self.alpha < 1.0:
+            raise ConfigError(f"--alpha: got {self.alpha!r}; must be in (0, 1)")
+
+    @property
+    def null_rate(self) -> float:
+        """The heaviest featureless neuron's P(MS > threshold)."""
+        return null_rate(self.threshold)
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether ``min_fraction`` clears the null rate by :data:`MARGIN` (else nothing is measurable)."""
+        return self.min_fraction >= MARGIN * self.null_rate
+
+    def false_positive(self, samples: int) -> float:
+        """Per-neuron false-positive rate on ``samples`` samples (``min_fraction = 0``: any sample above)."""
+        return false_positive_rate(samples, self.min_fraction, self.null_rate)
+
+    def min_samples(self) -> int | None:
+        """The fewest samples per snapshot from which on the false-positive rate stays <= ``alpha``
+        (None: never, the criterion is not calibrated)."""
+        return min_samples(self.min_fraction, self.null_rate, self.alpha) if self.calibrated else None
 
     def check_recorded(self, recorded: set[float]) -> None:
         """``frac_above`` was measured against the runs' ``ms_threshold``: a different threshold only
@@ -60,15 +102,27 @@ class Criterion:
             )
 
     def sql(self) -> str:
-        """A DuckDB boolean expression over one statistics row."""
+        """A DuckDB boolean expression over one statistics row (frac_above is float32: a relative
+        tolerance of 1e-6 keeps k/n == min_fraction in)."""
         if self.min_fraction == 0:
             return f"max_ms > {float(self.threshold)!r}"
-        return f"frac_above >= {float(self.min_fraction)!r}"
+        return f"frac_above >= {float(self.min_fraction) * (1 - 1e-6)!r}"
 
     def describe(self) -> str:
         if self.min_fraction == 0:
             return f"MS > {self.threshold:g} in at least one sample"
-        return f"MS > {self.threshold:g} in at least {self.min_fraction:.3g} of samples"
+        return f"MS > {self.threshold:g} on at least {self.min_fraction:.3g} of samples"
+
+    def null_text(self) -> str:
+        """One sentence: the null, and whether the criterion clears it."""
+        rate, shape = self.null_rate, heaviest_shape(self.threshold)
+        text = f"a featureless neuron ({shape} of Gaussian inputs, the heaviest reference shape) exceeds MS {self.threshold:g} on {rate:.2g} of samples"
+        if not self.calibrated:
+            return (f"{text}, so a fraction of {self.min_fraction:.3g} does not tell a feature from noise: not measurable "
+                    f"(record inhibition.ms_threshold: {RECOMMENDED_THRESHOLD:g} and use --min-fraction >= {MARGIN * null_rate(RECOMMENDED_THRESHOLD):.2g})")  # fmt: skip
+        needed = self.min_samples()
+        return (f"{text}; a module's snapshot is tested when a featureless neuron's chance of being flagged is <= {self.alpha:g}"
+                + (f" (from {needed:,} samples per snapshot on)" if needed else ""))  # fmt: skip
 
 
 def connect(memory_limit: str = "1GB", threads: int | None = None) -> duckdb.DuckDBPyConnection:
@@ -109,12 +163,21 @@ def unregister(con: duckdb.DuckDBPyConnection, stats: Stats, name: str) -> None:
 
 
 def module_steps(
-    stats: Stats, criterion: Criterion, con: duckdb.DuckDBPyConnection | None = None, labels: dict[str, str] | None = None
+    stats: Stats,
+    criterion: Criterion,
+    con: duckdb.DuckDBPyConnection | None = None,
+    labels: dict[str, str] | None = None,
+    track_every: dict[str, int] | None = None,
 ) -> pd.DataFrame:
     """One row per run, module and snapshot step: the run's context, ``neurons`` (rows), ``mono``
-    (neurons meeting ``criterion``), mean MS, max MS and mean ``frac_above``. Streams the dataset
-    (``stats``: a pyarrow dataset, or a local root folder). ``label`` is the run's sweep variant
-    (``labels`` by run id, e.g. ``memel`` for ``{mode: rd, name: memel}``), else its mode."""
+    (neurons meeting ``criterion``), mean MS, max MS and mean ``frac_above``; then ``samples`` (the
+    samples the snapshot's trackers saw: the growth of ``count`` since the module's previous
+    snapshot, divided by the run's ``track_every``), ``false_positive`` (a featureless neuron's
+    chance of being flagged on that many samples) and ``tested`` (the criterion is calibrated and
+    ``samples`` is at least :meth:`Criterion.min_samples`, from where the false-positive rate stays
+    <= ``alpha``). Streams the dataset (``stats``: a pyarrow dataset, or a local
+    root folder). ``label`` is the run's sweep variant (``labels`` by run id, e.g. ``memel`` for
+    ``{mode: rd, name: memel}``), else its mode."""
     con = con or connect()
     register(con, stats, "stats")
     query = f"""
@@ -123,26 +186,63 @@ def module_steps(
                any_value(strength) AS strength, any_value(top_n) AS top_n, any_value(seed) AS seed,
                any_value(depth) AS depth, max(tokens_seen) AS tokens_seen,
                count(*) AS neurons, count_if({criterion.sql()}) AS mono,
-               avg(mean_ms) AS mean_ms, max(max_ms) AS max_ms, avg(frac_above) AS frac_above
+               avg(mean_ms) AS mean_ms, max(max_ms) AS max_ms, avg(frac_above) AS frac_above,
+               max("count") AS total_count
         FROM stats GROUP BY run_id, module, step ORDER BY run_id, module, step
     """
     frame = con.execute(query).df()
     unregister(con, stats, "stats")
-    for column in ("neurons", "mono", "n_params", "seed", "top_n", "step", "tokens_seen"):
+    for column in ("neurons", "mono", "n_params", "seed", "top_n", "step", "tokens_seen", "total_count"):
         frame[column] = frame[column].astype("int64")
     names = labels or {}
     label = [names.get(run, mode) for run, mode in zip(frame["run_id"], frame["mode"], strict=True)]
     frame.insert(int(frame.columns.get_loc("mode")), "label", pd.Series(label, index=frame.index, dtype=object))
+    return add_null(frame, criterion, track_every)
+
+
+def add_null(frame: pd.DataFrame, criterion: Criterion, track_every: dict[str, int] | None = None) -> pd.DataFrame:
+    """``samples``, ``false_positive`` and ``tested`` of each module snapshot (see :func:`module_steps`)."""
+    frame = frame.sort_values(["run_id", "module", "step"]).reset_index(drop=True)
+    previous = frame.groupby(["run_id", "module"])["total_count"].shift(1).fillna(0).astype("int64")
+    every = frame["run_id"].map(lambda run: max(1, int((track_every or {}).get(run, 1))))
+    frame["samples"] = ((frame["total_count"] - previous).clip(lower=0) // every).astype("int64")
+    rates = {int(n): criterion.false_positive(int(n)) for n in frame["samples"].unique()}
+    frame["false_positive"] = frame["samples"].map(rates).astype(float)
+    needed = criterion.min_samples()
+    frame["tested"] = (frame["samples"] >= needed) if needed is not None else False
+    return frame
+
+
+def _ratio_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    """``ratio`` = mono / tested, ``null_ratio`` = expected flagged fraction under the null and the
+    one-sided binomial ``p_value`` of ``mono`` against it (all NaN where nothing was tested)."""
+    tested = frame["tested_neurons"].to_numpy(float)
+    mono = frame["mono"].to_numpy(float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        frame["ratio"] = np.where(tested > 0, mono / tested, np.nan)
+        frame["null_ratio"] = np.where(tested > 0, frame["null_mass"].to_numpy(float) / tested, np.nan)
+    p = scipy_stats.binom.sf(mono - 1, tested.astype(np.int64), np.nan_to_num(frame["null_ratio"].to_numpy(float)))
+    frame["p_value"] = np.where(tested > 0, np.where(mono > 0, p, 1.0), np.nan)
+    return frame
+
+
+def _tested_only(modules: pd.DataFrame) -> pd.DataFrame:
+    frame = modules.copy()
+    frame["tested_neurons"] = np.where(frame["tested"], frame["neurons"], 0)
+    frame["mono"] = np.where(frame["tested"], frame["mono"], 0)
+    frame["null_mass"] = np.where(frame["tested"], frame["false_positive"] * frame["neurons"], 0.0)
     return frame
 
 
 def run_steps(modules: pd.DataFrame) -> pd.DataFrame:
-    """Per run and step, over all its modules: ``neurons``, ``mono`` and ``ratio`` = mono / neurons."""
+    """Per run and step, over all its modules: ``neurons``, ``tested_neurons`` (in tested module
+    snapshots), ``mono`` (flagged among them), ``ratio``, ``null_ratio`` and ``p_value``."""
     keys = ["run_id", *VARIANT_KEYS, "seed", "step"]
-    frame = modules.groupby(keys, as_index=False).agg(
-        neurons=("neurons", "sum"), mono=("mono", "sum"), tokens_seen=("tokens_seen", "max")
-    )
-    frame["ratio"] = frame["mono"] / frame["neurons"]
+    frame = _tested_only(modules).groupby(keys, as_index=False).agg(
+        neurons=("neurons", "sum"), tested_neurons=("tested_neurons", "sum"), mono=("mono", "sum"),
+        null_mass=("null_mass", "sum"), samples=("samples", "min"), tokens_seen=("tokens_seen", "max"),
+    )  # fmt: skip
+    frame = _ratio_columns(frame).drop(columns="null_mass")
     return frame.sort_values(["n_params", "mode", "strength", "top_n", "seed", "step"]).reset_index(drop=True)
 
 
@@ -195,33 +295,43 @@ def add_variant(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def by_rung(finals: pd.DataFrame) -> pd.DataFrame:
-    """Final monosemantic ratio per rung and variant over seeds (mean, std, 95% CI)."""
-    return (
-        add_variant(summarize(finals, VARIANT_KEYS, "ratio", "ratio_")).sort_values(["mode", "n_params"]).reset_index(drop=True)
+def _with_significance(summary: pd.DataFrame, frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Per group: ``runs``, ``significant_runs`` (p_value < RUN_LEVEL) and the largest ``null_ratio``."""
+    counts = frame.assign(significant=frame["p_value"] < RUN_LEVEL).groupby(keys, as_index=False).agg(
+        runs=("run_id", "count"), significant_runs=("significant", "sum"), null_ratio_max=("null_ratio", "max")
     )
+    counts["significant_runs"] = counts["significant_runs"].astype("int64")
+    return summary.merge(counts, on=keys, how="left")
+
+
+def by_rung(finals: pd.DataFrame) -> pd.DataFrame:
+    """Final monosemantic ratio per rung and variant over seeds (mean, std, 95% CI over the runs where
+    it was measurable), with the number of runs, of runs significant against the null, and the null ratio."""
+    summary = _with_significance(summarize(finals, VARIANT_KEYS, "ratio", "ratio_"), finals, VARIANT_KEYS)
+    return add_variant(summary).sort_values(["mode", "n_params"]).reset_index(drop=True)
 
 
 def over_steps(runs: pd.DataFrame) -> pd.DataFrame:
     """Monosemantic ratio per rung, variant and step over seeds."""
-    return add_variant(summarize(runs, [*VARIANT_KEYS, "step"], "ratio", "ratio_"))
+    keys = [*VARIANT_KEYS, "step"]
+    return add_variant(_with_significance(summarize(runs, keys, "ratio", "ratio_"), runs, keys))
 
 
 def depth_bins(modules: pd.DataFrame, bins: int) -> pd.DataFrame:
     """Final-snapshot ratio per rung, variant and relative-depth bin (``[i/bins, (i+1)/bins)``,
-    the last bin closed): mono / neurons summed over the modules in the bin and the seeds."""
+    the last bin closed): mono / tested neurons summed over the modules in the bin and the seeds."""
     if bins < 1:
         raise ConfigError(f"--depth-bins: got {bins}; must be >= 1")
     last = modules.groupby("run_id")["step"].transform("max")
-    frame = modules[modules["step"] == last].copy()
+    frame = _tested_only(modules[modules["step"] == last])
     frame["depth_bin"] = (frame["depth"].astype(float) * bins).astype(int).clip(0, bins - 1)
     out = frame.groupby([*VARIANT_KEYS, "depth_bin"], as_index=False).agg(
-        neurons=("neurons", "sum"), mono=("mono", "sum"), modules=("module", "nunique")
-    )
+        neurons=("neurons", "sum"), tested_neurons=("tested_neurons", "sum"), mono=("mono", "sum"),
+        null_mass=("null_mass", "sum"), modules=("module", "nunique"),
+    )  # fmt: skip
     out["depth_low"] = out["depth_bin"] / bins
     out["depth_high"] = (out["depth_bin"] + 1) / bins
-    out["ratio"] = out["mono"] / out["neurons"]
-    return add_variant(out)
+    return add_variant(_ratio_columns(out).drop(columns="null_mass"))
 
 
 @dataclass
@@ -243,9 +353,11 @@ def analyze_ratio(
     bins: int = 5,
     con: duckdb.DuckDBPyConnection | None = None,
     labels: dict[str, str] | None = None,
+    track_every: dict[str, int] | None = None,
 ) -> RatioResult:
-    """All monosemantic-ratio tables from one streaming pass over ``stats`` (``labels``: see :func:`module_steps`)."""
-    modules = module_steps(stats, criterion, con, labels)
+    """All monosemantic-ratio tables from one streaming pass over ``stats`` (``labels``, ``track_every``:
+    see :func:`module_steps`)."""
+    modules = module_steps(stats, criterion, con, labels, track_every)
     runs = run_steps(modules)
     finals = final(runs)
     return RatioResult(
@@ -278,3 +390,39 @@ def top_neurons(stats: Stats, run_id: str, k: int, con: duckdb.DuckDBPyConnectio
     for module, neuron in rows:
         chosen.setdefault(module, []).append(int(neuron))
     return chosen
+
+
+def ratio_notes(result: RatioResult) -> list[str]:
+    """What a reader must know before reading the ratio: whether it was measurable at all, and where not."""
+    criterion, modules, finals = result.criterion, result.modules, result.finals
+    if not criterion.calibrated:
+        return [f"monosemantic ratio not measurable: {criterion.null_text()}"]
+    notes = []
+    if len(modules) and not modules["tested"].any():
+        notes.append(
+            f"monosemantic ratio not measurable: every module snapshot has fewer than {criterion.min_samples():,} samples "
+            f"(at most {int(modules['samples'].max()):,}), too few to tell a feature from noise at a false-positive rate "
+            f"<= {criterion.alpha:g}; take statistics snapshots less often (stats.every) or use larger batches"
+        )
+    elif len(finals):
+        missing = int(finals["ratio"].isna().sum())
+        if missing:
+            notes.append(f"monosemantic ratio: {missing} of {len(finals)} runs have no final module snapshot with "
+                         f">= {criterion.min_samples():,} samples; their ratio is left out")  # fmt: skip
+        weak = finals[finals["ratio"].notna() & (finals["p_value"] >= RUN_LEVEL)]
+        if len(weak):
+            notes.append(f"monosemantic ratio: {len(weak)} of {len(finals)} runs are not significant against the "
+                         f"featureless null (p >= {RUN_LEVEL:g}); their ratio is indistinguishable from noise")  # fmt: skip
+    return notes
+
+
+def final_ratios(stats_root: str, threshold: float, track_every: dict[str, int] | None = None) -> dict[str, dict[str, float]]:
+    """Per run id in the statistics at ``stats_root`` (local or ``s3://``): its final ``ratio``,
+    ``p_value`` and ``null_ratio`` under the default criterion at ``threshold`` (the runs'
+    ``ms_threshold``); NaN where not measurable. For summaries such as the sweep table."""
+    from .source import open_stats
+
+    stats: Stats = str(stats_root) if "://" not in str(stats_root) else open_stats(str(stats_root))
+    criterion = Criterion(threshold=threshold)
+    finals = analyze_ratio(stats, criterion, track_every=track_every).finals
+    return {row["run_id"]: {k: float(row[k]) for k in ("ratio", "p_value", "null_ratio")} for row in finals.to_dict("records")}

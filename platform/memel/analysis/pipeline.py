@@ -14,7 +14,18 @@ import pandas as pd
 from memel.errors import ConfigError
 
 from . import plots
-from .monosemantic_ratio import VARIANT_KEYS, Criterion, RatioResult, add_variant, analyze_ratio, connect, summarize, top_neurons
+from .monosemantic_ratio import (
+    RUN_LEVEL,
+    VARIANT_KEYS,
+    Criterion,
+    RatioResult,
+    add_variant,
+    analyze_ratio,
+    connect,
+    ratio_notes,
+    summarize,
+    top_neurons,
+)
 from .report import Section, render
 from .significance import member_table, significance
 from .source import Member, Source
@@ -28,7 +39,8 @@ class Options:
     """What to compute (see ``memel analyze --help`` for each field)."""
 
     threshold: float | None = None
-    min_fraction: float = 0.01
+    min_fraction: float = 0.005
+    alpha: float = 1e-3
     depth_bins: int = 5
     top_k: int = 4
     ablation_batches: int = 8
@@ -81,9 +93,10 @@ def criterion_for(source: Source, options: Options) -> tuple[Criterion, list[str
         threshold = next(iter(recorded)) if len(recorded) == 1 else 9.0
         if not recorded:
             notes.append(
-                "the runs' ms_threshold is unknown (no specs): frac_above is assumed measured against MS > 9, the default"
+                "the runs' ms_threshold is unknown (no specs): frac_above is assumed measured against MS > 9, the default; "
+                "give --threshold if the runs recorded another"
             )
-    criterion = Criterion(threshold, options.min_fraction)
+    criterion = Criterion(threshold, options.min_fraction, options.alpha)
     criterion.check_recorded(recorded)
     return criterion, notes
 
@@ -173,7 +186,9 @@ def analyze(source: Source, options: Options, notify: Callable[[str], None] | No
     con = connect(options.memory_limit)
     say("monosemantic ratio: aggregating the statistics")
     labels = {m.run_id: m.variant for m in source.members if m.variant}
-    result.ratio = analyze_ratio(source.stats(), criterion, options.depth_bins, con, labels)
+    every = {m.run_id: int(((m.spec or {}).get("inhibition") or {}).get("track_every") or 1) for m in source.members}
+    result.ratio = analyze_ratio(source.stats(), criterion, options.depth_bins, con, labels, every)
+    result.notes += ratio_notes(result.ratio)
     known = {m.run_id for m in source.members}
     extra = [r for r in result.ratio.finals["run_id"] if r not in known]
     if extra:
@@ -223,7 +238,7 @@ def figures(analysis: Analysis) -> dict[str, bytes]:
     """Every figure by file stem."""
     found: dict[str, bytes] = {}
     r = analysis.ratio
-    if r is not None and len(r.by_rung):
+    if r is not None and len(r.by_rung) and r.by_rung["ratio_mean"].notna().any():
         found["ratio_vs_scale"] = plots.ratio_vs_scale(r.by_rung, analysis.criterion.describe())
         found["ratio_over_steps"] = plots.ratio_over_steps(r.over_steps)
         found["depth_heatmap"] = plots.depth_heatmap(r.depth, analysis.options.depth_bins)
@@ -259,10 +274,15 @@ def sections(analysis: Analysis, images: dict[str, bytes]) -> list[Section]:
     r = analysis.ratio
     if r is not None:
         section = Section("1. Monosemantic ratio vs scale", [
-            (f"A neuron is monosemantic at a snapshot when {criterion.describe()} since the previous snapshot; the ratio is "
-             "the fraction of a run's neurons (all inserted modules) that are. Means and 95% confidence intervals (Student t) over seeds."),
+            (f"A neuron is monosemantic at a snapshot when {criterion.describe()} since the previous snapshot: a sparse "
+             "feature active on a fraction p of the samples has MS ~ (1 - p)/p on them. The ratio is the fraction of a run's "
+             "tested neurons (all inserted modules) that are. Means and 95% confidence intervals (Student t) over seeds."),
+            f"Null: {criterion.null_text()}.",
+            (f"null_ratio is the fraction a run of featureless neurons would show; p_value tests the run's flagged count "
+             f"against it (one-sided binomial); a ratio with p >= {RUN_LEVEL:g} is indistinguishable from noise. "
+             "Missing values: not measurable (too few samples per snapshot, or a threshold that does not clear the null)."),
         ])  # fmt: skip
-        for name, caption in (("ratio_vs_scale", "Final monosemantic ratio per rung and mode"),
+        for name, caption in (("ratio_vs_scale", "Final monosemantic ratio per rung and mode (hollow: not significant against the null)"),
                               ("ratio_over_steps", "Monosemantic ratio over training steps"),
                               ("depth_heatmap", f"Final monosemantic ratio by relative layer depth ({options.depth_bins} bins)")):  # fmt: skip
             if name in images:
@@ -334,7 +354,7 @@ def write(analysis: Analysis, out: Path) -> list[Path]:
             "criterion": analysis.criterion.describe()}  # fmt: skip
     (out / "report.html").write_text(render(f"memel analyze: {source.target}", meta, sections(analysis, images)))
     summary = {"target": source.target, "parent_run_id": source.parent_run_id, "stats_root": source.stats_root,
-               "criterion": asdict(analysis.criterion), "options": asdict(analysis.options), "case_member": analysis.case_member,
+               "criterion": asdict(analysis.criterion), "criterion_null": analysis.criterion.null_text(), "options": asdict(analysis.options), "case_member": analysis.case_member,
                "sign_pattern": sign_pattern(analysis), "notes": analysis.notes}  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return [*written, out / "report.html", out / "summary.json"]

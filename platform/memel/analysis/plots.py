@@ -48,17 +48,27 @@ def _errors(part: pd.DataFrame, prefix: str) -> np.ndarray:
 
 
 def ratio_vs_scale(by_rung: pd.DataFrame, criterion: str) -> bytes:
-    """Final monosemantic ratio against parameters, one line per variant (95% CI over seeds)."""
+    """Final monosemantic ratio against parameters, one line per variant (95% CI over seeds); a
+    point none of whose runs is significant against the featureless null is drawn hollow, and the
+    null ratio (what featureless neurons would show) is the dotted line."""
     figure = Figure(figsize=(6.4, 4.2), layout="constrained")
     axis = figure.subplots()
-    groups = list(by_rung.sort_values("n_params").groupby("variant", sort=True))
+    measured = by_rung[by_rung["ratio_mean"].notna()]
+    groups = list(measured.sort_values("n_params").groupby("variant", sort=True))
     for index, (variant, part) in enumerate(groups):
-        axis.errorbar(part["n_params"] * _offset(index, len(groups)), part["ratio_mean"], yerr=_errors(part, "ratio_"), marker="o", capsize=3,
-                      label=variant, color=_color(variant, index))  # fmt: skip
-    _size_axis(axis, sorted(by_rung["n_params"].unique()))
+        color = _color(variant, index)
+        x = part["n_params"] * _offset(index, len(groups))
+        axis.errorbar(x, part["ratio_mean"], yerr=_errors(part, "ratio_"), marker="o", capsize=3, label=variant, color=color)
+        weak = part["significant_runs"].fillna(0).to_numpy() == 0
+        if weak.any():
+            axis.plot(x[weak], part["ratio_mean"][weak], "o", markerfacecolor="white", markeredgecolor=color, zorder=3)
+    if "null_ratio_max" in measured and measured["null_ratio_max"].notna().any():
+        null = measured.groupby("n_params")["null_ratio_max"].max()
+        axis.plot(null.index, null.to_numpy(), ":", color="gray", label="featureless null")
+    _size_axis(axis, sorted(measured["n_params"].unique()))
     axis.set_xlabel("parameters")
     axis.set_ylabel("monosemantic ratio (end of training)")
-    axis.set_title(f"Monosemantic neurons vs scale\n({criterion}; bars: 95% CI over seeds)", fontsize=10)
+    axis.set_title(f"Monosemantic neurons vs scale\n({criterion}; bars: 95% CI over seeds; hollow: not significant)", fontsize=10)
     axis.grid(alpha=0.3)
     axis.legend(title="mode")
     return _png(figure)
@@ -91,7 +101,7 @@ def depth_heatmap(depth: pd.DataFrame, bins: int) -> bytes:
     rungs = depth.sort_values("n_params")[["model", "n_params"]].drop_duplicates().values.tolist()
     figure = Figure(figsize=(max(4.2, 1.1 * len(rungs) + 1.8) * len(variants), 3.2 + 0.25 * bins), layout="constrained")
     axes = np.atleast_1d(figure.subplots(1, len(variants), sharey=True, squeeze=False)[0])
-    top = float(np.nanmax(depth["ratio"])) if len(depth) else 1.0
+    top = float(np.nanmax(depth["ratio"])) if len(depth) and depth["ratio"].notna().any() else 1.0
     image = None
     for axis, variant in zip(axes, variants, strict=True):
         grid = np.full((bins, len(rungs)), np.nan)

@@ -5,8 +5,9 @@ read the multi-hot feature vector of the planted-feature data (``sparse_features
 held-out samples it is then judged in two ways (issue #8, item 3):
 
 * **Flagged neurons against an independent truth.** MS flags a neuron when its values exceed
-  ``ms_threshold`` (MS > 9: three standard deviations) on at least ``min_fraction`` of the held-out
-  samples (the criterion of ``memel analyze``'s monosemantic ratio), with phi from
+  ``ms_threshold`` (MS > 36: six standard deviations) on at least ``min_fraction`` (0.5%) of the
+  held-out samples (the criterion of ``memel analyze``'s monosemantic ratio, calibrated against
+  featureless neurons: see ``docs/monosemanticity.md``), with phi from
   ``Inhibitor.monosemantic_scale`` (the trained statistics). The truth never looks at MS: a neuron is
   *feature-specific* when the AUROC of its activation for some feature (inputs that carry the feature
   against inputs that do not) is >= ``auroc_threshold``, and *single-feature* when exactly one feature
@@ -260,8 +261,8 @@ def validate(
     features: np.ndarray,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     auroc_threshold: float = 0.85,
-    ms_threshold: float = 9.0,
-    min_fraction: float | None = 0.01,
+    ms_threshold: float = 36.0,
+    min_fraction: float | None = 0.005,
     top_fraction: float | None = None,
 ) -> Validation:
     """All the measures on held-out ``acts`` ``[N, H]``, their ``phi`` ``[N, H]`` and ``features`` ``[N, F]``."""
@@ -336,8 +337,8 @@ def bench_metric(
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     modes: Sequence[str] = ("original", "rd"),
     auroc_threshold: float = 0.85,
-    min_fraction: float = 0.01,
-    ms_threshold: float = 9.0,
+    min_fraction: float = 0.005,
+    ms_threshold: float = 36.0,
     heldout_samples: int = 4096,
     batch_size: int = 64,
     lr: float = 1e-2,

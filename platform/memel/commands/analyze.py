@@ -41,20 +41,25 @@ def print_summary(console: Any, analysis: Any) -> None:
     from memel.analysis.pipeline import sign_pattern
 
     ratio = analysis.ratio
-    if ratio is not None and len(ratio.by_rung):
+    if ratio is not None and len(ratio.by_rung) and ratio.by_rung["ratio_mean"].notna().any():
         table = Table(title=f"Monosemantic ratio at the end of training ({analysis.criterion.describe()})")
-        for column in ("rung", "params", "mode", "runs", "mean", "95% CI"):
+        for column in ("rung", "params", "mode", "runs", "mean", "95% CI", "null", "significant runs"):
             table.add_column(column, justify="left" if column in ("rung", "mode") else "right")
         for row in ratio.by_rung.sort_values(["n_params", "variant"]).to_dict("records"):
+            measured = not math.isnan(row["ratio_mean"])
+            significant = int(row["significant_runs"]) if measured else 0
             table.add_row(
                 row["model"],
                 f"{row['n_params']:,}",
                 row["variant"],
-                str(row["ratio_n"]),
-                _fmt(row["ratio_mean"]),
-                _ci(row, "ratio"),
+                f"{row['ratio_n']}/{row['runs']}",
+                (_fmt(row["ratio_mean"]) if significant else f"{_fmt(row['ratio_mean'])} (n.s.)") if measured else "not measurable",
+                _ci(row, "ratio") if measured else "-",
+                _fmt(row["null_ratio_max"], 2) if measured else "-",
+                f"{significant}/{row['ratio_n']}" if measured else "-",
             )
         console.print(table)
+        console.print(f"  null: {analysis.criterion.null_text()}; (n.s.): no run significant against it (p >= 0.05)")
     if analysis.ablation_summary is not None:
         table = Table(
             title=f"Deactivation ablation: top-{analysis.options.top_k} monosemantic neurons per module set to their held-out mean"
@@ -116,9 +121,14 @@ def analyze_command(
         "--tracking-uri",
         help="MLflow tracking URI for a run-id TARGET (default: MLFLOW_TRACKING_URI, else the sweep folder's store).",
     ),
-    threshold: float | None = typer.Option(None, help="MS threshold (default: the runs' inhibition.ms_threshold, 9)."),
+    threshold: float | None = typer.Option(
+        None, help="MS threshold (default: the runs' inhibition.ms_threshold; the ratio needs 36, see docs/monosemanticity.md)."
+    ),
     min_fraction: float = typer.Option(
-        0.01, help="Fraction of samples above the threshold that makes a neuron monosemantic (0: any sample, from max_ms)."
+        0.005, help="Fraction of samples above the threshold that makes a neuron monosemantic (0: any sample, from max_ms)."
+    ),
+    alpha: float = typer.Option(
+        1e-3, help="Largest chance that a featureless neuron is flagged; module snapshots with too few samples for it are not counted."
     ),
     depth_bins: int = typer.Option(5, help="Relative-depth bins of the heatmap."),
     top_k: int = typer.Option(4, help="Ablation: most monosemantic neurons clamped per module."),
@@ -153,7 +163,7 @@ def analyze_command(
         if skipped - set(SECTIONS):
             raise ConfigError(f"--skip: unknown section(s) {sorted(skipped - set(SECTIONS))}; allowed: {SECTION_NAMES}")
         options = Options(
-            threshold=threshold, min_fraction=min_fraction, depth_bins=depth_bins, top_k=top_k, ablation_batches=ablation_batches,
+            threshold=threshold, min_fraction=min_fraction, alpha=alpha, depth_bins=depth_bins, top_k=top_k, ablation_batches=ablation_batches,
             batch_size=batch_size, case_member=case_member, case_seeds=case_seeds, case_lr=case_lr, case_optimizer=case_optimizer,
             sections=tuple(s for s in SECTIONS if s not in skipped), memory_limit=memory_limit,
         )  # fmt: skip

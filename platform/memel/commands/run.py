@@ -113,17 +113,28 @@ def _number(value: Any, digits: int = 4) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
+def _mono(row: dict[str, Any]) -> str:
+    """The final monosemantic ratio, marked (n.s.) when featureless neurons would give it as often (p >= 0.05)."""
+    if row.get("mono_ratio") is None:
+        return "-"
+    text = _number(row["mono_ratio"], 3)
+    return text if row.get("mono_p") is not None and row["mono_p"] < 0.05 else f"{text} (n.s.)"
+
+
 def print_sweep(console: Console, result: Any) -> None:
     table = Table(title=f"sweep {result.job}: {len(result.rows)} members in {result.wall_seconds:,.0f} s")
-    for column in ("member", "params", "mode", "D", "top_n", "seed", "eval loss", "eval metric", "MS mean", "MS>thr", "inhibited", "wall s", "status"):
+    for column in ("member", "params", "mode", "D", "top_n", "seed", "eval loss", "eval metric", "MS mean", "mono ratio", "inhibited", "wall s", "status"):
         table.add_column(column, justify="left" if column in ("member", "mode", "status") else "right")
     for row in result.rows:
         table.add_row(
             row["member"], _number(row["params"]), row["mode"], _number(row["strength"]), str(row["top_n"]), str(row["seed"]),
-            _number(row["eval_loss"]), _number(row["eval_metric"]), _number(row["ms_mean"]), _number(row["ms_frac_above"]),
+            _number(row["eval_loss"]), _number(row["eval_metric"]), _number(row["ms_mean"]), _mono(row),
             _number(row["inhibited"]), _number(row["wall_s"]), row["status"],
         )  # fmt: skip
     console.print(table)
+    if getattr(result, "mono_criterion", None):
+        console.print(f"mono ratio: {result.mono_criterion}. (n.s.): not significant against it (p >= 0.05); "
+                      "-: not measurable. One seed is one run: compare rungs and modes with memel analyze.")  # fmt: skip
     where_next(console, result.tracking_uri, result.parent_run_id, result.stats_root)
     console.print(f"Table: {Path(result.output_dir) / 'sweep_table.csv'} (also an artifact of the parent run)")
 

@@ -29,7 +29,7 @@ from .launch import Finished, Launcher
 #: The columns of the sweep table, in order.
 COLUMNS = (
     "member", "rung", "params", "mode", "strength", "top_n", "seed", "status", "eval_loss", "eval_metric",
-    "ms_mean", "ms_frac_above", "inhibited", "wall_s", "run_id",
+    "ms_mean", "mono_ratio", "mono_p", "inhibited", "wall_s", "run_id",
 )  # fmt: skip
 
 
@@ -45,6 +45,7 @@ class SweepResult:
     rows: list[dict[str, Any]] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     wall_seconds: float = 0.0
+    mono_criterion: str | None = None  # the monosemantic ratio's criterion and null, or why it is not measurable
 
 
 def finished_result(spec: TrainSpec) -> TrainResult | None:
@@ -66,9 +67,35 @@ def table_row(member: Member, result: TrainResult | None, status: str, n_params:
         "member": member.key, "rung": member.rung, "params": n_params, "mode": member.mode,
         "strength": member.strength, "top_n": member.top_n, "seed": member.seed, "status": status,
         "eval_loss": metrics.get("eval/loss"), "eval_metric": eval_metric, "ms_mean": metrics.get("ms/mean"),
-        "ms_frac_above": metrics.get("ms/frac_above"), "inhibited": metrics.get("inhibited/total"),
+        "mono_ratio": None, "mono_p": None, "inhibited": metrics.get("inhibited/total"),
         "wall_s": round(result.wall_seconds, 1) if result else None, "run_id": result.run_id if result else None,
     }  # fmt: skip
+
+
+def add_mono_ratios(rows: list[dict[str, Any]], members: list[Member], stats_root: str | None) -> str | None:
+    """Fill each row's ``mono_ratio`` and ``mono_p`` (the final monosemantic ratio of
+    ``memel analyze`` and its p-value against featureless neurons; None where not measurable);
+    returns the criterion with its null, or why there is no ratio."""
+    from memel.analysis.monosemantic_ratio import Criterion, final_ratios
+
+    thresholds = {m.spec.inhibition.ms_threshold for m in members}
+    if stats_root is None or len(thresholds) != 1:
+        return None if stats_root is None else "members recorded different ms_threshold values: see memel analyze"
+    (threshold,) = thresholds
+    criterion = Criterion(threshold=threshold)
+    if not criterion.calibrated:
+        return f"monosemantic ratio not measurable: {criterion.null_text()}"
+    try:
+        by_key = {m.key: m for m in members}
+        every = {row["run_id"]: by_key[row["member"]].spec.inhibition.track_every for row in rows if row["run_id"]}
+        ratios = final_ratios(stats_root, threshold, every)
+    except Exception as error:  # noqa: BLE001 - the table stands without it; say why
+        return f"monosemantic ratio not computed ({type(error).__name__}: {error})"
+    for row in rows:
+        found = ratios.get(row["run_id"] or "")
+        if found and found["ratio"] == found["ratio"]:  # not NaN
+            row["mono_ratio"], row["mono_p"] = found["ratio"], found["p_value"]
+    return f"{criterion.describe()}; null: {criterion.null_text()}"
 
 
 def table_csv(rows: list[dict[str, Any]]) -> str:
@@ -147,6 +174,7 @@ def run_sweep(job: JobSpec, address: str | None = None, progress: Any = None) ->
         parent.end("KILLED")
         raise
     ordered = [rows[m.key] for m in members if m.key in rows]
+    criterion = add_mono_ratios(ordered, members, stats_root)
     text = table_csv(ordered)
     write_text(out / "sweep_table.csv", text)
     parent.log_text(text, "sweep_table.csv")
@@ -156,7 +184,7 @@ def run_sweep(job: JobSpec, address: str | None = None, progress: Any = None) ->
             parent.log_metrics({f"eval_loss/{row['member']}": float(row["eval_loss"])}, 0)
     result = SweepResult(
         job=job.name, parent_run_id=parent.run_id, tracking_uri=redact(tracking_uri), stats_root=stats_root,
-        output_dir=str(out), rows=ordered, failed=failed, wall_seconds=time.perf_counter() - started,
+        output_dir=str(out), rows=ordered, failed=failed, wall_seconds=time.perf_counter() - started, mono_criterion=criterion,
     )  # fmt: skip
     parent.log_dict(asdict(result), "sweep_summary.json")
     parent.end("FAILED" if failed else "FINISHED")
