@@ -36,7 +36,7 @@ def test_analyze_a_real_quickstart_sweep_by_parent_run_id(tmp_path: Path) -> Non
     for title in (
         "Monosemantic ratio at the end of training",
         "Deactivation ablation",
-        "on byte-1m-original: one step per mode, 3 batches",
+        "Case study on the weights of byte-1m-original (top_ms selection, lr run",
         "Table 4's orderings of the Decrease Ratio",
         "Paired t-tests",
     ):

@@ -366,8 +366,8 @@ def verdicts(per_batch: pd.DataFrame, variant: str = "shared", selection: str = 
                 continue
             mean, low, high = paired_ci(group, a, b)
             verdict = "inconclusive" if math.isnan(low) or low <= 0 <= high else "reproduced" if low > 0 else "contradicted"
-            rows.append({"variant": variant, "lr_name": lr_name, "claim": f"{a} > {b}", "difference": mean, "ci_low": low,
-                         "ci_high": high, "paper_difference": PAPER_TABLE4[a][0] - PAPER_TABLE4[b][0], "verdict": verdict})  # fmt: skip
+            rows.append({"variant": variant, "lr_name": lr_name, "claim": f"{a} > {b}", "difference": mean, "difference_ci_low": low,
+                         "difference_ci_high": high, "paper_difference": PAPER_TABLE4[a][0] - PAPER_TABLE4[b][0], "verdict": verdict})  # fmt: skip
     return pd.DataFrame(rows)
 
 

@@ -67,8 +67,9 @@ def print_summary(console: Any, analysis: Any) -> None:
     if analysis.case_summary is not None:
         summary = analysis.case_summary
         for (variant, lr_name, selection), part in summary.groupby(["variant", "lr_name", "selection"], sort=False):
-            table = Table(title=f"Case study ({variant} weights, {selection} selection, lr {lr_name} = {part['lr'].iloc[0]:.3g}) "
-                                f"on {analysis.case_member}: one step per mode, {int(part['batches'].max())} batches")  # fmt: skip
+            weights = f"the weights of {analysis.case_member}" if variant == "shared" else "each mode from its own trained member"
+            table = Table(title=f"Case study on {weights} ({selection} selection, lr {lr_name} = {part['lr'].iloc[0]:.3g}): "
+                                f"one step per mode, {int(part['batches'].max())} batches")  # fmt: skip
             for column in ("mode", "Decrease Ratio %", "95% CI", "- original", "95% CI ", "- naive_b", "95% CI  ",
                            "Total Update %", "quotient", "alignment", "paper DR %", "paper TUR %"):  # fmt: skip
                 table.add_column(column, justify="left" if column == "mode" else "right")
@@ -84,7 +85,7 @@ def print_summary(console: Any, analysis: Any) -> None:
             for column in ("variant", "lr", "claim", "difference %", "95% CI", "paper %", "verdict"):
                 table.add_column(column, justify="left" if column in ("variant", "lr", "claim", "verdict") else "right")
             for row in analysis.case_verdicts.to_dict("records"):
-                table.add_row(row["variant"], row["lr_name"], row["claim"], _fmt(row["difference"]), _ci(row, "ci"),
+                table.add_row(row["variant"], row["lr_name"], row["claim"], _fmt(row["difference"]), _ci(row, "difference"),
                               _fmt(row["paper_difference"]), row["verdict"])  # fmt: skip
             console.print(table)
     if analysis.significance is not None and len(analysis.significance):
