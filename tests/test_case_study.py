@@ -274,3 +274,20 @@ def test_one_pass_leaves_no_hooks() -> None:
     subject, batches, loss_fn = linear_subject("towards", 0.1)
     one_pass(subject.model, subject.weights, subject.optimizer, subject.stats, batches[0], 0, loss_fn, "rd")
     assert not subject.model.lin._forward_hooks
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--case-lr", "abc"], r"--case-lr: got 'abc'; allowed: run .* or a finite number > 0"),
+    (["--case-lr", "-1e-3"], r"--case-lr: got '-1e-3'"),
+    (["--case-batches", "1"], r"--case-batches: got 1; must be >= 2"),
+    (["--case-optimizer", "adam"], r"--case-optimizer: got 'adam'; allowed: run .*, sgd"),
+])  # fmt: skip
+def test_bad_case_options_are_refused_by_name(args: list[str], expected: str, tmp_path) -> None:
+    import re
+
+    from memel.cli import app
+    from typer.testing import CliRunner
+
+    result = CliRunner(env={"COLUMNS": "240"}).invoke(app, ["analyze", str(tmp_path), "--out", str(tmp_path / "out"), *args])
+    assert result.exit_code == 2 and re.search(expected, " ".join(result.output.split())), result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
