@@ -1,6 +1,7 @@
 """memel analyze's model-level computations against independent NumPy/autograd reproductions:
 per-sample losses and feature groups of held-out data, the deactivation ablation (Figure 2),
-the inhibition case study (Table 4) across seeds on a tiny model, and checkpoint loading."""
+and checkpoint loading (weights, Inhibitors, the optimizer of a ZeRO-2 run); the case study (Table 4)
+is in test_case_study.py."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 from memel.analysis.ablation import ablate, random_neurons
-from memel.analysis.case_study import case_study, ratios, summarize_case_study
 from memel.analysis.heldout import grouped_batches, heldout_loader, sample_groups, sample_losses
 from memel.data.documents import Document
 from memel.training.objective import compute
@@ -125,113 +125,6 @@ def test_ablation_matches_a_numpy_reproduction() -> None:
     assert list(table.index) == ["all", "x", "y"]
 
 
-# ------------------------------------------------------------------------------ case study
-def test_ratios_match_numpy() -> None:
-    rng = np.random.default_rng(2)
-    z = {"a": rng.standard_normal((7, 5)), "b": rng.standard_normal((7, 3))}
-    z_new = {k: v + 0.05 * rng.standard_normal(v.shape) for k, v in z.items()}
-    stats = {k: (rng.standard_normal(v.shape[1]), rng.uniform(0.5, 2, v.shape[1])) for k, v in z.items()}
-    got = ratios({k: torch.from_numpy(v) for k, v in z.items()}, {k: torch.from_numpy(v) for k, v in z_new.items()},
-                 {k: (torch.from_numpy(m), torch.from_numpy(s)) for k, (m, s) in stats.items()}, eps=0.01, top_n=2)  # fmt: skip
-    decrease, update, total = [], [], []
-    for name, values in z.items():
-        mean, var = stats[name]
-        denominator = var + 0.01 * var.mean()
-        before, after = (values - mean) ** 2 / denominator, (z_new[name] - mean) ** 2 / denominator
-        for row in range(7):
-            for neuron in np.argsort(-before[row])[:2]:
-                decrease.append(1 - after[row, neuron] / before[row, neuron])
-                update.append(abs(z_new[name][row, neuron] / values[row, neuron] - 1))
-        total += list(np.abs(z_new[name] / values - 1).ravel())
-    assert got.selected == 28 and got.values == 56
-    assert (got.decrease_ratio, got.update_ratio, got.total_update_ratio) == (
-        pytest.approx(100 * np.mean(decrease)),
-        pytest.approx(100 * np.mean(update)),
-        pytest.approx(100 * np.mean(total)),
-    )
-
-
-#: How each mode passes a selected value on: forward value mu, gradient times s (z' = s*z + (mu - s*z).detach()).
-GRADIENT_SCALE = {"original": None, "naive_a": 0.0, "naive_b": 1.0, "rd": -1.0}
-
-
-def _reproduce(model: nn.Sequential, state: dict, batch: Batch, mode: str, lr: float) -> tuple[float, float, float]:
-    """The case study by hand: plain autograd, the mode as a hook, phi in NumPy float64."""
-    model = copy.deepcopy(model)
-    mean, var = state["mean"].double().numpy(), state["var"].double().numpy()
-    denominator = var + 0.01 * var.mean()
-    with torch.no_grad():
-        z = model.act(model.fc1(batch.inputs)).double().numpy()
-    phi = (z - mean) ** 2 / denominator
-    selected = np.zeros_like(phi, dtype=bool)
-    selected[np.arange(len(phi)), phi.argmax(1)] = True
-    scale, handle = GRADIENT_SCALE[mode], None
-    if scale is not None:
-        mask, mu = torch.from_numpy(selected), state["mean"].float()
-
-        def hook(_m, _a, out):
-            return torch.where(mask, scale * out + (mu - scale * out).detach(), out)
-
-        handle = model.act.register_forward_hook(hook)
-    loss = nn.functional.cross_entropy(model(batch.inputs), batch.targets)
-    loss.backward()
-    if handle is not None:
-        handle.remove()
-    with torch.no_grad():
-        for p in model.parameters():
-            p -= lr * p.grad
-        z_new = model.act(model.fc1(batch.inputs)).double().numpy()
-    phi_new = (z_new - mean) ** 2 / denominator
-    decrease = 100 * np.mean(1 - phi_new[selected] / phi[selected])
-    update = 100 * np.mean(np.abs(z_new[selected] / z[selected] - 1))
-    return decrease, update, 100 * np.mean(np.abs(z_new / z - 1))
-
-
-def test_case_study_on_a_tiny_model_across_seeds() -> None:
-    model = tiny_mlp(3)
-    config = {"mode": "original", "top_n": 1, "eps": 0.01, "forget_steps": 4, "kernel": "eager"}
-    inserted = memel.inhibit(model, ["act"], memel.InhibitionConfig(**config))
-    model.train()
-    torch.manual_seed(0)
-    for _ in range(6):  # trained statistics
-        model(torch.randn(32, 6))
-    memel.sync(model)
-    states = {name: copy.deepcopy(m.state_dict()) for name, m in inserted.items()}
-    memel.remove(model)
-    batches = {seed: Batch(torch.randn(24, 6, generator=torch.Generator().manual_seed(seed)),
-                           torch.randint(0, 3, (24,), generator=torch.Generator().manual_seed(seed + 100))) for seed in range(3)}  # fmt: skip
-    reference = copy.deepcopy(model.state_dict())
-    per_seed = case_study(model, ["act"], states, config, batches, "digits", lr=0.5)
-    assert all(torch.equal(reference[k], v) for k, v in model.state_dict().items())  # the model itself is untouched
-    assert sorted(zip(per_seed["mode"], per_seed["seed"])) == sorted((m, s) for m in GRADIENT_SCALE for s in range(3))
-    for row in per_seed.itertuples():
-        decrease, update, total = _reproduce(model, states["act"], batches[row.seed], row.mode, 0.5)
-        assert row.decrease_ratio == pytest.approx(decrease, rel=1e-4, abs=1e-6), row
-        assert row.update_ratio == pytest.approx(update, rel=1e-4)
-        assert row.total_update_ratio == pytest.approx(total, rel=1e-4)
-        assert row.selected == 24 and row.values == 24 * 16
-    modes = per_seed.set_index(["mode", "seed"])["decrease_ratio"]
-    assert len({round(modes[(m, 0)], 9) for m in GRADIENT_SCALE}) == 4  # every mode moves the selected values differently
-
-    from scipy import stats as st
-
-    summary = summarize_case_study(per_seed).set_index("mode")
-    assert list(summary.index) == ["original", "naive_a", "naive_b", "rd"]
-    for mode in GRADIENT_SCALE:
-        values = per_seed[per_seed["mode"] == mode].sort_values("seed")["decrease_ratio"].to_numpy()
-        low, high = st.t.interval(0.95, 2, loc=values.mean(), scale=st.sem(values))
-        assert summary.loc[mode, "decrease_ratio"] == pytest.approx(values.mean())
-        assert (summary.loc[mode, "decrease_ratio_ci_low"], summary.loc[mode, "decrease_ratio_ci_high"]) == (
-            pytest.approx(low),
-            pytest.approx(high),
-        )
-        base = per_seed[per_seed["mode"] == "original"].sort_values("seed")["decrease_ratio"].to_numpy()
-        assert summary.loc[mode, "vs_original"] == pytest.approx((values - base).mean(), abs=1e-12)
-        expected = "+" if values.mean() > 0 else "-"
-        assert summary.loc[mode, "sign"] in (expected, f"({expected})")
-    assert summary.loc["rd", "paper_sign"] == "+" and summary.loc["naive_b", "paper_sign"] == "-"
-
-
 # ------------------------------------------------------------------------------ checkpoints
 def test_load_member_from_a_zero0_checkpoint(tmp_path: Path) -> None:
     from memel.analysis.checkpoint import load_member
@@ -261,3 +154,52 @@ def test_load_member_from_a_zero0_checkpoint(tmp_path: Path) -> None:
     again = trained.insert(mode="original")
     for name, module in again.items():
         assert module.config.mode == "original" and torch.equal(module.mean, inserted[name].mean)
+
+
+def _train_zero2(rank: int, world: int, folder: str) -> None:
+    """Two ranks of a real DeepSpeed ZeRO-2 run on the same batches (so the averaged gradient is the
+    local one); rank 0 also steps a plain torch AdamW replica and saves its state by parameter name."""
+    import os
+
+    import deepspeed
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.manual_seed(0)
+    model = tiny_mlp(5)
+    replica = copy.deepcopy(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
+    config = {"train_batch_size": 2 * world, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}  # fmt: skip
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    reference = torch.optim.AdamW(replica.parameters(), lr=3e-3, weight_decay=0.05)
+    for step in range(3):
+        x = torch.randn(2, 6, generator=torch.Generator().manual_seed(step))
+        y = torch.tensor([step % 3, (step + 1) % 3])
+        loss = nn.functional.cross_entropy(engine(x), y)
+        engine.backward(loss)
+        engine.step()
+        reference.zero_grad()
+        nn.functional.cross_entropy(replica(x), y).backward()
+        torch.nn.utils.clip_grad_norm_(replica.parameters(), 1.0)  # DeepSpeed's default gradient_clipping
+        reference.step()
+    engine.save_checkpoint(folder, tag="step-3")
+    if rank == 0:
+        named = dict(replica.named_parameters())
+        torch.save({name: reference.state[p] for name, p in named.items()}, Path(folder) / "reference.pt")
+
+
+@pytest.mark.timeout(300)
+def test_optimizer_state_of_a_zero2_checkpoint_is_the_optimizers(tmp_path: Path) -> None:
+    from distributed import run_distributed
+    from memel.analysis.checkpoint import optimizer_state
+
+    run_distributed(_train_zero2, 2, str(tmp_path))
+    names = [name for name, _ in tiny_mlp(5).named_parameters()]
+    got = optimizer_state(tmp_path, "step-3", names, grad_clip=1.0)
+    expected = torch.load(tmp_path / "reference.pt", weights_only=False)
+    assert (got.lr, got.betas, got.eps, got.weight_decay, got.grad_clip) == (3e-3, (0.9, 0.999), 1e-8, 0.05, 1.0)
+    assert sorted(got.state) == sorted(names)
+    for name in names:
+        assert float(got.state[name]["step"]) == 3.0
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(got.state[name][key].reshape(expected[name][key].shape), expected[name][key], msg=name)

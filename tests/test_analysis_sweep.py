@@ -30,17 +30,18 @@ def test_analyze_a_real_quickstart_sweep_by_parent_run_id(tmp_path: Path) -> Non
     state = json.loads((out / "sweep.json").read_text())
     report = tmp_path / "report"
     args = ["analyze", state["parent_run_id"], "--tracking-uri", state["tracking_uri"], "--out", str(report),
-            "--case-seeds", "3", "--ablation-batches", "2", "--top-k", "2"]  # fmt: skip
+            "--case-batches", "3", "--case-lr", "run", "--ablation-batches", "2", "--top-k", "2"]  # fmt: skip
     analyzed = RUNNER.invoke(app, args)
     assert analyzed.exit_code == 0, analyzed.output
     for title in (
         "Monosemantic ratio at the end of training",
         "Deactivation ablation",
-        "Case study on byte-1m-original",
+        "Case study on the weights of byte-1m-original (top_ms selection, lr run",
+        "Table 4's orderings of the Decrease Ratio",
         "Paired t-tests",
     ):
         assert title in analyzed.output
-    assert re.search(r"Decrease Ratio signs, ours vs the paper's .*original [-+(]", analyzed.output)
+    assert re.search(r"rd > naive_b .*(reproduced|contradicted|inconclusive)", analyzed.output)
 
     by_rung = pd.read_csv(report / "ratio_by_rung.csv")
     assert sorted(zip(by_rung["model"], by_rung["mode"])) == [
@@ -60,7 +61,12 @@ def test_analyze_a_real_quickstart_sweep_by_parent_run_id(tmp_path: Path) -> Non
     assert len(ablation["run_id"].unique()) == 4 and {"all", "shakespeare"} & set(ablation["group"])
     assert ablation["base_loss"].between(0.5, 6).all() and ablation["ablated_loss"].notna().all()
     case = pd.read_csv(report / "case_study.csv")
-    assert len(case) == 3 * 4 and case["total_update_ratio"].gt(0).all()
+    shared, own = case[case["variant"] == "shared"], case[case["variant"] == "own"]
+    assert len(shared) == 3 * 4 * 2 and shared["update_ratio_all"].gt(0).all()  # batches x modes x (top-MS, random)
+    assert sorted(set(own["mode"])) == ["original", "rd"] and len(own) == 3 * 2  # each mode from its own member
+    assert (shared.groupby(["selection", "batch"])["selected"].nunique() == 1).all()  # the control modifies as many
+    verdicts = pd.read_csv(report / "case_study_verdicts.csv")
+    assert {"rd > original", "rd > naive_b"} <= set(verdicts["claim"])
     significance = pd.read_csv(report / "significance.csv")
     assert (
         set(significance["metric"]) == {"eval_loss", "mono_ratio"}

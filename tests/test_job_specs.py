@@ -52,6 +52,8 @@ MALFORMED: list[tuple[str, dict[str, Any], str]] = [
     ("strength-on-naive", _with(inhibition={"mode": "naive_a", "strength": 2.0}), r"strength=2.0 is only used by mode 'rd'"),
     ("unknown-model", _with(model={"name": "pythia-3b"}, sweep=None), r"model: unknown name 'pythia-3b'; known models: pythia-14m"),
     ("unknown-preset", _with(model={"preset": "everywhere"}, sweep=None), r"unknown preset 'everywhere'; allowed for this model: mlp"),
+    ("paper-preset-layout-channel", _with(model={"preset": "paper"}, inhibition={"layout": "channel"}),
+     r"inhibition\.layout: 'channel' contradicts model\.preset 'paper'.* set inhibition\.layout: element"),
     ("bad-data-kind", _with(data={"kind": "video"}), r"data: .*video"),
     ("bad-name", _with(name="my job"), r"job\.name: .*pattern"),
     ("unknown-rung", _with(sweep={"rungs": ["byte-0.2m", "pythia-3b"]}), r"sweep member pythia-3b-original: model: unknown name 'pythia-3b'"),
@@ -172,3 +174,12 @@ def test_mode_variants_carry_their_own_settings() -> None:
         load_job(JOBS / "l2e_vs_memel.yaml", ["sweep.modes=[rd, {mode: rd, set: {inhibition.select: threshold}}]"])
     with pytest.raises(ConfigError, match=r"sweep member byte-0.2m-l2e-s0: inhibition.*fraction"):
         load_job(JOBS / "l2e_vs_memel.yaml", ["sweep.modes=[{mode: l2e, set: {inhibition.fraction: 0.05}}]"])
+
+
+@pytest.mark.parametrize("name", ["table4.yaml", "table4-gpu.yaml"])
+def test_paper_jobs_insert_as_the_paper_does(name: str) -> None:
+    members = expand_sweep(load_job(JOBS / "paper" / name))
+    assert sorted(m.spec.inhibition.mode for m in members) == ["naive_a", "naive_b", "original", "rd"]
+    for member in members:
+        assert (member.spec.model.preset, member.spec.inhibition.layout, member.spec.inhibition.top_n) == ("paper", "element", 1)
+        assert member.spec.train.zero_stage <= 2  # the case study reads the optimizer state of ZeRO 0-2

@@ -178,6 +178,63 @@ def test_presets_insert_inhibitors_and_train(name: str, overrides: dict, preset:
     assert sorted(memel.remove(model)) == sorted(inserted)
 
 
+@pytest.mark.parametrize(("name", "expected"), [
+    ("pythia-160m", [f"layers.{i}" for i in (4, 5, 6, 7)]),  # BERT-base-like 12 layers: blocks 4-7, as the authors
+    ("byte-1m", [f"layers.{i}" for i in range(4)]),  # 4 of its 5 layers
+    ("bert-byte-mini", [f"layers.{i}" for i in range(4)]),
+    ("bert-base", [f"layers.{i}" for i in (4, 5, 6, 7)]),
+    ("vit-tiny", [f"blocks.{i}" for i in (4, 5, 6, 7)]),
+    ("convgru", [f"{part}.cells.{i}" for part in ("encoder", "forecaster") for i in range(3)]),
+])  # fmt: skip
+def test_paper_preset_is_the_middle_block_outputs(name: str, expected: list[str]) -> None:
+    assert preset_targets(name, "paper") == expected
+
+
+@pytest.mark.parametrize("name", ["byte-1m", "pythia-14m", "bert-byte-mini", "vit-micro", "convgru"])
+def test_paper_preset_modifies_one_value_per_sample(name: str) -> None:
+    """The paper preset's targets resolve and take an Inhibitor whose input is the block's output
+    (the residual stream / the cell's hidden state); with layout element and top-1, every call
+    modifies exactly one value per sample (one sequence or image)."""
+    model, inputs = _inputs(name, batch=3)
+    from memel.training import TrainSpec
+
+    data = {"vit-micro": {"kind": "digits"}, "convgru": {"kind": "nowcast"}}.get(name, {"kind": "text_lm", "corpus": "shakespeare", "seq_len": 16})
+    spec = TrainSpec(model={"name": name, "preset": "paper"}, inhibition={"mode": "naive_a", "late_start": 1}, data=data)
+    assert spec.inhibition.layout == "element" and spec.inhibition.top_n == 1
+    inserted = memel.inhibit(model, preset_targets(name, "paper"), spec.inhibition.model_copy(update={"kernel": "eager"}))
+    modules = dict(model.named_modules())
+    block_out: dict[str, list[torch.Tensor]] = {n: [] for n in inserted}
+    inhibitor_in: dict[str, list[torch.Tensor]] = {n: [] for n in inserted}
+    changed: dict[str, list[torch.Tensor]] = {n: [] for n in inserted}
+    model.train()
+    _loss(model, inputs)  # the first training call only starts the statistics (late_start=1)
+    for target, inhibitor in inserted.items():
+        # runs before the Inhibitor's hook on the block: the block's own output
+        modules[target].register_forward_hook(lambda _m, _a, out, t=target: block_out[t].append(out.detach().clone()), prepend=True)
+        def record(_m: torch.nn.Module, args: tuple, out: torch.Tensor, t: str = target) -> None:
+            inhibitor_in[t].append(args[0].detach().clone())
+            changed[t].append((out != args[0]).reshape(args[0].shape[0], -1).sum(1))
+
+        inhibitor.register_forward_hook(record)
+    _loss(model, inputs)
+    for target in inserted:
+        assert changed[target], target
+        assert all(torch.equal(c, torch.ones(3, dtype=c.dtype)) for c in changed[target]), (target, changed[target])
+        assert all(torch.equal(a, b) for a, b in zip(block_out[target], inhibitor_in[target], strict=True))
+        assert block_out[target][0].shape[0] == 3 and block_out[target][0].dim() >= 3  # [batch, positions, channels] / [batch, C, H, W]
+
+
+def test_a_paper_preset_with_layout_channel_is_refused() -> None:
+    from memel.training import TrainSpec
+
+    with pytest.raises(memel.ConfigError, match=r"inhibition.layout: 'channel' contradicts model.preset 'paper'.*set inhibition.layout: element"):
+        TrainSpec(model={"name": "byte-1m", "preset": "paper"}, inhibition={"layout": "channel"})
+    assert TrainSpec(model={"name": "byte-1m", "preset": "paper"}, inhibition={"layout": "element"}).inhibition.layout == "element"
+    assert TrainSpec(model={"name": "byte-1m", "preset": "mlp"}).inhibition.layout == "channel"  # other presets: unchanged
+    with pytest.raises(memel.ConfigError, match=r"unknown preset 'paper'; allowed for this model: blocks, mid_blocks"):
+        TrainSpec(model={"name": "cnn-tiny", "preset": "paper"}, data={"kind": "digits"})
+
+
 def test_mid_layers_are_the_middle_ones() -> None:
     assert preset_targets("pythia-70m", "mid_attn4") == [f"layers.{i}.attention.dense" for i in (1, 2, 3, 4)]
     assert preset_targets("pythia-160m", "mid_mlp") == [f"layers.{i}.mlp.act" for i in range(3, 9)]

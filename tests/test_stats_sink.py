@@ -51,6 +51,25 @@ def set_s3_env(monkeypatch: pytest.MonkeyPatch, server: S3Server, endpoint: str 
         monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
 
 
+def test_layout_preset_and_selection_are_recorded(snap: memel.Snapshot, tmp_path: Path) -> None:
+    """The run's layout, preset and selection ride on every row, and read back through the sink;
+    rows written without them read as nulls (unknown), also beside rows that have them."""
+    known = snapshot_table(snap, **CONTEXT, step=1, module="0", depth=0.0, layout="element", preset="paper", select="top_n")
+    unknown = snapshot_table(snap, **{**CONTEXT, "run_id": "run-old"}, step=1, module="0", depth=0.0)
+    assert {name: set(known.column(name).to_pylist()) for name in ("layout", "preset", "select")} == {
+        "layout": {"element"}, "preset": {"paper"}, "select": {"top_n"}}  # fmt: skip
+    assert unknown.column("layout").null_count == NEURONS
+    with ParquetStatsSink(str(tmp_path), "run-a") as sink:
+        sink.submit(known, module="0", step=1)
+    with ParquetStatsSink(str(tmp_path), "run-old") as sink:
+        sink.submit(unknown, module="0", step=1)
+    found = duckdb.sql(
+        f"SELECT run_id, layout, preset, \"select\", count(*) AS n FROM read_parquet('{tmp_path}/**/*.parquet', "
+        "hive_partitioning = true, union_by_name = true) GROUP BY ALL ORDER BY run_id"
+    ).fetchall()
+    assert found == [("run-a", "element", "paper", "top_n", NEURONS), ("run-old", None, None, None, NEURONS)]
+
+
 def test_snapshot_table_matches_the_snapshot(snap: memel.Snapshot) -> None:
     table = snapshot_table(snap, **CONTEXT, step=10, module="layers.0.mlp.act", depth=0.25)
     assert table.schema.equals(STATS_SCHEMA)

@@ -84,11 +84,15 @@ def test_two_worker_run_trains_tracks_and_writes_statistics(
     assert run.info.status == "FINISHED"
     assert run.data.params["train.zero_stage"] == str(stage) and run.data.params["inhibition.mode"] == "rd"
     assert run.data.tags["memel.model"] == "byte-0.2m" and run.data.tags["memel.n_params"] == "232832"
+    tags, params = run.data.tags, run.data.params  # where inhibition went and how it selected
+    assert (tags["memel.layout"], tags["memel.preset"], tags["memel.select"]) == ("channel", "mlp", "top_n")
+    assert (params["inhibition.layout"], params["model.preset"], params["inhibition.top_n"]) == ("channel", "mlp", "1")
     assert {"eval/loss", "eval/perplexity", "train/tokens_per_s", "train/step_time_s", "ms/layers.0.mlp.act/mean"} <= set(run.data.metrics)
 
     table = _read_stats(result.stats_root, s3)
     assert table.num_rows == 3 * MODULES * NEURONS  # snapshots at steps 4, 8, 12
     assert sorted(set(table.column("step").to_pylist())) == [4, 8, 12]
+    assert {(r["layout"], r["preset"], r["select"]) for r in table.select(["layout", "preset", "select"]).to_pylist()} == {("channel", "mlp", "top_n")}
     final = _final_inhibition(result.checkpoint)
     last = table.filter(ds.field("step") == 12).to_pandas()
     for name, state in final.items():

@@ -5,7 +5,8 @@
   calibrated against featureless neurons (:mod:`.monosemantic_null`)
   (one streaming DuckDB pass over the Parquet dataset).
 - :mod:`.ablation`: the paper's Figure 2 (clamp the most monosemantic neurons, loss increase per group).
-- :mod:`.case_study`: the paper's Table 4 (one optimizer step per mode: Decrease and Update Ratios).
+- :mod:`.case_study`: the paper's Table 4 (one optimizer step per mode: Decrease and Update Ratios,
+  Lemma 3.3's alignment, a random-selection control); :mod:`.case_run` runs it on a sweep's members.
 - :mod:`.significance`: the paper's Table 9 (paired t-tests, original vs inhibited).
 - :mod:`.plots`, :mod:`.report`, :mod:`.pipeline`: figures, the HTML report, the whole run.
 - :mod:`.benchmark`: aggregation throughput and memory on a generated dataset (``memel bench analyze``).

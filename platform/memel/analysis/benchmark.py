@@ -43,7 +43,8 @@ def _chunk(module: int, modules: int, steps: np.ndarray, neurons: int, rng: np.r
     step = np.repeat(steps.astype(np.int64), neurons)
     mono = neuron % MONO_EVERY == 0
     frac = np.where(mono, 0.05 + 0.05 * rng.random(rows, dtype=np.float32), 0.002 * rng.random(rows, dtype=np.float32))
-    constants = {"model": "pythia-410m", "n_params": 405_334_016, "mode": "rd", "strength": 1.0, "top_n": 1, "seed": 0}
+    constants = {"model": "pythia-410m", "n_params": 405_334_016, "mode": "rd", "strength": 1.0, "top_n": 1, "seed": 0,
+                 "layout": "channel", "preset": "mlp", "select": "top_n"}  # fmt: skip
     varying = {
         "step": step, "tokens_seen": step * 2_097_152, "depth": np.full(rows, module / max(modules - 1, 1), np.float32),
         "neuron": neuron, "mean": rng.standard_normal(rows, dtype=np.float32),

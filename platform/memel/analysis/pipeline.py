@@ -46,9 +46,11 @@ class Options:
     ablation_batches: int = 8
     batch_size: int | None = None
     case_member: str | None = None
-    case_seeds: int = 5
-    case_lr: float = 1e-3
-    case_optimizer: str = "sgd"
+    case_batches: int = 50
+    case_lrs: tuple[str, ...] = ("run", "2e-06")
+    case_optimizer: str = "run"
+    case_random: bool = True
+    case_own: bool = True
     sections: tuple[str, ...] = SECTIONS
     memory_limit: str = "1GB"
 
@@ -57,13 +59,20 @@ class Options:
         if unknown:
             raise ConfigError(f"--skip: unknown section(s) {sorted(unknown)}; allowed: {', '.join(SECTIONS)}")
         for name, value, low in (("--top-k", self.top_k, 1), ("--ablation-batches", self.ablation_batches, 1),
-                                 ("--case-seeds", self.case_seeds, 1), ("--depth-bins", self.depth_bins, 1)):  # fmt: skip
+                                 ("--case-batches", self.case_batches, 2), ("--depth-bins", self.depth_bins, 1)):  # fmt: skip
             if value < low:
                 raise ConfigError(f"{name}: got {value}; must be >= {low}")
-        if not (self.case_lr > 0 and math.isfinite(self.case_lr)):
-            raise ConfigError(f"--case-lr: got {self.case_lr}; must be a finite number > 0")
-        if self.case_optimizer not in ("sgd", "adamw"):
-            raise ConfigError(f"--case-optimizer: got {self.case_optimizer!r}; allowed: sgd, adamw")
+        if not self.case_lrs:
+            raise ConfigError("--case-lr: give at least one: run (the member's last learning rate) or a number such as 2e-6")
+        for value in self.case_lrs:
+            try:
+                rate = None if value == "run" else float(value)
+            except ValueError:
+                rate = math.nan
+            if rate is not None and not (rate > 0 and math.isfinite(rate)):
+                raise ConfigError(f"--case-lr: got {value!r}; allowed: run (the member's last learning rate) or a finite number > 0")
+        if self.case_optimizer not in ("run", "sgd"):
+            raise ConfigError(f"--case-optimizer: got {self.case_optimizer!r}; allowed: run (the member's AdamW and its state), sgd")
 
 
 @dataclass
@@ -79,7 +88,9 @@ class Analysis:
     ablation_summary: pd.DataFrame | None = None
     case_study: pd.DataFrame | None = None
     case_summary: pd.DataFrame | None = None
+    case_verdicts: pd.DataFrame | None = None
     case_member: str | None = None
+    case_step: int | None = None
     significance: pd.DataFrame | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -147,38 +158,17 @@ def summarize_ablation(per_member: pd.DataFrame) -> pd.DataFrame:
     return summary.merge(control, on=keys).sort_values(["variant", "group", "n_params"]).reset_index(drop=True)
 
 
-def choose_case_member(source: Source, wanted: str | None) -> Member:
-    """``wanted`` (run id or member key), else the largest rung's ``original`` member with the lowest seed."""
-    usable = [m for m in source.members if m.checkpoint and m.spec]
-    if wanted:
-        found = [m for m in source.members if wanted in (m.run_id, m.label)]
-        if not found:
-            raise ConfigError(f"--case-member: no member {wanted!r}; members: {', '.join(m.label for m in source.members)}")
-        if not (found[0].checkpoint and found[0].spec):
-            raise ConfigError(f"--case-member: {wanted!r} has no local checkpoint and spec")
-        return found[0]
-    if not usable:
-        raise ConfigError("no member has a local checkpoint and spec")
-    original = [m for m in usable if m.mode == "original"] or usable
-    return min(original, key=lambda m: (-m.n_params, m.seed, m.run_id))
+def run_case_study(source: Source, options: Options, say: Callable[[str], None]) -> Any:
+    """Table 4's procedure (see :mod:`.case_run`) with the options' batches, learning rates and variants."""
+    from .case_run import run_case
 
-
-def run_case_study(source: Source, options: Options) -> tuple[pd.DataFrame, str]:
-    """Table 4's procedure on one member, for every mode, over ``case_seeds`` seeds."""
-    from .case_study import member_case_study
-    from .checkpoint import load_member
-
-    member = choose_case_member(source, options.case_member)
-    trained = load_member(member)
-    per_seed = member_case_study(
-        trained, list(range(options.case_seeds)), options.case_lr, options.case_optimizer, options.batch_size
-    )
-    return per_seed, member.label
+    return run_case(source, options.case_member, options.case_batches, options.case_lrs, options.case_random,
+                    options.case_own, options.case_optimizer, options.batch_size, say)  # fmt: skip
 
 
 def analyze(source: Source, options: Options, notify: Callable[[str], None] | None = None) -> Analysis:
     """Run the selected sections on ``source``; a section that cannot run leaves a note instead."""
-    from .case_study import summarize_case_study
+    from .case_study import summarize_case_study, verdicts
 
     say = notify or (lambda _: None)
     criterion, notes = criterion_for(source, options)
@@ -203,8 +193,11 @@ def analyze(source: Source, options: Options, notify: Callable[[str], None] | No
     if "case_study" in options.sections:
         say("case study: one optimizer step per mode")
         try:
-            result.case_study, result.case_member = run_case_study(source, options)
-            result.case_summary = summarize_case_study(result.case_study)
+            case = run_case_study(source, options, say)
+            result.case_study, result.case_member, result.case_step = case.per_batch, case.member.label, case.step
+            result.case_summary = summarize_case_study(case.per_batch)
+            result.case_verdicts = pd.concat([verdicts(case.per_batch, v) for v in ("shared", "own")], ignore_index=True)
+            result.notes += case.notes
         except (ConfigError, ValueError, OSError) as error:
             result.notes.append(f"case study skipped: {error}")
     if "significance" in options.sections:
@@ -217,7 +210,7 @@ def analyze(source: Source, options: Options, notify: Callable[[str], None] | No
 # ---------------------------------------------------------------------------------------- outputs
 OUTPUT_TABLES = (
     "members", "ratio_modules", "ratio_runs", "ratio_final", "ratio_by_rung", "ratio_over_steps", "ratio_depth", "ablation",
-    "ablation_summary", "case_study", "case_study_summary", "significance",
+    "ablation_summary", "case_study", "case_study_summary", "case_study_verdicts", "significance",
 )  # fmt: skip
 OUTPUT_FIGURES = ("ratio_vs_scale", "ratio_over_steps", "depth_heatmap", "ablation_vs_size", "case_study")
 
@@ -230,7 +223,8 @@ def tables(analysis: Analysis) -> dict[str, pd.DataFrame]:
         found |= {"ratio_modules": r.modules, "ratio_runs": r.runs, "ratio_final": r.finals, "ratio_by_rung": r.by_rung,
                   "ratio_over_steps": r.over_steps, "ratio_depth": r.depth}  # fmt: skip
     found |= {"ablation": analysis.ablation, "ablation_summary": analysis.ablation_summary, "case_study": analysis.case_study,
-              "case_study_summary": analysis.case_summary, "significance": analysis.significance}  # fmt: skip
+              "case_study_summary": analysis.case_summary, "case_study_verdicts": analysis.case_verdicts,
+              "significance": analysis.significance}  # fmt: skip
     return {name: frame for name, frame in found.items() if frame is not None}
 
 
@@ -245,25 +239,30 @@ def figures(analysis: Analysis) -> dict[str, bytes]:
     if analysis.ablation_summary is not None:
         found["ablation_vs_size"] = plots.ablation_vs_size(analysis.ablation_summary, analysis.options.top_k)
     if analysis.case_summary is not None:
-        found["case_study"] = plots.case_study_bars(analysis.case_summary, analysis.case_member or "")
+        shown = case_headline(analysis.case_summary)
+        if len(shown):
+            found["case_study"] = plots.case_study_bars(shown, f"{analysis.case_member or ''} at lr {shown['lr'].iloc[0]:.3g}")
     return found
 
 
-def sign_pattern(analysis: Analysis) -> dict[str, dict[str, str]]:
-    """Per mode: the Decrease Ratio's sign (raw and against original on the same batch) and the paper's."""
-    if analysis.case_summary is None:
-        return {}
-    pattern = {}
-    for row in analysis.case_summary.to_dict("records"):
-        pattern[row["mode"]] = {"ours": row["sign"], "paper": row["paper_sign"],
-                                "ours_vs_original": row.get("vs_original_sign", "?"), "paper_vs_original": row.get("paper_vs_original_sign", "?")}  # fmt: skip
-    return pattern
+def case_headline(summary: pd.DataFrame) -> pd.DataFrame:
+    """The summary rows a figure and the terminal lead with: shared weights, top-MS selection, the first lr."""
+    part = summary[(summary["variant"] == "shared") & (summary["selection"] == "top_ms")]
+    return part[part["lr_name"] == part["lr_name"].iloc[0]] if len(part) else part
+
+
+def case_verdict_records(analysis: Analysis) -> list[dict[str, Any]]:
+    """The Table 4 ordering claims with their paired CIs and verdicts (for summary.json)."""
+    return [] if analysis.case_verdicts is None else analysis.case_verdicts.to_dict("records")
 
 
 def _case_columns(summary: pd.DataFrame) -> pd.DataFrame:
-    columns = ["mode", "seeds", "decrease_ratio", "decrease_ratio_ci_low", "decrease_ratio_ci_high", "vs_original", "vs_original_ci_low",
-               "vs_original_ci_high", "total_update_ratio", "update_ratio", "sign", "vs_original_sign", "paper_decrease_ratio",
-               "paper_total_update_ratio", "paper_sign", "paper_vs_original_sign"]  # fmt: skip
+    columns = ["variant", "lr_name", "lr", "selection", "mode", "batches", "decrease_ratio", "decrease_ratio_ci_low",
+               "decrease_ratio_ci_high", "decrease_ratio_vs_original", "decrease_ratio_vs_original_ci_low",
+               "decrease_ratio_vs_original_ci_high", "decrease_ratio_vs_naive_b", "decrease_ratio_vs_naive_b_ci_low",
+               "decrease_ratio_vs_naive_b_ci_high", "update_ratio", "update_ratio_all", "quotient", "quotient_ci_low",
+               "quotient_ci_high", "alignment", "alignment_weighted", "paper_decrease_ratio", "paper_total_update_ratio",
+               "paper_quotient"]  # fmt: skip
     return summary[[c for c in columns if c in summary]]
 
 
@@ -304,22 +303,29 @@ def sections(analysis: Analysis, images: dict[str, bytes]) -> list[Section]:
             section.collapsed.append(("Per member", analysis.ablation))
         out.append(section)
     if analysis.case_summary is not None:
-        pattern = sign_pattern(analysis)
-        ours = ", ".join(f"{m} {p['ours']}" for m, p in pattern.items())
-        relative = ", ".join(f"{m} {p['ours_vs_original']}" for m, p in pattern.items() if m != "original")
+        optimizer = "its own AdamW (moments, step count, hyperparameters) from the checkpoint" if options.case_optimizer == "run" else "plain SGD"
         section = Section("3. Inhibition case study (Table 4)", [
-            (f"Member {analysis.case_member}: for each mode, one {options.case_optimizer.upper()} step (lr {options.case_lr:g}) "
-             f"with the mode applied, then the same inputs again; {options.case_seeds} seeds (each its own fixed batch)."),
-            ("Decrease Ratio = mean over the selected values of (1 - phi(z')/phi(z)) x 100%; Total Update Ratio = mean |z'/z - 1| "
-             "x 100% over all values. 'vs original' subtracts original's Decrease Ratio on the same batch and weights."),
-            (f"Sign pattern of the Decrease Ratio (parentheses: the 95% CI includes 0): {ours}. Against original: {relative}. "
-             "The paper (Swin-B): original +0.003%, naive (a) -0.017%, naive (b) -0.044%, rd +0.013%."),
+            (f"Member {analysis.case_member} at step {analysis.case_step}: per batch ({options.case_batches} fixed training "
+             f"batches) and mode, one optimizer step with {optimizer}, gradient clipping as in training, at each learning "
+             f"rate ({', '.join(options.case_lrs)}; run = the member's last), from the same weights (variant shared). The "
+             "values are chosen in the training forward that is modified and stepped (the top-n Monosemantic Scale per sample "
+             "against the trained statistics, or as a control the same count at random); the same inputs are fed again with the "
+             "same seed and the same values replaced, and z' is read there. Variant own: each mode from its own trained member."),
+            ("Decrease Ratio = mean over the chosen values of (1 - phi(z')/phi(z)) x 100%; Total Update Ratio = mean |z'/z - 1| "
+             "x 100% over the chosen values (update_ratio; over every value: update_ratio_all); quotient = Decrease Ratio / Total "
+             "Update Ratio (free of the learning rate). alignment (Lemma 3.3): the fraction of chosen values whose gradient at the "
+             "modified value points back toward z (sign(-g) = sign(z - mean)); alignment_weighted weights each by |g| |z - mean|. "
+             "Differences against original and naive_b are paired by batch, with 95% t intervals."),
+            ("The paper (Swin-B, lr 2e-6): Decrease Ratio original +0.003%, naive (a) -0.017%, naive (b) -0.044%, rd +0.013%; "
+             "Total Update Ratio 0.052%, 0.118%, 0.161%, 0.189%."),
         ])  # fmt: skip
         if "case_study" in images:
-            section.figures.append(("Decrease and update ratios per mode", images["case_study"]))
-        section.tables.append(("Per mode, over seeds", _case_columns(analysis.case_summary)))
+            section.figures.append(("Decrease Ratio and quotient per mode (shared weights, top-MS selection)", images["case_study"]))
+        if analysis.case_verdicts is not None and len(analysis.case_verdicts):
+            section.tables.append(("The paper's orderings of the Decrease Ratio, paired by batch", analysis.case_verdicts))
+        section.tables.append(("Per variant, learning rate, selection and mode, over batches", _case_columns(analysis.case_summary)))
         if analysis.case_study is not None:
-            section.collapsed.append(("Per seed", analysis.case_study))
+            section.collapsed.append(("Per batch", analysis.case_study))
         out.append(section)
     if analysis.significance is not None and len(analysis.significance):
         out.append(Section("4. Significance (Table 9)", [
@@ -355,7 +361,8 @@ def write(analysis: Analysis, out: Path) -> list[Path]:
     (out / "report.html").write_text(render(f"memel analyze: {source.target}", meta, sections(analysis, images)))
     summary = {"target": source.target, "parent_run_id": source.parent_run_id, "stats_root": source.stats_root,
                "criterion": asdict(analysis.criterion), "criterion_null": analysis.criterion.null_text(), "options": asdict(analysis.options), "case_member": analysis.case_member,
-               "sign_pattern": sign_pattern(analysis), "notes": analysis.notes}  # fmt: skip
+               "case_verdicts": case_verdict_records(analysis),
+               "notes": analysis.notes}  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return [*written, out / "report.html", out / "summary.json"]
 

@@ -47,6 +47,17 @@ class Member:
         return self.key or f"{self.rung}-{self.mode}-s{self.seed}"
 
     @property
+    def layout(self) -> str | None:
+        """The run's Inhibitor layout (``channel``/``element``), from its spec."""
+        return ((self.spec or {}).get("inhibition") or {}).get("layout")
+
+    @property
+    def preset(self) -> str | None:
+        """Where the run inserted inhibition: its model preset, or ``custom`` for explicit targets."""
+        model = (self.spec or {}).get("model") or {}
+        return "custom" if model.get("targets") else model.get("preset") if self.spec else None
+
+    @property
     def ms_threshold(self) -> float | None:
         inhibition = (self.spec or {}).get("inhibition") or {}
         value = inhibition.get("ms_threshold")

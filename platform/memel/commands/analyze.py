@@ -38,7 +38,6 @@ def _ci(row: dict[str, Any], column: str) -> str:
 
 def print_summary(console: Any, analysis: Any) -> None:
     """The terminal summary: one table per section, then the notes."""
-    from memel.analysis.pipeline import sign_pattern
 
     ratio = analysis.ratio
     if ratio is not None and len(ratio.by_rung) and ratio.by_rung["ratio_mean"].notna().any():
@@ -71,31 +70,29 @@ def print_summary(console: Any, analysis: Any) -> None:
                           _ci(row, "increase"), _fmt(row["random_increase_mean"]))  # fmt: skip
         console.print(table)
     if analysis.case_summary is not None:
-        options = analysis.options
-        table = Table(
-            title=f"Case study on {analysis.case_member}: one {options.case_optimizer.upper()} step (lr {options.case_lr:g}), {options.case_seeds} seeds"
-        )
-        for column in (
-            "mode",
-            "Decrease Ratio %",
-            "95% CI",
-            "vs original %",
-            "95% CI ",
-            "Total Update %",
-            "paper DR %",
-            "paper TUR %",
-        ):
-            table.add_column(column, justify="left" if column == "mode" else "right")
-        for row in analysis.case_summary.to_dict("records"):
-            table.add_row(row["mode"], _fmt(row["decrease_ratio"]), _ci(row, "decrease_ratio"), _fmt(row.get("vs_original")),
-                          _ci(row, "vs_original"), _fmt(row["total_update_ratio"]), _fmt(row["paper_decrease_ratio"]),
-                          _fmt(row["paper_total_update_ratio"]))  # fmt: skip
-        console.print(table)
-        pattern = sign_pattern(analysis)
-        console.print("Decrease Ratio signs, ours vs the paper's ((x): 95% CI includes 0): "
-                      + ", ".join(f"{m} {p['ours']}/{p['paper']}" for m, p in pattern.items()))  # fmt: skip
-        console.print("  relative to original on the same batch: "
-                      + ", ".join(f"{m} {p['ours_vs_original']}/{p['paper_vs_original']}" for m, p in pattern.items() if m != "original"))  # fmt: skip
+        summary = analysis.case_summary
+        for (variant, lr_name, selection), part in summary.groupby(["variant", "lr_name", "selection"], sort=False):
+            weights = f"the weights of {analysis.case_member}" if variant == "shared" else "each mode from its own trained member"
+            table = Table(title=f"Case study on {weights} ({selection} selection, lr {lr_name} = {part['lr'].iloc[0]:.3g}): "
+                                f"one step per mode, {int(part['batches'].max())} batches")  # fmt: skip
+            for column in ("mode", "Decrease Ratio %", "95% CI", "- original", "95% CI ", "- naive_b", "95% CI  ",
+                           "Total Update %", "quotient", "alignment", "paper DR %", "paper TUR %"):  # fmt: skip
+                table.add_column(column, justify="left" if column == "mode" else "right")
+            for row in part.to_dict("records"):
+                table.add_row(row["mode"], _fmt(row["decrease_ratio"]), _ci(row, "decrease_ratio"),
+                              _fmt(row["decrease_ratio_vs_original"]), _ci(row, "decrease_ratio_vs_original"),
+                              _fmt(row["decrease_ratio_vs_naive_b"]), _ci(row, "decrease_ratio_vs_naive_b"),
+                              _fmt(row["update_ratio"]), _fmt(row["quotient"]), _fmt(row["alignment"], 3),
+                              _fmt(row["paper_decrease_ratio"]), _fmt(row["paper_total_update_ratio"]))  # fmt: skip
+            console.print(table)
+        if analysis.case_verdicts is not None and len(analysis.case_verdicts):
+            table = Table(title="Table 4's orderings of the Decrease Ratio (paired by batch; reproduced: 95% CI above 0)")
+            for column in ("variant", "lr", "claim", "difference %", "95% CI", "paper %", "verdict"):
+                table.add_column(column, justify="left" if column in ("variant", "lr", "claim", "verdict") else "right")
+            for row in analysis.case_verdicts.to_dict("records"):
+                table.add_row(row["variant"], row["lr_name"], row["claim"], _fmt(row["difference"]), _ci(row, "difference"),
+                              _fmt(row["paper_difference"]), row["verdict"])  # fmt: skip
+            console.print(table)
     if analysis.significance is not None and len(analysis.significance):
         table = Table(title="Paired t-tests, inhibited vs original (same rung, seed, top_n); t < 0: inhibited lower")
         for column in ("metric", "comparison", "scope", "pairs", "mean orig.", "mean inh.", "t", "p"):
@@ -139,9 +136,15 @@ def analyze_command(
     case_member: str | None = typer.Option(
         None, help="Case study member (run id or member key; default: the largest rung's original member)."
     ),
-    case_seeds: int = typer.Option(5, help="Case study: seeds (each its own fixed batch)."),
-    case_lr: float = typer.Option(1e-3, help="Case study: learning rate of the one step."),
-    case_optimizer: str = typer.Option("sgd", help="Case study: sgd or adamw (a fresh AdamW's first step is a sign step)."),
+    case_batches: int = typer.Option(50, help="Case study: fixed training batches (each one step per mode, paired across modes)."),
+    case_lr: list[str] = typer.Option(
+        ["run", "2e-6"], "--case-lr", help="Case study: learning rate of the one step, repeatable: run (the member's last) or a number."
+    ),
+    case_optimizer: str = typer.Option("run", help="Case study: run (the member's AdamW with its saved state) or sgd."),
+    case_random: bool = typer.Option(True, "--case-random/--no-case-random", help="Case study: the random-selection control."),
+    case_own: bool = typer.Option(
+        True, "--case-own/--no-case-own", help="Case study: also step each mode from its own trained member (when the sweep has them)."
+    ),
     skip: list[str] = SKIP_OPTION,
     mlflow: bool = typer.Option(True, "--mlflow/--no-mlflow", help="Log the outputs as artifacts of the sweep's parent run."),
     memory_limit: str = typer.Option("1GB", help="DuckDB memory limit of the aggregation (it spills beyond)."),
@@ -164,7 +167,8 @@ def analyze_command(
             raise ConfigError(f"--skip: unknown section(s) {sorted(skipped - set(SECTIONS))}; allowed: {SECTION_NAMES}")
         options = Options(
             threshold=threshold, min_fraction=min_fraction, alpha=alpha, depth_bins=depth_bins, top_k=top_k, ablation_batches=ablation_batches,
-            batch_size=batch_size, case_member=case_member, case_seeds=case_seeds, case_lr=case_lr, case_optimizer=case_optimizer,
+            batch_size=batch_size, case_member=case_member, case_batches=case_batches, case_lrs=tuple(case_lr),
+            case_optimizer=case_optimizer, case_random=case_random, case_own=case_own,
             sections=tuple(s for s in SECTIONS if s not in skipped), memory_limit=memory_limit,
         )  # fmt: skip
         source = resolve(target, tracking_uri)

@@ -44,12 +44,26 @@ def middle(n: int, k: int) -> range:
     return range(start, start + k)
 
 
+#: The preset that inserts where the paper's authors do (arXiv 2312.11560, their code): on the
+#: outputs of the 4 middle transformer blocks, or after every ConvGRU cell's hidden state.
+PAPER_PRESET = "paper"
+
+#: Inhibition settings a preset implies. ``paper`` treats every position x channel of a sample
+#: as its own neuron (``layout="element"``), so top-1 modifies one value per sequence or image.
+PRESET_SETTINGS: dict[str, dict[str, str]] = {PAPER_PRESET: {"layout": "element"}}
+
+
 def layer_presets(n_layers: int, prefix: str, mlp_act: str, attn_out: str) -> dict[str, list[str]]:
-    """The transformer presets shared by the decoder, encoder and ViT families."""
+    """The transformer presets shared by the decoder, encoder and ViT families.
+
+    ``paper`` targets the blocks themselves (``{prefix}.{i}``): a forward hook on a block sees
+    its output, the residual stream after the whole block.
+    """
     return {
         "mlp": [f"{prefix}.*.{mlp_act}"],
         "mid_mlp": [f"{prefix}.{i}.{mlp_act}" for i in middle(n_layers, n_layers // 2)],
         "mid_attn4": [f"{prefix}.{i}.{attn_out}" for i in middle(n_layers, 4)],
+        PAPER_PRESET: [f"{prefix}.{i}" for i in middle(n_layers, 4)],
     }
 
 

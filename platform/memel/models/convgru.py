@@ -21,7 +21,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from .config import InputError, ModelConfig
+from .config import PAPER_PRESET, InputError, ModelConfig
 
 
 class ConvGRUConfig(ModelConfig):
@@ -56,7 +56,10 @@ class ConvGRUConfig(ModelConfig):
     def presets(self) -> dict[str, list[str]]:
         encoder = [f"encoder.cells.{i}" for i in range(3)]
         forecaster = [f"forecaster.cells.{i}" for i in range(3)]
-        return {"hidden": encoder + forecaster, "encoder_hidden": encoder, "forecaster_hidden": forecaster}
+        return {
+            "hidden": encoder + forecaster, "encoder_hidden": encoder, "forecaster_hidden": forecaster,
+            PAPER_PRESET: encoder + forecaster,  # the authors' insertion: after each of the 6 cells' hidden state
+        }  # fmt: skip
 
 
 class ConvGRUCell(nn.Module):

@@ -4,7 +4,8 @@ Rotary embeddings on ``rotary_pct`` of each head's dims, parallel residual
 ``x + attn(ln1(x)) + mlp(ln2(x))``, LayerNorms with bias, fused QKV, untied input
 embedding and output head. Module names follow Hugging Face ``GPTNeoXForCausalLM`` with
 the ``gpt_neox.`` prefix dropped; inhibition targets are ``layers.{i}.mlp.act`` (after the
-GELU) and ``layers.{i}.attention.dense`` (attention output).
+GELU), ``layers.{i}.attention.dense`` (attention output) and ``layers.{i}`` (the block's
+output, the residual stream: preset ``paper``).
 """
 
 from __future__ import annotations

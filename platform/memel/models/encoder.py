@@ -2,7 +2,8 @@
 
 Module names: ``embeddings.*``, ``layers.{i}.attention.{query,key,value,dense}``,
 ``layers.{i}.mlp.{dense_in,act,dense_out}``, ``pooler``, ``classifier``. Inhibition
-targets: ``layers.{i}.attention.dense`` (attention output) and ``layers.{i}.mlp.act``.
+targets: ``layers.{i}.attention.dense`` (attention output), ``layers.{i}.mlp.act`` and
+``layers.{i}`` (the block's output after its final LayerNorm: preset ``paper``, as BERT's layer output).
 """
 
 from __future__ import annotations

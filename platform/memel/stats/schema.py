@@ -25,6 +25,15 @@ Columns (``STATS_SCHEMA``, in this order):
 - ``max_ms``, ``mean_ms`` (float32): largest and mean Monosemantic Scale since the previous
   snapshot.
 - ``frac_above`` (float32): fraction of tracked samples whose MS exceeded ``ms_threshold``.
+- ``layout`` (string): the Inhibitors' layout, ``channel`` (neurons along the last dim, each
+  token or position a sample) or ``element`` (each position x channel its own neuron, one
+  sample per sequence or image); what ``neuron`` indexes and what top-n is per.
+- ``preset`` (string): the model preset the targets came from (e.g. ``paper``, ``mlp``), or
+  ``custom`` for explicit ``model.targets``.
+- ``select`` (string): the selection rule, ``top_n`` (``top_n`` values per sample) or ``threshold``.
+
+The last three columns were added after the others: files written before them lack them, and
+readers that union by name (``memel analyze``) give those rows nulls.
 
 Files written by :class:`memel.stats.ParquetStatsSink` hold every column except the
 partition keys ``run_id`` and ``module`` (``FILE_SCHEMA``): both readers take those from
@@ -65,6 +74,9 @@ STATS_SCHEMA = pa.schema(
         ("max_ms", pa.float32()),
         ("mean_ms", pa.float32()),
         ("frac_above", pa.float32()),
+        ("layout", pa.string()),
+        ("preset", pa.string()),
+        ("select", pa.string()),
     ]
 )
 
@@ -75,7 +87,7 @@ FILE_SCHEMA = pa.schema([field for field in STATS_SCHEMA if field.name not in PA
 #: float columns are unique per neuron, so trying a dictionary on them halves write speed.
 DICTIONARY_COLUMNS = [
     "model", "n_params", "mode", "strength", "top_n", "seed", "step", "tokens_seen", "depth",
-    "count", "batches", "selected_count", "inhibited_count",
+    "count", "batches", "selected_count", "inhibited_count", "layout", "preset", "select",
 ]  # fmt: skip
 
 #: Explicit hive partitioning (both keys strings) for readers that want exact types.
@@ -106,13 +118,17 @@ def snapshot_table(
     tokens_seen: int,
     module: str,
     depth: float,
+    layout: str | None = None,
+    preset: str | None = None,
+    select: str | None = None,
 ) -> pa.Table:
-    """One row per neuron of ``snapshot`` with the run's context, in ``STATS_SCHEMA``."""
+    """One row per neuron of ``snapshot`` with the run's context, in ``STATS_SCHEMA``
+    (``layout``/``preset``/``select`` left out are written as nulls: unknown)."""
     rows = int(snapshot.mean.numel())
     constants = {
         "run_id": run_id, "model": model, "n_params": n_params, "mode": mode, "strength": strength,
         "top_n": top_n, "seed": seed, "step": step, "tokens_seen": tokens_seen, "module": module,
-        "depth": depth, "batches": snapshot.batches,
+        "depth": depth, "batches": snapshot.batches, "layout": layout, "preset": preset, "select": select,
     }  # fmt: skip
     per_neuron = {
         "neuron": np.arange(rows, dtype=np.int32),

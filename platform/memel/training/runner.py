@@ -87,6 +87,7 @@ def _start_tracking(spec: TrainSpec, out: Path, tracking_uri: str, n_params: int
             "memel.strength": str(inhibition.strength) if inhibition else "",
             "memel.top_n": str(inhibition.top_n) if inhibition else "", "memel.seed": str(spec.train.seed),
             "memel.select": inhibition.select if inhibition else "",
+            "memel.layout": inhibition.layout if inhibition else "", "memel.preset": spec.inserted_preset,
             "memel.git_commit": _git_commit(), "memel.run_name": spec.run_name, **spec.tracking.tags,
         })  # fmt: skip
         tracker.log_dict(public_spec, "spec.json")

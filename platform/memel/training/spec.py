@@ -132,6 +132,25 @@ class TrainSpec(_Section):
         return self
 
     @model_validator(mode="after")
+    def _preset_settings(self) -> TrainSpec:
+        """A preset's implied inhibition settings (``paper``: ``layout: element``) fill fields the
+        spec leaves unset; a spec that sets one of them otherwise is refused, naming the field."""
+        from memel.models.config import PRESET_SETTINGS
+
+        implied = PRESET_SETTINGS.get(self.model.preset or "", {}) if not self.model.targets else {}
+        if not implied or self.inhibition is None:
+            return self
+        for name, value in implied.items():
+            given = getattr(self.inhibition, name)
+            if name in self.inhibition.model_fields_set and given != value:
+                raise ValueError(
+                    f"inhibition.{name}: {given!r} contradicts model.preset {self.model.preset!r}, which inserts as the "
+                    f"paper does with {name} {value!r}; set inhibition.{name}: {value} (or leave it out), or use another preset"
+                )
+        object.__setattr__(self, "inhibition", self.inhibition.model_copy(update=implied))
+        return self
+
+    @model_validator(mode="after")
     def _data(self) -> TrainSpec:
         from memel.data import parse
 
@@ -145,6 +164,12 @@ class TrainSpec(_Section):
     @property
     def out(self) -> Path:
         return Path(self.output_dir or Path("runs") / self.name)
+
+    @property
+    def inserted_preset(self) -> str:
+        """Where inhibition is inserted, as recorded with the run: the preset's name, or ``custom``
+        when ``model.targets`` gives explicit patterns."""
+        return "custom" if self.model.targets else self.model.preset or "mlp"
 
     def fingerprint(self) -> str:
         """A short hash of what determines the training (not where results go)."""

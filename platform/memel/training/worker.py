@@ -363,7 +363,8 @@ def _publish_snapshots(
             table = snapshot_table(
                 snap, run_id=info.run_id, model=spec.model.name, n_params=info.n_params, mode=inhibition.mode,
                 strength=inhibition.strength, top_n=inhibition.top_n, seed=spec.train.seed, step=step,
-                tokens_seen=tokens_seen, module=name, depth=depths[name],
+                tokens_seen=tokens_seen, module=name, depth=depths[name], layout=inhibition.layout,
+                preset=spec.inserted_preset, select=inhibition.select,
             )  # fmt: skip
             sink.submit(table, module=name, step=step)
     if tracker is not None:
