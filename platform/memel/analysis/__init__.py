@@ -3,7 +3,8 @@
 - :mod:`.source`: TARGET (sweep folder, Parquet root, MLflow parent run id) -> members + dataset.
 - :mod:`.monosemantic_ratio`: the fraction of monosemantic neurons per rung, mode, step and depth
   (one streaming DuckDB pass over the Parquet dataset).
-- :mod:`.ablation`: the paper's Figure 2 (clamp the most monosemantic neurons, loss increase per group).
+- :mod:`.probing`, :mod:`.ablation`: the paper's Figure 2 (a sparse probe finds the best "code" neuron;
+  its mean-ablation's % loss increase per token group, against random neurons).
 - :mod:`.case_study`: the paper's Table 4 (one optimizer step per mode: Decrease and Update Ratios).
 - :mod:`.significance`: the paper's Table 9 (paired t-tests, original vs inhibited).
 - :mod:`.plots`, :mod:`.report`, :mod:`.pipeline`: figures, the HTML report, the whole run.
