@@ -6,6 +6,7 @@ against independent computations, and per-token document labels of LM windows.""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from memel.analysis.ablation import ablate, lm_batches
@@ -187,3 +188,35 @@ def test_lm_batches_mark_python_code_tokens_of_the_mixed_corpus() -> None:
         lm_batches(data, 4, 6, "klingon")
     with pytest.raises(ValueError, match="kind text_lm"):
         lm_batches({"kind": "digits"}, 4, 6, "python-code")
+
+
+def test_summary_over_seeds_and_size_trend_match_numpy() -> None:
+    from memel.analysis.pipeline import summarize_ablation
+    from scipy import stats as scipy_stats
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for n_params in (1e4, 1e5, 1e6):
+        for seed in range(3):
+            for group, slope in (("python-code", -2.0), ("other", 0.0), ("difference", -2.0)):
+                value = 10 + slope * np.log10(n_params) + rng.normal(0, 0.1 if group != "other" else 1.0)
+                rows.append({"model": f"m{int(n_params)}", "n_params": int(n_params), "label": "original", "mode": "original",
+                             "strength": 1.0, "top_n": 1, "seed": seed, "group": group, "increase_pct": value,
+                             "random_increase_pct_mean": value / 10, "random_increase_pct_std": 0.1, "auroc": 0.9,
+                             "base_loss": 2.0, "tokens": 100})  # fmt: skip
+    frame = pd.DataFrame(rows)
+    summary = summarize_ablation(frame).set_index(["group", "n_params"])
+    for (group, n_params), part in frame.groupby(["group", "n_params"]):
+        values = part["increase_pct"].to_numpy()
+        half = scipy_stats.t.ppf(0.975, 2) * values.std(ddof=1) / np.sqrt(3)
+        row = summary.loc[(group, n_params)]
+        assert row["increase_pct_mean"] == pytest.approx(values.mean()) and row["increase_pct_n"] == 3
+        assert (row["increase_pct_ci_low"], row["increase_pct_ci_high"]) == pytest.approx((values.mean() - half, values.mean() + half))
+        assert row["random_increase_pct_mean"] == pytest.approx(values.mean() / 10)
+    for group in ("python-code", "other"):
+        part = frame[frame["group"] == group]
+        slope = np.polyfit(np.log10(part["n_params"]), part["increase_pct"], 1)[0]
+        assert summary.loc[(group, 1e4), "trend_slope"] == pytest.approx(slope)
+    code, other = summary.loc[("python-code", 1e4)], summary.loc[("other", 1e4)]
+    assert code["trend_ci_high"] < 0 and code["trend_slope"] == pytest.approx(-2, abs=0.2)  # planted shrinking effect
+    assert other["trend_ci_low"] <= 0 <= other["trend_ci_high"]  # no trend planted: the CI holds 0

@@ -123,7 +123,7 @@ class AblationResult:
 
 def ablate(
     model: nn.Module, modules: list[str], probe_batches: list[TokenBatch], eval_batches: list[TokenBatch],
-    group: str, count: int = 1, draws: int = 10, seed: int = 0, resamples: int = 1000,
+    group: str, count: int = 1, draws: int = 8, seed: int = 0, resamples: int = 1000,
 ) -> AblationResult:  # fmt: skip
     """Probe on ``probe_batches``, mean-ablate the ``count`` best neurons (means over
     ``probe_batches``), measure on ``eval_batches``; the control ablates ``count`` random neurons
@@ -195,7 +195,7 @@ def lm_batches(data: dict[str, Any], batch_size: int, batches: int, group: str, 
     return out
 
 
-def ablate_member(trained: Any, group: str, batches: int, batch_size: int, count: int = 1, draws: int = 10) -> AblationResult:
+def ablate_member(trained: Any, group: str, batches: int, batch_size: int, count: int = 1, draws: int = 8) -> AblationResult:
     """:func:`ablate` on a rebuilt member (:func:`memel.analysis.checkpoint.load_member`): every MLP
     activation of the model is a candidate; alternate held-out batches probe and measure."""
     from memel.models import preset_targets

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from memel.errors import ConfigError
@@ -31,8 +32,8 @@ class Options:
     depth_bins: int = 5
     probe_group: str = "python-code"
     probe_neurons: int = 1
-    control_draws: int = 10
-    ablation_batches: int = 32
+    control_draws: int = 8
+    ablation_batches: int = 16
     batch_size: int | None = None
     case_member: str | None = None
     case_seeds: int = 5
@@ -141,7 +142,27 @@ def summarize_ablation(per_member: pd.DataFrame) -> pd.DataFrame:
         base_loss_mean=("base_loss", "mean"), tokens=("tokens", "sum"),
     )  # fmt: skip
     merged = summary.merge(control.drop(columns=["random_increase_pct_n"]), on=keys).merge(extra, on=keys)
+    merged = merged.merge(size_trend(frame), on=["variant", "group"], how="left")
     return merged.sort_values(["variant", "group", "n_params"]).reset_index(drop=True)
+
+
+def size_trend(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per variant and group: the least-squares slope of the members' % increase against log10(parameters)
+    (% per tenfold size; < 0: the effect shrinks with scale), its 95% CI and p-value (scipy.stats.linregress)."""
+    from scipy import stats as scipy_stats
+
+    rows = []
+    for (variant, group), part in frame.groupby(["variant", "group"], sort=True):
+        part = part.dropna(subset=["increase_pct"])
+        row = {"variant": variant, "group": group, "trend_slope": math.nan, "trend_ci_low": math.nan,
+               "trend_ci_high": math.nan, "trend_p": math.nan}  # fmt: skip
+        if part["n_params"].nunique() >= 2 and len(part) >= 3:
+            fit = scipy_stats.linregress(np.log10(part["n_params"].to_numpy(float)), part["increase_pct"].to_numpy(float))
+            half = float(scipy_stats.t.ppf(0.975, len(part) - 2)) * fit.stderr
+            row |= {"trend_slope": fit.slope, "trend_ci_low": fit.slope - half, "trend_ci_high": fit.slope + half,
+                    "trend_p": fit.pvalue}  # fmt: skip
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["variant", "group", "trend_slope", "trend_ci_low", "trend_ci_high", "trend_p"])
 
 
 def choose_case_member(source: Source, wanted: str | None) -> Member:
@@ -290,7 +311,8 @@ def sections(analysis: Analysis, images: dict[str, bytes]) -> list[Section]:
              "the other half the loss is measured with and without it. % increase = 100 x (ablated - base) / base per "
              f"token group; 'difference' = {options.probe_group!r} minus 'other' (> 0: the ablation hurts the probed group "
              f"more). Control: {options.control_draws} draws of as many random neurons of the same modules. Means and 95% CIs "
-             "(Student t) over seeds; each member's own bootstrap CI is in the per-member table."),
+             "(Student t) over seeds; each member's own bootstrap CI is in the per-member table. trend_slope: least-squares "
+             "slope of the members' % increase against log10(parameters), % per tenfold size (< 0: shrinks with scale)."),
         ])  # fmt: skip
         if "ablation_vs_size" in images:
             section.figures.append(("% loss increase against model size", images["ablation_vs_size"]))

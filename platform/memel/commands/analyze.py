@@ -59,7 +59,7 @@ def print_summary(console: Any, analysis: Any) -> None:
         options = analysis.options
         table = Table(
             title=f"Mean-ablation of the best-probed {options.probe_group!r} neuron: % loss increase per token group "
-            f"(over seeds; control: {options.control_draws} random neurons)"
+            f"(over seeds; control: {options.control_draws} draws of as many random neurons)"
         )
         for column in ("rung", "params", "mode", "group", "AUROC", "seeds", "% increase", "95% CI", "random %", "95% CI "):
             table.add_column(column, justify="left" if column in ("rung", "mode", "group") else "right")
@@ -128,8 +128,8 @@ def analyze_command(
         "python-code", help="Ablation: the token group the probe looks for (a document label of the held-out text)."
     ),
     probe_neurons: int = typer.Option(1, help="Ablation: best-probed neurons mean-ablated together (the paper: 1)."),
-    control_draws: int = typer.Option(10, help="Ablation: random draws of as many neurons (the control)."),
-    ablation_batches: int = typer.Option(32, help="Ablation: held-out batches per member (half probe, half measure)."),
+    control_draws: int = typer.Option(8, help="Ablation: random draws of as many neurons (the control)."),
+    ablation_batches: int = typer.Option(16, help="Ablation: held-out batches per member (half probe, half measure)."),
     batch_size: int | None = typer.Option(
         None, help="Batch size of the ablation and case study (default: the run's micro batch)."
     ),
