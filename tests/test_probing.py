@@ -220,3 +220,18 @@ def test_summary_over_seeds_and_size_trend_match_numpy() -> None:
     code, other = summary.loc[("python-code", 1e4)], summary.loc[("other", 1e4)]
     assert code["trend_ci_high"] < 0 and code["trend_slope"] == pytest.approx(-2, abs=0.2)  # planted shrinking effect
     assert other["trend_ci_low"] <= 0 <= other["trend_ci_high"]  # no trend planted: the CI holds 0
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--probe-neurons", "0"], "error: --probe-neurons: got 0; must be >= 1"),
+    (["--control-draws", "1"], "error: --control-draws: got 1; must be >= 2"),
+    (["--ablation-batches", "1"], "error: --ablation-batches: got 1; must be >= 2"),
+    (["--probe-group", " "], "error: --probe-group: empty"),
+])  # fmt: skip
+def test_bad_ablation_options_are_refused_naming_the_option(args: list[str], message: str, tmp_path) -> None:
+    from memel.cli import app
+    from typer.testing import CliRunner
+
+    result = CliRunner(env={"COLUMNS": "240"}).invoke(app, ["analyze", str(tmp_path), "--out", str(tmp_path / "out"), *args])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
