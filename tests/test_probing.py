@@ -217,7 +217,10 @@ def test_summary_over_seeds_and_size_trend_match_numpy() -> None:
         part = frame[frame["group"] == group]
         slope = np.polyfit(np.log10(part["n_params"]), part["increase_pct"], 1)[0]
         assert summary.loc[(group, 1e4), "trend_slope"] == pytest.approx(slope)
+        excess = part["increase_pct"] - part["random_increase_pct_mean"]
+        assert summary.loc[(group, 1e4), "excess_trend_slope"] == pytest.approx(np.polyfit(np.log10(part["n_params"]), excess, 1)[0])
     code, other = summary.loc[("python-code", 1e4)], summary.loc[("other", 1e4)]
+    assert code["excess_pct_mean"] == pytest.approx(0.9 * code["increase_pct_mean"])
     assert code["trend_ci_high"] < 0 and code["trend_slope"] == pytest.approx(-2, abs=0.2)  # planted shrinking effect
     assert other["trend_ci_low"] <= 0 <= other["trend_ci_high"]  # no trend planted: the CI holds 0
 

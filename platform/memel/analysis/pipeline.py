@@ -130,39 +130,42 @@ def run_ablation(source: Source, options: Options, notify: Callable[[str], None]
 
 
 def summarize_ablation(per_member: pd.DataFrame) -> pd.DataFrame:
-    """Per rung, variant and group, over seeds: the probed neurons' % loss increase and the random
-    control's (each member's mean over its draws) with 95% CIs, the mean AUROC and the mean spread
-    of the control's draws."""
+    """Per rung, variant and group, over seeds: the probed neurons' % loss increase, the random
+    control's (each member's mean over its draws), the excess of the first over the second, each
+    with a 95% CI; the mean AUROC and spread of the control's draws; and per variant and group the
+    size trend of the increase and of the excess (:func:`size_trend`)."""
     frame = add_variant(per_member)
+    frame["excess_pct"] = frame["increase_pct"] - frame["random_increase_pct_mean"]
     keys = [*VARIANT_KEYS, "variant", "group"]
-    summary = summarize(frame, keys, "increase_pct", "increase_pct_")
-    control = summarize(frame, keys, "random_increase_pct_mean", "random_increase_pct_")
+    merged = summarize(frame, keys, "increase_pct", "increase_pct_")
+    for column, prefix in (("random_increase_pct_mean", "random_increase_pct_"), ("excess_pct", "excess_pct_")):
+        merged = merged.merge(summarize(frame, keys, column, prefix).drop(columns=[f"{prefix}n"]), on=keys)
     extra = frame.groupby(keys, as_index=False).agg(
         auroc_mean=("auroc", "mean"), random_draw_std_mean=("random_increase_pct_std", "mean"),
         base_loss_mean=("base_loss", "mean"), tokens=("tokens", "sum"),
     )  # fmt: skip
-    merged = summary.merge(control.drop(columns=["random_increase_pct_n"]), on=keys).merge(extra, on=keys)
-    merged = merged.merge(size_trend(frame), on=["variant", "group"], how="left")
+    merged = merged.merge(extra, on=keys)
+    merged = merged.merge(size_trend(frame, "increase_pct", "trend_"), on=["variant", "group"], how="left")
+    merged = merged.merge(size_trend(frame, "excess_pct", "excess_trend_"), on=["variant", "group"], how="left")
     return merged.sort_values(["variant", "group", "n_params"]).reset_index(drop=True)
 
 
-def size_trend(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per variant and group: the least-squares slope of the members' % increase against log10(parameters)
-    (% per tenfold size; < 0: the effect shrinks with scale), its 95% CI and p-value (scipy.stats.linregress)."""
+def size_trend(frame: pd.DataFrame, column: str, prefix: str) -> pd.DataFrame:
+    """Per variant and group: the least-squares slope of the members' ``column`` against log10(parameters)
+    (per tenfold size; < 0: it shrinks with scale), its 95% CI and p-value (scipy.stats.linregress)."""
     from scipy import stats as scipy_stats
 
+    names = [f"{prefix}{n}" for n in ("slope", "ci_low", "ci_high", "p")]
     rows = []
     for (variant, group), part in frame.groupby(["variant", "group"], sort=True):
-        part = part.dropna(subset=["increase_pct"])
-        row = {"variant": variant, "group": group, "trend_slope": math.nan, "trend_ci_low": math.nan,
-               "trend_ci_high": math.nan, "trend_p": math.nan}  # fmt: skip
+        part = part.dropna(subset=[column])
+        values = [math.nan] * 4
         if part["n_params"].nunique() >= 2 and len(part) >= 3:
-            fit = scipy_stats.linregress(np.log10(part["n_params"].to_numpy(float)), part["increase_pct"].to_numpy(float))
+            fit = scipy_stats.linregress(np.log10(part["n_params"].to_numpy(float)), part[column].to_numpy(float))
             half = float(scipy_stats.t.ppf(0.975, len(part) - 2)) * fit.stderr
-            row |= {"trend_slope": fit.slope, "trend_ci_low": fit.slope - half, "trend_ci_high": fit.slope + half,
-                    "trend_p": fit.pvalue}  # fmt: skip
-        rows.append(row)
-    return pd.DataFrame(rows, columns=["variant", "group", "trend_slope", "trend_ci_low", "trend_ci_high", "trend_p"])
+            values = [fit.slope, fit.slope - half, fit.slope + half, fit.pvalue]
+        rows.append({"variant": variant, "group": group, **dict(zip(names, values, strict=True))})
+    return pd.DataFrame(rows, columns=["variant", "group", *names])
 
 
 def choose_case_member(source: Source, wanted: str | None) -> Member:
@@ -312,7 +315,9 @@ def sections(analysis: Analysis, images: dict[str, bytes]) -> list[Section]:
              f"token group; 'difference' = {options.probe_group!r} minus 'other' (> 0: the ablation hurts the probed group "
              f"more). Control: {options.control_draws} draws of as many random neurons of the same modules. Means and 95% CIs "
              "(Student t) over seeds; each member's own bootstrap CI is in the per-member table. trend_slope: least-squares "
-             "slope of the members' % increase against log10(parameters), % per tenfold size (< 0: shrinks with scale)."),
+             "slope of the members' % increase against log10(parameters), % per tenfold size (< 0: shrinks with scale); "
+             "excess: the probed neuron's % increase minus the control's mean, and excess_trend its slope (any one neuron "
+             "is a smaller share of a wider model, so the feature-specific part of a trend is the excess's)."),
         ])  # fmt: skip
         if "ablation_vs_size" in images:
             section.figures.append(("% loss increase against model size", images["ablation_vs_size"]))

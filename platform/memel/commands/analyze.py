@@ -68,6 +68,10 @@ def print_summary(console: Any, analysis: Any) -> None:
                           str(row["increase_pct_n"]), _fmt(row["increase_pct_mean"], 3), _ci(row, "increase_pct"),
                           _fmt(row["random_increase_pct_mean"], 3), _ci(row, "random_increase_pct"))  # fmt: skip
         console.print(table)
+        trends = analysis.ablation_summary.drop_duplicates(["variant", "group"])
+        for row in trends.to_dict("records"):
+            console.print(f"  size trend, {row['variant']} {row['group']}: % increase {_fmt(row['trend_slope'], 3)} per tenfold "
+                          f"size {_ci(row, 'trend')}, excess over random {_fmt(row['excess_trend_slope'], 3)} {_ci(row, 'excess_trend')}")  # fmt: skip
     if analysis.case_summary is not None:
         options = analysis.options
         table = Table(
