@@ -1,13 +1,12 @@
 """memel analyze's model-level computations against independent NumPy/autograd reproductions:
-per-sample losses and feature groups of held-out data, the deactivation ablation (Figure 2),
-and checkpoint loading (weights, Inhibitors, the optimizer of a ZeRO-2 run); the case study (Table 4)
-is in test_case_study.py."""
+per-sample losses and feature groups of held-out data, and checkpoint loading (weights, Inhibitors,
+the optimizer of a ZeRO-2 run); the case study (Table 4) is in test_case_study.py, the probe and
+its ablation (Figure 2) in test_probing.py."""
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 from collections import OrderedDict
 from pathlib import Path
 from typing import NamedTuple
@@ -16,7 +15,6 @@ import memel
 import numpy as np
 import pytest
 import torch
-from memel.analysis.ablation import ablate, random_neurons
 from memel.analysis.heldout import grouped_batches, heldout_loader, sample_groups, sample_losses
 from memel.data.documents import Document
 from memel.training.objective import compute
@@ -80,49 +78,6 @@ def test_groups_of_classes_features_and_featureless_data() -> None:
     assert len(list(grouped_batches({"kind": "digits"}, 8, 3))) == 3
 
 
-# ------------------------------------------------------------------------------ ablation
-def _numpy_losses(model: nn.Sequential, x: np.ndarray, y: np.ndarray, clamp: dict[int, float]) -> np.ndarray:
-    w1, b1 = model.fc1.weight.detach().double().numpy(), model.fc1.bias.detach().double().numpy()
-    w2, b2 = model.fc2.weight.detach().double().numpy(), model.fc2.bias.detach().double().numpy()
-    pre = x @ w1.T + b1
-    hidden = 0.5 * pre * (1 + np.vectorize(math.erf)(pre / np.sqrt(2)))  # exact GELU
-    for neuron, value in clamp.items():
-        hidden[:, neuron] = value
-    logits = hidden @ w2.T + b2
-    logits -= logits.max(1, keepdims=True)
-    return -(logits[np.arange(len(y)), y] - np.log(np.exp(logits).sum(1)))
-
-
-def test_ablation_matches_a_numpy_reproduction() -> None:
-    model = tiny_mlp().eval()
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal((10, 6)).astype(np.float32)
-    y = rng.integers(0, 3, 10)
-    names = ["x", "y", "x", "x", "y", "x", "y", "y", "x", "x"]
-    batches = [
-        (Batch(torch.from_numpy(x[i : i + 5]), torch.from_numpy(y[i : i + 5])), [["all", n] for n in names[i : i + 5]])
-        for i in (0, 5)
-    ]
-    chosen = {"act": [1, 3, 7]}
-    table = ablate(model, batches, "digits", chosen, control_seed=5).set_index("group")
-
-    x64 = x.astype(np.float64)
-    base = _numpy_losses(model, x64, y, {})
-    w1, b1 = model.fc1.weight.detach().double().numpy(), model.fc1.bias.detach().double().numpy()
-    pre = x64 @ w1.T + b1
-    means = (0.5 * pre * (1 + np.vectorize(math.erf)(pre / np.sqrt(2)))).mean(0)  # each neuron's held-out mean
-    ablated = _numpy_losses(model, x64, y, {n: means[n] for n in chosen["act"]})
-    control_set = random_neurons({"act": torch.from_numpy(means)}, 3, 5)["act"]
-    control = _numpy_losses(model, x64, y, {n: means[n] for n in control_set})
-    for group, mask in (("all", np.ones(10, bool)), ("x", np.array(names) == "x"), ("y", np.array(names) == "y")):
-        row = table.loc[group]
-        assert row["items"] == mask.sum()
-        assert row["base_loss"] == pytest.approx(base[mask].mean(), rel=1e-5)
-        assert row["ablated_loss"] == pytest.approx(ablated[mask].mean(), rel=1e-5)
-        assert row["increase"] == pytest.approx(ablated[mask].mean() - base[mask].mean(), abs=1e-5)
-        assert row["random_loss"] == pytest.approx(control[mask].mean(), rel=1e-5)
-    assert len(control_set) == 3 and len(set(control_set)) == 3
-    assert list(table.index) == ["all", "x", "y"]
 
 
 # ------------------------------------------------------------------------------ checkpoints

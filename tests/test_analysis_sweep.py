@@ -30,12 +30,13 @@ def test_analyze_a_real_quickstart_sweep_by_parent_run_id(tmp_path: Path) -> Non
     state = json.loads((out / "sweep.json").read_text())
     report = tmp_path / "report"
     args = ["analyze", state["parent_run_id"], "--tracking-uri", state["tracking_uri"], "--out", str(report),
-            "--case-batches", "3", "--case-lr", "run", "--ablation-batches", "2", "--top-k", "2"]  # fmt: skip
+            "--case-batches", "3", "--case-lr", "run", "--ablation-batches", "2", "--control-draws", "2",
+            "--probe-group", "shakespeare-folio"]  # fmt: skip
     analyzed = RUNNER.invoke(app, args)
     assert analyzed.exit_code == 0, analyzed.output
     for title in (
         "Monosemantic ratio at the end of training",
-        "Deactivation ablation",
+        "Mean-ablation of the best-probed 'shakespeare-folio' neuron",
         "Case study on the weights of byte-1m-original (top_ms selection, lr run",
         "Table 4's orderings of the Decrease Ratio",
         "Paired t-tests",
@@ -58,8 +59,11 @@ def test_analyze_a_real_quickstart_sweep_by_parent_run_id(tmp_path: Path) -> Non
     )
     assert set(runs.loc[runs["model"] == "byte-1m", "neurons"]) == {5 * 512}  # 5 MLP activations x 512 neurons
     ablation = pd.read_csv(report / "ablation.csv")
-    assert len(ablation["run_id"].unique()) == 4 and {"all", "shakespeare"} & set(ablation["group"])
-    assert ablation["base_loss"].between(0.5, 6).all() and ablation["ablated_loss"].notna().all()
+    assert len(ablation["run_id"].unique()) == 4 and set(ablation["group"]) == {"shakespeare-folio", "other", "difference"}
+    groups = ablation[ablation["group"] != "difference"]
+    assert groups["base_loss"].between(0.5, 6).all() and groups["ablated_loss"].notna().all()
+    assert ablation["auroc"].between(0, 1).all() and ablation["neurons"].str.fullmatch(r"layers\.\d+\.mlp\.act\[\d+\]").all()
+    assert (ablation["random_draws"] == 2).all() and ablation["increase_pct"].notna().all()
     case = pd.read_csv(report / "case_study.csv")
     shared, own = case[case["variant"] == "shared"], case[case["variant"] == "own"]
     assert len(shared) == 3 * 4 * 2 and shared["update_ratio_all"].gt(0).all()  # batches x modes x (top-MS, random)

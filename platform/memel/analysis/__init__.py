@@ -4,7 +4,8 @@
 - :mod:`.monosemantic_ratio`: the fraction of neurons carrying a sparse feature per rung, mode, step and depth,
   calibrated against featureless neurons (:mod:`.monosemantic_null`)
   (one streaming DuckDB pass over the Parquet dataset).
-- :mod:`.ablation`: the paper's Figure 2 (clamp the most monosemantic neurons, loss increase per group).
+- :mod:`.probing`, :mod:`.ablation`: the paper's Figure 2 (a sparse probe finds the best "code" neuron;
+  its mean-ablation's % loss increase per token group, against random neurons).
 - :mod:`.case_study`: the paper's Table 4 (one optimizer step per mode: Decrease and Update Ratios,
   Lemma 3.3's alignment, a random-selection control); :mod:`.case_run` runs it on a sweep's members.
 - :mod:`.significance`: the paper's Table 9 (paired t-tests, original vs inhibited).

@@ -1,86 +1,62 @@
-"""Deactivation ablation (the paper's Figure 2): clamp the most monosemantic neurons to their
-held-out mean and measure the loss increase per feature group.
+"""Mean-ablation of a probed feature neuron (the paper's Figure 2), per token group.
 
-For each trained member: the ``k`` most monosemantic neurons of every inserted module come
-from its statistics (:func:`memel.analysis.monosemantic_ratio.top_neurons`); each neuron's
-mean over the held-out batches is measured with the model as trained; then every held-out
-sample's loss is computed three times: as trained, with the chosen neurons set to their
-mean, and (a control) with ``k`` random neurons per module set to their mean. Loss increase
-= ablated - base, per group of samples (:mod:`memel.analysis.heldout`).
+For a trained byte LM and a token group (say ``python-code``; the rest of the tokens is
+``other``): the sparse probe (:mod:`memel.analysis.probing`) picks the neuron whose activation
+best separates the group's tokens on one half of the held-out windows (the probe half); that
+neuron's value is replaced by its mean over the probe half, and on the other half (the
+evaluation half) the loss is measured with and without the replacement:
+
+    % increase of a group = 100 * (ablated loss - base loss) / base loss
+
+(mean next-token cross-entropy over the group's target tokens). ``difference`` is the
+group's % increase minus ``other``'s: > 0 when the ablation hurts the group more. The 95%
+CIs resample the evaluation windows (paired bootstrap); the control mean-ablates as many
+neurons drawn at random from the same modules, several times, and reports the mean and spread
+of those draws.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .heldout import sample_losses
+from .probing import Neuron, ProbeResult, TokenBatch, mlp_modules, probe
 
-
-def _values(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
-def _neurons_view(tensor: torch.Tensor, layout: str) -> torch.Tensor:
-    """``[samples, neurons]`` view of a module output (as the Inhibitor sees it)."""
-    if layout == "element":
-        return tensor.reshape(tensor.shape[0], -1)
-    return tensor.reshape(-1, tensor.shape[-1])
-
-
-@torch.no_grad()
-def neuron_means(
-    model: nn.Module, modules: list[str], batches: list[Any], kind: str, layout: str = "channel"
-) -> dict[str, torch.Tensor]:
-    """Every neuron's mean output (float64) over all samples of ``batches``, per module."""
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-
-    def record(name: str):
-        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
-            values = _neurons_view(_values(output).detach(), layout).double()
-            sums[name] = sums.get(name, 0) + values.sum(0)
-            counts[name] = counts.get(name, 0) + values.shape[0]
-
-        return hook
-
-    handles = [model.get_submodule(name).register_forward_hook(record(name)) for name in modules]
-    try:
-        for batch in batches:
-            sample_losses(model, batch, kind)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {name: sums[name] / counts[name] for name in modules}
+OTHER = "other"
+DIFFERENCE = "difference"
+LEVEL = 0.95
 
 
 @contextlib.contextmanager
-def clamped(
-    model: nn.Module, chosen: dict[str, list[int]], means: dict[str, torch.Tensor], layout: str = "channel"
-) -> Iterator[None]:
-    """Within the block, the ``chosen`` neurons of each module output their value in ``means``."""
+def mean_ablated(model: nn.Module, means: dict[Neuron, float]) -> Iterator[None]:
+    """Within the block, each neuron in ``means`` outputs its mean at every position."""
+    by_module: dict[str, dict[int, float]] = {}
+    for neuron, value in means.items():
+        by_module.setdefault(neuron.module, {})[neuron.index] = value
 
-    def replace(name: str):
-        index = torch.tensor(chosen[name], dtype=torch.long)
+    def replace(chosen: dict[int, float]):
+        index = torch.tensor(list(chosen), dtype=torch.long)
+        value = torch.tensor(list(chosen.values()), dtype=torch.float64)
 
         def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
-            values = _values(output)
+            values = output[0] if isinstance(output, (tuple, list)) else output
             changed = values.clone()
-            view = _neurons_view(changed, layout)
-            view[:, index] = means[name][index].to(view.dtype)
+            changed[..., index] = value.to(changed.dtype)
             if isinstance(output, (tuple, list)):
                 return type(output)([changed, *output[1:]])
             return changed
 
         return hook
 
-    handles = [model.get_submodule(name).register_forward_hook(replace(name)) for name in chosen if chosen[name]]
+    handles = [model.get_submodule(name).register_forward_hook(replace(chosen)) for name, chosen in by_module.items()]
     try:
         yield
     finally:
@@ -88,62 +64,143 @@ def clamped(
             handle.remove()
 
 
-def random_neurons(means: dict[str, torch.Tensor], k: int, seed: int) -> dict[str, list[int]]:
-    """``k`` distinct random neurons per module (seeded): the ablation's control."""
-    rng = np.random.default_rng([seed, 2718])
-    return {
-        name: sorted(int(i) for i in rng.choice(len(mean), size=min(k, len(mean)), replace=False)) for name, mean in means.items()
-    }
-
-
 @torch.no_grad()
-def group_losses(model: nn.Module, batches: list[tuple[Any, list[list[str]]]], kind: str) -> dict[str, tuple[float, float]]:
-    """Per group: (summed loss, items)."""
-    totals: dict[str, list[float]] = {}
-    for batch, groups in batches:
-        losses, items = sample_losses(model, batch, kind)
-        for loss, count, names in zip(losses.tolist(), items.tolist(), groups, strict=True):
-            for name in names:
-                entry = totals.setdefault(name, [0.0, 0.0])
-                entry[0] += loss
-                entry[1] += count
-    return {name: (value[0], value[1]) for name, value in totals.items()}
+def window_losses(model: nn.Module, batches: list[TokenBatch]) -> np.ndarray:
+    """``[windows, 2]``: per evaluation window, the summed next-token loss over the group's target
+    tokens (column 0) and over the other tokens (column 1)."""
+    model.eval()
+    rows = []
+    for batch in batches:
+        logits = model(batch.inputs)
+        logits = logits if logits.dtype == torch.float64 else logits.float()
+        losses = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), reduction="none").view(batch.targets.shape)
+        losses = losses.double()
+        mask = batch.in_group.to(torch.bool)
+        rows.append(torch.stack([(losses * mask).sum(1), (losses * ~mask).sum(1)], dim=1))
+    return torch.cat(rows).numpy()
+
+
+def token_counts(batches: list[TokenBatch]) -> np.ndarray:
+    """``[windows, 2]``: group and other target tokens per window."""
+    counts = [torch.stack([b.in_group.sum(1), (~b.in_group.to(torch.bool)).sum(1)], dim=1) for b in batches]
+    return torch.cat(counts).double().numpy()
+
+
+def percent_increase(base: np.ndarray, ablated: np.ndarray) -> np.ndarray:
+    """``[..., 3]``: % loss increase of the group, of the other tokens, and their difference, from
+    per-window loss sums ``[..., windows, 2]`` (the token counts cancel)."""
+    base_sum, ablated_sum = base.sum(-2), ablated.sum(-2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pct = 100.0 * (ablated_sum - base_sum) / base_sum
+    return np.concatenate([pct, pct[..., :1] - pct[..., 1:2]], axis=-1)
+
+
+def bootstrap_ci(base: np.ndarray, ablated: np.ndarray, resamples: int, seed: int) -> np.ndarray:
+    """``[3, 2]``: 95% percentile CIs of :func:`percent_increase` over windows resampled with
+    replacement (the same windows for base and ablated)."""
+    rng = np.random.default_rng([seed, 31337])
+    picks = rng.integers(0, len(base), size=(resamples, len(base)))
+    samples = percent_increase(base[picks], ablated[picks])
+    tail = (1 - LEVEL) / 2 * 100
+    return np.nanpercentile(samples, [tail, 100 - tail], axis=0).T
+
+
+def random_neurons(candidates: list[Neuron], count: int, draws: int, seed: int, exclude: set[Neuron]) -> list[list[Neuron]]:
+    """``draws`` seeded random sets of ``count`` distinct neurons from ``candidates`` minus ``exclude``."""
+    pool = [n for n in candidates if n not in exclude]
+    rng = np.random.default_rng([seed, 2718])
+    return [[pool[i] for i in rng.choice(len(pool), size=min(count, len(pool)), replace=False)] for _ in range(draws)]
+
+
+@dataclass
+class AblationResult:
+    """Per group (the group, ``other``, ``difference``): the probed neurons' effect and the control's."""
+
+    rows: pd.DataFrame
+    probe: ProbeResult
+    chosen: list[Neuron]
 
 
 def ablate(
-    model: nn.Module, batches: list[tuple[Any, list[list[str]]]], kind: str, chosen: dict[str, list[int]],
-    layout: str = "channel", control_seed: int = 0,
-) -> pd.DataFrame:  # fmt: skip
-    """Per group: items, base loss, loss with ``chosen`` clamped to the held-out mean, loss with as
-    many random neurons clamped, and both increases."""
+    model: nn.Module, modules: list[str], probe_batches: list[TokenBatch], eval_batches: list[TokenBatch],
+    group: str, count: int = 1, draws: int = 8, seed: int = 0, resamples: int = 1000,
+) -> AblationResult:  # fmt: skip
+    """Probe on ``probe_batches``, mean-ablate the ``count`` best neurons (means over
+    ``probe_batches``), measure on ``eval_batches``; the control ablates ``count`` random neurons
+    of ``modules``, ``draws`` times."""
     model.eval()
-    modules = list(chosen)
-    means = neuron_means(model, modules, [b for b, _ in batches], kind, layout)
-    k = max((len(v) for v in chosen.values()), default=0)
-    base = group_losses(model, batches, kind)
-    with clamped(model, chosen, means, layout):
-        ablated = group_losses(model, batches, kind)
-    with clamped(model, random_neurons(means, k, control_seed), means, layout):
-        control = group_losses(model, batches, kind)
+    found = probe(model, modules, probe_batches)
+    ranked = found.table.sort_values("auroc", ascending=False, kind="stable").head(count)
+    chosen = [Neuron(str(m), int(i)) for m, i in zip(ranked["module"], ranked["neuron"], strict=True)]
+    candidates = [Neuron(str(m), int(i)) for m, i in zip(found.table["module"], found.table["neuron"], strict=True)]
+    controls = random_neurons(candidates, count, draws, seed, set(chosen))
+    means = found.means
+    base = window_losses(model, eval_batches)
+    with mean_ablated(model, {n: means[n] for n in chosen}):
+        ablated = window_losses(model, eval_batches)
+    effect, ci = percent_increase(base, ablated), bootstrap_ci(base, ablated, resamples, seed)
+    control = []
+    for neurons in controls:
+        with mean_ablated(model, {n: means[n] for n in neurons}):
+            control.append(percent_increase(base, window_losses(model, eval_batches)))
+    control_array = np.array(control) if control else np.full((0, 3), np.nan)
+    tokens = token_counts(eval_batches).sum(0)
     rows = []
-    for group, (loss, items) in sorted(base.items(), key=lambda item: (item[0] != "all", item[0])):
-        row = {"group": group, "items": items, "base_loss": loss / items, "ablated_loss": ablated[group][0] / items,
-               "random_loss": control[group][0] / items}  # fmt: skip
-        row["increase"] = row["ablated_loss"] - row["base_loss"]
-        row["random_increase"] = row["random_loss"] - row["base_loss"]
-        rows.append(row)
-    return pd.DataFrame(rows)
+    for column, name in enumerate((group, OTHER, DIFFERENCE)):
+        drawn = control_array[:, column]
+        rows.append({
+            "group": name, "tokens": int(tokens[column]) if column < 2 else int(tokens.sum()),
+            "base_loss": base[:, column].sum() / tokens[column] if column < 2 else np.nan,
+            "ablated_loss": ablated[:, column].sum() / tokens[column] if column < 2 else np.nan,
+            "increase_pct": effect[column], "increase_pct_ci_low": ci[column, 0], "increase_pct_ci_high": ci[column, 1],
+            "random_increase_pct_mean": float(drawn.mean()) if len(drawn) else np.nan,
+            "random_increase_pct_std": float(drawn.std(ddof=1)) if len(drawn) > 1 else np.nan,
+            "random_increase_pct_min": float(drawn.min()) if len(drawn) else np.nan,
+            "random_increase_pct_max": float(drawn.max()) if len(drawn) else np.nan,
+            "random_draws": len(drawn),
+            "random_at_least_pct": float((drawn >= effect[column]).mean()) if len(drawn) else np.nan,
+        })  # fmt: skip
+    frame = pd.DataFrame(rows)
+    frame.insert(0, "neurons", ", ".join(n.label for n in chosen))
+    frame.insert(1, "auroc", float(ranked["auroc"].iloc[0]) if count == 1 else float(ranked["auroc"].mean()))
+    frame.insert(2, "candidates", len(candidates))
+    return AblationResult(frame, found, chosen)
 
 
-def ablate_member(trained: Any, chosen: dict[str, list[int]], batches: int, batch_size: int) -> pd.DataFrame:
-    """:func:`ablate` on a rebuilt member (:func:`memel.analysis.checkpoint.load_member`) with its
-    own held-out data."""
-    from .heldout import grouped_batches
+def lm_batches(data: dict[str, Any], batch_size: int, batches: int, group: str, seed: int = 0) -> list[TokenBatch]:
+    """Up to ``batches`` held-out batches of a ``text_lm`` data config, each target token marked by
+    whether its document's label is ``group`` (spread evenly over the held-out windows)."""
+    from memel.data import TextLMLoader
+
+    from .heldout import heldout_loader
+
+    loader = heldout_loader(data, batch_size, seed)
+    if not isinstance(loader, TextLMLoader):
+        raise ValueError(f"the probing ablation needs token-level LM data (kind text_lm); got {data.get('kind')!r}")
+    names = loader.stream.label_names
+    if group not in names:
+        raise ValueError(f"the held-out data has no {group!r} tokens (its document labels: {names or 'none'}); "
+                         "train on data with that group (e.g. corpus: mixed) or pick another --probe-group")  # fmt: skip
+    total = loader.num_examples()
+    wanted = min(total, batches * batch_size)
+    order = np.unique(np.linspace(0, total - 1, wanted).round().astype(np.int64))
+    out = []
+    for start in range(0, len(order) - batch_size + 1, batch_size):
+        chunk = order[start : start + batch_size]
+        batch = loader.fetch(chunk)
+        marked = torch.from_numpy(loader.window_labels(chunk) == names.index(group))
+        out.append(TokenBatch(batch.inputs, batch.targets, marked[:, 1:].contiguous(), marked[:, :-1].contiguous()))
+    if len(out) < 2:
+        raise ValueError(f"only {len(out)} held-out batch(es) of {batch_size} windows; need 2 (one to probe, one to measure)")
+    return out
+
+
+def ablate_member(trained: Any, group: str, batches: int, batch_size: int, count: int = 1, draws: int = 8) -> AblationResult:
+    """:func:`ablate` on a rebuilt member (:func:`memel.analysis.checkpoint.load_member`): every MLP
+    activation of the model is a candidate; alternate held-out batches probe and measure."""
+    from memel.models import preset_targets
 
     spec = trained.spec
-    data = list(grouped_batches(spec.data, batch_size, batches, spec.train.seed))
-    layout = spec.inhibition.layout if spec.inhibition is not None else "channel"
-    unknown = [name for name in chosen if name not in dict(trained.model.named_modules())]
-    if unknown:
-        raise ValueError(f"statistics name modules {unknown} that {spec.model.name} does not have")
-    return ablate(trained.model, data, trained.kind, chosen, layout, spec.train.seed)
+    data = lm_batches(spec.data, batch_size, batches, group, spec.train.seed)
+    modules = mlp_modules(trained.model, preset_targets(trained.model, "mlp"))
+    return ablate(trained.model, modules, data[0::2], data[1::2], group, count, draws, spec.train.seed)

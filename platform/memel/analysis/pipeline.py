@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from memel.errors import ConfigError
@@ -24,7 +25,6 @@ from .monosemantic_ratio import (
     connect,
     ratio_notes,
     summarize,
-    top_neurons,
 )
 from .report import Section, render
 from .significance import member_table, significance
@@ -42,8 +42,10 @@ class Options:
     min_fraction: float = 0.005
     alpha: float = 1e-3
     depth_bins: int = 5
-    top_k: int = 4
-    ablation_batches: int = 8
+    probe_group: str = "python-code"
+    probe_neurons: int = 1
+    control_draws: int = 8
+    ablation_batches: int = 16
     batch_size: int | None = None
     case_member: str | None = None
     case_batches: int = 50
@@ -58,7 +60,10 @@ class Options:
         unknown = set(self.sections) - set(SECTIONS)
         if unknown:
             raise ConfigError(f"--skip: unknown section(s) {sorted(unknown)}; allowed: {', '.join(SECTIONS)}")
-        for name, value, low in (("--top-k", self.top_k, 1), ("--ablation-batches", self.ablation_batches, 1),
+        if not self.probe_group.strip():
+            raise ConfigError("--probe-group: empty; give a document label of the held-out data, e.g. python-code")
+        for name, value, low in (("--probe-neurons", self.probe_neurons, 1), ("--ablation-batches", self.ablation_batches, 2),
+                                 ("--control-draws", self.control_draws, 2),
                                  ("--case-batches", self.case_batches, 2), ("--depth-bins", self.depth_bins, 1)):  # fmt: skip
             if value < low:
                 raise ConfigError(f"{name}: got {value}; must be >= {low}")
@@ -118,44 +123,73 @@ def _with_members(frame: pd.DataFrame, member: Member) -> pd.DataFrame:
     return pd.concat([pd.DataFrame([context] * len(frame)), frame.reset_index(drop=True)], axis=1)
 
 
-def run_ablation(source: Source, options: Options, con: Any, notify: Callable[[str], None]) -> tuple[pd.DataFrame, list[str]]:
-    """Figure 2's ablation on every member with a local checkpoint."""
+def run_ablation(source: Source, options: Options, notify: Callable[[str], None]) -> tuple[pd.DataFrame, list[str]]:
+    """Figure 2 by probing (:mod:`.ablation`) on every text-LM member with a local checkpoint."""
     from .ablation import ablate_member
     from .checkpoint import load_member
 
-    stats = source.stats()
     frames, notes = [], []
     for member in source.members:
         if not member.checkpoint:
             notes.append(f"ablation: {member.label} has no checkpoint; skipped")
             continue
+        kind = ((member.spec or {}).get("data") or {}).get("kind", "text_lm")
+        if kind != "text_lm":
+            notes.append(f"ablation: {member.label} is trained on {kind!r} data; the probing ablation needs text_lm tokens; skipped")
+            continue
         try:
-            notify(f"ablation: {member.label}")
+            notify(f"ablation: {member.label}: probing for {options.probe_group!r} tokens")
             trained = load_member(member)
-            chosen = top_neurons(stats, member.run_id, options.top_k, con)
-            if not chosen:
-                notes.append(f"ablation: {member.label} has no statistics in the dataset; skipped")
-                continue
             result = ablate_member(
-                trained, chosen, options.ablation_batches, options.batch_size or trained.spec.train.micro_batch_size
-            )
+                trained, options.probe_group, options.ablation_batches,
+                options.batch_size or trained.spec.train.micro_batch_size, options.probe_neurons, options.control_draws,
+            )  # fmt: skip
         except (ConfigError, ValueError, OSError, KeyError) as error:
             notes.append(f"ablation: {member.label} skipped: {error}")
             continue
-        result.insert(0, "k", options.top_k)
-        frames.append(_with_members(result, member))
+        rows = result.rows
+        rows.insert(0, "step", trained.step)
+        frames.append(_with_members(rows, member))
     return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()), notes
 
 
 def summarize_ablation(per_member: pd.DataFrame) -> pd.DataFrame:
-    """Per rung, variant and group: loss increase over seeds (mean, 95% CI) and the random control's mean."""
+    """Per rung, variant and group, over seeds: the probed neurons' % loss increase, the random
+    control's (each member's mean over its draws), the excess of the first over the second, each
+    with a 95% CI; the mean AUROC and spread of the control's draws; and per variant and group the
+    size trend of the increase and of the excess (:func:`size_trend`)."""
     frame = add_variant(per_member)
+    frame["excess_pct"] = frame["increase_pct"] - frame["random_increase_pct_mean"]
     keys = [*VARIANT_KEYS, "variant", "group"]
-    summary = summarize(frame, keys, "increase", "increase_")
-    control = frame.groupby(keys, as_index=False).agg(
-        random_increase_mean=("random_increase", "mean"), base_loss_mean=("base_loss", "mean"), items=("items", "sum")
-    )
-    return summary.merge(control, on=keys).sort_values(["variant", "group", "n_params"]).reset_index(drop=True)
+    merged = summarize(frame, keys, "increase_pct", "increase_pct_")
+    for column, prefix in (("random_increase_pct_mean", "random_increase_pct_"), ("excess_pct", "excess_pct_")):
+        merged = merged.merge(summarize(frame, keys, column, prefix).drop(columns=[f"{prefix}n"]), on=keys)
+    extra = frame.groupby(keys, as_index=False).agg(
+        auroc_mean=("auroc", "mean"), random_draw_std_mean=("random_increase_pct_std", "mean"),
+        base_loss_mean=("base_loss", "mean"), tokens=("tokens", "sum"),
+    )  # fmt: skip
+    merged = merged.merge(extra, on=keys)
+    merged = merged.merge(size_trend(frame, "increase_pct", "trend_"), on=["variant", "group"], how="left")
+    merged = merged.merge(size_trend(frame, "excess_pct", "excess_trend_"), on=["variant", "group"], how="left")
+    return merged.sort_values(["variant", "group", "n_params"]).reset_index(drop=True)
+
+
+def size_trend(frame: pd.DataFrame, column: str, prefix: str) -> pd.DataFrame:
+    """Per variant and group: the least-squares slope of the members' ``column`` against log10(parameters)
+    (per tenfold size; < 0: it shrinks with scale), its 95% CI and p-value (scipy.stats.linregress)."""
+    from scipy import stats as scipy_stats
+
+    names = [f"{prefix}{n}" for n in ("slope", "ci_low", "ci_high", "p")]
+    rows = []
+    for (variant, group), part in frame.groupby(["variant", "group"], sort=True):
+        part = part.dropna(subset=[column])
+        values = [math.nan] * 4
+        if part["n_params"].nunique() >= 2 and len(part) >= 3:
+            fit = scipy_stats.linregress(np.log10(part["n_params"].to_numpy(float)), part[column].to_numpy(float))
+            half = float(scipy_stats.t.ppf(0.975, len(part) - 2)) * fit.stderr
+            values = [fit.slope, fit.slope - half, fit.slope + half, fit.pvalue]
+        rows.append({"variant": variant, "group": group, **dict(zip(names, values, strict=True))})
+    return pd.DataFrame(rows, columns=["variant", "group", *names])
 
 
 def run_case_study(source: Source, options: Options, say: Callable[[str], None]) -> Any:
@@ -185,7 +219,7 @@ def analyze(source: Source, options: Options, notify: Callable[[str], None] | No
         result.notes.append(f"{len(extra)} run(s) in the statistics are not members of this sweep: {', '.join(extra[:5])}")
     result.members = member_table(source.members, result.ratio.finals)
     if "ablation" in options.sections:
-        ablation, ablation_notes = run_ablation(source, options, con, say)
+        ablation, ablation_notes = run_ablation(source, options, say)
         result.notes += ablation_notes
         if len(ablation):
             result.ablation = ablation
@@ -237,7 +271,7 @@ def figures(analysis: Analysis) -> dict[str, bytes]:
         found["ratio_over_steps"] = plots.ratio_over_steps(r.over_steps)
         found["depth_heatmap"] = plots.depth_heatmap(r.depth, analysis.options.depth_bins)
     if analysis.ablation_summary is not None:
-        found["ablation_vs_size"] = plots.ablation_vs_size(analysis.ablation_summary, analysis.options.top_k)
+        found["ablation_vs_size"] = plots.ablation_vs_size(analysis.ablation_summary, analysis.options.probe_group)
     if analysis.case_summary is not None:
         shown = case_headline(analysis.case_summary)
         if len(shown):
@@ -291,16 +325,24 @@ def sections(analysis: Analysis, images: dict[str, bytes]) -> list[Section]:
         section.collapsed.append(("Per relative-depth bin", r.depth))
         out.append(section)
     if analysis.ablation_summary is not None:
-        section = Section("2. Deactivation ablation (Figure 2)", [
-            (f"For each trained member, the {options.top_k} neurons per inserted module with the highest mean frac_above over "
-             "the run's snapshots are set to their mean over the held-out batches; the table gives the loss increase per "
-             "held-out feature group (all = every sample), with the same number of random neurons per module as a control."),
+        neurons = "neuron" if options.probe_neurons == 1 else f"{options.probe_neurons} neurons"
+        section = Section("2. Mean-ablation of a probed feature neuron (Figure 2)", [
+            (f"For each trained member, a sparse probe scores every MLP neuron (every layer, one value per token) by the AUROC "
+             f"of its activation for {options.probe_group!r} target tokens against the rest, on half of "
+             f"{options.ablation_batches} held-out batches; the best {neurons} is set to its mean over those batches, and on "
+             "the other half the loss is measured with and without it. % increase = 100 x (ablated - base) / base per "
+             f"token group; 'difference' = {options.probe_group!r} minus 'other' (> 0: the ablation hurts the probed group "
+             f"more). Control: {options.control_draws} draws of as many random neurons of the same modules. Means and 95% CIs "
+             "(Student t) over seeds; each member's own bootstrap CI is in the per-member table. trend_slope: least-squares "
+             "slope of the members' % increase against log10(parameters), % per tenfold size (< 0: shrinks with scale); "
+             "excess: the probed neuron's % increase minus the control's mean, and excess_trend its slope (any one neuron "
+             "is a smaller share of a wider model, so the feature-specific part of a trend is the excess's)."),
         ])  # fmt: skip
         if "ablation_vs_size" in images:
-            section.figures.append(("Loss increase against model size", images["ablation_vs_size"]))
-        section.tables.append(("Loss increase per rung, mode and group (over seeds)", analysis.ablation_summary))
+            section.figures.append(("% loss increase against model size", images["ablation_vs_size"]))
+        section.tables.append(("% loss increase per rung, variant and group (over seeds)", analysis.ablation_summary))
         if analysis.ablation is not None:
-            section.collapsed.append(("Per member", analysis.ablation))
+            section.collapsed.append(("Per member (CI: bootstrap over evaluation windows)", analysis.ablation))
         out.append(section)
     if analysis.case_summary is not None:
         optimizer = "its own AdamW (moments, step count, hyperparameters) from the checkpoint" if options.case_optimizer == "run" else "plain SGD"

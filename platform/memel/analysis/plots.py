@@ -125,32 +125,32 @@ def depth_heatmap(depth: pd.DataFrame, bins: int) -> bytes:
     return _png(figure)
 
 
-def ablation_vs_size(summary: pd.DataFrame, k: int) -> bytes:
-    """Loss increase from clamping the top-k monosemantic neurons against parameters: a line per
-    feature group (solid) with the random-neuron control (dotted), one panel per variant."""
+def ablation_vs_size(summary: pd.DataFrame, group: str) -> bytes:
+    """% loss increase from mean-ablating the probed ``group`` neuron against parameters, on the
+    group's tokens and on the other tokens (solid, 95% CI over seeds), with the random-neuron
+    control of each (dotted); one panel per variant."""
+    summary = summary[summary["group"] != "difference"]
     variants = sorted(summary["variant"].unique())
     figure = Figure(figsize=(5.6 * len(variants), 4.2), layout="constrained")
     axes = np.atleast_1d(figure.subplots(1, len(variants), sharey=True, squeeze=False)[0])
     sizes = sorted(summary["n_params"].unique())
     for axis, variant in zip(axes, variants, strict=True):
         part = summary[summary["variant"] == variant]
-        lines = list(part.groupby("group", sort=True))
-        for index, (group, line) in enumerate(lines):
+        lines = sorted(part.groupby("group", sort=True), key=lambda item: item[0] != group)
+        for index, (name, line) in enumerate(lines):
             line = line.sort_values("n_params")
-            color = "black" if group == "all" else _color(group, index + 1)
-            axis.errorbar(line["n_params"] * _offset(index, len(lines)), line["increase_mean"], yerr=_errors(line, "increase_"), marker="o", capsize=3,
-                          color=color, label=group)  # fmt: skip
-            if group == "all":
-                axis.plot(
-                    line["n_params"], line["random_increase_mean"], ":", marker="x", color="gray", label=f"random {k} (control)"
-                )
+            color = _color(name, index)
+            axis.errorbar(line["n_params"] * _offset(index, len(lines)), line["increase_pct_mean"], yerr=_errors(line, "increase_pct_"),
+                          marker="o", capsize=3, color=color, label=f"{name} tokens, probed neuron")  # fmt: skip
+            axis.plot(line["n_params"], line["random_increase_pct_mean"], ":", marker="x", color=color,
+                      label=f"{name} tokens, random neuron")  # fmt: skip
         _size_axis(axis, sizes)
         axis.axhline(0, color="gray", lw=0.6)
         axis.set_xlabel("parameters")
         axis.set_title(f"trained as {variant}", fontsize=10)
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8, title="held-out group")
-    axes[0].set_ylabel(f"loss increase (top-{k} per module set to mean)")
+        axis.legend(fontsize=8)
+    axes[0].set_ylabel(f"% loss increase (best {group!r} neuron set to its mean)")
     return _png(figure)
 
 

@@ -60,15 +60,22 @@ def print_summary(console: Any, analysis: Any) -> None:
         console.print(table)
         console.print(f"  null: {analysis.criterion.null_text()}; (n.s.): no run significant against it (p >= 0.05)")
     if analysis.ablation_summary is not None:
+        options = analysis.options
         table = Table(
-            title=f"Deactivation ablation: top-{analysis.options.top_k} monosemantic neurons per module set to their held-out mean"
+            title=f"Mean-ablation of the best-probed {options.probe_group!r} neuron: % loss increase per token group "
+            f"(over seeds; control: {options.control_draws} draws of as many random neurons)"
         )
-        for column in ("rung", "params", "mode", "group", "loss increase", "95% CI", f"random {analysis.options.top_k}"):
+        for column in ("rung", "params", "mode", "group", "AUROC", "seeds", "% increase", "95% CI", "random %", "95% CI "):
             table.add_column(column, justify="left" if column in ("rung", "mode", "group") else "right")
-        for row in analysis.ablation_summary.sort_values(["variant", "group", "n_params"]).to_dict("records"):
-            table.add_row(row["model"], f"{row['n_params']:,}", row["variant"], row["group"], _fmt(row["increase_mean"]),
-                          _ci(row, "increase"), _fmt(row["random_increase_mean"]))  # fmt: skip
+        for row in analysis.ablation_summary.sort_values(["variant", "n_params", "group"]).to_dict("records"):
+            table.add_row(row["model"], f"{row['n_params']:,}", row["variant"], row["group"], _fmt(row["auroc_mean"], 3),
+                          str(row["increase_pct_n"]), _fmt(row["increase_pct_mean"], 3), _ci(row, "increase_pct"),
+                          _fmt(row["random_increase_pct_mean"], 3), _ci(row, "random_increase_pct"))  # fmt: skip
         console.print(table)
+        trends = analysis.ablation_summary.drop_duplicates(["variant", "group"])
+        for row in trends.to_dict("records"):
+            console.print(f"  size trend, {row['variant']} {row['group']}: % increase {_fmt(row['trend_slope'], 3)} per tenfold "
+                          f"size {_ci(row, 'trend')}, excess over random {_fmt(row['excess_trend_slope'], 3)} {_ci(row, 'excess_trend')}")  # fmt: skip
     if analysis.case_summary is not None:
         summary = analysis.case_summary
         for (variant, lr_name, selection), part in summary.groupby(["variant", "lr_name", "selection"], sort=False):
@@ -128,8 +135,12 @@ def analyze_command(
         1e-3, help="Largest chance that a featureless neuron is flagged; module snapshots with too few samples for it are not counted."
     ),
     depth_bins: int = typer.Option(5, help="Relative-depth bins of the heatmap."),
-    top_k: int = typer.Option(4, help="Ablation: most monosemantic neurons clamped per module."),
-    ablation_batches: int = typer.Option(8, help="Ablation: held-out batches evaluated per member."),
+    probe_group: str = typer.Option(
+        "python-code", help="Ablation: the token group the probe looks for (a document label of the held-out text)."
+    ),
+    probe_neurons: int = typer.Option(1, help="Ablation: best-probed neurons mean-ablated together (the paper: 1)."),
+    control_draws: int = typer.Option(8, help="Ablation: random draws of as many neurons (the control)."),
+    ablation_batches: int = typer.Option(16, help="Ablation: held-out batches per member (half probe, half measure)."),
     batch_size: int | None = typer.Option(
         None, help="Batch size of the ablation and case study (default: the run's micro batch)."
     ),
@@ -150,7 +161,7 @@ def analyze_command(
     memory_limit: str = typer.Option("1GB", help="DuckDB memory limit of the aggregation (it spills beyond)."),
 ) -> None:
     """Offline emergence analysis of a sweep: monosemantic ratio vs scale (over steps, by depth),
-    deactivation ablation (Figure 2), inhibition case study (Table 4) and paired t-tests (Table 9).
+    mean-ablation of a probed feature neuron (Figure 2), inhibition case study (Table 4) and paired t-tests (Table 9).
     Writes PNG figures, CSV/Parquet tables and one self-contained report.html, logs them to the
     sweep's MLflow parent run and prints a summary.
 
@@ -166,7 +177,8 @@ def analyze_command(
         if skipped - set(SECTIONS):
             raise ConfigError(f"--skip: unknown section(s) {sorted(skipped - set(SECTIONS))}; allowed: {SECTION_NAMES}")
         options = Options(
-            threshold=threshold, min_fraction=min_fraction, alpha=alpha, depth_bins=depth_bins, top_k=top_k, ablation_batches=ablation_batches,
+            threshold=threshold, min_fraction=min_fraction, alpha=alpha, depth_bins=depth_bins, probe_group=probe_group,
+            probe_neurons=probe_neurons, control_draws=control_draws, ablation_batches=ablation_batches,
             batch_size=batch_size, case_member=case_member, case_batches=case_batches, case_lrs=tuple(case_lr),
             case_optimizer=case_optimizer, case_random=case_random, case_own=case_own,
             sections=tuple(s for s in SECTIONS if s not in skipped), memory_limit=memory_limit,

@@ -40,6 +40,7 @@ class TokenStream:
         lengths = [seg.size if isinstance(seg, Document) else len(seg) for seg in self.segments]
         self.starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
         self.dtype = np.uint8 if tokenizer.byte_level else np.int32
+        self.label_names, self._segment_labels = _segment_labels(self.segments)
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -59,6 +60,26 @@ class TokenStream:
             position += take
             segment += 1
         return np.concatenate(pieces).astype(np.int64)
+
+    def labels(self, start: int, length: int) -> np.ndarray:
+        """Tokens ``[start, start + length)``'s document labels, as indices into ``label_names``
+        (a separator token counts as part of the document after it)."""
+        positions = np.arange(start, start + length, dtype=np.int64)
+        segment = np.searchsorted(self.starts, positions, side="right") - 1
+        return self._segment_labels[np.minimum(segment, len(self.segments) - 1)]
+
+
+def _segment_labels(segments: list[Document | np.ndarray]) -> tuple[list[str], np.ndarray]:
+    """The sorted distinct document labels and each segment's index into them (a separator: the
+    next document's)."""
+    labels: list[str | None] = [seg.label if isinstance(seg, Document) else None for seg in segments]
+    following = None
+    for index in range(len(labels) - 1, -1, -1):
+        if labels[index] is None:
+            labels[index] = following
+        following = labels[index]
+    names = sorted({label for label in labels if label is not None})
+    return names, np.array([names.index(label) if label is not None else -1 for label in labels], dtype=np.int64)
 
 
 class TextLMLoader(ShardedLoader[LMBatch]):
@@ -96,3 +117,8 @@ class TextLMLoader(ShardedLoader[LMBatch]):
         rows = np.stack([self.stream.read(int(i) * self.seq_len, self.seq_len + 1) for i in indices])
         tokens = torch.from_numpy(rows)
         return LMBatch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
+
+    def window_labels(self, indices: np.ndarray) -> np.ndarray:
+        """``[len(indices), seq_len + 1]``: the document label (an index into ``self.stream.label_names``)
+        of every token of windows ``indices``; ``[:, :-1]`` labels :meth:`fetch`'s inputs, ``[:, 1:]`` its targets."""
+        return np.stack([self.stream.labels(int(i) * self.seq_len, self.seq_len + 1) for i in indices])

@@ -71,6 +71,13 @@ LADDER: dict[str, tuple[str, dict[str, Any]]] = {
     "byte-0.2m": _byte_lm(4, 64, 4),
     "byte-1m": _byte_lm(5, 128, 4),
     "byte-4m": _byte_lm(5, 256, 8),
+    # A width ladder at fixed depth (2 layers, d_ff = 4 x d_model) for the probing ablation (jobs/paper/figure2*.yaml).
+    "byte-2l-d16": _byte_lm(2, 16, 2),
+    "byte-2l-d32": _byte_lm(2, 32, 2),
+    "byte-2l-d64": _byte_lm(2, 64, 4),
+    "byte-2l-d128": _byte_lm(2, 128, 4),
+    "byte-2l-d256": _byte_lm(2, 256, 8),
+    "byte-2l-d512": _byte_lm(2, 512, 8),
     "bert-byte-tiny": _bert(2, 128, 2, byte=True),
     "bert-byte-mini": _bert(4, 256, 4, byte=True),
     "bert-tiny": _bert(2, 128, 2),
