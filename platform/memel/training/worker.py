@@ -129,7 +129,7 @@ def rank_divergence(inserted: dict[str, memel.Inhibitor], device: torch.device) 
     return float((high - low).max())
 
 
-def _evaluate(engine: Any, loader: Any, batches: int, kind: str, device: torch.device) -> dict[str, float]:
+def _evaluate(engine: Any, loader: Any, batches: int, kind: str, device: torch.device, count: bool = False) -> dict[str, float]:
     engine.module.eval()
     loss_sum = items = correct = 0.0
     with torch.no_grad():
@@ -141,11 +141,28 @@ def _evaluate(engine: Any, loader: Any, batches: int, kind: str, device: torch.d
     engine.module.train()
     loss_sum, items, correct = _reduce_sum([loss_sum, items, correct], device)
     metrics = {"eval/loss": loss_sum / max(items, 1)}
+    if count:
+        metrics["eval/items"] = items
     if kind == "text_lm":
         metrics["eval/perplexity"] = math.exp(min(metrics["eval/loss"], 50.0))
     elif kind != "nowcast":
         metrics["eval/accuracy"] = correct / max(items, 1)
     return metrics
+
+
+def _final_evaluation(
+    spec: TrainSpec, engine: Any, kind: str, device: torch.device, rank: int, world: int, prefix: str
+) -> dict[str, float]:
+    """``eval.final`` batches of the held-out set from its start (``all``: every sample once,
+    split across ranks), metrics named ``<prefix>loss`` etc., plus ``<prefix>items``; without
+    ``eval.final``, ``eval.batches`` batches from the start."""
+    final = spec.eval.final if spec.eval.final is not None else spec.eval.batches
+    data = {**spec.data, "batch_size": spec.train.micro_batch_size, "seed": spec.train.seed, "split": "heldout",
+            "shuffle": False, "epochs": 1, "drop_last": False, "even_shards": False}  # fmt: skip
+    loader = build_loader(data, rank, world)
+    batches = len(loader) if final == "all" else int(final)
+    evaluation = _evaluate(engine, loader, batches, kind, device, count=True)
+    return {f"{prefix}{name.split('/', 1)[1]}": value for name, value in evaluation.items()}
 
 
 def _quiet_per_report_logs() -> None:
@@ -184,6 +201,10 @@ def train_loop(config: dict[str, Any]) -> None:
 
     torch.manual_seed(spec.train.seed)
     model = build_model(spec.model.name, **spec.model.overrides)
+    if spec.model.init_from is not None:  # fine-tuning: the pretrained weights, nothing else
+        from .init_from import load_init_weights
+
+        load_init_weights(model, spec.model.init_from)
     inserted = insert_inhibition(model, spec)
     depths = module_depths(model, inserted)
     kind = spec.data.get("kind", "text_lm")
@@ -246,6 +267,11 @@ def _train_steps(
     window_loss = window_items = 0.0
     window_start, window_steps = time.perf_counter(), 0
     metrics: dict[str, float] = {}
+    initial: dict[str, float] = {}
+    if spec.model.init_from is not None and step == 0:  # the pretrained model's score, before fine-tuning
+        initial = _final_evaluation(spec, engine, kind, device, rank, world, prefix="init/")
+        if rank == 0 and tracker is not None:
+            tracker.log_metrics(initial, 0)
     while step < train.steps:
         for _ in range(train.accumulation):
             batch = next(loader)
@@ -295,6 +321,12 @@ def _train_steps(
             if info.trial is not None:
                 pruned = _report_to_trial(info.trial, evaluation, step, rank, device)
 
+        if step == train.steps and spec.eval.final is not None:
+            final = _final_evaluation(spec, engine, kind, device, rank, world, prefix="heldout/")
+            metrics.update(final)
+            if rank == 0 and tracker is not None:
+                tracker.log_metrics(final, step)
+
         if inserted and (step % spec.stats.every == 0 or step == train.steps):
             snaps = memel.snapshot(engine.module)  # a collective: every rank calls it
             divergence = rank_divergence(inserted, device)
@@ -308,7 +340,7 @@ def _train_steps(
         if step % spec.checkpoint.every == 0 or step == train.steps:
             with tempfile.TemporaryDirectory(prefix="memel-ckpt-") as directory:
                 checkpoints.save(Path(directory), step, tokens_seen, info.run_id)
-                report = {**metrics, "step": step, "tokens_seen": tokens_seen}
+                report = {**initial, **metrics, "step": step, "tokens_seen": tokens_seen}
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
         if pruned:  # every rank got the same decision; the driver tells the study
             if rank == 0:
