@@ -112,5 +112,6 @@ def test_a_fine_tune_starts_from_the_pretrained_weights(tmp_path: Path) -> None:
     fresh = build_model(tuned.model.name)
     fresh.eval()
     batch = next(iter(build_loader({**spec.data, "batch_size": held, "split": "heldout", "shuffle": False})))
-    fresh_loss = float(torch.nn.functional.cross_entropy(fresh(batch.inputs), batch.targets))
+    with torch.no_grad():
+        fresh_loss = float(torch.nn.functional.cross_entropy(fresh(batch.inputs), batch.targets))
     assert not math.isclose(fresh_loss, loss, rel_tol=1e-3), "the pretrained weights must differ from a fresh model's"
