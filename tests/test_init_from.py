@@ -115,3 +115,35 @@ def test_a_fine_tune_starts_from_the_pretrained_weights(tmp_path: Path) -> None:
     with torch.no_grad():
         fresh_loss = float(torch.nn.functional.cross_entropy(fresh(batch.inputs), batch.targets))
     assert not math.isclose(fresh_loss, loss, rel_tol=1e-3), "the pretrained weights must differ from a fresh model's"
+
+
+def test_the_final_nowcast_evaluation_gives_b_mse_and_b_mae_over_every_sequence() -> None:
+    """Batch-wise sums of the balanced errors equal B-MSE / B-MAE computed on all held-out sequences at once."""
+    import torch
+
+    from memel.data import build as build_loader
+    from memel.models import build as build_model
+    from memel.models.nowcasting_metrics import b_mae, b_mse
+    from memel.training.worker import _evaluate
+
+    class Engine(torch.nn.Module):  # what _evaluate needs of a DeepSpeed engine: call it, and .module
+        def __init__(self, module: torch.nn.Module) -> None:
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args):
+            return self.module(*args)
+
+    torch.manual_seed(0)
+    model = build_model("convgru")
+    data = {"kind": "nowcast", "size": 16, "input_frames": 2, "output_frames": 3, "samples_per_epoch": 7, "split": "heldout",
+            "shuffle": False, "epochs": 1, "drop_last": False, "batch_size": 3}  # fmt: skip
+    metrics = _evaluate(Engine(model), build_loader(data), 100, "nowcast", torch.device("cpu"), count=True)
+    everything = next(iter(build_loader({**data, "batch_size": 7})))
+    model.eval()
+    with torch.no_grad():
+        prediction = model(everything.inputs, 3).float()
+    assert metrics["eval/items"] == 7
+    assert metrics["eval/b_mse"] == pytest.approx(float(b_mse(prediction, everything.targets.float())), rel=1e-5)
+    assert metrics["eval/b_mae"] == pytest.approx(float(b_mae(prediction, everything.targets.float())), rel=1e-5)
+    assert metrics["eval/b_mse"] > 0
