@@ -27,8 +27,8 @@ def test_a_missing_checkpoint_is_refused_before_anything_starts(command: str, tm
     import ray
 
     out = tmp_path / "out"
-    result = RUNNER.invoke(app, [command, str(JOBS / "gain_encoder_finetune.yaml"), "--set", f"model.init_from={tmp_path / 'nope'}",
-                                 "--set", f"output_dir={out}"])  # fmt: skip
+    missing = f"model.init_from={tmp_path / 'nope'}"
+    result = RUNNER.invoke(app, [command, str(JOBS / "gain_encoder_finetune.yaml"), "--set", missing, "--set", f"output_dir={out}"])
     assert result.exit_code == 2, result.output
     assert len(_error_lines(result.output)) == 1 and "model.init_from: no such path" in result.output, result.output
     assert "Traceback" not in result.output and not out.exists() and not ray.is_initialized()
@@ -99,9 +99,10 @@ def test_a_fine_tune_starts_from_the_pretrained_weights(tmp_path: Path) -> None:
     assert first.metrics["heldout/accuracy"] == pytest.approx(accuracy)
 
     inhibition = "inhibition={mode: rd, layout: element, top_n: 1, forget_steps: 1, late_start: 1}"
-    tuned = load_spec(JOBS / "gain_encoder_pretrain.yaml", [*DATA, *TINY, "train.steps=2", "train.workers=2", "checkpoint.every=2",
-                                                            "train.seed=3", "model.targets=[layers.0, layers.1]", inhibition,
-                                                            f"model.init_from={pretrained}", f"output_dir={tmp_path / 'tune'}"])  # fmt: skip
+    tuned = load_spec(JOBS / "gain_encoder_pretrain.yaml", [
+        *DATA, *TINY, "train.steps=2", "train.workers=2", "checkpoint.every=2", "train.seed=3",
+        "model.targets=[layers.0, layers.1]", inhibition, f"model.init_from={pretrained}", f"output_dir={tmp_path / 'tune'}",
+    ])  # fmt: skip
     second = run_training(tuned)
     assert second.metrics["init/items"] == held, "the full held-out set, every sample once, across 2 ranks"
     assert second.metrics["init/loss"] == pytest.approx(loss, rel=1e-5)

@@ -85,7 +85,8 @@ def test_a_tuned_variant_with_its_own_top_n_pairs_with_the_original_of_its_seed(
     rng = np.random.default_rng(13)
     base = rng.normal(0.7, 0.03, 10)
     members = [_member("original", s, base[s]) for s in range(10)]
-    members += [_member("rd", s, base[s] + 0.01 + rng.normal(0, 0.003), top_n=10, strength=5, variant="rd-tuned") for s in range(10)]
+    tuned = [base[s] + 0.01 + rng.normal(0, 0.003) for s in range(10)]
+    members += [_member("rd", s, tuned[s], top_n=10, strength=5, variant="rd-tuned") for s in range(10)]
     members += [_member("naive_b", s, base[s] + rng.normal(0, 0.003)) for s in range(10)]
     table = member_table(members)
     result = significance(table).set_index(["metric", "comparison"])

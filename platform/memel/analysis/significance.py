@@ -153,7 +153,8 @@ def significance(table: pd.DataFrame, metrics: dict[str, str] | None = None) -> 
                 if scope != "all" and matched["model"].nunique() < 2:
                     continue  # one rung: its row would repeat "all"
                 summary = paired_summary(part["original"].tolist(), part["inhibited"].tolist(), PAPER_RELATIVE.get(metric))
-                rows.append({"metric": metric, "description": description, "comparison": f"original vs {variant}", "scope": scope, **summary})
+                comparison = f"original vs {variant}"
+                rows.append({"metric": metric, "description": description, "comparison": comparison, "scope": scope, **summary})
     return pd.DataFrame(rows, columns=COLUMNS)
 
 

@@ -45,10 +45,9 @@ def resolve_init_from(value: str) -> Path:
             raise ConfigError(f"{FIELD}: the checkpoint {checkpoint} named by {summary} is not a local checkpoint folder")
         return found
     if (path / "sweep.json").is_file():
-        members = sorted(p.name for p in (path / "members").glob("*"))[:5]
-        raise ConfigError(
-            f"{FIELD}: {value!r} is a sweep folder; name one of its members, e.g. {path / 'members' / (members[0] if members else '<key>')}"
-        )
+        members = sorted(p.name for p in (path / "members").glob("*"))
+        example = path / "members" / (members[0] if members else "<key>")
+        raise ConfigError(f"{FIELD}: {value!r} is a sweep folder; name one of its members, e.g. {example}")
     raise ConfigError(
         f"{FIELD}: {value!r} is not a checkpoint (no memel/progress.json) nor a finished run's folder (no summary.json)"
     )
