@@ -148,3 +148,12 @@ def test_the_final_nowcast_evaluation_gives_b_mse_and_b_mae_over_every_sequence(
     assert metrics["eval/b_mse"] == pytest.approx(float(b_mse(prediction, everything.targets.float())), rel=1e-5)
     assert metrics["eval/b_mae"] == pytest.approx(float(b_mae(prediction, everything.targets.float())), rel=1e-5)
     assert metrics["eval/b_mse"] > 0
+
+
+@pytest.mark.parametrize("value", ["some", "0", "true"])
+def test_a_bad_final_evaluation_is_refused(value: str, tmp_path: Path) -> None:
+    result = RUNNER.invoke(app, ["train", str(JOBS / "gain_encoder_pretrain.yaml"), "--set", f"eval.final={value}",
+                                 "--set", f"output_dir={tmp_path / 'out'}"])  # fmt: skip
+    assert result.exit_code == 2 and len(_error_lines(result.output)) == 1, result.output
+    assert "eval.final: use all (every held-out sample once) or a number of batches >= 1" in " ".join(result.output.split())
+    assert not (tmp_path / "out").exists()

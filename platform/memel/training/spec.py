@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -90,7 +90,14 @@ class EvalSection(_Section):
 
     every: int = Field(50, ge=1)
     batches: int = Field(4, ge=1)
-    final: Literal["all"] | Annotated[int, Field(ge=1)] | None = None
+    final: Literal["all"] | int | None = None
+
+    @field_validator("final", mode="before")
+    @classmethod
+    def _final(cls, value: Any) -> Any:
+        if value is None or value == "all" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError("use all (every held-out sample once) or a number of batches >= 1")
 
 
 class TrackingSection(_Section):
