@@ -371,8 +371,13 @@ def sections(analysis: Analysis, images: dict[str, bytes]) -> list[Section]:
         out.append(section)
     if analysis.significance is not None and len(analysis.significance):
         out.append(Section("4. Significance (Table 9)", [
-            ("Paired t-test (scipy.stats.ttest_rel) of inhibited against original members with the same rung, seed and top_n, "
-             "pooled over rungs (scope all) and per rung; t < 0: the inhibited runs have the lower value."),
+            ("Paired t-test (scipy.stats.ttest_rel) of inhibited against original members with the same rung and seed (and "
+             "top_n, where the originals vary it), pooled over rungs (scope all) and per rung; t < 0: the inhibited runs have "
+             "the lower value. heldout_* metrics are the full held-out set at the end of each run (eval.final: all)."),
+            ("Power: detectable_80 is the smallest mean difference this test detects with 80% power (two-sided, alpha 0.05, "
+             "the observed spread of the paired differences); power_at_paper is its power to detect the paper's relative "
+             "effect of MEmeL-Tune (paper_relative) times the original mean. A non-significant result with low "
+             "power_at_paper is inconclusive, not a refutation."),
         ], tables=[("Paired t-tests", analysis.significance)]))  # fmt: skip
     if analysis.members is not None:
         out.append(Section("Members", tables=[("Every member with its final metrics", analysis.members)]))

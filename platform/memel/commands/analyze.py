@@ -101,12 +101,15 @@ def print_summary(console: Any, analysis: Any) -> None:
                               _fmt(row["paper_difference"]), row["verdict"])  # fmt: skip
             console.print(table)
     if analysis.significance is not None and len(analysis.significance):
-        table = Table(title="Paired t-tests, inhibited vs original (same rung, seed, top_n); t < 0: inhibited lower")
-        for column in ("metric", "comparison", "scope", "pairs", "mean orig.", "mean inh.", "t", "p"):
+        table = Table(title="Paired t-tests, inhibited vs original (same rung and seed); t < 0: inhibited lower; "
+                            "power: the difference detectable at 80%, and the power against the paper's effect")  # fmt: skip
+        columns = ("metric", "comparison", "scope", "pairs", "mean orig.", "difference [95% CI]", "t", "p", "detectable", "power@paper")
+        for column in columns:
             table.add_column(column, justify="left" if column in ("metric", "comparison", "scope") else "right")
         for row in analysis.significance.to_dict("records"):
-            table.add_row(row["metric"], row["comparison"], row["scope"], str(row["pairs"]), _fmt(row["mean_original"]),
-                          _fmt(row["mean_inhibited"]), _fmt(row["t"], 3), _fmt(row["p"], 3))  # fmt: skip
+            difference = f"{_fmt(row['mean_difference'], 3)} [{_fmt(row['ci_low'], 3)}, {_fmt(row['ci_high'], 3)}]"
+            table.add_row(row["metric"], row["comparison"], row["scope"], str(row["pairs"]), _fmt(row["mean_original"]), difference,
+                          _fmt(row["t"], 3), _fmt(row["p"], 3), _fmt(row["detectable_80"], 3), _fmt(row["power_at_paper"], 2))  # fmt: skip
         console.print(table)
     for note in analysis.notes:
         console.print(f"[yellow]note:[/yellow] {note}")

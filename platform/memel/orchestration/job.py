@@ -25,7 +25,7 @@ from pydantic import Field, field_validator, model_validator
 
 from memel.errors import ConfigError
 from memel.inhibition.config import Mode
-from memel.training.spec import TrainSpec, _Section, _set_dotted
+from memel.training.spec import TrainSpec, _Section, _set_dotted, check_init_from
 
 #: The paper's MEmeL-Tune grid (Section 4): top_n x strength.
 PAPER_GRID: dict[str, list[float | int]] = {"top_n": [1, 5, 10, 50, 100], "strength": [1, 5, 10, 50, 100]}
@@ -327,6 +327,7 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
         key, raw = item.split("=", 1)
         _set_dotted(tree, key.strip(), yaml.safe_load(raw))
     job = JobSpec(**tree)
-    if job.sweep is not None:
-        expand_sweep(job)
+    members = expand_sweep(job) if job.sweep is not None else []
+    for init_from in dict.fromkeys([job.model.init_from, *(m.spec.model.init_from for m in members)]):
+        check_init_from(init_from)
     return job

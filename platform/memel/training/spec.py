@@ -19,12 +19,23 @@ class _Section(BaseModel):
 
 
 class ModelSection(_Section):
-    """Which model, and where inhibition goes (a preset of the model, or explicit patterns)."""
+    """Which model, and where inhibition goes (a preset of the model, or explicit patterns).
+
+    ``init_from``: fine-tune from the weights of a finished run's checkpoint (its output folder,
+    a sweep member's folder or the checkpoint folder; see :mod:`memel.training.init_from`).
+    """
 
     name: str = "byte-0.2m"
     overrides: dict[str, Any] = Field(default_factory=dict)
     preset: str | None = "mlp"
     targets: list[str] = Field(default_factory=list)
+    init_from: str | None = Field(None, min_length=1)
+
+    @field_validator("init_from")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        """Relative to where the spec is loaded (workers run elsewhere)."""
+        return None if value is None else str(Path(value).expanduser().absolute())
 
 
 class TrainSection(_Section):
@@ -71,8 +82,22 @@ class TrainSection(_Section):
 
 
 class EvalSection(_Section):
+    """Held-out evaluation: ``batches`` batches every ``every`` steps (each evaluation continues
+    where the last one stopped); ``final`` batches from the start of the held-out set at the end
+    of the run (``all``: every held-out sample once), logged as ``heldout/loss``,
+    ``heldout/accuracy`` (classification) and ``heldout/items``. A fine-tune (``model.init_from``)
+    also scores the pretrained weights the same way at step 0, as ``init/...``."""
+
     every: int = Field(50, ge=1)
     batches: int = Field(4, ge=1)
+    final: Literal["all"] | int | None = None
+
+    @field_validator("final", mode="before")
+    @classmethod
+    def _final(cls, value: Any) -> Any:
+        if value is None or value == "all" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError("use all (every held-out sample once) or a number of batches >= 1")
 
 
 class TrackingSection(_Section):
@@ -182,6 +207,17 @@ class TrainSpec(_Section):
         return f"{self.name}-{self.fingerprint()}"
 
 
+def check_init_from(init_from: str | None) -> None:
+    """``model.init_from`` names a usable checkpoint (ConfigError naming the field otherwise).
+
+    Checked when a spec or job is loaded, before anything starts; not in the model validator,
+    so a finished run's spec stays readable after its pretrained checkpoint is gone."""
+    if init_from is not None:
+        from .init_from import resolve_init_from
+
+        resolve_init_from(init_from)
+
+
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
@@ -215,4 +251,6 @@ def load_spec(path: str | Path | None = None, overrides: list[str] | None = None
             raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. train.steps=20")
         key, raw = item.split("=", 1)
         _set_dotted(tree, key.strip(), yaml.safe_load(raw))
-    return TrainSpec(**tree)
+    spec = TrainSpec(**tree)
+    check_init_from(spec.model.init_from)
+    return spec

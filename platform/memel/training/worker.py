@@ -129,23 +129,55 @@ def rank_divergence(inserted: dict[str, memel.Inhibitor], device: torch.device) 
     return float((high - low).max())
 
 
-def _evaluate(engine: Any, loader: Any, batches: int, kind: str, device: torch.device) -> dict[str, float]:
+def _evaluate(engine: Any, loader: Any, batches: int, kind: str, device: torch.device, count: bool = False) -> dict[str, float]:
     engine.module.eval()
-    loss_sum = items = correct = 0.0
+    loss_sum = items = correct = b_mse_sum = b_mae_sum = 0.0
     with torch.no_grad():
         for _, batch in zip(range(batches), loader):
             out = compute(engine, batch, kind, device)
             loss_sum += float(out.loss) * out.items
             items += out.items
             correct += out.correct or 0.0
+            if count and kind == "nowcast":  # the paper's B-MSE / B-MAE (summed over frames, per sequence)
+                b_mse_sum, b_mae_sum = (a + b for a, b in zip((b_mse_sum, b_mae_sum), _balanced_sums(engine, batch, device)))
     engine.module.train()
-    loss_sum, items, correct = _reduce_sum([loss_sum, items, correct], device)
+    loss_sum, items, correct, b_mse_sum, b_mae_sum = _reduce_sum([loss_sum, items, correct, b_mse_sum, b_mae_sum], device)
     metrics = {"eval/loss": loss_sum / max(items, 1)}
+    if count:
+        metrics["eval/items"] = items
+        if kind == "nowcast":
+            metrics |= {"eval/b_mse": b_mse_sum / max(items, 1), "eval/b_mae": b_mae_sum / max(items, 1)}
     if kind == "text_lm":
         metrics["eval/perplexity"] = math.exp(min(metrics["eval/loss"], 50.0))
     elif kind != "nowcast":
         metrics["eval/accuracy"] = correct / max(items, 1)
     return metrics
+
+
+def _balanced_sums(engine: Any, batch: Any, device: torch.device) -> tuple[float, float]:
+    """B-MSE and B-MAE of one nowcast batch, summed over its sequences."""
+    from memel.models.nowcasting_metrics import b_mae, b_mse
+
+    inputs, targets = batch.inputs.to(device), batch.targets.to(device).float()
+    prediction = engine(inputs, targets.shape[1]).float()
+    size = targets.shape[0]
+    return float(b_mse(prediction, targets)) * size, float(b_mae(prediction, targets)) * size
+
+
+def _final_evaluation(
+    spec: TrainSpec, engine: Any, kind: str, device: torch.device, rank: int, world: int, prefix: str
+) -> dict[str, float]:
+    """``eval.final`` batches of the held-out set from its start (``all``: every sample once,
+    split across ranks), metrics named ``<prefix>loss`` etc., plus ``<prefix>items``; without
+    ``eval.final``, ``eval.batches`` batches from the start."""
+    final = spec.eval.final if spec.eval.final is not None else spec.eval.batches
+    # seed 0: the same held-out set for every run (generated data, e.g. radar echoes, depends on the seed)
+    data = {**spec.data, "batch_size": spec.train.micro_batch_size, "seed": 0, "split": "heldout",
+            "shuffle": False, "epochs": 1, "drop_last": False, "even_shards": False}  # fmt: skip
+    loader = build_loader(data, rank, world)
+    batches = len(loader) if final == "all" else int(final)
+    evaluation = _evaluate(engine, loader, batches, kind, device, count=True)
+    return {f"{prefix}{name.split('/', 1)[1]}": value for name, value in evaluation.items()}
 
 
 def _quiet_per_report_logs() -> None:
@@ -187,6 +219,10 @@ def train_loop(config: dict[str, Any]) -> None:
 
     torch.manual_seed(spec.train.seed)
     model = build_model(spec.model.name, **spec.model.overrides)
+    if spec.model.init_from is not None:  # fine-tuning: the pretrained weights, nothing else
+        from .init_from import load_init_weights
+
+        load_init_weights(model, spec.model.init_from)
     inserted = insert_inhibition(model, spec)
     depths = module_depths(model, inserted)
     kind = spec.data.get("kind", "text_lm")
@@ -249,6 +285,11 @@ def _train_steps(
     window_loss = window_items = 0.0
     window_start, window_steps = time.perf_counter(), 0
     metrics: dict[str, float] = {}
+    initial: dict[str, float] = {}
+    if spec.model.init_from is not None and step == 0:  # the pretrained model's score, before fine-tuning
+        initial = _final_evaluation(spec, engine, kind, device, rank, world, prefix="init/")
+        if rank == 0 and tracker is not None:
+            tracker.log_metrics(initial, 0)
     while step < train.steps:
         for _ in range(train.accumulation):
             batch = next(loader)
@@ -298,6 +339,12 @@ def _train_steps(
             if info.trial is not None:
                 pruned = _report_to_trial(info.trial, evaluation, step, rank, device)
 
+        if step == train.steps and spec.eval.final is not None:
+            final = _final_evaluation(spec, engine, kind, device, rank, world, prefix="heldout/")
+            metrics.update(final)
+            if rank == 0 and tracker is not None:
+                tracker.log_metrics(final, step)
+
         if inserted and (step % spec.stats.every == 0 or step == train.steps):
             snaps = memel.snapshot(engine.module)  # a collective: every rank calls it
             divergence = rank_divergence(inserted, device)
@@ -311,7 +358,7 @@ def _train_steps(
         if step % spec.checkpoint.every == 0 or step == train.steps:
             with tempfile.TemporaryDirectory(prefix="memel-ckpt-") as directory:
                 checkpoints.save(Path(directory), step, tokens_seen, info.run_id)
-                report = {**metrics, "step": step, "tokens_seen": tokens_seen}
+                report = {**initial, **metrics, "step": step, "tokens_seen": tokens_seen}
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
         if pruned:  # every rank got the same decision; the driver tells the study
             if rank == 0:
