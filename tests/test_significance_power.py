@@ -40,7 +40,7 @@ def test_t_p_and_ci_match_scipy() -> None:
 
 def test_power_matches_monte_carlo_and_the_published_value() -> None:
     rng = np.random.default_rng(5)
-    # G*Power's paired t-test, dz = 1, n = 10, alpha = 0.05 two-sided: power 0.8031
+    # the textbook value for the paired t-test, effect 1 SD, n = 10, alpha = 0.05 two-sided: 0.8031
     assert power(1.0, 1.0, 10) == pytest.approx(0.8031, abs=5e-4)
     for effect, sd, n in ((0.3, 1.0, 10), (0.02, 0.01, 6), (0.5, 1.0, 25)):
         simulated = _rejections(effect, sd, n, 20000, rng)

@@ -139,7 +139,8 @@ def _evaluate(engine: Any, loader: Any, batches: int, kind: str, device: torch.d
             items += out.items
             correct += out.correct or 0.0
             if count and kind == "nowcast":  # the paper's B-MSE / B-MAE (summed over frames, per sequence)
-                b_mse_sum, b_mae_sum = (a + b for a, b in zip((b_mse_sum, b_mae_sum), _balanced_sums(engine, batch, device)))
+                batch_mse, batch_mae = _balanced_sums(engine, batch, device)
+                b_mse_sum, b_mae_sum = b_mse_sum + batch_mse, b_mae_sum + batch_mae
     engine.module.train()
     loss_sum, items, correct, b_mse_sum, b_mae_sum = _reduce_sum([loss_sum, items, correct, b_mse_sum, b_mae_sum], device)
     metrics = {"eval/loss": loss_sum / max(items, 1)}
