@@ -70,6 +70,21 @@ def fp32_weights(checkpoint: Path, tag: str) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in saved["module"].items()}
 
 
+def load_host_weights(model: torch.nn.Module, checkpoint: Path, misfit: str, fix: str = "") -> dict[str, Any]:
+    """Load the host model's fp32 weights of a memel checkpoint folder into ``model`` (Inhibitor
+    buffers left out); returns the checkpoint's ``memel/progress.json``. Weights that do not fit
+    raise ``ConfigError(misfit + what is missing or unexpected + fix)``."""
+    progress = json.loads((checkpoint / "memel" / "progress.json").read_text())
+    weights = {k: v for k, v in fp32_weights(checkpoint, progress["tag"]).items() if ".inhibitor." not in k}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    parameters = {name for name, _ in model.named_parameters()}
+    if unexpected or parameters.intersection(missing):
+        raise ConfigError(
+            f"{misfit} (missing {sorted(parameters.intersection(missing))[:5]}, unexpected {sorted(unexpected)[:5]}){fix}"
+        )
+    return progress
+
+
 def load_member(member: Member) -> Trained:
     """The member's model at its last checkpoint (eval mode, no Inhibitors inserted yet)."""
     from memel.models import build, preset_targets
@@ -83,17 +98,9 @@ def load_member(member: Member) -> Trained:
         raise ConfigError(
             f"member {member.label}: checkpoint {checkpoint} is not a local folder (on another machine or in remote storage?)"
         )
-    progress = json.loads((checkpoint / "memel" / "progress.json").read_text())
     spec = read_spec(member.spec)
     model = build(spec.model.name, **spec.model.overrides)
-    weights = {k: v for k, v in fp32_weights(checkpoint, progress["tag"]).items() if ".inhibitor." not in k}
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    parameters = {name for name, _ in model.named_parameters()}
-    if unexpected or parameters.intersection(missing):
-        raise ConfigError(
-            f"member {member.label}: checkpoint weights do not fit {spec.model.name} "
-            f"(missing {sorted(parameters.intersection(missing))[:5]}, unexpected {sorted(unexpected)[:5]})"
-        )
+    progress = load_host_weights(model, checkpoint, f"member {member.label}: checkpoint weights do not fit {spec.model.name}")
     model.eval()
     targets = list(spec.model.targets or preset_targets(spec.model.name, spec.model.preset or "mlp"))
     inhibition_file = checkpoint / "memel" / "inhibition.pt"

@@ -56,17 +56,11 @@ def resolve_init_from(value: str) -> Path:
 def load_init_weights(model: torch.nn.Module, value: str) -> int:
     """Load the weights of checkpoint ``value`` into ``model`` (before Inhibitors are inserted);
     returns the checkpoint's step. Refuses weights that do not fit the model."""
-    from memel.analysis.checkpoint import fp32_weights
+    from memel.analysis.checkpoint import load_host_weights
 
     checkpoint = resolve_init_from(value)
-    progress = json.loads((checkpoint / "memel" / "progress.json").read_text())
-    weights = {k: v for k, v in fp32_weights(checkpoint, progress["tag"]).items() if ".inhibitor." not in k}
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    parameters = {name for name, _ in model.named_parameters()}
-    if unexpected or parameters.intersection(missing):
-        raise ConfigError(
-            f"{FIELD}: the weights of {checkpoint} do not fit this model "
-            f"(missing {sorted(parameters.intersection(missing))[:5]}, unexpected {sorted(unexpected)[:5]}); "
-            "fine-tune the same model.name and model.overrides as the pretrained run"
-        )
+    progress = load_host_weights(
+        model, checkpoint, f"{FIELD}: the weights of {checkpoint} do not fit this model",
+        "; fine-tune the same model.name and model.overrides as the pretrained run",
+    )
     return int(progress["step"])
