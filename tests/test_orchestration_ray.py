@@ -170,7 +170,7 @@ def test_study_with_parallel_trials_on_postgresql(tmp_path: Path, mlflow_server:
     state = json.loads((tmp_path / "study" / "study.json").read_text())
     assert POSTGRES_PASSWORD not in json.dumps(state), "credentials are never stored"
     assert POSTGRES_PASSWORD not in result.output, "credentials are never shown"
-    assert state["storage"] == "postgresql://***@127.0.0.1:5432/test"
+    assert state["storage"] == "postgresql://root:***@127.0.0.1:5432/test"
     assert len([t for t in study.trials if t.state.name == "COMPLETE"]) == 2
     optuna.delete_study(study_name=name, storage=url)
 
