@@ -24,6 +24,13 @@ def models(
         str | None,
         typer.Option("--family", "-f", help="Only this family: decoder, encoder, vit, cnn or convgru."),
     ] = None,
+    stats: Annotated[
+        bool,
+        typer.Option("--stats", help="Add the modelled statistics cost: neurons, memory per rank and bytes all-reduced per step."),
+    ] = False,
+    layout: Annotated[str, typer.Option("--layout", help="With --stats: the layout, element or channel.")] = "element",
+    preset: Annotated[str, typer.Option("--preset", help="With --stats: the inhibition preset.")] = "paper",
+    seq_len: Annotated[int, typer.Option("--seq-len", min=1, help="With --stats: tokens per sequence.")] = 2048,
 ) -> None:
     """List the model ladder: name, family, exact parameter count and inhibition presets.
 
@@ -31,7 +38,11 @@ def models(
     Build a model in Python with [bold]memel.models.build(name, **overrides)[/bold] and get a
     preset's module patterns with [bold]memel.models.preset_targets(name, preset)[/bold].
 
-    Example: [bold]memel models --family decoder[/bold]
+    With --stats, each model with the preset also shows what its inhibitors' statistics cost
+    (a model, see docs/scaling.md): neurons, memory per rank against the bf16 parameters, and
+    bytes all-reduced per optimizer step.
+
+    Example: [bold]memel models --family decoder --stats --layout element[/bold]
     """
     from memel.errors import ConfigError
     from memel.models import list_models
@@ -45,7 +56,34 @@ def models(
     table.add_column("family")
     table.add_column("parameters", justify="right")
     table.add_column("", justify="right", style="dim")
-    table.add_column("presets")
+    if not stats:
+        table.add_column("presets")
+    else:
+        if layout not in ("element", "channel"):
+            raise typer.BadParameter(f"unknown layout {layout!r}; allowed: element, channel", param_hint="--layout")
+        for column in ("positions", "neurons", "state/rank", "% of bf16", "all-reduce/step"):
+            table.add_column(column, justify="right")
     for row in rows:
-        table.add_row(row.name, row.family, f"{row.parameters:,}", _human(row.parameters), ", ".join(row.presets))
+        cells = [row.name, row.family, f"{row.parameters:,}", _human(row.parameters)]
+        cells += _stats_cells(row.name, row.presets, layout, preset, seq_len) if stats else [", ".join(row.presets)]
+        table.add_row(*cells)
     Console().print(table)
+
+
+def _stats_cells(name: str, presets: tuple[str, ...], layout: str, preset: str, seq_len: int) -> list[str]:
+    from memel.benchmarks.statistics_cost import statistics_cost
+
+    if preset not in presets:
+        return ["-"] * 5
+    try:
+        cost = statistics_cost(name, layout, preset, seq_len)
+    except ValueError:  # a model family the cost model does not cover
+        return ["-"] * 5
+    return [str(cost.positions), _human(cost.neurons), _bytes(cost.state_bytes), f"{100 * cost.state_fraction:.1f}", _bytes(cost.payload_bytes)]
+
+
+def _bytes(count: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.3g} {unit}"
+    return f"{count} B"
