@@ -9,7 +9,7 @@ import memel
 import numpy as np
 import pytest
 import torch
-from memel.benchmarks.metric import (
+from memel.benchmarks.metric_validation import (
     bench_metric,
     best_matching_feature,
     false_killing_rate,

@@ -104,7 +104,7 @@ def test_quickstart_sweep_end_to_end_then_skips_and_resumes(tmp_path: Path, mlfl
 def _study(storage):
     import optuna
 
-    from memel.orchestration.storage import open_storage
+    from memel.orchestration.optuna_storage import open_storage
 
     return optuna.load_study(study_name="tune_memel", storage=open_storage(storage))
 
@@ -180,7 +180,7 @@ def test_pruning_decision_comes_from_the_study(tmp_path: Path) -> None:
     import optuna
     import torch
 
-    from memel.orchestration.storage import open_storage
+    from memel.orchestration.optuna_storage import open_storage
     from memel.training.worker import _report_to_trial
 
     url = f"journal:///{tmp_path / 'prune.journal'}"
@@ -210,7 +210,7 @@ def test_interrupted_trials_are_rerun_with_their_parameters(tmp_path: Path) -> N
     import optuna
 
     from memel.orchestration import load_job
-    from memel.orchestration.storage import open_storage
+    from memel.orchestration.optuna_storage import open_storage
     from memel.orchestration.study import _finished_count, _requeue_interrupted, suggest, trial_key
 
     job = load_job(JOBS / "tune_memel.yaml")

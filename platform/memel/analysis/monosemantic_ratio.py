@@ -143,7 +143,7 @@ def register(con: duckdb.DuckDBPyConnection, stats: Stats, name: str, run_id: st
     (faster), a pyarrow dataset (any filesystem, S3 included) through Arrow's scanner; both
     stream, read only the columns a query names and skip partitions filtered on ``run_id``."""
     if isinstance(stats, str):
-        from memel.stats.storage import partition_value
+        from memel.stats.stats_root import partition_value
 
         root = stats.rstrip("/").replace("'", "''")
         folder = f"run_id={partition_value(run_id)}/" if run_id is not None else ""

@@ -99,7 +99,7 @@ class Source:
 def open_stats(root: str, field_name: str = "TARGET") -> ds.Dataset:
     """The hive-partitioned statistics dataset at ``root`` (local or ``s3://``)."""
     from memel.stats.schema import PARTITIONING
-    from memel.stats.storage import resolve_root
+    from memel.stats.stats_root import resolve_root
 
     resolved = resolve_root(root, field_name)
     try:

@@ -236,7 +236,7 @@ def bench_analyze_command(
 
     Example: [bold]memel bench analyze --full[/bold]
     """
-    from memel.analysis.benchmark import FULL_SNAPSHOTS, generate, measure
+    from memel.benchmarks.analysis_throughput import FULL_SNAPSHOTS, generate, measure
 
     count = FULL_SNAPSHOTS if full else snapshots
     if count < 1:

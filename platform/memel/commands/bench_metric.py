@@ -55,7 +55,7 @@ def bench_metric_command(
     """
     import torch
 
-    from memel.benchmarks.metric import bench_metric
+    from memel.benchmarks.metric_validation import bench_metric
     from memel.errors import ConfigError
 
     if threads:

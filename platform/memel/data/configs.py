@@ -94,7 +94,7 @@ class TextLMConfig(_LoaderConfig):
         from .corpora import corpus_documents
         from .documents import file_documents, jsonl_documents, parquet_documents
         from .splits import heldout_keys
-        from .storage import list_files
+        from .filesystems import list_files
         from .text_lm import TextLMLoader
         from .tokenizers import make_tokenizer
 

@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 
 from .documents import Document, file_documents
 from .errors import DataError
-from .storage import FileRef
+from .filesystems import FileRef
 
 CORPORA = ("shakespeare", "shakespeare-modern", "shakespeare-folio", "stdlib-code", "mixed")
 LABELS = ("shakespeare", "shakespeare-folio", "python-code")

@@ -8,7 +8,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from .errors import DataError
-from .storage import FileRef
+from .filesystems import FileRef
 
 #: Files up to this size are read whole and kept in a small cache; larger ones are range-read.
 WHOLE_FILE_BYTES = 8 << 20

@@ -17,7 +17,7 @@ import torch
 from .errors import DataError
 from .loader import ShardedLoader
 from .splits import check_split
-from .storage import list_files
+from .filesystems import list_files
 from .text_classification import ClassBatch
 
 SPLIT_FILES = {"train": "train.tsv", "heldout": "dev.tsv"}

@@ -27,7 +27,7 @@ from .documents import Document, DocumentReader
 from .errors import DataError
 from .loader import ShardedLoader
 from .splits import check_split, heldout_keys
-from .storage import list_files, resolve
+from .filesystems import list_files, resolve
 
 TASKS = ("edition", "prose_vs_code", "source", "work", "folder")
 TEXT_SUFFIXES = (".txt", ".py", ".md", ".text")

@@ -27,7 +27,7 @@ from memel.training.runner import resolve_outputs
 
 from .job import JobSpec, TuneSection, attach, member_spec
 from .launch import Finished, Launcher
-from .storage import dashboard_command, default_storage, make_pruner, open_storage
+from .optuna_storage import dashboard_command, default_storage, make_pruner, open_storage
 
 INTERRUPTED = "memel.interrupted"
 

@@ -8,7 +8,7 @@ from .schema import (
     snapshot_table,
 )
 from .sink import ParquetStatsSink, check_run_id
-from .storage import check_stats_root, ensure_bucket, redact, resolve_root
+from .stats_root import check_stats_root, ensure_bucket, redact, resolve_root
 
 __all__ = [
     "FILE_SCHEMA",

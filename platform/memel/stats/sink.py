@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from memel.errors import ConfigError
 
 from .schema import DICTIONARY_COLUMNS, FILE_SCHEMA, PARTITION_KEYS
-from .storage import StatsRoot, part_name, partition_dir, redact, resolve_root
+from .stats_root import StatsRoot, part_name, partition_dir, redact, resolve_root
 
 log = logging.getLogger("memel.stats")
 

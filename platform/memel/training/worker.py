@@ -372,7 +372,7 @@ def _report_to_trial(trial: dict[str, Any], evaluation: dict[str, float], step: 
     """Rank 0 reports the trial's metric to Optuna and asks the pruner; every rank gets the answer."""
     decision = 0.0
     if rank == 0 and trial["metric"] in evaluation:
-        from memel.orchestration.storage import open_trial
+        from memel.orchestration.optuna_storage import open_trial
 
         optuna_trial = open_trial(trial["storage"], trial["study"], trial["trial_id"], trial.get("pruner", "median"))
         optuna_trial.report(evaluation[trial["metric"]], step)

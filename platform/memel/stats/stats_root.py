@@ -1,7 +1,7 @@
 """Where statistics go: resolving ``stats.root``, partition paths, bucket management, preflight.
 
 ``root`` is a local folder or ``s3://bucket/prefix``. S3 uses the filesystem that
-:mod:`memel.data.storage` builds from the standard AWS environment variables
+:mod:`memel.data.filesystems` builds from the standard AWS environment variables
 (``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``); boto3 is used only to check and create buckets.
 Secrets never appear in messages: :func:`redact` removes them from any error text.
@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 import pyarrow.fs as pafs
 
-from memel.data.storage import s3_filesystem
+from memel.data.filesystems import s3_filesystem
 from memel.errors import ConfigError
 
 _SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")

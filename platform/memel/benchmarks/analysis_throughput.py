@@ -67,7 +67,7 @@ def generate(
 ) -> int:
     """Write ``snapshots`` x ``modules`` x ``neurons`` rows under ``root``; returns the row count."""
     from memel.stats.schema import DICTIONARY_COLUMNS
-    from memel.stats.storage import part_name, partition_dir
+    from memel.stats.stats_root import part_name, partition_dir
 
     rng = np.random.default_rng(seed)
     rows = 0
@@ -131,7 +131,7 @@ def measure(root: Path, memory_limit: str = "1GB", threads: int = 0, rank: bool 
     command = [
         sys.executable,
         "-m",
-        "memel.analysis.benchmark",
+        "memel.benchmarks.analysis_throughput",
         str(root),
         memory_limit,
         str(threads),
