@@ -10,7 +10,6 @@
   Lemma 3.3's alignment, a random-selection control); :mod:`.case_run` runs it on a sweep's members.
 - :mod:`.significance`: the paper's Table 9 (paired t-tests, original vs inhibited).
 - :mod:`.plots`, :mod:`.report`, :mod:`.pipeline`: figures, the HTML report, the whole run.
-- :mod:`.benchmark`: aggregation throughput and memory on a generated dataset (``memel bench analyze``).
 """
 
 from .monosemantic_ratio import Criterion, RatioResult, analyze_ratio, module_steps, top_neurons

@@ -9,45 +9,10 @@ neuron per channel and position, ``channel`` treats the last (width) axis as neu
 from __future__ import annotations
 
 import torch
-from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from .config import ModelConfig, middle
+from .family_configs import CNNConfig
 from .vit import check_images
-
-
-class CNNConfig(ModelConfig):
-    """Shape of a CNN classifier; ``widths`` are the output channels of its stages."""
-
-    image_size: int = Field(8, ge=1)
-    in_channels: int = Field(1, ge=1)
-    num_classes: int = Field(10, ge=1)
-    widths: tuple[int, ...] = (32, 64, 128)
-    batch_norm: bool = True
-
-    @field_validator("widths")
-    @classmethod
-    def _widths(cls, value: tuple[int, ...]) -> tuple[int, ...]:
-        if not value or any(w < 1 for w in value):
-            raise ValueError("allowed: a non-empty tuple of positive channel counts")
-        return value
-
-    @model_validator(mode="after")
-    def _check(self) -> CNNConfig:
-        factor = 2 ** (len(self.widths) - 1)
-        if self.image_size % factor:
-            raise ValueError(
-                f"image_size={self.image_size} must be divisible by {factor} "
-                f"(2 ** (stages - 1) for {len(self.widths)} stages)"
-            )
-        return self
-
-    def presets(self) -> dict[str, list[str]]:
-        n = len(self.widths)
-        return {
-            "blocks": ["stages.*.act"],
-            "mid_blocks": [f"stages.{i}.act" for i in middle(n, n // 2)],
-        }
 
 
 class ConvStage(nn.Module):

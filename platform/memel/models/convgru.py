@@ -15,51 +15,11 @@ Each cell's ``forward(x, h) -> h_new`` returns the new hidden state, so a forwar
 
 from __future__ import annotations
 
-import math
-
 import torch
-from pydantic import Field, field_validator
 from torch import nn
 
-from .config import PAPER_PRESET, InputError, ModelConfig
-
-
-class ConvGRUConfig(ModelConfig):
-    """Shape of the encoder-forecaster; 3 levels (index 0 = finest)."""
-
-    in_frames: int = Field(5, ge=1)
-    out_frames: int = Field(20, ge=1)
-    stem_channels: int = Field(8, ge=1)
-    hidden_channels: tuple[int, int, int] = (16, 32, 32)
-    strides: tuple[int, int, int] = (2, 2, 2)
-    kernel_size: int = Field(3, ge=1)
-    output_activation: bool = True
-
-    @field_validator("hidden_channels", "strides")
-    @classmethod
-    def _positive(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
-        if any(v < 1 for v in value):
-            raise ValueError("allowed: three positive integers")
-        return value
-
-    @field_validator("kernel_size")
-    @classmethod
-    def _odd(cls, value: int) -> int:
-        if value % 2 == 0:
-            raise ValueError("allowed: an odd kernel size (keeps the spatial size)")
-        return value
-
-    @property
-    def downsample(self) -> int:
-        return math.prod(self.strides)
-
-    def presets(self) -> dict[str, list[str]]:
-        encoder = [f"encoder.cells.{i}" for i in range(3)]
-        forecaster = [f"forecaster.cells.{i}" for i in range(3)]
-        return {
-            "hidden": encoder + forecaster, "encoder_hidden": encoder, "forecaster_hidden": forecaster,
-            PAPER_PRESET: encoder + forecaster,  # the authors' insertion: after each of the 6 cells' hidden state
-        }  # fmt: skip
+from .config import InputError
+from .family_configs import ConvGRUConfig
 
 
 class ConvGRUCell(nn.Module):

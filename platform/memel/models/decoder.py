@@ -14,50 +14,10 @@ import math
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch import nn
 
-from .config import ModelConfig, check_ids, check_seq_len, layer_presets
-
-
-class DecoderConfig(ModelConfig):
-    """Shape of a decoder LM; ``d_ff`` defaults to ``4 * d_model``."""
-
-    vocab_size: int = Field(50304, ge=1)
-    context_length: int = Field(2048, ge=1)
-    n_layers: int = Field(6, ge=1)
-    d_model: int = Field(512, ge=1)
-    n_heads: int = Field(8, ge=1)
-    d_ff: int | None = Field(None, ge=1)
-    rotary_pct: float = Field(0.25, ge=0.0, le=1.0)
-    rotary_base: float = Field(10000.0, gt=0.0)
-    layer_norm_eps: float = Field(1e-5, gt=0.0)
-
-    @model_validator(mode="after")
-    def _check(self) -> DecoderConfig:
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} must be a multiple of n_heads={self.n_heads}")
-        if self.rotary_dims % 2:
-            raise ValueError(
-                f"rotary_pct={self.rotary_pct} gives {self.rotary_dims} rotary dims of head_dim={self.head_dim}; "
-                "allowed: a fraction giving an even number of dims"
-            )
-        return self
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
-    @property
-    def rotary_dims(self) -> int:
-        return int(self.head_dim * self.rotary_pct)
-
-    @property
-    def ffn_dim(self) -> int:
-        return self.d_ff or 4 * self.d_model
-
-    def presets(self) -> dict[str, list[str]]:
-        return layer_presets(self.n_layers, "layers", "mlp.act", "attention.dense")
+from .config import check_ids, check_seq_len
+from .family_configs import DecoderConfig
 
 
 class RotaryEmbedding(nn.Module):

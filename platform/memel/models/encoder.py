@@ -10,38 +10,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch import nn
 
-from .config import InputError, ModelConfig, check_ids, check_seq_len, layer_presets
-
-
-class EncoderConfig(ModelConfig):
-    """Shape of a BERT encoder classifier; ``type_vocab_size=0`` disables token types."""
-
-    vocab_size: int = Field(30522, ge=1)
-    max_positions: int = Field(512, ge=1)
-    type_vocab_size: int = Field(2, ge=0)
-    n_layers: int = Field(2, ge=1)
-    d_model: int = Field(128, ge=1)
-    n_heads: int = Field(2, ge=1)
-    d_ff: int | None = Field(None, ge=1)
-    num_labels: int = Field(2, ge=1)
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    layer_norm_eps: float = Field(1e-12, gt=0.0)
-
-    @model_validator(mode="after")
-    def _check(self) -> EncoderConfig:
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} must be a multiple of n_heads={self.n_heads}")
-        return self
-
-    @property
-    def ffn_dim(self) -> int:
-        return self.d_ff or 4 * self.d_model
-
-    def presets(self) -> dict[str, list[str]]:
-        return layer_presets(self.n_layers, "layers", "mlp.act", "attention.dense")
+from .config import InputError, check_ids, check_seq_len
+from .family_configs import EncoderConfig
 
 
 class Embeddings(nn.Module):

@@ -9,45 +9,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch import nn
 
-from .config import InputError, ModelConfig, layer_presets, middle
-
-
-class ViTConfig(ModelConfig):
-    """Shape of a ViT classifier; ``image_size`` must be a multiple of ``patch_size``."""
-
-    image_size: int = Field(8, ge=1)
-    patch_size: int = Field(2, ge=1)
-    in_channels: int = Field(1, ge=1)
-    num_classes: int = Field(10, ge=1)
-    n_layers: int = Field(12, ge=1)
-    d_model: int = Field(192, ge=1)
-    n_heads: int = Field(3, ge=1)
-    mlp_ratio: float = Field(4.0, gt=0.0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    layer_norm_eps: float = Field(1e-6, gt=0.0)
-
-    @model_validator(mode="after")
-    def _check(self) -> ViTConfig:
-        if self.image_size % self.patch_size:
-            raise ValueError(
-                f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}; "
-                "allowed: image_size = k * patch_size"
-            )
-        if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} must be a multiple of n_heads={self.n_heads}")
-        return self
-
-    @property
-    def n_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
-    def presets(self) -> dict[str, list[str]]:
-        found = layer_presets(self.n_layers, "blocks", "mlp.act", "attn.proj")
-        found["mid_blocks"] = [f"blocks.{i}" for i in middle(self.n_layers, self.n_layers // 2)]
-        return found
+from .config import InputError
+from .family_configs import ViTConfig
 
 
 class PatchEmbed(nn.Module):

@@ -17,17 +17,17 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from memel.atomic import write_json
 from memel.errors import ConfigError
-from memel.models import count_parameters
 from memel.redaction import redact, redact_tree
 
 from .deepspeed_config import deepspeed_config
 from .spec import TrainSpec
-from .worker import RunInfo, train_loop
-from .worker_env import worker_env
+
+if TYPE_CHECKING:
+    from .worker import RunInfo
 
 #: The embedded Ray's processes (GCS, raylet, dashboard, agents, workers) listen only here.
 LOOPBACK = "127.0.0.1"
@@ -152,6 +152,11 @@ def run_training(spec: TrainSpec, address: str | None = None, trial: dict[str, A
     ``trial`` (storage, study, trial_id, metric) makes the run an Optuna trial: evaluations are
     reported to it and the run stops early when the study prunes it (MLflow status KILLED).
     """
+    from memel.models import count_parameters
+
+    from .worker import RunInfo
+    from .worker_env import worker_env
+
     started = time.perf_counter()
     out, tracking_uri, stats_root, storage = resolve_outputs(spec)
     n_params = count_parameters(spec.model.name, **spec.model.overrides)
@@ -178,6 +183,8 @@ def _fit(spec: TrainSpec, info: RunInfo, storage: str, env: dict[str, str], trac
     """Ray Train's run of the workers; the MLflow run ends FAILED when it raises."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .worker import train_loop
 
     trainer = TorchTrainer(
         train_loop,
