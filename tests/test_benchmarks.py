@@ -101,3 +101,24 @@ def test_bench_inhibition_json_holds_every_row(tmp_path) -> None:
         ("eager", layout, n) for layout in ("channel", "element") for n in (1, 2)
     ]
     assert all(r["module_ms"] > 0 and r["ratio"] > 0 for r in written["rows"])
+
+
+def test_bench_throughput_times_each_model_and_refuses_a_non_decoder() -> None:
+    from memel.benchmarks.throughput import bench_throughput
+    from memel.cli import app
+    from memel.models import count_parameters
+    from typer.testing import CliRunner
+
+    rows = bench_throughput(["byte-0.2m", "byte-2l-d16"], batch=2, seq=8, steps=2, warmup=1)
+    assert [r.model for r in rows] == ["byte-0.2m", "byte-2l-d16"]
+    assert rows[0].parameters == count_parameters("byte-0.2m") > rows[1].parameters
+    assert all(0 < r.median_tokens_per_s <= r.best_tokens_per_s for r in rows)
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["bench", "throughput", "--model", "byte-0.2m", "--batch", "2", "--seq", "8", "--steps", "1", "--warmup", "0"])
+    assert result.exit_code == 0, result.output
+    assert "byte-0.2m" in result.output and "tokens/s (median step)" in result.output
+    bad = runner.invoke(app, ["bench", "throughput", "--model", "vit-micro", "--steps", "1"])
+    assert bad.exit_code == 2 and "error: --model: 'vit-micro' is not a decoder" in bad.output
+    bad = runner.invoke(app, ["bench", "throughput", "--model", "byte-0.2m", "--seq", "999"])
+    assert bad.exit_code == 2 and "error: --seq: 999 exceeds byte-0.2m's context of 256" in bad.output
