@@ -6,8 +6,9 @@ from __future__ import annotations
 import re
 
 import typer.main
-from memel.cli import app, whole_paragraphs
 from typer.testing import CliRunner
+
+from memel.cli import app, whole_paragraphs
 
 
 def test_whole_paragraphs_joins_wrapped_lines_and_keeps_paragraphs() -> None:
@@ -17,7 +18,10 @@ def test_whole_paragraphs_joins_wrapped_lines_and_keeps_paragraphs() -> None:
     Example: [bold]memel x[/bold]
     (or y)
     """
-    assert whole_paragraphs(doc) == "First sentence wrapped in the source. Second one.\n\nExample: [bold]memel x[/bold] (or y)"
+    assert (
+        whole_paragraphs(doc)
+        == "First sentence wrapped in the source. Second one.\n\nExample: [bold]memel x[/bold] (or y)"
+    )
 
 
 def _commands() -> list[tuple[list[str], object]]:

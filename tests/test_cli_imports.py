@@ -20,8 +20,8 @@ from typer.testing import CliRunner
 from memel.cli import app
 result = CliRunner().invoke(app, sys.argv[1:])
 print(json.dumps({"exit": result.exit_code, "output": result.output,
-                  "loaded": sorted(m for m in sys.modules if m.split(".")[0] in %r)}))
-""" % (HEAVY,)
+                  "loaded": sorted(m for m in sys.modules if m.split(".")[0] in HEAVY)}))
+""".replace("HEAVY", repr(HEAVY))
 
 
 def _loaded(*args: str) -> dict:

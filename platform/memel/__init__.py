@@ -17,7 +17,9 @@ _EXPORTS = {
     "InhibitionConfig": "memel.inhibition.config",
     "Inhibitor": "memel.inhibition.module",
     "Snapshot": "memel.inhibition.module",
-    **dict.fromkeys(("auxiliary_loss", "inhibit", "inhibitors", "remove", "snapshot", "sync"), "memel.inhibition.insertion"),
+    **dict.fromkeys(
+        ("auxiliary_loss", "inhibit", "inhibitors", "remove", "snapshot", "sync"), "memel.inhibition.insertion"
+    ),
 }
 __all__ = [
     "ConfigError", "InhibitionConfig", "Inhibitor", "Snapshot", "__version__", "auxiliary_loss", "inhibit", "inhibitors",

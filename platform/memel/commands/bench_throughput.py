@@ -38,7 +38,9 @@ def bench_throughput_command(
     except ConfigError as error:
         console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(2) from None
-    console.print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}, batch {batch} x seq {seq}, {steps} steps")
+    console.print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}, batch {batch} x seq {seq}, {steps} steps"
+    )
     for row in rows:
         console.print(
             f"{row.model:>10}  {row.parameters:>12,} params  {row.median_tokens_per_s:>10,.0f} tokens/s (median step)  "

@@ -93,8 +93,8 @@ class TextLMConfig(_LoaderConfig):
     def build(self, rank: int = 0, world_size: int = 1) -> ShardedLoader:
         from .corpora import corpus_documents
         from .documents import file_documents, jsonl_documents, parquet_documents
-        from .splits import heldout_keys
         from .filesystems import list_files
+        from .splits import heldout_keys
         from .text_lm import TextLMLoader
         from .tokenizers import make_tokenizer
 

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from .errors import DataError
+from .filesystems import list_files
 from .loader import ShardedLoader
 from .splits import check_split
-from .filesystems import list_files
 from .text_classification import ClassBatch
 
 SPLIT_FILES = {"train": "train.tsv", "heldout": "dev.tsv"}

@@ -25,9 +25,9 @@ import torch
 from .corpora import corpus_documents, shakespeare_documents, stdlib_code_documents
 from .documents import Document, DocumentReader
 from .errors import DataError
+from .filesystems import list_files, resolve
 from .loader import ShardedLoader
 from .splits import check_split, heldout_keys
-from .filesystems import list_files, resolve
 
 TASKS = ("edition", "prose_vs_code", "source", "work", "folder")
 TEXT_SUFFIXES = (".txt", ".py", ".md", ".text")
