@@ -43,7 +43,7 @@ from .layout import (
     W_TRACKED,
     WINDOW_ROWS,
 )
-from .native import bookkeeping, native_fold
+from .native import FoldCall, bookkeeping, native_fold
 from .statistics import Moments, inverse_sqrt_denominator, merge_history, variance_denominator
 from .sync import InhibitorGroup, PendingReduction, sync_inhibitors
 
@@ -51,6 +51,8 @@ from .sync import InhibitorGroup, PendingReduction, sync_inhibitors
 TAU_MAX_LOG_STEP = 1.0
 TAU_RANGE = (1e-30, 1e30)
 _DIST_AVAILABLE = dist.is_available()
+#: The window rows ``native_fold`` writes: MS sum, samples behind it, count above, max MS.
+_FOLD_WINDOW_ROWS = (W_MS_SUM, W_MS_N, W_ABOVE, W_MS_MAX)
 
 
 def _dist_initialized() -> bool:
@@ -472,14 +474,18 @@ class Inhibitor(nn.Module):
             self._prev_mean = torch.empty_like(mean)
         samples = values.shape[0]
         fused = native_fold(
-            values.detach(), mean, var, buffers["count"], buffers["window"], self._prev_mean, self._compensation,
-            config.top_n, math.sqrt(config.ms_threshold), track, rewrite,
-            None if select_above is None else float(select_above),
-            self._batches >= config.forget_steps, config.forget_steps, self._lazy_count, self._all_counted,
-            (W_MS_SUM, W_MS_N, W_ABOVE, W_MS_MAX), (W_SELECTED, W_INHIBITED if inhibiting else -1),
-            self._copy_slot.tensor if config.reuse_buffers else None,
-            delta=config.delta if inhibiting and config.mode == "l2e" else None,
-            counters=(buffers["calls"], self._calls, buffers["batches"]),
+            FoldCall(
+                values=values.detach(), mean=mean, var=var, count=buffers["count"], window=buffers["window"],
+                prev_mean=self._prev_mean, compensation=self._compensation, top_n=config.top_n,
+                sqrt_threshold=math.sqrt(config.ms_threshold), track=track, copy=rewrite,
+                select_threshold=None if select_above is None else float(select_above),
+                capped=self._batches >= config.forget_steps, forget_steps=config.forget_steps,
+                count_offset=self._lazy_count, all_counted=self._all_counted, window_rows=_FOLD_WINDOW_ROWS,
+                count_rows=(W_SELECTED, W_INHIBITED if inhibiting else -1),
+                reuse=self._copy_slot.tensor if config.reuse_buffers else None,
+                delta=config.delta if inhibiting and config.mode == "l2e" else None,
+                counters=(buffers["calls"], self._calls, buffers["batches"]),
+            )
         )  # fmt: skip
         if fused is None:
             return None
