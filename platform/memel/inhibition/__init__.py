@@ -2,7 +2,7 @@
 
 from memel.errors import ConfigError
 
-from .config import InhibitionConfig
+from .config import ExecutionConfig, InhibitionConfig
 from .insertion import (
     auxiliary_loss,
     inhibit,
@@ -16,6 +16,7 @@ from .module import Inhibitor, Snapshot
 
 __all__ = [
     "ConfigError",
+    "ExecutionConfig",
     "InhibitionConfig",
     "Inhibitor",
     "Snapshot",

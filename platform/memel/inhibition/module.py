@@ -203,7 +203,7 @@ class Inhibitor(nn.Module):
         self._lazy_tracked = 0
         self._compensation: float | None = None  # eps * mean(var) of the current history
         self._prev_mean: torch.Tensor | None = None  # the history mean the last folded call judged against
-        # the output copy's and the gradient's buffers, reused once free (config.reuse_buffers)
+        # the output copy's and the gradient's buffers, reused once free (config.execution.reuse_buffers)
         self._copy_slot = BufferSlot()
         self._grad_slot = BufferSlot()
         self._all_counted = False  # known: every neuron's count > 0 (counts never fall)
@@ -320,7 +320,7 @@ class Inhibitor(nn.Module):
             return activation
         config = self.config
         inhibiting = config.modifies and self._batches >= config.late_start
-        track = (self._calls - 1) % config.track_every == 0
+        track = (self._calls - 1) % config.execution.track_every == 0
         select_above = self._threshold_operand() if config.by_threshold else None
         l2e = config.mode == "l2e"
         rewrite = inhibiting and not l2e  # l2e leaves the forward values alone
@@ -333,7 +333,7 @@ class Inhibitor(nn.Module):
             with torch.no_grad():
                 measured = measure(
                     values.detach(), self.mean, self._scale, config.top_n, math.sqrt(config.ms_threshold), track,
-                    rewrite, config.kernel, select_above, sorted_rows=l2e,
+                    rewrite, config.execution.kernel, select_above, sorted_rows=l2e,
                 )  # fmt: skip
             self._record(values.shape[0], measured)
         # the history the call was judged against (a folded call has already merged itself)
@@ -348,7 +348,7 @@ class Inhibitor(nn.Module):
         if l2e:
             terms = measured.terms
             if terms is None:
-                native = config.kernel in ("auto", "native")
+                native = config.execution.kernel in ("auto", "native")
                 terms = log_ms_terms(values.detach(), flat_index, neuron_index, judged_mean, config.delta, native)
             return self._add_loss_terms(activation, terms, flat_index)
         assert measured.copy is not None
@@ -356,13 +356,13 @@ class Inhibitor(nn.Module):
         native = self._native_cpu(activation)
         output = ReverseDeactivation.apply(
             values, measured.copy, flat_index, replacement, config.effective_strength,
-            self._grad_slot if native and config.reuse_buffers else None, native and OWNERSHIP.calibrate(),
+            self._grad_slot if native and config.execution.reuse_buffers else None, native and OWNERSHIP.calibrate(),
         )  # fmt: skip
         return output.view(activation.shape)
 
     def _native_cpu(self, activation: torch.Tensor) -> bool:
         """Whether the native kernel may handle this call's gradient (configured, CPU)."""
-        return self.config.kernel in ("auto", "native") and activation.device.type == "cpu"
+        return self.config.execution.kernel in ("auto", "native") and activation.device.type == "cpu"
 
     def _threshold_operand(self) -> torch.Tensor:
         """sqrt(tau) as a float32 0-dim tensor (what ``|d*a|`` is compared with), cached until tau changes."""
@@ -433,7 +433,7 @@ class Inhibitor(nn.Module):
     def _add_moments(self, samples: int, sum_d: torch.Tensor, sum_d2: torch.Tensor) -> None:
         """Pending moments += this call's (a neuron with a non-finite value in the call skips it)."""
         rows = self.pending[P_COUNT : P_SUM_D2 + 1]
-        rows.copy_(maybe_compiled(accumulate_moments, self.config.kernel)(rows, samples, sum_d, sum_d2))
+        rows.copy_(maybe_compiled(accumulate_moments, self.config.execution.kernel)(rows, samples, sum_d, sum_d2))
         self._has_pending = True
 
     @torch.no_grad()
@@ -461,7 +461,7 @@ class Inhibitor(nn.Module):
         buffers are read from ``_buffers`` directly and no autograd mode is entered (no tensor
         op here records a graph)."""
         config = self.config
-        if config.stats_update != "call" or self._has_pending or config.kernel not in ("auto", "native"):
+        if config.stats_update != "call" or self._has_pending or config.execution.kernel not in ("auto", "native"):
             return None
         if _dist_initialized() and self._distributed():
             return None
@@ -482,7 +482,7 @@ class Inhibitor(nn.Module):
                 capped=self._batches >= config.forget_steps, forget_steps=config.forget_steps,
                 count_offset=self._lazy_count, all_counted=self._all_counted, window_rows=_FOLD_WINDOW_ROWS,
                 count_rows=(W_SELECTED, W_INHIBITED if inhibiting else -1),
-                reuse=self._copy_slot.tensor if config.reuse_buffers else None,
+                reuse=self._copy_slot.tensor if config.execution.reuse_buffers else None,
                 delta=config.delta if inhibiting and config.mode == "l2e" else None,
                 counters=(buffers["calls"], self._calls, buffers["batches"]),
             )
@@ -490,7 +490,7 @@ class Inhibitor(nn.Module):
         if fused is None:
             return None
         neuron_index, flat_index, copied, buffer, var_sum, merged, terms = fused
-        if config.reuse_buffers and buffer is not None:
+        if config.execution.reuse_buffers and buffer is not None:
             self._copy_slot.tensor = buffer
         self._lazy_count += samples
         self._lazy_ms_n += samples
@@ -524,7 +524,7 @@ class Inhibitor(nn.Module):
         if measured.flat:
             self.tau_pending[T_ABOVE] += measured.selected.numel()
             self.tau_pending[T_JUDGED] += samples * self.neurons
-        native = bookkeeping(self.pending, self.config.kernel)
+        native = bookkeeping(self.pending, self.config.execution.kernel)
         if native is not None and measured.sum_d.dtype == measured.sum_d2.dtype == torch.float32:
             native.record_moments(
                 self.pending, window, measured.sum_d, measured.sum_d2, self._scale, samples, W_MS_SUM, W_MS_N,
@@ -585,11 +585,11 @@ class Inhibitor(nn.Module):
             self._select_above = None
         if bool((payload[P_COUNT] > 0).any()):
             capped = self._batches >= self.config.forget_steps
-            native = bookkeeping(self.mean, self.config.kernel)
+            native = bookkeeping(self.mean, self.config.execution.kernel)
             if native is not None:
                 native.merge_moments(self.mean, self.var, self.count, payload.contiguous(), capped, self.config.forget_steps)
             else:
-                merge = maybe_compiled(merge_payload, self.config.kernel)
+                merge = maybe_compiled(merge_payload, self.config.execution.kernel)
                 mean, var, count = merge(self.mean, self.var, self.count, payload, capped, self.config.forget_steps)
                 self.mean.copy_(mean)
                 self.var.copy_(var)
