@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from statistics import NormalDist
 from collections.abc import Mapping
+from statistics import NormalDist
 from typing import Any, ClassVar, Literal
 
 from pydantic import (

@@ -11,9 +11,9 @@ from torch import nn
 
 from memel.errors import ConfigError
 
+from .collectives import distributed_world, reduce_windows
 from .config import InhibitionConfig
 from .module import Inhibitor, Snapshot
-from .collectives import distributed_world, reduce_windows
 from .sync import InhibitorGroup, PendingReduction, sync_inhibitors
 
 #: Name of the child that holds an inserted Inhibitor inside its target module.
