@@ -161,3 +161,57 @@ def test_two_ranks_give_each_input_the_single_process_gradient(tmp_path: Path) -
             changed |= not torch.allclose(expected, plain[step])
         if config["mode"] != "naive_b":  # naive (b) keeps the gradient unchanged by definition
             assert changed, f"{name}: inhibition never changed an input gradient"
+
+
+def _subgroup_worker(rank: int, world_size: int, out_dir: str) -> None:
+    """Ranks 0 and 1 inhibit with the process group {0, 1}; rank 2 with {2} (its own)."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    pair, alone = dist.new_group([0, 1]), dist.new_group([2])  # every rank creates every group
+    torch.manual_seed(0)
+    model = Host()
+    memel.inhibit(model, "blocks.*.1", memel.InhibitionConfig(**CONFIG), process_group=pair if rank < 2 else alone)
+    generator = torch.Generator().manual_seed(100 + rank)  # each rank sees different data
+    for _ in range(4):
+        model(torch.randn(6, 12, generator=generator) * (1 + rank))
+        memel.sync(model)  # no group given: each module's own
+    found = memel.inhibitors(model)
+    record = {
+        "local": {n: m.snapshot(reset=False, reduce=False).as_numpy() for n, m in found.items()},
+        "module": {n: m.snapshot(reset=False).as_numpy() for n, m in found.items()},
+        "model": {n: s.as_numpy() for n, s in memel.snapshot(model, reset=False).items()},
+        # an explicit group overrides the modules' own
+        "world": {n: s.as_numpy() for n, s in memel.snapshot(model, reset=False, process_group=dist.group.WORLD).items()},
+        "mean": {n: m.statistics()["mean"] for n, m in found.items()},
+    }
+    torch.save(record, Path(out_dir) / f"subgroup{rank}.pt")
+
+
+def test_statistics_and_snapshots_reduce_over_the_modules_own_process_group(tmp_path: Path) -> None:
+    """3 gloo ranks; the modules of ranks 0 and 1 are inserted with the group {0, 1}, rank 2's
+    with {2}: sync, ``Inhibitor.snapshot()`` and ``memel.snapshot(model)`` reduce over that
+    group, not the default world (which would add rank 2's counts, or hang); an explicit
+    ``process_group`` overrides it."""
+    run_distributed(_subgroup_worker, 3, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"subgroup{r}.pt", weights_only=False) for r in range(3)]
+    names = list(ranks[0]["local"])
+    assert len(names) == 3
+    for name in names:
+        local = [r["local"][name] for r in ranks]
+        pair_selected = local[0]["selected_count"] + local[1]["selected_count"]
+        all_selected = pair_selected + local[2]["selected_count"]
+        assert (local[0]["selected_count"] != local[1]["selected_count"]).any()  # the ranks really differ
+        assert (local[2]["selected_count"] > 0).any()  # rank 2's counts would show in a world reduction
+        for rank in (0, 1):
+            for kind in ("module", "model"):
+                got = ranks[rank][kind][name]
+                assert (got["selected_count"] == pair_selected).all(), (rank, kind, name)
+                assert (got["max_ms"] == local[0]["max_ms"].clip(min=local[1]["max_ms"])).all()
+        for kind in ("module", "model"):
+            assert (ranks[2][kind][name]["selected_count"] == local[2]["selected_count"]).all(), (kind, name)
+        for record in ranks:
+            assert (record["world"][name]["selected_count"] == all_selected).all(), name
+        # sync merged the pair's statistics (identical on ranks 0 and 1), and rank 2's alone
+        assert torch.equal(ranks[0]["mean"][name], ranks[1]["mean"][name])
+        assert not torch.equal(ranks[0]["mean"][name], ranks[2]["mean"][name])

@@ -125,7 +125,7 @@ def read_spec(tree: dict[str, Any]) -> Any:
         inhibition = tree.get("inhibition")
         if not isinstance(inhibition, dict):
             raise
-        known = {k: v for k, v in inhibition.items() if k in InhibitionConfig.model_fields}
+        known = {k: v for k, v in inhibition.items() if k in InhibitionConfig.accepted_keys}
         return TrainSpec(**{**tree, "inhibition": known})
 
 

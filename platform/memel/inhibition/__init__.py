@@ -15,6 +15,7 @@ from memel.lazy import lazy_exports
 
 _EXPORTS = {
     "ConfigError": "memel.errors",
+    "ExecutionConfig": ".config",
     "InhibitionConfig": ".config",
     "Inhibitor": ".module",
     "Snapshot": ".module",
@@ -23,7 +24,7 @@ _EXPORTS = {
     ),
 }
 __all__ = [
-    "ConfigError", "InhibitionConfig", "Inhibitor", "Snapshot", "auxiliary_loss", "inhibit", "inhibitors", "match_targets",
+    "ConfigError", "ExecutionConfig", "InhibitionConfig", "Inhibitor", "Snapshot", "auxiliary_loss", "inhibit", "inhibitors", "match_targets",
     "remove", "snapshot", "sync",
 ]  # fmt: skip
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
@@ -31,7 +32,7 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 if TYPE_CHECKING:
     from memel.errors import ConfigError
 
-    from .config import InhibitionConfig
+    from .config import ExecutionConfig, InhibitionConfig
     from .insertion import auxiliary_loss, inhibit, inhibitors, match_targets, remove, snapshot, sync
     from .module import Inhibitor, Snapshot
 

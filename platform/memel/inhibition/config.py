@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from statistics import NormalDist
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -37,8 +40,57 @@ def initial_threshold(fraction: float) -> float:
     return NormalDist().inv_cdf(1.0 - fraction / 2.0) ** 2
 
 
+class ExecutionConfig(BaseModel):
+    """How the inhibition runs: settings that change speed and memory, never what is computed
+    (the statistics, selections and outputs are the same under any of them; ``track_every``
+    only thins out what snapshots sample).
+
+    Fields:
+        track_every: the per-neuron max MS and fraction above threshold of snapshots are
+            measured on every k-th training call (1 = every call); the rest is exact always.
+        kernel: ``auto`` (default) is ``native`` for CPU tensors and ``eager`` elsewhere;
+            ``eager`` runs the hot path op by op; ``compiled`` fuses its two passes with
+            ``torch.compile`` (needs a C++ compiler on CPU; compiles once per shape family);
+            ``native`` runs it as one fused C++ pass on CPU (built once on first use and cached;
+            falls back to ``eager``, with a warning, where it cannot be built or used).
+            Threshold selection is fused in ``native`` too; ``compiled`` runs it eagerly.
+        reuse_buffers: with the native kernel, write each call's output copy (and RD's
+            gradient) into the buffer of an earlier call once nothing refers to it any more,
+            instead of fresh memory, whose page faults are most of the cost of writing an
+            activation-sized tensor on CPU. Holds up to two activation-sized buffers per module
+            between steps (during a step they are alive anyway); False frees them each time.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    track_every: int = Field(1, ge=1)
+    kernel: Kernel = "auto"
+    reuse_buffers: bool = True
+
+    def __init__(self, **data: object) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as error:
+            raise ConfigError(describe_validation_error(type(self).__name__, error, type(self).model_fields)) from None
+
+    # Only direct construction goes through __init__: validated inside an InhibitionConfig, its
+    # errors stay pydantic's, which InhibitionConfig names by the key as it was given.
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
+
+
+#: The execution settings, also accepted (and written by ``model_dump``) as flat keys of InhibitionConfig.
+EXECUTION_KEYS: tuple[str, ...] = tuple(ExecutionConfig.model_fields)
+
+
 class InhibitionConfig(BaseModel):
     """How monosemantic neurons are measured and inhibited (arXiv 2312.11560).
+
+    The algorithm's fields are its own; how it runs is ``execution`` (an ``ExecutionConfig``:
+    ``track_every``, ``kernel``, ``reuse_buffers``). Those are accepted as flat keys too
+    (``InhibitionConfig(mode="rd", kernel="eager")``, or ``kernel: eager`` beside ``mode`` in
+    YAML), win over the same key inside ``execution``, and are readable as attributes
+    (``config.kernel``); ``model_dump`` writes them flat, as the YAML form has them, and
+    ``model_copy(update={"kernel": ...})`` updates them in ``execution``.
 
     Fields:
         mode: ``rd`` (Reverse Deactivation), ``naive_a`` (output the mean, no gradient),
@@ -68,19 +120,7 @@ class InhibitionConfig(BaseModel):
         stats_update: ``call`` merges each training call's statistics before the next call
             (the paper's algorithm); ``step`` accumulates calls (gradient-accumulation
             micro-batches) as one batch until ``memel.sync(model)``, once per optimizer step.
-        track_every: the per-neuron max MS and fraction above threshold of snapshots are
-            measured on every k-th training call (1 = every call); the rest is exact always.
-        kernel: ``auto`` (default) is ``native`` for CPU tensors and ``eager`` elsewhere;
-            ``eager`` runs the hot path op by op; ``compiled`` fuses its two passes with
-            ``torch.compile`` (needs a C++ compiler on CPU; compiles once per shape family);
-            ``native`` runs it as one fused C++ pass on CPU (built once on first use and cached;
-            falls back to ``eager``, with a warning, where it cannot be built or used).
-            Threshold selection is fused in ``native`` too; ``compiled`` runs it eagerly.
-        reuse_buffers: with the native kernel, write each call's output copy (and RD's
-            gradient) into the buffer of an earlier call once nothing refers to it any more,
-            instead of fresh memory, whose page faults are most of the cost of writing an
-            activation-sized tensor on CPU. Holds up to two activation-sized buffers per module
-            between steps (during a step they are alive anyway); False frees them each time.
+        execution: how it runs (``ExecutionConfig``); its keys may be given flat.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -99,15 +139,58 @@ class InhibitionConfig(BaseModel):
     eps: float = Field(0.01, ge=0.0)
     ms_threshold: float = Field(9.0, gt=0.0)
     stats_update: StatsUpdate = "call"
-    track_every: int = Field(1, ge=1)
-    kernel: Kernel = "auto"
-    reuse_buffers: bool = True
+    execution: ExecutionConfig = ExecutionConfig()
+
+    #: Every key the config accepts (its fields, and the execution keys given flat).
+    accepted_keys: ClassVar[tuple[str, ...]]
 
     def __init__(self, **data: object) -> None:
+        flat = [key for key in EXECUTION_KEYS if key in data]
         try:
-            super().__init__(**data)
+            super().__init__(**_nest_execution(data))
         except ValidationError as error:
-            raise ConfigError(describe_validation_error(type(self).__name__, error, type(self).model_fields)) from None
+            named = ValidationError.from_exception_data(error.title, [_named_flat(item, flat) for item in error.errors()])
+            raise ConfigError(describe_validation_error(type(self).__name__, named, _ERROR_FIELDS)) from None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_execution_keys(cls, data: Any) -> Any:
+        """Flat execution keys moved into ``execution`` (``__init__`` has done it already)."""
+        return _nest_execution(data) if isinstance(data, Mapping) else data
+
+    @model_serializer(mode="wrap")
+    def _flat_dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """The flat form: the execution keys beside the algorithm's (as in YAML job specs)."""
+        dumped = handler(self)
+        execution = dumped.pop("execution", None)
+        if isinstance(execution, dict):
+            dumped.update(execution)
+        return dumped
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> InhibitionConfig:
+        """A copy with ``update`` applied (not validated, as pydantic's); flat execution keys
+        update ``execution``."""
+        if update and any(key in update for key in EXECUTION_KEYS):
+            update = dict(update)
+            flat = {key: update.pop(key) for key in EXECUTION_KEYS if key in update}
+            base = update.get("execution", self.execution)
+            update["execution"] = base.model_copy(update=flat)
+        return super().model_copy(update=update, deep=deep)
+
+    @property
+    def track_every(self) -> int:
+        """``execution.track_every``."""
+        return self.execution.track_every
+
+    @property
+    def kernel(self) -> Kernel:
+        """``execution.kernel``."""
+        return self.execution.kernel
+
+    @property
+    def reuse_buffers(self) -> bool:
+        """``execution.reuse_buffers``."""
+        return self.execution.reuse_buffers
 
     @field_validator("strength", "eps", "ms_threshold", "l2e_weight", "delta")
     @classmethod
@@ -165,3 +248,35 @@ class InhibitionConfig(BaseModel):
     def by_threshold(self) -> bool:
         """Whether values are selected by the moving threshold (``select="threshold"``)."""
         return self.select == "threshold"
+
+
+def _nest_execution(data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` with its flat execution keys moved into ``execution`` (where they win)."""
+    data = dict(data)
+    flat = {key: data.pop(key) for key in EXECUTION_KEYS if key in data}
+    if flat:
+        nested = data.get("execution", {})
+        if isinstance(nested, ExecutionConfig):
+            nested = nested.model_dump(exclude_unset=True)
+        data["execution"] = {**nested, **flat} if isinstance(nested, Mapping) else nested
+    return data
+
+
+def _named_flat(item: Any, flat: list[str]) -> Any:
+    """One validation error with an execution key that was given flat named flat."""
+    loc = tuple(item["loc"])
+    if len(loc) >= 2 and loc[0] == "execution" and loc[1] in flat:
+        loc = loc[1:]
+    details = {"type": item["type"], "loc": loc, "input": item["input"]}
+    if "ctx" in item:
+        details["ctx"] = item["ctx"]
+    return details
+
+
+#: The fields an error lists where a key is unknown: the flat execution keys among them.
+_ERROR_FIELDS = {
+    **{name: info for name, info in InhibitionConfig.model_fields.items() if name != "execution"},
+    **ExecutionConfig.model_fields,
+    "execution": InhibitionConfig.model_fields["execution"],
+}
+InhibitionConfig.accepted_keys = tuple(_ERROR_FIELDS)

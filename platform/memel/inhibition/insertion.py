@@ -11,15 +11,10 @@ from torch import nn
 
 from memel.errors import ConfigError
 
+from .collectives import distributed_world, reduce_windows
 from .config import InhibitionConfig
 from .module import Inhibitor, Snapshot
-from .sync import (
-    InhibitorGroup,
-    PendingReduction,
-    distributed_world,
-    reduce_windows,
-    sync_inhibitors,
-)
+from .sync import InhibitorGroup, PendingReduction, sync_inhibitors
 
 #: Name of the child that holds an inserted Inhibitor inside its target module.
 CHILD_NAME = "inhibitor"
@@ -68,6 +63,10 @@ def inhibit(
     The host's parameters and state-dict keys are untouched: each Inhibitor becomes a child
     ``<target>.inhibitor`` whose buffers are its only state, applied by a forward hook on
     the target. ``memel.remove(model)`` takes them out again.
+
+    ``process_group``: the data-parallel group the modules' statistics and snapshots are
+    reduced over (None: the default group); each module holds it (``Inhibitor.process_group``),
+    so ``memel.sync``, ``memel.snapshot`` and ``Inhibitor.snapshot`` use it without being told.
     """
     config = config or InhibitionConfig()
     names = match_targets(model, targets)
@@ -85,10 +84,11 @@ def inhibit(
     for name in names:
         target = modules[name]
         inhibitor = Inhibitor(config)
+        inhibitor.process_group = process_group
         target.add_module(CHILD_NAME, inhibitor)
         inhibitor._hook_handle = target.register_forward_hook(_hook)
         inserted[name] = inhibitor
-    InhibitorGroup(list(inserted.values()), process_group)
+    InhibitorGroup(list(inserted.values()))
     return inserted
 
 
@@ -121,21 +121,35 @@ def sync(model: nn.Module, process_group: Any = None, async_op: bool = False) ->
     batch's statistics. Call it on every rank once per optimizer step (after
     ``optimizer.step()``); with ``async_op=True`` the reduction overlaps compute and lands
     before the next forward.
+
+    Each module reduces over its own ``process_group`` (the one given to ``memel.inhibit``);
+    ``process_group``, when given, overrides it for this call.
     """
     return sync_inhibitors(inhibitors(model).values(), process_group, async_op)
 
 
 def snapshot(model: nn.Module, reset: bool = True, process_group: Any = None) -> dict[str, Snapshot]:
     """Snapshots of every initialised Inhibitor; in a distributed run every rank must call it
-    (after ``sync``): the trackers of all modules are reduced across ranks with two collectives."""
+    (after ``sync``): the trackers of all modules are reduced across the ranks of their
+    ``process_group`` (as ``sync``: the module's own unless ``process_group`` overrides it)
+    with two collectives per group."""
     found = {name: m for name, m in inhibitors(model).items() if m.initialized}
-    if distributed_world(process_group) is None:
-        return {name: m.snapshot(reset=reset) for name, m in found.items()}
-    for module in found.values():
-        module._settle()
-    windows = {name: m.window.clone() for name, m in found.items()}
-    reduce_windows(list(windows.values()), process_group)
-    return {name: found[name]._snapshot_from(windows[name], reset) for name in found}
+    windows: dict[str, torch.Tensor] = {}
+    for name, module in found.items():
+        module.settle()
+        windows[name] = module.window.clone()
+    groups: list[tuple[Any, list[torch.Tensor]]] = []
+    for name, module in found.items():
+        group = process_group if process_group is not None else module.process_group
+        grouped = next((windows_of for known, windows_of in groups if known is group), None)
+        if grouped is None:
+            grouped = []
+            groups.append((group, grouped))
+        grouped.append(windows[name])
+    for group, grouped in groups:
+        if distributed_world(group) is not None:
+            reduce_windows(grouped, group)
+    return {name: module.snapshot_from(windows[name], reset) for name, module in found.items()}
 
 
 def auxiliary_loss(model: nn.Module) -> torch.Tensor:

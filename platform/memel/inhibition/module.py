@@ -12,6 +12,7 @@ from torch import nn
 
 from memel.errors import ConfigError
 
+from .collectives import distributed_world, reduce_windows
 from .config import InhibitionConfig, initial_threshold
 from .kernels import (
     OWNERSHIP,
@@ -24,28 +25,34 @@ from .kernels import (
     maybe_compiled,
     measure,
 )
-from .native import bookkeeping, native_fold
+from .layout import (
+    P_COUNT,
+    P_SUM_D,
+    P_SUM_D2,
+    PAYLOAD_ROWS,
+    PENDING_ROWS,
+    T_ABOVE,
+    T_JUDGED,
+    TAU_PENDING,
+    W_ABOVE,
+    W_INHIBITED,
+    W_MS_MAX,
+    W_MS_N,
+    W_MS_SUM,
+    W_SELECTED,
+    W_TRACKED,
+    WINDOW_ROWS,
+)
+from .native import FoldCall, bookkeeping, native_fold
 from .statistics import Moments, inverse_sqrt_denominator, merge_history, variance_denominator
+from .sync import InhibitorGroup, PendingReduction, sync_inhibitors
 
-# Rows of the ``pending`` buffer: this rank's moments since the last merge, as sums of
-# d = z - mu and d^2 about the history mean mu (shared by all ranks), so they add up across
-# calls, micro-batches and ranks: ``sync`` all-reduces exactly these rows.
-P_COUNT, P_SUM_D, P_SUM_D2 = range(3)
-PENDING_ROWS = PAYLOAD_ROWS = 3
-# Rows of the ``window`` buffer: this rank's trackers since the last snapshot, updated in
-# place by every call; ``snapshot`` reduces them across ranks (sums, then the max).
-W_SELECTED, W_INHIBITED, W_MS_SUM, W_MS_N, W_ABOVE, W_TRACKED, W_MS_MAX = range(7)
-WINDOW_ROWS = 7
-SUMMED_WINDOW_ROWS = slice(W_SELECTED, W_MS_MAX)
-# Entries of the ``tau_pending`` buffer (threshold selection): this rank's values judged
-# against tau since the last merge, and how many of them had phi >= tau. They ride after the
-# moments in the sync payload, so the threshold update costs no collective of its own.
-T_ABOVE, T_JUDGED = range(2)
-TAU_PENDING = 2
 #: Largest change of log(tau) in one update, and the range tau is kept in.
 TAU_MAX_LOG_STEP = 1.0
 TAU_RANGE = (1e-30, 1e30)
 _DIST_AVAILABLE = dist.is_available()
+#: The window rows ``native_fold`` writes: MS sum, samples behind it, count above, max MS.
+_FOLD_WINDOW_ROWS = (W_MS_SUM, W_MS_N, W_ABOVE, W_MS_MAX)
 
 
 def _dist_initialized() -> bool:
@@ -155,8 +162,12 @@ class Inhibitor(nn.Module):
         self._calls = 0
         self._has_pending = False
         self._scale: torch.Tensor | None = None  # 1/sqrt(MS denominator) of the current history
-        self._group: Any = None  # set by memel.inhibit: the modules synced together
-        self._inflight: Any = None  # an asynchronous sync whose result is not applied yet
+        #: The process group its statistics and snapshots reduce over (None: the default group);
+        #: set by ``memel.inhibit(..., process_group=)``.
+        self.process_group: Any = None
+        #: The modules synced together with it (set by ``memel.inhibit``; None: synced alone).
+        self.sync_group: InhibitorGroup | None = None
+        self._reduction: PendingReduction | None = None  # an asynchronous sync whose result is not applied yet
         self._select_above: torch.Tensor | None = None  # float32 sqrt(tau) of threshold selection
         self._loss_sum: torch.Tensor | None = None  # mode l2e: sum of log((z-mu)^2+delta) not yet consumed
         self._loss_count = 0
@@ -192,7 +203,7 @@ class Inhibitor(nn.Module):
         self._lazy_tracked = 0
         self._compensation: float | None = None  # eps * mean(var) of the current history
         self._prev_mean: torch.Tensor | None = None  # the history mean the last folded call judged against
-        # the output copy's and the gradient's buffers, reused once free (config.reuse_buffers)
+        # the output copy's and the gradient's buffers, reused once free (config.execution.reuse_buffers)
         self._copy_slot = BufferSlot()
         self._grad_slot = BufferSlot()
         self._all_counted = False  # known: every neuron's count > 0 (counts never fall)
@@ -220,10 +231,14 @@ class Inhibitor(nn.Module):
         return self.mean.numel()
 
     @property
-    def payload_size(self) -> int:
-        """Float64 numbers this module adds to the sync collective: count, sum d and sum d^2
-        per neuron, then (threshold selection) the values above tau and the values judged."""
-        return PAYLOAD_ROWS * self.neurons + (TAU_PENDING if self.config.by_threshold else 0)
+    def device(self) -> torch.device:
+        """Where its statistics live."""
+        return self.mean.device
+
+    @property
+    def has_pending(self) -> bool:
+        """Whether this rank holds statistics not yet merged into the history."""
+        return self._has_pending
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _PLAIN_STATE:
@@ -233,7 +248,7 @@ class Inhibitor(nn.Module):
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Inhibitor:
         # model.half()/bfloat16() must not lower the statistics' precision: keep dtypes, follow devices.
-        self._settle()
+        self.settle()
         kept = dict(self._buffers)
         self._scale = None
         self._select_above = None
@@ -247,11 +262,11 @@ class Inhibitor(nn.Module):
         return self
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        self._settle()
+        self.settle()
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
-        self._settle()
+        self.settle()
         incoming = state_dict.get(prefix + "mean")
         shape_key = prefix + "neuron_shape"
         if incoming is not None and incoming.numel() != self.neurons and shape_key in state_dict:
@@ -289,13 +304,11 @@ class Inhibitor(nn.Module):
     def forward(self, activation: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return activation
-        self._finish_inflight()  # (not _settle: lazily kept increments stay lazy on the hot path)
+        self.finish_reduction()  # (not settle: lazily kept increments stay lazy on the hot path)
         if self._has_pending and self.config.stats_update == "call":
-            if self._group is not None:
-                self._group.flush()
+            if self.sync_group is not None:
+                self.sync_group.flush()
             else:
-                from .sync import sync_inhibitors
-
                 sync_inhibitors([self])
         values = self._as_samples(activation)
         if not self.initialized:
@@ -307,7 +320,7 @@ class Inhibitor(nn.Module):
             return activation
         config = self.config
         inhibiting = config.modifies and self._batches >= config.late_start
-        track = (self._calls - 1) % config.track_every == 0
+        track = (self._calls - 1) % config.execution.track_every == 0
         select_above = self._threshold_operand() if config.by_threshold else None
         l2e = config.mode == "l2e"
         rewrite = inhibiting and not l2e  # l2e leaves the forward values alone
@@ -320,7 +333,7 @@ class Inhibitor(nn.Module):
             with torch.no_grad():
                 measured = measure(
                     values.detach(), self.mean, self._scale, config.top_n, math.sqrt(config.ms_threshold), track,
-                    rewrite, config.kernel, select_above, sorted_rows=l2e,
+                    rewrite, config.execution.kernel, select_above, sorted_rows=l2e,
                 )  # fmt: skip
             self._record(values.shape[0], measured)
         # the history the call was judged against (a folded call has already merged itself)
@@ -335,7 +348,7 @@ class Inhibitor(nn.Module):
         if l2e:
             terms = measured.terms
             if terms is None:
-                native = config.kernel in ("auto", "native")
+                native = config.execution.kernel in ("auto", "native")
                 terms = log_ms_terms(values.detach(), flat_index, neuron_index, judged_mean, config.delta, native)
             return self._add_loss_terms(activation, terms, flat_index)
         assert measured.copy is not None
@@ -343,13 +356,13 @@ class Inhibitor(nn.Module):
         native = self._native_cpu(activation)
         output = ReverseDeactivation.apply(
             values, measured.copy, flat_index, replacement, config.effective_strength,
-            self._grad_slot if native and config.reuse_buffers else None, native and OWNERSHIP.calibrate(),
+            self._grad_slot if native and config.execution.reuse_buffers else None, native and OWNERSHIP.calibrate(),
         )  # fmt: skip
         return output.view(activation.shape)
 
     def _native_cpu(self, activation: torch.Tensor) -> bool:
         """Whether the native kernel may handle this call's gradient (configured, CPU)."""
-        return self.config.kernel in ("auto", "native") and activation.device.type == "cpu"
+        return self.config.execution.kernel in ("auto", "native") and activation.device.type == "cpu"
 
     def _threshold_operand(self) -> torch.Tensor:
         """sqrt(tau) as a float32 0-dim tensor (what ``|d*a|`` is compared with), cached until tau changes."""
@@ -420,7 +433,7 @@ class Inhibitor(nn.Module):
     def _add_moments(self, samples: int, sum_d: torch.Tensor, sum_d2: torch.Tensor) -> None:
         """Pending moments += this call's (a neuron with a non-finite value in the call skips it)."""
         rows = self.pending[P_COUNT : P_SUM_D2 + 1]
-        rows.copy_(maybe_compiled(accumulate_moments, self.config.kernel)(rows, samples, sum_d, sum_d2))
+        rows.copy_(maybe_compiled(accumulate_moments, self.config.execution.kernel)(rows, samples, sum_d, sum_d2))
         self._has_pending = True
 
     @torch.no_grad()
@@ -448,7 +461,7 @@ class Inhibitor(nn.Module):
         buffers are read from ``_buffers`` directly and no autograd mode is entered (no tensor
         op here records a graph)."""
         config = self.config
-        if config.stats_update != "call" or self._has_pending or config.kernel not in ("auto", "native"):
+        if config.stats_update != "call" or self._has_pending or config.execution.kernel not in ("auto", "native"):
             return None
         if _dist_initialized() and self._distributed():
             return None
@@ -461,19 +474,23 @@ class Inhibitor(nn.Module):
             self._prev_mean = torch.empty_like(mean)
         samples = values.shape[0]
         fused = native_fold(
-            values.detach(), mean, var, buffers["count"], buffers["window"], self._prev_mean, self._compensation,
-            config.top_n, math.sqrt(config.ms_threshold), track, rewrite,
-            None if select_above is None else float(select_above),
-            self._batches >= config.forget_steps, config.forget_steps, self._lazy_count, self._all_counted,
-            (W_MS_SUM, W_MS_N, W_ABOVE, W_MS_MAX), (W_SELECTED, W_INHIBITED if inhibiting else -1),
-            self._copy_slot.tensor if config.reuse_buffers else None,
-            delta=config.delta if inhibiting and config.mode == "l2e" else None,
-            counters=(buffers["calls"], self._calls, buffers["batches"]),
+            FoldCall(
+                values=values.detach(), mean=mean, var=var, count=buffers["count"], window=buffers["window"],
+                prev_mean=self._prev_mean, compensation=self._compensation, top_n=config.top_n,
+                sqrt_threshold=math.sqrt(config.ms_threshold), track=track, copy=rewrite,
+                select_threshold=None if select_above is None else float(select_above),
+                capped=self._batches >= config.forget_steps, forget_steps=config.forget_steps,
+                count_offset=self._lazy_count, all_counted=self._all_counted, window_rows=_FOLD_WINDOW_ROWS,
+                count_rows=(W_SELECTED, W_INHIBITED if inhibiting else -1),
+                reuse=self._copy_slot.tensor if config.execution.reuse_buffers else None,
+                delta=config.delta if inhibiting and config.mode == "l2e" else None,
+                counters=(buffers["calls"], self._calls, buffers["batches"]),
+            )
         )  # fmt: skip
         if fused is None:
             return None
         neuron_index, flat_index, copied, buffer, var_sum, merged, terms = fused
-        if config.reuse_buffers and buffer is not None:
+        if config.execution.reuse_buffers and buffer is not None:
             self._copy_slot.tensor = buffer
         self._lazy_count += samples
         self._lazy_ms_n += samples
@@ -497,9 +514,7 @@ class Inhibitor(nn.Module):
         )
 
     def _distributed(self) -> bool:
-        from .sync import distributed_world
-
-        return distributed_world(self._group.process_group if self._group is not None else None) is not None
+        return distributed_world(self.process_group) is not None
 
     @torch.no_grad()
     def _record(self, samples: int, measured: Measurement) -> None:
@@ -509,7 +524,7 @@ class Inhibitor(nn.Module):
         if measured.flat:
             self.tau_pending[T_ABOVE] += measured.selected.numel()
             self.tau_pending[T_JUDGED] += samples * self.neurons
-        native = bookkeeping(self.pending, self.config.kernel)
+        native = bookkeeping(self.pending, self.config.execution.kernel)
         if native is not None and measured.sum_d.dtype == measured.sum_d2.dtype == torch.float32:
             native.record_moments(
                 self.pending, window, measured.sum_d, measured.sum_d2, self._scale, samples, W_MS_SUM, W_MS_N,
@@ -529,17 +544,38 @@ class Inhibitor(nn.Module):
             torch.maximum(window[W_MS_MAX], squared, out=window[W_MS_MAX])
 
     # ----------------------------------------------------------------------------------
-    # merging pending statistics (called by memel.sync / the group)
-    def _sync_payload(self) -> torch.Tensor:
+    # the payload: merging pending statistics (memel.sync / the group, through sync.py)
+    @property
+    def payload_size(self) -> int:
+        """Float64 numbers this module adds to the sync collective: count, sum d and sum d^2
+        per neuron, then (threshold selection) the values above tau and the values judged."""
+        return PAYLOAD_ROWS * self.neurons + (TAU_PENDING if self.config.by_threshold else 0)
+
+    def _payload(self) -> torch.Tensor:
         """This rank's pending numbers that add up across ranks, flat (``payload_size`` of them;
-        may be a view of ``pending``: copy before reducing)."""
+        may be a view of ``pending``)."""
         moments = self.pending[:PAYLOAD_ROWS].reshape(-1)
         return torch.cat([moments, self.tau_pending]) if self.config.by_threshold else moments
 
     @torch.no_grad()
-    def _apply_payload(self, flat: torch.Tensor) -> None:
-        """Merge a (global) flat payload into the history as one batch (moments, then the
-        threshold update) and clear pending."""
+    def write_payload(self, out: torch.Tensor) -> None:
+        """Copy this rank's pending numbers into ``out`` (flat float64, ``payload_size`` long),
+        the module's part of the buffer that sync all-reduces."""
+        moments = PAYLOAD_ROWS * self.neurons
+        out[:moments].copy_(self.pending[:PAYLOAD_ROWS].reshape(-1))
+        if self.config.by_threshold:
+            out[moments:].copy_(self.tau_pending)
+
+    def merge_pending(self) -> None:
+        """Merge this rank's pending statistics into the history as one batch (no collective)."""
+        if self._has_pending:
+            self.apply_payload(self._payload())  # read in full before pending is cleared
+
+    @torch.no_grad()
+    def apply_payload(self, flat: torch.Tensor) -> None:
+        """Merge a flat payload (this rank's, or the sum over the ranks of its group, laid out as
+        ``write_payload`` writes it) into the history as one batch (moments, then the threshold
+        update) and clear pending."""
         payload = flat[: PAYLOAD_ROWS * self.neurons].view(PAYLOAD_ROWS, self.neurons)
         self._flush_lazy()  # the merge weighs the history by its true count
         if self.config.by_threshold:
@@ -549,11 +585,11 @@ class Inhibitor(nn.Module):
             self._select_above = None
         if bool((payload[P_COUNT] > 0).any()):
             capped = self._batches >= self.config.forget_steps
-            native = bookkeeping(self.mean, self.config.kernel)
+            native = bookkeeping(self.mean, self.config.execution.kernel)
             if native is not None:
                 native.merge_moments(self.mean, self.var, self.count, payload.contiguous(), capped, self.config.forget_steps)
             else:
-                merge = maybe_compiled(merge_payload, self.config.kernel)
+                merge = maybe_compiled(merge_payload, self.config.execution.kernel)
                 mean, var, count = merge(self.mean, self.var, self.count, payload, capped, self.config.forget_steps)
                 self.mean.copy_(mean)
                 self.var.copy_(var)
@@ -565,14 +601,20 @@ class Inhibitor(nn.Module):
         self.tau_pending.zero_()
         self._has_pending = False
 
-    def _finish_inflight(self) -> None:
-        if self._inflight is not None:
-            self._inflight.wait()
+    def attach_reduction(self, reduction: PendingReduction | None) -> None:
+        """An asynchronous sync in flight whose result this module applies before its next use
+        (None: it has landed)."""
+        self._reduction = reduction
 
-    def _settle(self) -> None:
+    def finish_reduction(self) -> None:
+        """Wait for an asynchronous sync in flight, if any, and apply its result."""
+        if self._reduction is not None:
+            self._reduction.wait()
+
+    def settle(self) -> None:
         """Bring every buffer up to date before it is read: a pending asynchronous sync
         applied, lazily kept increments added."""
-        self._finish_inflight()
+        self.finish_reduction()
         self._flush_lazy()
 
     # ----------------------------------------------------------------------------------
@@ -602,7 +644,7 @@ class Inhibitor(nn.Module):
     def threshold(self) -> float:
         """The current tau of threshold selection, with this rank's pending counts applied
         (as ``statistics()``; in a distributed run call ``memel.sync(model)`` first)."""
-        self._settle()
+        self.settle()
         tau = self.tau
         if self.config.by_threshold and self._has_pending:
             c = self.config
@@ -612,7 +654,7 @@ class Inhibitor(nn.Module):
     @torch.no_grad()
     def _effective(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """History with this rank's pending batch merged in (without changing any state)."""
-        self._settle()
+        self.settle()
         if not self._has_pending:
             return self.mean, self.var, self.count, self._batches
         pending = self.pending
@@ -657,20 +699,21 @@ class Inhibitor(nn.Module):
         fraction of samples with MS above ``ms_threshold``, since the last snapshot.
 
         Mean, var and count cover every batch seen (as ``statistics()``). In a distributed run
-        every rank must call it: the trackers are reduced across ranks (two collectives;
-        ``memel.snapshot(model)`` does it for all modules at once); call ``memel.sync(model)`` first.
+        every rank of its ``process_group`` must call it: the trackers are reduced across the
+        ranks of that group (two collectives; ``memel.snapshot(model)`` does it for all modules
+        at once); call ``memel.sync(model)`` first.
         """
         if not self.initialized:
             raise RuntimeError("Inhibitor has no statistics yet: it has not seen a training batch")
-        from .sync import reduce_windows
-
-        self._settle()
+        self.settle()
         window = self.window.clone()
         if reduce:
-            reduce_windows([window])
-        return self._snapshot_from(window, reset)
+            reduce_windows([window], self.process_group)
+        return self.snapshot_from(window, reset)
 
-    def _snapshot_from(self, window: torch.Tensor, reset: bool) -> Snapshot:
+    def snapshot_from(self, window: torch.Tensor, reset: bool) -> Snapshot:
+        """The snapshot with ``window`` (a copy of ``window``, reduced or not) as its trackers;
+        ``reset`` clears this rank's window. Call ``settle()`` before copying the window."""
         mean, var, count, batches = self._effective()
         ms_n = window[W_MS_N]
         tracked = window[W_TRACKED]

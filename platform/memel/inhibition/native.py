@@ -160,45 +160,60 @@ def native_measure(
         return None
 
 
-def native_fold(
-    values: torch.Tensor,
-    mean: torch.Tensor,
-    var: torch.Tensor,
-    count: torch.Tensor,
-    window: torch.Tensor,
-    prev_mean: torch.Tensor,
-    compensation: float,
-    top_n: int,
-    sqrt_threshold: float,
-    track: bool,
-    copy: bool,
-    select_threshold: float | None,
-    capped: bool,
-    forget_steps: int,
-    count_offset: int,
-    all_counted: bool,
-    window_rows: tuple[int, int, int, int],
-    count_rows: tuple[int, int] = (-1, -1),
-    reuse: torch.Tensor | None = None,
-    threads: int = 0,
-    delta: float | None = None,
-    counters: tuple[torch.Tensor, int, torch.Tensor] | None = None,
-) -> FoldResult | None:
-    """One training call measured and merged into the history in a single pass, in place
-    (``measure_fold`` in native_kernel.cpp); None where it cannot run (the caller then takes
-    the two-step path). ``reuse``: the buffer the last call returned; its memory holds the
-    copy when nothing else refers to it any more (no page faults of fresh memory).
+class FoldCall(NamedTuple):
+    """The arguments of one ``native_fold`` call, by name.
+
+    ``values`` [samples, neurons] are judged against the history (``mean``, ``var``,
+    ``count``: the module's buffers, updated in place) with ``compensation`` = eps * mean(var);
+    ``prev_mean`` receives the pre-call mean. ``top_n`` values per sample are selected (or,
+    with ``select_threshold`` = sqrt(tau), every value with |d*a| >= it); ``copy``: return a
+    copy of the values to modify; ``track``: update the window's max MS and count above
+    ``sqrt_threshold``. ``capped``/``forget_steps``: the history's forget step.
 
     ``window_rows``: the rows of the window for the MS sum, the samples behind it, the count
     above ``ms_threshold`` and the max MS; ``count_rows``: the rows where each selected value
     counts once (times selected, times inhibited; -1: none). Uniform increments are the
     caller's to add (see ``Inhibitor._flush_lazy``); ``count_offset`` is the part of them not
-    yet in ``count``. ``delta`` (mode l2e): also the selected values' loss terms
+    yet in ``count``; ``all_counted``: every neuron's count is known to be > 0. ``reuse``: the
+    buffer the last call returned; its memory holds the copy when nothing else refers to it
+    any more (no page faults of fresh memory). ``threads``: parallel tasks (0: torch's
+    number of threads). ``delta`` (mode l2e): also the selected values' loss terms
     (``native_log_ms_terms`` against the pre-call mean), each sample's top-n then in
-    increasing neuron order. ``counters`` = (calls, value, batches): the module's 0-dim
-    int64 buffers, written in the same call (calls = value; batches += 1 when ``merged``).
-    Unlike ``native_measure`` a failure inside the kernel is not caught: it may have changed
-    the history already, so falling back could merge the call twice."""
+    increasing neuron order. ``counters`` = (calls, value, batches): the module's 0-dim int64
+    buffers, written in the same call (calls = value; batches += 1 when ``merged``).
+    """
+
+    values: torch.Tensor
+    mean: torch.Tensor
+    var: torch.Tensor
+    count: torch.Tensor
+    window: torch.Tensor
+    prev_mean: torch.Tensor
+    compensation: float
+    top_n: int
+    sqrt_threshold: float
+    track: bool
+    copy: bool
+    select_threshold: float | None
+    capped: bool
+    forget_steps: int
+    count_offset: int
+    all_counted: bool
+    window_rows: tuple[int, int, int, int]
+    count_rows: tuple[int, int] = (-1, -1)
+    reuse: torch.Tensor | None = None
+    threads: int = 0
+    delta: float | None = None
+    counters: tuple[torch.Tensor, int, torch.Tensor] | None = None
+
+
+def native_fold(call: FoldCall) -> FoldResult | None:
+    """One training call measured and merged into the history in a single pass, in place
+    (``measure_fold`` in native_kernel.cpp); None where it cannot run (the caller then takes
+    the two-step path). The arguments are ``FoldCall``'s fields, passed to the extension in
+    one call. Unlike ``native_measure`` a failure inside the kernel is not caught: it may have
+    changed the history already, so falling back could merge the call twice."""
+    values, top_n, select_threshold = call.values, call.top_n, call.select_threshold
     if values.device.type != "cpu" or values.dtype not in SUPPORTED_DTYPES:
         return None
     if values.dim() != 2 or values.numel() == 0 or not 1 <= top_n <= values.shape[1] or values.shape[1] >= 2**31:
@@ -208,15 +223,15 @@ def native_fold(
     module = load()
     if module is None or not hasattr(module, "measure_fold"):
         return None
-    ms_sum_row, ms_n_row, above_row, max_row = window_rows
-    selected_row, inhibited_row = count_rows
-    calls, calls_value, batches = counters if counters is not None else (None, 0, None)
+    ms_sum_row, ms_n_row, above_row, max_row = call.window_rows
+    selected_row, inhibited_row = call.count_rows
+    calls, calls_value, batches = call.counters if call.counters is not None else (None, 0, None)
     neuron_index, flat_index, copied, buffer, var_sum, merged, terms, local = module.measure_fold(
-        values.contiguous(), mean, var, count, window, prev_mean, float(compensation), int(top_n),
-        float(sqrt_threshold), bool(track), bool(copy), int(threads),
-        -1.0 if select_threshold is None else float(select_threshold), bool(capped), int(forget_steps),
-        int(count_offset), bool(all_counted), ms_sum_row, ms_n_row, above_row, max_row, selected_row, inhibited_row,
-        reuse, -1.0 if delta is None else float(delta), calls, int(calls_value), batches,
+        values.contiguous(), call.mean, call.var, call.count, call.window, call.prev_mean, float(call.compensation),
+        int(top_n), float(call.sqrt_threshold), bool(call.track), bool(call.copy), int(call.threads),
+        -1.0 if select_threshold is None else float(select_threshold), bool(call.capped), int(call.forget_steps),
+        int(call.count_offset), bool(call.all_counted), ms_sum_row, ms_n_row, above_row, max_row, selected_row,
+        inhibited_row, call.reuse, -1.0 if call.delta is None else float(call.delta), calls, int(calls_value), batches,
     )  # fmt: skip
     return FoldResult(neuron_index, flat_index, copied, buffer, var_sum, merged, None if terms is None else (terms, local))
 

@@ -7,52 +7,53 @@ of the global batch; merging them is then the same deterministic arithmetic on e
 With threshold selection each module appends two numbers to its part of that buffer (values
 with phi >= tau, values judged), so every rank updates tau from the global fraction, with
 the same arithmetic: tau stays identical on all ranks at no extra collective.
+
+Members are anything with the payload API of ``Inhibitor`` (``PayloadMember``): this module
+does not import the Inhibitor, which calls ``sync_inhibitors`` itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
 
-from .module import Inhibitor
-
-
-def distributed_world(group: Any = None) -> int | None:
-    """World size of the data-parallel group when torch.distributed runs with >1 rank, else None."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return None
-    size = dist.get_world_size(group)
-    return size if size > 1 else None
+from .collectives import all_reduce_sum, distributed_world
 
 
-def all_reduce_in_place(tensors: Sequence[torch.Tensor], op: Any, group: Any = None) -> None:
-    """Reduce several tensors across ranks with ONE collective over a flat copy, written back."""
-    if distributed_world(group) is None or not tensors:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat, op=op, group=group)
-    offset = 0
-    for tensor in tensors:
-        tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
-        offset += tensor.numel()
+class PayloadMember(Protocol):
+    """What sync needs of a module: its pending statistics as one flat float64 payload."""
 
+    process_group: Any
 
-def reduce_windows(windows: Sequence[torch.Tensor], group: Any = None) -> None:
-    """Snapshot windows reduced in place across ranks: counters and sums added, the max MS
-    maximised; two collectives whatever the number of modules (none in one process)."""
-    from .module import SUMMED_WINDOW_ROWS, W_MS_MAX
+    @property
+    def initialized(self) -> bool: ...
 
-    all_reduce_in_place([w[SUMMED_WINDOW_ROWS] for w in windows], dist.ReduceOp.SUM, group)
-    all_reduce_in_place([w[W_MS_MAX] for w in windows], dist.ReduceOp.MAX, group)
+    @property
+    def has_pending(self) -> bool: ...
+
+    @property
+    def payload_size(self) -> int: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def write_payload(self, out: torch.Tensor) -> None: ...
+
+    def apply_payload(self, flat: torch.Tensor) -> None: ...
+
+    def merge_pending(self) -> None: ...
+
+    def attach_reduction(self, reduction: PendingReduction | None) -> None: ...
+
+    def finish_reduction(self) -> None: ...
 
 
 class PendingReduction:
     """An asynchronous all-reduce of pending statistics; applied at the next use of any member."""
 
-    def __init__(self, members: list[Inhibitor], flat: torch.Tensor, work: Any) -> None:
+    def __init__(self, members: list[PayloadMember], flat: torch.Tensor, work: Any) -> None:
         self.members = members
         self.flat = flat
         self.work = work
@@ -63,60 +64,81 @@ class PendingReduction:
             self.work = None
         members, self.members = self.members, []
         for member in members:
-            member._inflight = None
+            member.attach_reduction(None)
         _apply_flat(members, self.flat)
 
 
-def _apply_flat(members: list[Inhibitor], flat: torch.Tensor) -> None:
+def _apply_flat(members: list[PayloadMember], flat: torch.Tensor) -> None:
     offset = 0
     for member in members:
         size = member.payload_size
-        member._apply_payload(flat[offset : offset + size])
+        member.apply_payload(flat[offset : offset + size])
         offset += size
 
 
-def sync_inhibitors(inhibitors: Iterable[Inhibitor], group: Any = None, async_op: bool = False) -> PendingReduction | None:
+def _by_group(members: list[PayloadMember], process_group: Any) -> list[tuple[Any, list[PayloadMember]]]:
+    """Members by the process group they reduce over (``process_group`` if given, else each
+    member's own), in the order each group first appears (the same on every rank)."""
+    groups: list[tuple[Any, list[PayloadMember]]] = []
+    for member in members:
+        group = process_group if process_group is not None else member.process_group
+        for known, grouped in groups:
+            if known is group:
+                grouped.append(member)
+                break
+        else:
+            groups.append((group, [member]))
+    return groups
+
+
+def sync_inhibitors(
+    inhibitors: Iterable[PayloadMember], process_group: Any = None, async_op: bool = False
+) -> PendingReduction | None:
     """Merge every module's pending statistics into its history as one batch.
 
-    Distributed: one ``all_reduce`` per device over all modules, so every rank ends with the
-    global batch's statistics; with ``async_op`` it returns at once and the result is applied
-    before the next call of any member (or its next read). Every rank must call it at the
-    same point, with the same modules.
+    Distributed: one ``all_reduce`` per process group and device over all modules, so every
+    rank ends with the global batch's statistics; each module reduces over its own
+    ``process_group`` (set by ``memel.inhibit``; None: the default group) unless
+    ``process_group`` is given, which then overrides it for this call. With ``async_op`` it
+    returns at once and the result is applied before the next call of any member (or its next
+    read). Every rank of a group must call it at the same point, with the same modules.
     """
     members = [m for m in inhibitors if m.initialized]
     for member in members:
-        member._finish_inflight()
-    if not members:
-        return None
-    if distributed_world(group) is None:
-        for member in members:
-            if member._has_pending:
-                member._apply_payload(member._sync_payload())  # read in full before pending is cleared
-        return None
-    by_device: dict[torch.device, list[Inhibitor]] = {}
-    for member in members:
-        by_device.setdefault(member.mean.device, []).append(member)
+        member.finish_reduction()
     handle = None
-    for device_members in by_device.values():
-        flat = torch.cat([m._sync_payload().reshape(-1) for m in device_members])
-        work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group, async_op=async_op)
-        if async_op:
-            handle = PendingReduction(device_members, flat, work)
+    for group, grouped in _by_group(members, process_group):
+        if distributed_world(group) is None:
+            for member in grouped:
+                if member.has_pending:
+                    member.merge_pending()
+            continue
+        by_device: dict[torch.device, list[PayloadMember]] = {}
+        for member in grouped:
+            by_device.setdefault(member.device, []).append(member)
+        for device, device_members in by_device.items():
+            flat = torch.empty(sum(m.payload_size for m in device_members), dtype=torch.float64, device=device)
+            offset = 0
             for member in device_members:
-                member._inflight = handle
-        else:
-            _apply_flat(device_members, flat)
+                member.write_payload(flat[offset : offset + member.payload_size])
+                offset += member.payload_size
+            work = all_reduce_sum(flat, group, async_op)
+            if async_op:
+                handle = PendingReduction(device_members, flat, work)
+                for member in device_members:
+                    member.attach_reduction(handle)
+            else:
+                _apply_flat(device_members, flat)
     return handle
 
 
 class InhibitorGroup:
     """The modules inserted by one ``memel.inhibit`` call; flushed together (one collective)."""
 
-    def __init__(self, members: list[Inhibitor], group: Any = None) -> None:
+    def __init__(self, members: list[Any]) -> None:
         self.members = members
-        self.process_group = group
         for member in members:
-            member._group = self
+            member.sync_group = self
 
     def flush(self) -> None:
-        sync_inhibitors(self.members, self.process_group)
+        sync_inhibitors(self.members)
