@@ -261,3 +261,21 @@ def test_run_id_and_table_are_checked(snap: memel.Snapshot, tmp_path: Path) -> N
         ParquetStatsSink(str(tmp_path), "12345")
     with ParquetStatsSink(str(tmp_path), "run-a") as sink, pytest.raises(ValueError, match="STATS_SCHEMA"):
         sink.submit(pa.table({"x": [1]}), "m", 0)
+
+
+def test_a_replayed_step_replaces_its_file(snap: memel.Snapshot, tmp_path: Path) -> None:
+    """A run resumed from an older checkpoint writes the steps after it again: each (module, step)
+    has one file, so the replay replaces it and no (run_id, module, step, neuron) row is duplicated."""
+    root = tmp_path / "stats"
+    with ParquetStatsSink(str(root), "run-a") as sink:  # killed after step 8 ...
+        for table, module, step in tables(snap, range(1, 9)):
+            sink.submit(table, module, step)
+    with ParquetStatsSink(str(root), "run-a") as sink:  # ... resumed from the checkpoint of step 4
+        for table, module, step in tables(snap, range(5, 13)):
+            sink.submit(table, module, step)
+        for table, module, step in tables(snap, range(12, 13)):  # the same step twice in one batch
+            sink.submit(table, module, step)
+    data = ds.dataset(str(root), partitioning="hive").to_table().to_pandas()
+    assert len(data) == 12 * len(MODULES) * NEURONS
+    assert not data.duplicated(["run_id", "module", "step", "neuron"]).any()
+    assert sorted(data["step"].unique()) == list(range(1, 13))

@@ -76,7 +76,7 @@ def test_run_on_a_real_server(mlflow_server: str, tmp_path: Path) -> None:
     resumed.log_metrics({"loss": 0.01}, step=100)
     resumed.end("KILLED")
     run = client.get_run(run_id)
-    assert run.info.status == "KILLED"
+    assert run.info.status == "FINISHED"  # a finished run keeps its status whatever a rerun of it does
     assert max(m.step for m in client.get_metric_history(run_id, "loss")) == 100
 
 
@@ -156,3 +156,42 @@ def test_console_tracker_is_a_tracker(caplog: pytest.LogCaptureFixture) -> None:
         tracker.end()
     assert "model.name = byte-0.2m" in caplog.text and "loss=1.5" in caplog.text
     assert "DO-NOT-LOG" not in caplog.text
+
+
+def test_a_resumed_run_never_gets_a_metric_step_twice(tmp_path: Path) -> None:
+    """A resumed run replays the steps after its last checkpoint: what the run already holds is not sent again."""
+    uri = default_tracking_uri(tmp_path)
+    first = MlflowTracker(uri, "replay")
+    run_id = first.start()
+    for step in range(1, 9):
+        first.log_metrics({"train/loss": float(step), "eval/loss": 10.0 + step}, step)
+    assert first.flush(timeout=30)  # killed here: no end()
+
+    replay = MlflowTracker(uri, "replay", run_id=run_id)
+    replay.start()
+    for step in range(5, 13):  # resumed from the checkpoint of step 4
+        replay.log_metrics({"train/loss": float(step), "eval/loss": 10.0 + step, "new/key": 1.0}, step)
+    replay.end()
+    client = MlflowClient(uri)
+    for key, offset in (("train/loss", 0.0), ("eval/loss", 10.0)):
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+        assert history == [(s, offset + s) for s in range(1, 13)], key
+    assert sorted(m.step for m in client.get_metric_history(run_id, "new/key")) == list(range(5, 13))
+
+
+def test_a_finished_run_stays_finished_when_a_rerun_fails(tmp_path: Path) -> None:
+    uri = default_tracking_uri(tmp_path)
+    first = MlflowTracker(uri, "rerun")
+    run_id = first.start()
+    first.end("FINISHED")
+    rerun = MlflowTracker(uri, "rerun", run_id=run_id)
+    rerun.start()
+    rerun.end("FAILED")
+    assert MlflowClient(uri).get_run(run_id).info.status == "FINISHED"
+    unfinished = MlflowTracker(uri, "rerun")
+    other = unfinished.start()
+    MlflowTracker(uri, "rerun", run_id=other).start()  # an interrupted run resumed ...
+    again = MlflowTracker(uri, "rerun", run_id=other)
+    again.start()
+    again.end("KILLED")  # ... may end KILLED
+    assert MlflowClient(uri).get_run(other).info.status == "KILLED"

@@ -163,6 +163,8 @@ def run_command(job_path: Path = JOB_ARGUMENT, set_: list[str] = SET_OPTION, add
     if kind == "study":
         console.print(f"[red]error:[/red] {job_path} is a study (it has a tune section); run it with [bold]memel tune {job_path}[/bold]")
         raise typer.Exit(2)
+    from memel.training.interrupt import INTERRUPTED_EXIT, describe, resume_command
+
     try:
         if kind == "run":
             from memel.commands.train import print_result
@@ -185,6 +187,12 @@ def run_command(job_path: Path = JOB_ARGUMENT, set_: list[str] = SET_OPTION, add
     except ConfigError as error:
         console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted:[/yellow] {job_path} stopped; resume it with: [bold]{resume_command()}[/bold]")
+        raise typer.Exit(INTERRUPTED_EXIT) from None
+    except Exception as error:  # the cause first, on one line; the traceback above it is Ray's and the workers'
+        console.print(f"[red]error:[/red] the run failed: {describe(error)}")
+        raise typer.Exit(1) from None
     print_sweep(console, result)
     if result.failed:
         console.print(f"[red]{len(result.failed)} member(s) failed:[/red] {', '.join(result.failed)}; run the job again to retry them")

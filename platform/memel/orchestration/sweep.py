@@ -21,6 +21,9 @@ from memel.atomic import write_json, write_text
 from memel.models import count_parameters
 from memel.redaction import redact
 from memel.training import TrainResult, TrainSpec, init_ray
+from memel.training.interrupt import mark_killed
+from memel.training.output_dir import check_output_dir
+from memel.training.run_lock import hold_lock
 from memel.training.runner import resolve_outputs
 
 from .job import JobSpec, Member, attach, expand_sweep
@@ -57,6 +60,14 @@ def finished_result(spec: TrainSpec) -> TrainResult | None:
     if saved.get("run_name") != spec.run_name:
         return None
     return TrainResult(**saved)
+
+
+def _member_run_id(spec: TrainSpec) -> str | None:
+    """The MLflow run id a member's folder records (None before its run started)."""
+    try:
+        return json.loads((spec.out / "run.json").read_text()).get("run_id")
+    except (OSError, ValueError):
+        return None
 
 
 def table_row(member: Member, result: TrainResult | None, status: str, n_params: int) -> dict[str, Any]:
@@ -130,9 +141,15 @@ def run_sweep(job: JobSpec, address: str | None = None, progress: Any = None) ->
     """Run every member not yet finished (concurrently as far as resources allow); blocks until all end.
 
     ``progress`` (optional) is called as ``progress(event, member_key, detail)`` with event
-    ``skipped``, ``started`` or ``finished``/``failed``.
+    ``skipped``, ``started`` or ``finished``/``failed``. One invocation at a time per output dir:
+    a second one raises RunLocked (a ConfigError) before writing anything.
     """
+    check_output_dir(job.out.resolve())
+    with hold_lock(job.out.resolve()):
+        return _run_sweep(job, address, progress)
 
+
+def _run_sweep(job: JobSpec, address: str | None, progress: Any) -> SweepResult:
     started = time.perf_counter()
     members = expand_sweep(job)
     out, tracking_uri, stats_root, _ = resolve_outputs(job)
@@ -171,6 +188,8 @@ def run_sweep(job: JobSpec, address: str | None = None, progress: Any = None) ->
             launcher = Launcher(job.sweep.max_concurrent if job.sweep else None)
             launcher.run_all(to_run, on_finished, on_launch=lambda key: notify("started", key, None))
     except BaseException:
+        in_flight = [key for key, _ in to_run if key not in rows]
+        mark_killed(tracking_uri, [rid for key in in_flight if (rid := _member_run_id(specs[key]))])
         parent.end("KILLED")
         raise
     ordered = [rows[m.key] for m in members if m.key in rows]

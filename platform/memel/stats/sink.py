@@ -1,6 +1,6 @@
 """A background writer of statistics tables to hive-partitioned Parquet, local or on S3.
 
-Layout: ``<root>/run_id=<run>/module=<module>/part-<step:010d>-<8 hex>.parquet`` (names
+Layout: ``<root>/run_id=<run>/module=<module>/part-<step:010d>.parquet`` (names
 URL-quoted), columns ``FILE_SCHEMA`` (the partition keys come from the path). Read it
 back with ``pyarrow.dataset.dataset(root, partitioning="hive")`` or DuckDB's
 ``read_parquet('<root>/**/*.parquet', hive_partitioning=true)``.
@@ -20,8 +20,10 @@ Guarantees:
   Training is never blocked, at the price of losing old data during a long outage.
 - Files use LZ4 (``compression``) and dictionary encoding only where it pays
   (``DICTIONARY_COLUMNS``): about twice the write speed of pyarrow's defaults.
-- When the writer falls behind, waiting tables of the same module are merged into one
-  file (named after its first step), so throughput grows with the backlog.
+- One file per (module, step), named after the step alone: a step written again (a resumed
+  run replaying the steps after its last checkpoint) replaces its file, so no neuron row is
+  ever duplicated. When the writer falls behind it still takes many waiting tables per round;
+  of two tables for the same (module, step) waiting together, the later one is written.
 """
 
 from __future__ import annotations
@@ -212,18 +214,17 @@ class ParquetStatsSink:
                 self._cond.notify_all()
 
     def _write_batch(self, batch: list[_Item]) -> None:
-        groups: dict[str, list[_Item]] = {}
+        latest: dict[tuple[str, int], _Item] = {}
         for item in batch:
-            groups.setdefault(item.module, []).append(item)
+            latest[(item.module, item.step)] = item  # a table sent again for its step replaces the earlier one
         pending = []
-        for module, items in groups.items():
+        for (module, step), item in latest.items():
             try:
-                table = items[0].table if len(items) == 1 else pa.concat_tables([i.table for i in items])
                 sink = pa.BufferOutputStream()
-                pq.write_table(table, sink, compression=self.compression, use_dictionary=DICTIONARY_COLUMNS)
-                pending.append((module, min(i.step for i in items), sink.getvalue(), table.num_rows))
+                pq.write_table(item.table, sink, compression=self.compression, use_dictionary=DICTIONARY_COLUMNS)
+                pending.append((module, step, sink.getvalue(), item.table.num_rows))
             except Exception:  # a bug, not an outage: retrying cannot help
-                log.exception("stats: cannot encode %d rows of module %r; dropped", sum(i.table.num_rows for i in items), module)
+                log.exception("stats: cannot encode %d rows of module %r; dropped", item.table.num_rows, module)
         delay, failures = self.retry_initial_s, 0
         while pending:
             module, step, data, rows = pending[0]

@@ -79,8 +79,9 @@ def partition_dir(base: str, run_id: str, module: str) -> str:
 
 
 def part_name(step: int) -> str:
-    """``part-<step:010d>-<8 hex>.parquet``: sorts by step, unique across writers."""
-    return f"part-{step:010d}-{uuid.uuid4().hex[:8]}.parquet"
+    """``part-<step:010d>.parquet``: sorts by step; the same step always has the same name, so
+    writing a step again (a resumed run replaying it) replaces its file instead of adding rows."""
+    return f"part-{step:010d}.parquet"
 
 
 def _boto3_client():

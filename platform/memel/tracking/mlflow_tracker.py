@@ -12,6 +12,11 @@ with a warning). ``flush(timeout)`` waits for delivery and ``end()`` flushes bef
 marks the run terminated. How long one attempt may take is MLflow's own retry policy
 (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, ``MLFLOW_HTTP_REQUEST_TIMEOUT``), spent in the
 background thread. Params, tags and artifacts are sent synchronously (a few calls per run).
+
+A resumed run never gets a metric twice: :meth:`MlflowTracker.start` reads the last step the
+run holds for every key, and values logged later at that step or an earlier one (a resumed
+run replaying steps after its last checkpoint) are not sent again. A run that was FINISHED
+stays FINISHED: ending a rerun of it as FAILED or KILLED keeps FINISHED (with a warning).
 """
 
 from __future__ import annotations
@@ -155,6 +160,8 @@ class MlflowTracker:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stop = False
+        self._delivered: dict[str, int] = {}  # key -> the last step the run already holds
+        self._was_finished = False
 
     # ------------------------------------------------------------------ run
     def start(self) -> str:
@@ -166,6 +173,8 @@ class MlflowTracker:
             db.parent.mkdir(parents=True, exist_ok=True)
         if self.run_id:
             run = self.client.get_run(self.run_id)
+            self._was_finished = run.info.status == "FINISHED"
+            self._delivered = {m.key: m.step for m in getattr(run.data, "_metric_objs", [])}  # the latest = highest step
             if run.info.status != "RUNNING":
                 self.client.update_run(self.run_id, status="RUNNING")
         else:
@@ -204,6 +213,9 @@ class MlflowTracker:
         with self._cond:
             self._stop = True
             self._cond.notify_all()
+        if self._was_finished and status != "FINISHED":
+            log.warning("MLflow run %s finished before; it stays FINISHED (this invocation ended %s)", run_id, status)
+            status = "FINISHED"
         with _redacted_stdout():  # MLflow prints "View run ... at: <tracking URI>/#/..."
             self.client.set_terminated(run_id, status=status)
         self._started = False
@@ -254,6 +266,7 @@ class MlflowTracker:
         self._run_id()
         now = int(time.time() * 1000)
         entries = [Metric(str(k)[:MAX_KEY], float(v), now, int(step)) for k, v in metrics.items()]
+        entries = [m for m in entries if m.step > self._delivered.get(m.key, -1)]  # not sent again on replay
         dropped = 0
         with self._cond:
             self._metrics.extend(entries)

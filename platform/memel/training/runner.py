@@ -23,7 +23,11 @@ from memel.atomic import write_json
 from memel.errors import ConfigError
 from memel.redaction import redact, redact_tree
 
+from .checkpoint_scan import local_folder, repair_snapshot, scan_run
 from .deepspeed_config import deepspeed_config
+from .interrupt import end_after_error
+from .output_dir import check_output_dir
+from .run_lock import hold_lock
 from .spec import TrainSpec
 
 if TYPE_CHECKING:
@@ -53,6 +57,7 @@ def resolve_outputs(spec: TrainSpec) -> tuple[Path, str | None, str | None, str]
     from memel.tracking import check_tracking_uri, default_tracking_uri
 
     out = spec.out.resolve()
+    check_output_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     tracking_uri = spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(out)
     check_tracking_uri(tracking_uri)
@@ -159,6 +164,14 @@ def run_training(spec: TrainSpec, address: str | None = None, trial: dict[str, A
 
     started = time.perf_counter()
     out, tracking_uri, stats_root, storage = resolve_outputs(spec)
+    with hold_lock(out):
+        return _run_locked(spec, address, trial, started, out, tracking_uri, stats_root, storage)
+
+
+def _run_locked(
+    spec: TrainSpec, address: str | None, trial: dict[str, Any] | None, started: float, out: Path, tracking_uri: str,
+    stats_root: str | None, storage: str,
+) -> TrainResult:  # fmt: skip
     n_params = count_parameters(spec.model.name, **spec.model.overrides)
     tracker, run_id = _start_tracking(spec, out, tracking_uri, n_params)
     init_ray(address, spec.train.workers)
@@ -186,9 +199,16 @@ def _fit(spec: TrainSpec, info: RunInfo, storage: str, env: dict[str, str], trac
 
     from .worker import train_loop
 
+    run_folder = local_folder(storage)
+    run_folder = run_folder / spec.run_name if run_folder is not None else None
+    if run_folder is not None:
+        _report_resume_point(run_folder, spec.train.workers)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"spec": redact_tree(spec.model_dump(mode="json")), "info": asdict(info)},
+        train_loop_config={
+            "spec": redact_tree(spec.model_dump(mode="json")), "info": asdict(info),
+            "checkpoints": str(run_folder) if run_folder is not None else None,
+        },  # fmt: skip
         scaling_config=ScalingConfig(
             num_workers=spec.train.workers, use_gpu=spec.train.use_gpu,
             resources_per_worker={"GPU": 1, "CPU": 1} if spec.train.use_gpu else {"CPU": 1},
@@ -204,9 +224,21 @@ def _fit(spec: TrainSpec, info: RunInfo, storage: str, env: dict[str, str], trac
     )
     try:
         return trainer.fit()
-    except BaseException:
-        tracker.end("FAILED")
+    except BaseException as error:
+        end_after_error(tracker, error)
         raise
+
+
+def _report_resume_point(run_folder: Path, workers: int) -> None:
+    """Repair Ray's record of the run's checkpoints if it is unreadable, and say where the run resumes."""
+    repaired = repair_snapshot(run_folder)
+    if repaired:
+        print(f"[memel] warning: {repaired}", flush=True)
+    scan = scan_run(run_folder, workers)
+    for name, reason in scan.skipped.items():
+        print(f"[memel] warning: checkpoint {name} is incomplete ({reason}); skipped", flush=True)
+    if scan.newest is not None:
+        print(f"[memel] resuming from the checkpoint of step {scan.newest.step} ({scan.newest.path.name})", flush=True)
 
 
 def check_address_outputs(spec: TrainSpec, address: str | None) -> None:

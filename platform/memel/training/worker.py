@@ -241,7 +241,9 @@ def train_loop(config: dict[str, Any]) -> None:
     )
     checkpoints = _Checkpointing(engine, inserted, loader, rank)
     step = tokens_seen = 0
-    restored = ray.train.get_checkpoint()
+    from .checkpoint_scan import newest_checkpoint  # the newest complete one, even if Ray's record lags
+
+    restored = newest_checkpoint(config.get("checkpoints"), world, ray.train.get_checkpoint())
     if restored is not None:
         with restored.as_directory() as directory:
             progress = checkpoints.restore(Path(directory))

@@ -1,0 +1,58 @@
+"""One invocation at a time per output folder: an exclusive ``flock`` on ``<folder>/.memel.lock``.
+
+The lock file holds who has it (pid, host, start time), so a second ``memel run`` of the same
+job can say who is running it and stop before it writes anything. The lock is the kernel's: it
+goes away with the process, even one killed with SIGKILL, so a stale file never blocks a rerun.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from memel.errors import ConfigError
+
+LOCK_FILE = ".memel.lock"
+
+
+class RunLocked(ConfigError):
+    """Another process holds the output folder's lock."""
+
+
+@contextlib.contextmanager
+def hold_lock(folder: Path, field: str = "output_dir") -> Iterator[None]:
+    """Hold ``folder``'s lock for the block; raises RunLocked (naming the holder) when taken."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    handle = open(path, "a+")  # noqa: SIM115 - held open for the block
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise RunLocked(
+                f"{field}: {folder} is in use by {_describe(holder)}; wait for it to end (or stop it), "
+                f"or choose another {field}"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # releases the lock
+
+
+def _describe(holder: str) -> str:
+    try:
+        found = json.loads(holder)
+        return f"memel (pid {found['pid']} on {found['host']}, since {found['started']})"
+    except (ValueError, KeyError, TypeError):
+        return holder
