@@ -131,3 +131,38 @@ def test_unreachable_outputs_fail_before_any_worker_starts(tmp_path: Path, monke
     with pytest.raises(ConfigError, match="stats.root"):
         run_training(_spec(tmp_path, "stats.root=s3://bucket/stats"))
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "run.json").exists()
+
+
+def test_a_corrupt_latest_checkpoint_and_an_empty_ray_record_resume_from_the_last_good_one(
+    local_ray, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A full disk leaves Ray's checkpoint record empty and the newest checkpoint truncated: the rerun
+    moves the record aside, skips the truncated checkpoint, resumes from the one before, and ends
+    with the same result, no metric step or statistics row twice, and the run still FINISHED."""
+    from mlflow import MlflowClient
+
+    from memel.training.checkpoint_scan import SNAPSHOT_FILE
+
+    spec = _spec(tmp_path, "checkpoint.every=4", "stats.every=2", steps=8)
+    first = run_training(spec)
+    folder = Path(first.checkpoint)
+    model_states = next(folder.glob("step-*/mp_rank_00_model_states.pt"))
+    model_states.write_bytes(model_states.read_bytes()[:1000])
+    snapshot = folder.parent / SNAPSHOT_FILE
+    snapshot.write_bytes(b"")
+    capfd.readouterr()
+
+    again = run_training(spec)
+    shown = capfd.readouterr().out
+    assert "moved it to" in shown and f"checkpoint {folder.name} is incomplete" in shown
+    assert "resuming from the checkpoint of step 4" in shown
+    assert again.run_id == first.run_id and again.metrics["step"] == 8
+    assert again.metrics["train/loss"] == pytest.approx(first.metrics["train/loss"], rel=1e-6)
+    client = MlflowClient(again.tracking_uri)
+    assert client.get_run(again.run_id).info.status == "FINISHED"
+    steps = [s for s, _ in _metric_history(again.tracking_uri, again.run_id, "train/loss")]
+    assert sorted(steps) == [2, 4, 6, 8]
+    stats = _read_stats(again.stats_root).to_pandas()
+    assert not stats.duplicated(["run_id", "module", "step", "neuron"]).any()
+    assert len(stats) == 4 * MODULES * NEURONS
+    assert list(folder.parent.glob(f"{SNAPSHOT_FILE}.corrupt-*"))

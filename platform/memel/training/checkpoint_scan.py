@@ -22,6 +22,8 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 log = logging.getLogger("memel.training")
 
@@ -115,6 +117,26 @@ def scan_run(run_folder: Path, workers: int) -> Scan:
             return scan
         scan.skipped[folder.name] = reason
     return scan
+
+
+@dataclass
+class FinishedOnDisk:
+    """A run whose newest complete checkpoint is its last step: the metrics reported with it, in the
+    shape of Ray Train's result (``metrics``, ``checkpoint.path``)."""
+
+    metrics: dict[str, Any]
+    checkpoint: Any
+
+
+def finished_on_disk(found: FoundCheckpoint | None, steps: int) -> FinishedOnDisk | None:
+    """The run's result when ``found`` holds its final step and the metrics reported with it."""
+    if found is None or found.step < steps:
+        return None
+    try:
+        metrics = json.loads((found.path / MEMEL_STATE / "report.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return FinishedOnDisk(metrics=metrics, checkpoint=SimpleNamespace(path=str(found.path)))
 
 
 def newest_checkpoint(run_folder: str | None, workers: int, reported: object = None) -> object:

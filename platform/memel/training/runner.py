@@ -23,7 +23,7 @@ from memel.atomic import write_json
 from memel.errors import ConfigError
 from memel.redaction import redact, redact_tree
 
-from .checkpoint_scan import local_folder, repair_snapshot, scan_run
+from .checkpoint_scan import FoundCheckpoint, finished_on_disk, local_folder, repair_snapshot, scan_run
 from .deepspeed_config import deepspeed_config
 from .interrupt import end_after_error
 from .output_dir import check_output_dir
@@ -163,8 +163,9 @@ def run_training(spec: TrainSpec, address: str | None = None, trial: dict[str, A
     from .worker_env import worker_env
 
     started = time.perf_counter()
-    out, tracking_uri, stats_root, storage = resolve_outputs(spec)
-    with hold_lock(out):
+    check_output_dir(spec.out.resolve())
+    with hold_lock(spec.out.resolve()):  # one invocation at a time; taken before anything is written
+        out, tracking_uri, stats_root, storage = resolve_outputs(spec)
         return _run_locked(spec, address, trial, started, out, tracking_uri, stats_root, storage)
 
 
@@ -202,7 +203,9 @@ def _fit(spec: TrainSpec, info: RunInfo, storage: str, env: dict[str, str], trac
     run_folder = local_folder(storage)
     run_folder = run_folder / spec.run_name if run_folder is not None else None
     if run_folder is not None:
-        _report_resume_point(run_folder, spec.train.workers)
+        done = finished_on_disk(_report_resume_point(run_folder, spec.train.workers), spec.train.steps)
+        if done is not None:  # stopped after its last checkpoint, before Ray recorded it
+            return done
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
@@ -229,7 +232,7 @@ def _fit(spec: TrainSpec, info: RunInfo, storage: str, env: dict[str, str], trac
         raise
 
 
-def _report_resume_point(run_folder: Path, workers: int) -> None:
+def _report_resume_point(run_folder: Path, workers: int) -> FoundCheckpoint | None:
     """Repair Ray's record of the run's checkpoints if it is unreadable, and say where the run resumes."""
     repaired = repair_snapshot(run_folder)
     if repaired:
@@ -239,6 +242,7 @@ def _report_resume_point(run_folder: Path, workers: int) -> None:
         print(f"[memel] warning: checkpoint {name} is incomplete ({reason}); skipped", flush=True)
     if scan.newest is not None:
         print(f"[memel] resuming from the checkpoint of step {scan.newest.step} ({scan.newest.path.name})", flush=True)
+    return scan.newest
 
 
 def check_address_outputs(spec: TrainSpec, address: str | None) -> None:

@@ -359,9 +359,14 @@ def _train_steps(
                     tracker.log_metrics({"stats/rank_divergence": divergence}, step)
 
         if step % spec.checkpoint.every == 0 or step == train.steps:
+            for output in (sink, tracker):  # what a checkpoint covers is stored first: a resume never misses it
+                if output is not None and not output.flush(timeout=60):
+                    print(f"[memel] warning: step {step} checkpointed before all its outputs were stored", flush=True)
             with tempfile.TemporaryDirectory(prefix="memel-ckpt-") as directory:
                 checkpoints.save(Path(directory), step, tokens_seen, info.run_id)
                 report = {**initial, **metrics, "step": step, "tokens_seen": tokens_seen}
+                if rank == 0:  # what a rerun reports when this checkpoint turns out to be the last one
+                    (Path(directory) / MEMEL_STATE / "report.json").write_text(json.dumps(report))
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
         if pruned:  # every rank got the same decision; the driver tells the study
             if rank == 0:
