@@ -10,10 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
 from memel.cli import app
 from memel.training.run_lock import hold_lock
+from typer.testing import CliRunner
 
 RUNNER = CliRunner(env={"COLUMNS": "240"})
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
@@ -27,9 +26,12 @@ def _run(out: Path, job: str = "smoke.yaml"):
 def test_a_second_invocation_of_a_running_job_stops_without_writing(job: str, tmp_path: Path) -> None:
     """A real flock held by another process (a running `memel run`): the second one names it and exits 2."""
     out = tmp_path / "out"
+    script = (
+        "import sys, time; from pathlib import Path; from memel.training.run_lock import hold_lock\n"
+        "with hold_lock(Path(sys.argv[1])):\n print('held', flush=True); time.sleep(60)"
+    )
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from memel.training.run_lock import hold_lock\n"
-         "with hold_lock(Path(sys.argv[1])):\n print('held', flush=True); time.sleep(60)", str(out)],
+        [sys.executable, "-c", script, str(out)],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "platform")},
     )  # fmt: skip
     try:

@@ -23,7 +23,13 @@ from memel.atomic import write_json
 from memel.errors import ConfigError
 from memel.redaction import redact, redact_tree
 
-from .checkpoint_scan import FoundCheckpoint, finished_on_disk, local_folder, repair_snapshot, scan_run
+from .checkpoint_scan import (
+    FoundCheckpoint,
+    finished_on_disk,
+    local_folder,
+    repair_snapshot,
+    scan_run,
+)
 from .deepspeed_config import deepspeed_config
 from .interrupt import end_after_error
 from .output_dir import check_output_dir
@@ -211,7 +217,7 @@ def _fit(spec: TrainSpec, info: RunInfo, storage: str, env: dict[str, str], trac
         train_loop_config={
             "spec": redact_tree(spec.model_dump(mode="json")), "info": asdict(info),
             "checkpoints": str(run_folder) if run_folder is not None else None,
-        },  # fmt: skip
+        },
         scaling_config=ScalingConfig(
             num_workers=spec.train.workers, use_gpu=spec.train.use_gpu,
             resources_per_worker={"GPU": 1, "CPU": 1} if spec.train.use_gpu else {"CPU": 1},

@@ -26,6 +26,7 @@ from memel.data import build as build_loader
 from memel.models import build as build_model
 from memel.models import preset_targets
 
+from .checkpoint_scan import newest_checkpoint
 from .deepspeed_config import deepspeed_config
 from .objective import compute
 from .spec import TrainSpec
@@ -241,8 +242,7 @@ def train_loop(config: dict[str, Any]) -> None:
     )
     checkpoints = _Checkpointing(engine, inserted, loader, rank)
     step = tokens_seen = 0
-    from .checkpoint_scan import newest_checkpoint  # the newest complete one, even if Ray's record lags
-
+    # the newest complete checkpoint on disk, even where Ray's record of them lags behind
     restored = newest_checkpoint(config.get("checkpoints"), world, ray.train.get_checkpoint())
     if restored is not None:
         with restored.as_directory() as directory:
