@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pyarrow.dataset as ds
@@ -166,3 +167,20 @@ def test_a_corrupt_latest_checkpoint_and_an_empty_ray_record_resume_from_the_las
     assert not stats.duplicated(["run_id", "module", "step", "neuron"]).any()
     assert len(stats) == 4 * MODULES * NEURONS
     assert list(folder.parent.glob(f"{SNAPSHOT_FILE}.corrupt-*"))
+
+
+def test_a_killed_worker_resumes_from_the_checkpoint_written_just_before(
+    local_ray, tmp_path: Path, monkeypatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Killed one step after a checkpoint (before Ray Train has registered it), the restarted
+    workers resume from that checkpoint, not from an older one or from scratch."""
+    monkeypatch.setenv(FAULT_STEP_ENV, "5")
+    monkeypatch.setenv(FAULT_MARKER_ENV, str(tmp_path / "killed.txt"))
+    result = run_training(_spec(tmp_path / "run", "checkpoint.every=4", steps=6))
+    assert (tmp_path / "killed.txt").exists(), "the fault was never injected"
+    assert result.metrics["step"] == 6
+    time.sleep(2)  # the workers' output reaches the driver asynchronously
+    shown = capfd.readouterr().out
+    assert "[memel] resumed from step 4" in shown, shown[-2000:]
+    steps = [s for s, _ in _metric_history(result.tracking_uri, result.run_id, "train/loss")]
+    assert sorted(steps) == [2, 4, 6]

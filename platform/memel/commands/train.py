@@ -34,11 +34,19 @@ def train_command(
         console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(2) from None
     console.print(f"[bold]memel train[/bold] {spec.run_name}: {spec.model.name}, {spec.train.workers} workers, ZeRO {spec.train.zero_stage}, {spec.train.steps} steps")
+    from memel.training.interrupt import INTERRUPTED_EXIT, describe, resume_command
+
     try:
         result = run_training(spec, address)
     except ConfigError as error:
         console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted:[/yellow] {spec.run_name} stopped; resume it with: [bold]{resume_command()}[/bold]")
+        raise typer.Exit(INTERRUPTED_EXIT) from None
+    except Exception as error:  # the cause first, on one line; the traceback above it is Ray's and the workers'
+        console.print(f"[red]error:[/red] the run failed: {describe(error)}")
+        raise typer.Exit(1) from None
     print_result(console, result)
 
 
