@@ -28,9 +28,12 @@ class RunLocked(ConfigError):
 @contextlib.contextmanager
 def hold_lock(folder: Path, field: str = "output_dir") -> Iterator[None]:
     """Hold ``folder``'s lock for the block; raises RunLocked (naming the holder) when taken."""
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE
-    handle = open(path, "a+")  # noqa: SIM115 - held open for the block
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+")  # noqa: SIM115 - held open for the block
+    except OSError as error:
+        raise ConfigError(f"{field}: cannot write to {folder} ({error.strerror or error}); choose a writable folder") from None
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
