@@ -163,11 +163,6 @@ def run_training(spec: TrainSpec, address: str | None = None, trial: dict[str, A
     ``trial`` (storage, study, trial_id, metric) makes the run an Optuna trial: evaluations are
     reported to it and the run stops early when the study prunes it (MLflow status KILLED).
     """
-    from memel.models import count_parameters
-
-    from .worker import RunInfo
-    from .worker_env import worker_env
-
     started = time.perf_counter()
     check_output_dir(spec.out.resolve())
     with hold_lock(spec.out.resolve()):  # one invocation at a time; taken before anything is written
@@ -179,6 +174,11 @@ def _run_locked(
     spec: TrainSpec, address: str | None, trial: dict[str, Any] | None, started: float, out: Path, tracking_uri: str,
     stats_root: str | None, storage: str,
 ) -> TrainResult:  # fmt: skip
+    from memel.models import count_parameters
+
+    from .worker import RunInfo
+    from .worker_env import worker_env
+
     n_params = count_parameters(spec.model.name, **spec.model.overrides)
     tracker, run_id = _start_tracking(spec, out, tracking_uri, n_params)
     init_ray(address, spec.train.workers)
