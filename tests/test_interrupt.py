@@ -6,9 +6,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
+
 from memel.tracking import MlflowTracker, default_tracking_uri
 from memel.training.interrupt import describe, end_after_error, resume_command
-from mlflow import MlflowClient
 
 
 def test_the_root_cause_of_a_worker_failure_comes_first() -> None:

@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
+
 from memel.cli import app
 from memel.training.run_lock import hold_lock
-from typer.testing import CliRunner
 
 RUNNER = CliRunner(env={"COLUMNS": "240"})
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
