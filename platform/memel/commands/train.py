@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from memel.commands.app import app
+from memel.commands.report import error_exit
 from memel.errors import ConfigError
 
 
@@ -24,21 +25,20 @@ def train_command(
 
     Example: [bold]memel train jobs/smoke.yaml --set train.steps=40 --set inhibition.strength=2[/bold]
     """
-    from memel.training import check_address_outputs, load_spec, run_training
+    from memel.training import load_spec, run_training
+    from memel.training.preflight import preflight
 
     console = Console()
     try:
         spec = load_spec(spec_path, set_)
-        check_address_outputs(spec, address)
+        preflight(spec, address)
     except ConfigError as error:
-        console.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(2) from None
+        raise error_exit(console, error) from None
     console.print(f"[bold]memel train[/bold] {spec.run_name}: {spec.model.name}, {spec.train.workers} workers, ZeRO {spec.train.zero_stage}, {spec.train.steps} steps")
     try:
         result = run_training(spec, address)
     except ConfigError as error:
-        console.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(2) from None
+        raise error_exit(console, error) from None
     print_result(console, result)
 
 
