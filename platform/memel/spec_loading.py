@@ -121,7 +121,10 @@ def _parse(text: str) -> Any:
         if node is None:
             return None
         _expanded_size(node)
-        return loader.construct_document(node)
+        try:
+            return loader.construct_document(node)
+        except ValueError as error:  # e.g. an integer of more digits than Python converts
+            raise _Refused(f"a value cannot be read ({' '.join(str(error).split())[:120]}); shorten it", None) from None
     finally:
         loader.dispose()
 

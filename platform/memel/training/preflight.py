@@ -100,7 +100,7 @@ def check_deepspeed(spec: TrainSpec) -> None:
         DeepSpeedConfig(one_worker)
     except ImportError:
         return  # DeepSpeed is not installed here: the workers check it
-    except Exception as error:  # DeepSpeed raises pydantic errors, AssertionError, ValueError, ...
+    except Exception as error:  # noqa: BLE001 - DeepSpeed raises pydantic errors, AssertionError, ValueError, ...
         errors = getattr(error, "errors", None)
         if callable(errors):
             parts = [f"{'.'.join(str(p) for p in item['loc'])}: {item['msg']}" for item in errors()]

@@ -12,14 +12,13 @@ running the same spec again resumes it (from its last checkpoint) instead of sta
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from memel.atomic import write_json
+from memel.atomic import read_state, write_json
 from memel.errors import ConfigError
 from memel.redaction import redact, redact_tree
 
@@ -68,7 +67,7 @@ def _start_tracking(spec: TrainSpec, out: Path, tracking_uri: str, n_params: int
     from memel.tracking import MlflowTracker, flatten
 
     state_file = out / "run.json"
-    previous = json.loads(state_file.read_text()) if state_file.exists() else {}
+    previous = read_state(state_file, missing={})
     run_id = previous.get("run_id") if previous.get("run_name") == spec.run_name else None
     tracker = MlflowTracker(
         tracking_uri, spec.tracking.experiment, run_id=run_id,
