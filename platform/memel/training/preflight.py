@@ -5,6 +5,9 @@ Spec checks (always): ``model.overrides`` are fields of the model's config; a te
 ``data.seq_len`` fits its context; ``train.deepspeed`` is a config DeepSpeed accepts and leaves
 the batch sizes to ``train``.
 
+State files (``run.json``, ``summary.json``, ``sweep.json``, ``study.json``) a resumed run
+reads from its output folder are readable JSON objects.
+
 Machine checks (the embedded default: no ``--address``, no RAY_ADDRESS): local data paths exist;
 ``train.workers x train.threads_per_worker`` is at most ``CPU_OVERSUBSCRIPTION`` threads per CPU
 core; GPU workers have a GPU each; a CPU run's memory estimate (:func:`estimate_memory`) fits
@@ -231,6 +234,24 @@ def check_cpus(spec: TrainSpec, cores: int | None = None) -> None:
             )
 
 
+def _reachable(address: str, timeout_s: float = 5.0) -> None:
+    """``host:port`` (or ``ray://host:port``) accepts a TCP connection within ``timeout_s`` (``auto`` is not probed)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if address in ("auto", "local"):
+        return
+    parts = urlsplit(address if "://" in address else f"ray://{address}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host, port = None, None
+    if not host or not port:
+        raise ValueError(f"Invalid address format: {address}")
+    with socket.create_connection((host, port), timeout=timeout_s):
+        pass
+
+
 def check_cluster(spec: TrainSpec, address: str | None, wait_s: float = CLUSTER_WAIT_S) -> None:
     """Connect to the cluster and wait up to ``wait_s`` for the CPUs (and GPUs) the workers ask for."""
     import ray
@@ -239,8 +260,10 @@ def check_cluster(spec: TrainSpec, address: str | None, wait_s: float = CLUSTER_
 
     target = address or os.environ.get("RAY_ADDRESS")
     try:
-        init_ray(address, spec.train.workers)
-    except (ConnectionError, ValueError, RuntimeError, TimeoutError) as error:
+        if not ray.is_initialized():
+            _reachable(str(target))
+            init_ray(address, spec.train.workers)
+    except (OSError, ValueError, RuntimeError) as error:
         from memel.redaction import redact
 
         message = " ".join(str(error).split())[:200]
@@ -265,12 +288,22 @@ def check_cluster(spec: TrainSpec, address: str | None, wait_s: float = CLUSTER_
     )
 
 
+def check_state_files(folder: Path, names: tuple[str, ...] = ("run.json", "summary.json")) -> None:
+    """The state files a resumed run reads in ``folder`` are readable (a ConfigError naming the file)."""
+    from memel.atomic import read_state
+
+    for name in names:
+        if (folder / name).exists():
+            read_state(folder / name)
+
+
 def check_spec(spec: TrainSpec, address: str | None = None, connect: bool = True) -> None:
     """Every check a run of ``spec`` must pass before it starts (see the module docstring).
 
     ``connect=False`` skips the cluster checks (``memel validate`` starts nothing).
     """
     check_address_outputs(spec, address)
+    check_state_files(spec.out)
     config = model_config(spec)
     check_sequence(spec, config)
     check_deepspeed(spec)
@@ -285,6 +318,7 @@ def check_spec(spec: TrainSpec, address: str | None = None, connect: bool = True
 def preflight(job: TrainSpec, address: str | None = None, connect: bool = True) -> None:
     """:func:`check_spec` on a job's base run, or on each member of its sweep (each rung differs)."""
     specs: list[TrainSpec] = [job]
+    check_state_files(job.out, ("sweep.json", "study.json"))
     if getattr(job, "sweep", None) is not None:
         from memel.orchestration.job import expand_sweep
 

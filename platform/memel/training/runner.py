@@ -13,6 +13,7 @@ running the same spec again resumes it (from its last checkpoint) instead of sta
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,13 +53,19 @@ def resolve_outputs(spec: TrainSpec) -> tuple[Path, str | None, str | None, str]
     from memel.tracking import check_tracking_uri, default_tracking_uri
 
     out = spec.out.resolve()
+    created = next((folder for folder in [*reversed(out.parents), out] if not folder.exists()), None)
     out.mkdir(parents=True, exist_ok=True)
-    tracking_uri = spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(out)
-    check_tracking_uri(tracking_uri)
-    stats_root = None
-    if spec.stats.enabled and spec.inhibition is not None:
-        stats_root = spec.stats.root or str(out / "stats")
-        check_stats_root(stats_root)
+    try:
+        tracking_uri = spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(out)
+        check_tracking_uri(tracking_uri)
+        stats_root = None
+        if spec.stats.enabled and spec.inhibition is not None:
+            stats_root = spec.stats.root or str(out / "stats")
+            check_stats_root(stats_root)
+    except ConfigError:
+        if created is not None:  # a refused run leaves nothing behind: remove the folders made for it
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     storage = spec.checkpoint.storage or str(out / "checkpoints")
     return out, tracking_uri, stats_root, storage
 
