@@ -124,7 +124,8 @@ def _parse(text: str) -> Any:
         try:
             return loader.construct_document(node)
         except ValueError as error:  # e.g. an integer of more digits than Python converts
-            raise _Refused(f"a value cannot be read ({' '.join(str(error).split())[:120]}); shorten it", None) from None
+            reason = " ".join(str(error).split(":")[0].split())[:120]
+            raise _Refused(f"a value cannot be read ({reason}); shorten it", None) from None
     finally:
         loader.dispose()
 
@@ -134,7 +135,8 @@ def _where(error: yaml.YAMLError) -> str:
     mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
     problem = getattr(error, "problem", None) or str(error).splitlines()[0]
     if isinstance(error, yaml.reader.ReaderError):
-        problem = f"character {error.character!r} is not allowed in YAML"
+        character = chr(error.character) if isinstance(error.character, int) else error.character
+        problem = f"character {character!r} at position {error.position} is not allowed in YAML; remove it"
     at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
     return f"{at}{' '.join(str(problem).split())}"
 
