@@ -51,7 +51,7 @@ def embedded(address: str | None) -> bool:
 
 def model_config(spec: TrainSpec) -> Any:
     """The model's validated config with ``model.overrides`` applied."""
-    from memel.models.registry import get_config
+    from memel.models.ladder import get_config
 
     try:
         return get_config(spec.model.name, **spec.model.overrides)
@@ -137,7 +137,8 @@ def check_data_paths(spec: TrainSpec) -> None:
 class MemoryEstimate:
     """A rough estimate (bytes) of what a CPU run holds in memory, all workers together.
 
-    ``model_state``: fp32 weights (4 bytes per parameter per worker), gradients (4) and AdamW's
+    ``parameters``: :func:`count_parameters`. ``model_state``: fp32 weights (4 bytes per
+    parameter per worker), gradients (4) and AdamW's
     two moments (8): ZeRO stage 1 shards the moments across workers, stage 2 also the
     gradients, stage 3 also the weights. ``activations``: per worker, a transformer keeps
     about ``tokens x layers x (68 d_model + 10 heads x seq_len)`` bytes for the backward pass
@@ -164,12 +165,27 @@ def _tokens_per_sample(spec: TrainSpec, config: Any) -> int | None:
     return None
 
 
+def count_parameters(spec: TrainSpec, config: Any) -> int:
+    """Parameters of the spec's model: for a transformer ``4 d^2 + 2 d d_ff`` per layer plus the
+    token and position embeddings and a decoder's output layer (within 10% of the exact count,
+    without torch); other families are built on the meta device and counted."""
+    layers, width = getattr(config, "n_layers", None), getattr(config, "d_model", None)
+    if layers and width:
+        d_ff = getattr(config, "d_ff", None) or int(width * getattr(config, "mlp_ratio", 4))
+        positions = getattr(config, "max_positions", 0) or (int(getattr(config, "image_size", 0)) // max(1, int(getattr(config, "patch_size", 1)))) ** 2
+        vocab = int(getattr(config, "vocab_size", 0))
+        head = vocab if hasattr(config, "context_length") else 0  # a decoder's untied output layer
+        embeddings = (vocab + int(positions) + head) * width
+        return int(layers) * (4 * width * width + 2 * width * d_ff) + embeddings
+    from memel.models import count_parameters as count_built
+
+    return count_built(spec.model.name, **spec.model.overrides)
+
+
 def estimate_memory(spec: TrainSpec, config: Any) -> MemoryEstimate:
     """What a CPU run of ``spec`` holds in memory (see :class:`MemoryEstimate`)."""
-    from memel.models import count_parameters
-
     workers, stage, train = spec.train.workers, spec.train.zero_stage, spec.train
-    parameters = count_parameters(spec.model.name, **spec.model.overrides)
+    parameters = count_parameters(spec, config)
     weights = 4 * parameters * (1 if stage >= 3 else workers)
     gradients = 4 * parameters * (1 if stage >= 2 else workers)
     moments = 8 * parameters * (1 if stage >= 1 else workers)
