@@ -311,3 +311,10 @@ def test_a_cluster_without_the_workers_resources_is_refused(tmp_path: Path) -> N
     assert 2.0 <= float(match[1]) < 10.0, "the wait is bounded by wait_s"
     assert re.search(r"train\.workers: 2 workers ask for 2 CPU, the cluster has 1 CPU \(waited 2 s\)", match[2]), match[2]
     assert "one worker fits" in done.stdout
+
+
+@pytest.mark.parametrize("address", ["http://127.0.0.1:8265", "https://head.example", "ray://head:10001", "head:8265", "auto"])
+def test_cluster_addresses_in_every_usual_form_are_accepted(address: str) -> None:
+    from memel.submission.client import check_address
+
+    assert check_address(address) == address

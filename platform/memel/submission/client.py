@@ -40,6 +40,8 @@ def check_address(address: str, source: str = "--address") -> str:
     or ``HOST:PORT``); a SubmissionError naming ``source`` otherwise."""
     from urllib.parse import urlsplit
 
+    if address == "auto":  # the running cluster on this node
+        return address
     parts = urlsplit(address if "://" in address else f"http://{address}")
     try:
         port = parts.port
