@@ -12,7 +12,15 @@ from rich.table import Table
 
 from memel.commands.app import app
 from memel.commands.report import error_exit
-from memel.commands.run import ADDRESS_OPTION, JOB_ARGUMENT, SET_OPTION, embedded_ray, load_or_exit, make_console, where_next
+from memel.commands.run import (
+    ADDRESS_OPTION,
+    JOB_ARGUMENT,
+    SET_OPTION,
+    embedded_ray,
+    load_or_exit,
+    make_console,
+    where_next,
+)
 from memel.errors import ConfigError
 
 
