@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import reprlib
 import types
 import typing
 from collections.abc import Iterable
@@ -13,6 +14,35 @@ from pydantic import BaseModel, ValidationError
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and what is allowed."""
+
+
+#: Most characters of a value quoted in an error message.
+MAX_SHOWN = 80
+#: Most characters of a whole error message (the backstop for messages that quote much).
+MAX_MESSAGE = 2000
+
+
+def shown(value: Any, limit: int = MAX_SHOWN) -> str:
+    """``repr(value)``, cut to ``limit`` characters with an ellipsis (a huge input stays readable)."""
+    text = reprlib_repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 1]}…"
+
+
+def reprlib_repr(value: Any) -> str:
+    """A repr that does not expand a huge container: containers show their first items only."""
+    limits = reprlib.Repr()
+    limits.maxlevel, limits.maxdict, limits.maxlist, limits.maxtuple, limits.maxset = 3, 6, 8, 8, 8
+    limits.maxstring = limits.maxother = limits.maxlong = MAX_SHOWN
+    try:
+        return limits.repr(value)
+    except ValueError:  # an int too long to print
+        return f"<{type(value).__name__} too long to show>"
+
+
+def one_line(message: str, limit: int = MAX_MESSAGE) -> str:
+    """``message`` on one line, cut to ``limit`` characters."""
+    text = " ".join(str(message).split())
+    return text if len(text) <= limit else f"{text[: limit - 1]}…"
 
 
 def _nested_model(annotation: Any) -> type[BaseModel] | None:
@@ -59,13 +89,13 @@ def describe_validation_error(owner: str, error: ValidationError, fields: Iterab
         field = ".".join(str(part) for part in item["loc"])
         message = item["msg"].removeprefix("Value error, ")
         value = item.get("input")
-        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        quoted = "" if isinstance(value, dict) else f" (got {shown(value)})"
         if item["type"] == "extra_forbidden":
             allowed = _allowed_at(fields, tuple(item["loc"]))
-            message, shown = f"unknown field; allowed fields: {', '.join(allowed)}", ""
+            message, quoted = f"unknown field; allowed fields: {', '.join(allowed)}", ""
         nested = [_NESTED.match(part) for part in message.split("; ")]
         if field and nested and all(nested):  # a nested config's own error: re-rooted at this field
             lines.extend(f"{owner}.{field}.{match[1]}" for match in nested if match)
             continue
-        lines.append(f"{owner}.{field}: {message}{shown}" if field else f"{owner}: {message}{shown}")
+        lines.append(f"{owner}.{field}: {message}{quoted}" if field else f"{owner}: {message}{quoted}")
     return "; ".join(lines)

@@ -21,6 +21,7 @@ from typing import Any
 
 import pyarrow.dataset as ds
 
+from memel.atomic import read_state
 from memel.errors import ConfigError
 
 
@@ -158,15 +159,17 @@ def _sweep_dir_members(folder: Path) -> list[Member]:
         run_file, spec_file = member_dir / "run.json", member_dir / "spec.json"
         if not (run_file.is_file() and spec_file.is_file()):
             continue
-        run = json.loads(run_file.read_text())
+        run = read_state(run_file)
         summary_file = member_dir / "summary.json"
-        summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
-        members.append(member_from_spec(run["run_id"], json.loads(spec_file.read_text()), member_dir.name, summary))
+        summary = read_state(summary_file) if summary_file.is_file() else None
+        if not isinstance(run.get("run_id"), str):
+            raise ConfigError(f"{run_file}: holds no run_id; restore it, or remove the member folder {member_dir} from the analysis")
+        members.append(member_from_spec(run["run_id"], read_state(spec_file), member_dir.name, summary))
     return members
 
 
 def _from_sweep_dir(target: str, folder: Path, stats_root: str | None = None) -> Source:
-    state = json.loads((folder / "sweep.json").read_text())
+    state = read_state(folder / "sweep.json")
     stats = stats_root or str(folder / "stats")
     if not Path(stats).is_dir():
         raise ConfigError(f"TARGET: the sweep folder {folder} has no statistics folder {stats} (was stats.enabled false?)")
@@ -220,7 +223,7 @@ def _from_mlflow(run_id: str, tracking_uri: str | None, search: Path) -> Source:
     local = _find_local_sweep(run_id, search)
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri is None and local is not None:
-        uri = json.loads((local / "sweep.json").read_text()).get("tracking_uri")
+        uri = read_state(local / "sweep.json").get("tracking_uri")
     if uri is None:
         raise ConfigError(
             f"TARGET: {run_id!r} is not a local folder; as an MLflow run id it needs a tracking store: "

@@ -13,6 +13,7 @@ import typer
 from rich.table import Table
 
 from memel.commands.app import app, bench_app
+from memel.commands.report import error_exit
 from memel.commands.run import make_console
 from memel.errors import ConfigError
 
@@ -115,6 +116,14 @@ def print_summary(console: Any, analysis: Any) -> None:
         console.print(f"[yellow]note:[/yellow] {note}")
 
 
+def unreadable_statistics() -> tuple[type[BaseException], ...]:
+    """The errors Arrow and DuckDB raise for a Parquet file they cannot read."""
+    import duckdb
+    import pyarrow as pa
+
+    return (pa.ArrowException, duckdb.Error)
+
+
 @app.command("analyze")
 def analyze_command(
     target: str = typer.Argument(
@@ -190,8 +199,9 @@ def analyze_command(
         console.print(f"[bold]memel analyze[/bold] {target}: {len(source.members)} members, statistics {source.stats_root}")
         analysis = analyze(source, options, notify=lambda message: console.print(f"[dim]{message}[/dim]"))
     except ConfigError as error:
-        console.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(2) from None
+        raise error_exit(console, error) from None
+    except unreadable_statistics() as error:  # a truncated or corrupt Parquet file under the statistics root
+        raise error_exit(console, f"TARGET: a statistics file cannot be read ({error}); remove or restore the damaged file and run again") from None
     folder = out or source.default_out()
     written = write(analysis, folder)
     print_summary(console, analysis)

@@ -2,9 +2,31 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import click
 import typer
+from typer.core import TyperGroup
+
+from memel.errors import ConfigError
+
+
+class _Commands(TyperGroup):
+    """memel's command group: a ConfigError any command lets escape is one ``error:`` line, exit 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ConfigError as error:
+            from rich.console import Console
+
+            from memel.commands.report import error_exit
+
+            raise error_exit(Console(), error) from None
+
 
 app = typer.Typer(
+    cls=_Commands,
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode="rich",

@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from memel.commands.app import app
+from memel.commands.report import error_exit
 from memel.errors import ConfigError
 
 JOB_ARGUMENT = typer.Argument(..., metavar="JOB.yaml", help="Job spec (see jobs/).")
@@ -20,17 +22,17 @@ SET_OPTION = typer.Option([], "--set", help="Override a field: dotted.key=value 
 ADDRESS_OPTION = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray in this process).")
 
 
-def load_or_exit(console: Console, path: Path, overrides: list[str], address: str | None = None) -> Any:
-    """The validated job, or a red error line and exit code 2 (nothing written)."""
+def load_or_exit(console: Console, path: Path, overrides: list[str], address: str | None = None, connect: bool = True) -> Any:
+    """The validated job, checked against where it runs (``memel.training.preflight``), or a red
+    error line and exit code 2 (nothing written). ``connect=False``: no cluster connection."""
     from memel.orchestration import load_job
-    from memel.training import check_address_outputs
+    from memel.training.preflight import preflight
 
     try:
         job = load_job(path, overrides)
-        check_address_outputs(job, address)
+        preflight(job, address, connect=connect)
     except ConfigError as error:
-        console.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(2) from None
+        raise error_exit(console, error) from None
     return job
 
 
@@ -59,15 +61,20 @@ def job_kind(job: Any) -> str:
 
 
 @app.command("validate")
-def validate_command(job_path: Path = JOB_ARGUMENT, set_: list[str] = SET_OPTION) -> None:
+def validate_command(
+    job_path: Path = JOB_ARGUMENT,
+    set_: list[str] = SET_OPTION,
+    address: str | None = typer.Option(None, help="Check for this Ray cluster, not this machine (nothing connects)."),
+) -> None:
     """Check a job spec (every sweep member too) without running anything; show what it would run.
+    Without --address (or RAY_ADDRESS) it also checks this machine: data paths, CPUs, memory.
 
     Example: [bold]memel validate jobs/quickstart.yaml --set sweep.seeds=[0,1][/bold]
     """
     from memel.orchestration import expand_sweep
 
     console = make_console()
-    job = load_or_exit(console, job_path, set_)
+    job = load_or_exit(console, job_path, set_, address, connect=False)
     kind = job_kind(job)
     console.print(f"[green]valid[/green] {job_path}: {kind} [bold]{job.name}[/bold], outputs under {job.out}/")
     if kind == "sweep":
@@ -161,8 +168,7 @@ def run_command(job_path: Path = JOB_ARGUMENT, set_: list[str] = SET_OPTION, add
     job = load_or_exit(console, job_path, set_, address)
     kind = job_kind(job)
     if kind == "study":
-        console.print(f"[red]error:[/red] {job_path} is a study (it has a tune section); run it with [bold]memel tune {job_path}[/bold]")
-        raise typer.Exit(2)
+        raise error_exit(console, f"tune: {job_path} is a study (it has a tune section); run it with memel tune {job_path}")
     from memel.training.interrupt import INTERRUPTED_EXIT, describe, resume_command
 
     try:
@@ -185,14 +191,12 @@ def run_command(job_path: Path = JOB_ARGUMENT, set_: list[str] = SET_OPTION, add
         with embedded_ray(), progress:
             result = run_sweep(job, address, progress=notify)
     except ConfigError as error:
-        console.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(2) from None
+        raise error_exit(console, error) from None
     except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted:[/yellow] {job_path} stopped; resume it with: [bold]{resume_command()}[/bold]")
+        console.print(f"[yellow]interrupted:[/yellow] {job_path} stopped; resume it with: [bold]{escape(resume_command())}[/bold]", soft_wrap=True)
         raise typer.Exit(INTERRUPTED_EXIT) from None
     except Exception as error:  # the cause first, on one line; the traceback above it is Ray's and the workers'
-        console.print(f"[red]error:[/red] the run failed: {describe(error)}")
-        raise typer.Exit(1) from None
+        raise error_exit(console, f"the run failed: {describe(error)}", code=1) from None
     print_sweep(console, result)
     if result.failed:
         console.print(f"[red]{len(result.failed)} member(s) failed:[/red] {', '.join(result.failed)}; run the job again to retry them")

@@ -46,8 +46,9 @@ SubmissionId = Annotated[str, typer.Argument(metavar="SUBMISSION_ID", help="The 
 
 
 def _fail(console: Console, error: Exception, code: int) -> typer.Exit:
-    console.print(f"[red]error:[/red] {escape(str(error))}")
-    return typer.Exit(code)
+    from memel.commands.report import error_exit
+
+    return error_exit(console, error, code)
 
 
 @contextlib.contextmanager

@@ -6,10 +6,12 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.console import Console
 from rich.table import Table
 
 from memel.commands.app import app
+from memel.commands.report import error_exit
 from memel.errors import ConfigError
 
 
@@ -24,29 +26,27 @@ def train_command(
 
     Example: [bold]memel train jobs/smoke.yaml --set train.steps=40 --set inhibition.strength=2[/bold]
     """
-    from memel.training import check_address_outputs, load_spec, run_training
+    from memel.training import load_spec, run_training
+    from memel.training.preflight import preflight
 
     console = Console()
     try:
         spec = load_spec(spec_path, set_)
-        check_address_outputs(spec, address)
+        preflight(spec, address)
     except ConfigError as error:
-        console.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(2) from None
+        raise error_exit(console, error) from None
     console.print(f"[bold]memel train[/bold] {spec.run_name}: {spec.model.name}, {spec.train.workers} workers, ZeRO {spec.train.zero_stage}, {spec.train.steps} steps")
     from memel.training.interrupt import INTERRUPTED_EXIT, describe, resume_command
 
     try:
         result = run_training(spec, address)
     except ConfigError as error:
-        console.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(2) from None
+        raise error_exit(console, error) from None
     except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted:[/yellow] {spec.run_name} stopped; resume it with: [bold]{resume_command()}[/bold]")
+        console.print(f"[yellow]interrupted:[/yellow] {spec.run_name} stopped; resume it with: [bold]{escape(resume_command())}[/bold]", soft_wrap=True)
         raise typer.Exit(INTERRUPTED_EXIT) from None
     except Exception as error:  # the cause first, on one line; the traceback above it is Ray's and the workers'
-        console.print(f"[red]error:[/red] the run failed: {describe(error)}")
-        raise typer.Exit(1) from None
+        raise error_exit(console, f"the run failed: {describe(error)}", code=1) from None
     print_result(console, result)
 
 

@@ -11,7 +11,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from memel.commands.app import app
-from memel.commands.run import ADDRESS_OPTION, JOB_ARGUMENT, SET_OPTION, embedded_ray, load_or_exit, make_console, where_next
+from memel.commands.report import error_exit
+from memel.commands.run import (
+    ADDRESS_OPTION,
+    JOB_ARGUMENT,
+    SET_OPTION,
+    embedded_ray,
+    load_or_exit,
+    make_console,
+    where_next,
+)
 from memel.errors import ConfigError
 
 
@@ -53,8 +62,7 @@ def tune_command(
     console = make_console()
     job = load_or_exit(console, job_path, set_, address)
     if job.tune is None:
-        console.print(f"[red]error:[/red] tune: {job_path} has no tune section; add `tune: {{trials: 20}}` or run it with [bold]memel run[/bold]")
-        raise typer.Exit(2)
+        raise error_exit(console, f"tune: {job_path} has no tune section; add `tune: {{trials: 20}}` or run it with memel run")
     total = trials or job.tune.trials
     console.print(f"[bold]memel tune[/bold] {job.tune.study_name or job.name}: up to {total} trials, {parallel or job.tune.parallel} at a time, {job.tune.direction} {job.tune.metric}")
     progress, notify = _progress(console, total)
@@ -62,8 +70,7 @@ def tune_command(
         with embedded_ray(), progress:
             result = run_study(job, address, trials=trials, parallel=parallel, progress=notify)
     except ConfigError as error:
-        console.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(2) from None
+        raise error_exit(console, error) from None
     table = Table(title=f"study {result.study_name}: {len(result.rows)} trials")
     columns = list(dict.fromkeys(key for row in result.rows for key in row if key not in ("member",)))
     for column in columns:

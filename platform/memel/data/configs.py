@@ -33,7 +33,7 @@ class _LoaderConfig(BaseModel):
         epochs: stop after this many epochs (``None``: never stop).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     batch_size: int = Field(32, ge=1)
     seed: int = 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from memel.errors import ConfigError, describe_validation_error
+from memel.errors import ConfigError, describe_validation_error, shown
 
 __all__ = ["DataError", "describe_validation_error", "field_error"]
 
@@ -13,5 +13,5 @@ class DataError(ConfigError):
 
 def field_error(owner: str, field: str, value: object, allowed: str) -> DataError:
     """A :class:`DataError` for ``owner.field=value`` with what is allowed instead."""
-    return DataError(f"{owner}.{field}: got {value!r}; {allowed}")
+    return DataError(f"{owner}.{field}: got {shown(value)}; {allowed}")
 

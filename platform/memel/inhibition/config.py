@@ -123,7 +123,7 @@ class InhibitionConfig(BaseModel):
         execution: how it runs (``ExecutionConfig``); its keys may be given flat.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     mode: Mode = "rd"
     strength: float = 1.0

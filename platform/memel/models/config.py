@@ -20,7 +20,7 @@ class ModelConfig(BaseModel):
     presets of the configured model: fnmatch patterns over ``model.named_modules()`` names.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     def __init__(self, **data: Any) -> None:
         try:

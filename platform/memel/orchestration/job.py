@@ -20,12 +20,12 @@ import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import yaml
 from pydantic import Field, field_validator, model_validator
 
 from memel.errors import ConfigError
 from memel.inhibition.config import Mode
-from memel.training.spec import TrainSpec, _Section, _set_dotted, check_init_from
+from memel.spec_loading import apply_overrides, read_tree, set_dotted
+from memel.training.spec import TrainSpec, _Section, check_init_from
 
 #: The paper's MEmeL-Tune grid (Section 4): top_n x strength.
 PAPER_GRID: dict[str, list[float | int]] = {"top_n": [1, 5, 10, 50, 100], "strength": [1, 5, 10, 50, 100]}
@@ -237,7 +237,7 @@ def member_spec(job: JobSpec, key: str, overrides: dict[str, Any], where: str, f
     tree = job.base_tree()
     for dotted, value in overrides.items():
         try:
-            _set_dotted(tree, dotted, value)
+            set_dotted(tree, dotted, value)
         except ConfigError as error:
             raise ConfigError(f"{where}: {error}") from None
     tree["name"] = f"{job.name}-{key}"
@@ -299,34 +299,14 @@ def expand_sweep(job: JobSpec) -> list[Member]:
     return members
 
 
-def _read_tree(path: str | Path) -> dict[str, Any]:
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"job: no such file {str(file)!r}; give the path of a YAML job spec, e.g. jobs/quickstart.yaml")
-    try:
-        loaded = yaml.safe_load(file.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"job: {file} is not valid YAML: {error}") from None
-    if loaded is None:
-        raise ConfigError(f"job: {file} is empty; a job needs at least a name")
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"job: {file} must hold a mapping of sections, got {type(loaded).__name__}")
-    return loaded
-
-
 def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     """Load and validate a job spec, with ``dotted.key=value`` overrides (``sweep.seeds=[0,1]``).
 
     Every sweep member is validated too, so ``load_job`` failing is the only way a job fails
     before it starts.
     """
-    tree = _read_tree(path)
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. train.steps=20")
-        key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
-    job = JobSpec(**tree)
+    tree = read_tree(path, "job", "jobs/quickstart.yaml", empty="a job needs at least a name")
+    job = JobSpec(**apply_overrides(tree, overrides))
     members = expand_sweep(job) if job.sweep is not None else []
     for init_from in dict.fromkeys([job.model.init_from, *(m.spec.model.init_from for m in members)]):
         check_init_from(init_from)

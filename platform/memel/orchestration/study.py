@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from memel.atomic import write_json, write_text
+from memel.atomic import read_state, write_json, write_text
 from memel.errors import ConfigError
 from memel.redaction import redact
 from memel.training import init_ray
@@ -122,7 +122,7 @@ def _parent_run(job: JobSpec, tune: TuneSection, out: Path, tracking_uri: str, s
     from memel.tracking import MlflowTracker, flatten
 
     state_file = out / "study.json"
-    previous = json.loads(state_file.read_text()) if state_file.exists() else {}
+    previous = read_state(state_file, missing={})
     tracker = MlflowTracker(tracking_uri, job.tracking.experiment, run_id=previous.get("parent_run_id"), run_name=study_name)
     run_id = tracker.start()
     state = {"study": study_name, "parent_run_id": run_id, "storage": redact(storage), "tracking_uri": redact(tracking_uri)}

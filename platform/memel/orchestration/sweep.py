@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from memel.atomic import write_json, write_text
+from memel.atomic import read_state, write_json, write_text
 from memel.models import count_parameters
 from memel.redaction import redact
 from memel.training import TrainResult, TrainSpec, init_ray
@@ -56,7 +55,7 @@ def finished_result(spec: TrainSpec) -> TrainResult | None:
     summary = spec.out / "summary.json"
     if not summary.exists():
         return None
-    saved = json.loads(summary.read_text())
+    saved = read_state(summary)
     if saved.get("run_name") != spec.run_name:
         return None
     return TrainResult(**saved)
@@ -121,7 +120,7 @@ def _parent_run(job: JobSpec, out: Path, tracking_uri: str, members: list[Member
     from memel.tracking import MlflowTracker, flatten
 
     state_file = out / "sweep.json"
-    previous = json.loads(state_file.read_text()) if state_file.exists() else {}
+    previous = read_state(state_file, missing={})
     tracker = MlflowTracker(tracking_uri, job.tracking.experiment, run_id=previous.get("parent_run_id"), run_name=job.name)
     run_id = tracker.start()
     write_json(state_file, {"job": job.name, "parent_run_id": run_id, "tracking_uri": redact(tracking_uri)})

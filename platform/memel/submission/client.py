@@ -8,6 +8,7 @@ import os
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+from memel.errors import shown
 from memel.redaction import redact
 
 from .auth import HOW_TO_PROVIDE, LOOKUP_ORDER, ClusterToken
@@ -25,13 +26,33 @@ ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 def resolve_address(address: str | None, environ: Mapping[str, str] | None = None) -> str:
     """``--address``, else RAY_API_SERVER_ADDRESS, else RAY_ADDRESS; an error without any."""
     env = os.environ if environ is None else environ
-    for candidate in (address, *(env.get(name) for name in ADDRESS_ENV)):
+    for source, candidate in (("--address", address), *((name, env.get(name)) for name in ADDRESS_ENV)):
         if candidate and candidate.strip():
-            return candidate.strip().rstrip("/")
+            return check_address(candidate.strip().rstrip("/"), source)
     raise SubmissionError(
         "no cluster address: pass --address http://HEAD:8265 (the Ray dashboard of the head node) "
         "or set RAY_ADDRESS / RAY_API_SERVER_ADDRESS"
     )
+
+
+def check_address(address: str, source: str = "--address") -> str:
+    """``address`` when it reads as a cluster address (``http(s)://HOST:PORT``, ``ray://HOST:PORT``
+    or ``HOST:PORT``); a SubmissionError naming ``source`` otherwise."""
+    from urllib.parse import urlsplit
+
+    if address == "auto":  # the running cluster on this node
+        return address
+    parts = urlsplit(address if "://" in address else f"http://{address}")
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme not in ("http", "https", "ray") or not parts.hostname or port == -1 or (port is None and "://" not in address):
+        raise SubmissionError(
+            f"{source}: {shown(redact(address))} is not a cluster address; give the Ray dashboard of the head node, "
+            "e.g. http://HEAD:8265"
+        )
+    return address
 
 
 def auth_error(address: str, token: ClusterToken, ray_message: str) -> ClusterAuthError:

@@ -12,14 +12,14 @@ running the same spec again resumes it (from its last checkpoint) instead of sta
 
 from __future__ import annotations
 
-import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from memel.atomic import write_json
+from memel.atomic import read_state, write_json
 from memel.errors import ConfigError
 from memel.redaction import redact, redact_tree
 
@@ -64,13 +64,19 @@ def resolve_outputs(spec: TrainSpec) -> tuple[Path, str | None, str | None, str]
 
     out = spec.out.resolve()
     check_output_dir(out)
+    created = next((folder for folder in [*reversed(out.parents), out] if not folder.exists()), None)
     out.mkdir(parents=True, exist_ok=True)
-    tracking_uri = spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(out)
-    check_tracking_uri(tracking_uri)
-    stats_root = None
-    if spec.stats.enabled and spec.inhibition is not None:
-        stats_root = spec.stats.root or str(out / "stats")
-        check_stats_root(stats_root)
+    try:
+        tracking_uri = spec.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(out)
+        check_tracking_uri(tracking_uri)
+        stats_root = None
+        if spec.stats.enabled and spec.inhibition is not None:
+            stats_root = spec.stats.root or str(out / "stats")
+            check_stats_root(stats_root)
+    except ConfigError:
+        if created is not None:  # a refused run leaves nothing behind: remove the folders made for it
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     storage = spec.checkpoint.storage or str(out / "checkpoints")
     return out, tracking_uri, stats_root, storage
 
@@ -79,7 +85,7 @@ def _start_tracking(spec: TrainSpec, out: Path, tracking_uri: str, n_params: int
     from memel.tracking import MlflowTracker, flatten
 
     state_file = out / "run.json"
-    previous = json.loads(state_file.read_text()) if state_file.exists() else {}
+    previous = read_state(state_file, missing={})
     run_id = previous.get("run_id") if previous.get("run_name") == spec.run_name else None
     tracker = MlflowTracker(
         tracking_uri, spec.tracking.experiment, run_id=run_id,

@@ -7,15 +7,15 @@ import json
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from memel.errors import ConfigError, describe_validation_error
 from memel.inhibition import InhibitionConfig
+from memel.spec_loading import apply_overrides, read_tree
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelSection(_Section):
@@ -218,39 +218,12 @@ def check_init_from(init_from: str | None) -> None:
         resolve_init_from(init_from)
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for key in keys[:-1]:
-        child = node.get(key)
-        if child is None:
-            child = node[key] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {dotted}: {key!r} is not a section (it holds {child!r})")
-        node = child
-    node[keys[-1]] = value
-
-
 def load_spec(path: str | Path | None = None, overrides: list[str] | None = None, **fields: Any) -> TrainSpec:
-    """Load a spec from YAML (or defaults), apply ``key.sub=value`` overrides, validate."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"spec: no such file {str(file)!r}")
-        try:
-            loaded = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"spec: {file} is not valid YAML: {error}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"spec: {file} must hold a mapping of sections, got {type(loaded).__name__}")
-        tree = loaded
+    """Load a spec from YAML (or defaults), apply ``key.sub=value`` overrides, validate.
+
+    The file and the overrides are read by :mod:`memel.spec_loading` (bounded, strict YAML)."""
+    tree = read_tree(path, "spec", "jobs/smoke.yaml") if path is not None else {}
     tree.update(fields)
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. train.steps=20")
-        key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
-    spec = TrainSpec(**tree)
+    spec = TrainSpec(**apply_overrides(tree, overrides))
     check_init_from(spec.model.init_from)
     return spec
