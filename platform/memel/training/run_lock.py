@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -27,8 +28,12 @@ class RunLocked(ConfigError):
 
 @contextlib.contextmanager
 def hold_lock(folder: Path, field: str = "output_dir") -> Iterator[None]:
-    """Hold ``folder``'s lock for the block; raises RunLocked (naming the holder) when taken."""
+    """Hold ``folder``'s lock for the block; raises RunLocked (naming the holder) when taken.
+
+    A block refused with a ConfigError leaves nothing behind: the folders made for the lock are
+    removed again when they hold nothing but the lock file."""
     path = folder / LOCK_FILE
+    created = next((f for f in [*reversed(folder.parents), folder] if not f.exists()), None)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         handle = open(path, "a+")  # noqa: SIM115 - held open for the block
@@ -48,9 +53,18 @@ def hold_lock(folder: Path, field: str = "output_dir") -> Iterator[None]:
         handle.truncate()
         handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
         handle.flush()
-        yield
+        try:
+            yield
+        except ConfigError:
+            if created is not None and _holds_only_the_lock(created):
+                shutil.rmtree(created, ignore_errors=True)
+            raise
     finally:
         handle.close()  # releases the lock
+
+
+def _holds_only_the_lock(folder: Path) -> bool:
+    return all(p.is_dir() or p.name == LOCK_FILE for p in folder.rglob("*"))
 
 
 def _describe(holder: str) -> str:
