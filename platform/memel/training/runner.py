@@ -151,8 +151,8 @@ def start_embedded_ray(num_cpus: int) -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
     os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"  # for the processes started now
     try:
-        ray.init(
-            num_cpus=num_cpus, include_dashboard=True, dashboard_host=LOOPBACK, _node_ip_address=LOOPBACK,
+        ray.init(  # address "local": a new instance, never a cluster `ray start` left on this machine
+            address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host=LOOPBACK, _node_ip_address=LOOPBACK,
             log_to_driver=True,
         )  # fmt: skip
     finally:
