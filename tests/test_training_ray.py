@@ -10,7 +10,7 @@ import torch
 
 from memel.errors import ConfigError
 from memel.training import load_spec, run_training
-from memel.training.worker import FAULT_MARKER_ENV, FAULT_STEP_ENV
+from memel.training.callbacks import FAULT_MARKER_ENV, FAULT_STEP_ENV
 
 SMOKE = Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml"
 NEURONS, MODULES = 256, 4  # byte-0.2m: MLP width 4 x 64, 4 layers with the `mlp` preset

@@ -23,6 +23,7 @@ from memel.atomic import write_json, write_text
 from memel.errors import ConfigError
 from memel.redaction import redact
 from memel.training import init_ray
+from memel.training.trial import TrialConfig
 from memel.training.runner import resolve_outputs
 
 from .job import JobSpec, TuneSection, attach, member_spec
@@ -256,7 +257,7 @@ def run_study(
                 trial.set_user_attr("memel.member", key)
                 name = str(trial.number)
                 trials_in_flight[name] = trial
-                launcher.launch(name, spec, {"storage": storage_url, "study": study_name, "trial_id": trial._trial_id, "metric": tune.metric, "pruner": tune.pruner})
+                launcher.launch(name, spec, TrialConfig(storage_url, study_name, trial.number, tune.metric, tune.pruner))
                 notify("started", name, trial.params)
                 remaining -= 1
             else:

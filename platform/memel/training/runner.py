@@ -27,6 +27,7 @@ from .deepspeed_config import deepspeed_config
 from .spec import TrainSpec
 
 if TYPE_CHECKING:
+    from .trial import TrialConfig
     from .worker import RunInfo
 
 #: The embedded Ray's processes (GCS, raylet, dashboard, agents, workers) listen only here.
@@ -146,10 +147,10 @@ def start_embedded_ray(num_cpus: int) -> None:
             os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = saved_env
 
 
-def run_training(spec: TrainSpec, address: str | None = None, trial: dict[str, Any] | None = None) -> TrainResult:
+def run_training(spec: TrainSpec, address: str | None = None, trial: TrialConfig | None = None) -> TrainResult:
     """Run (or resume) one training run; blocks until it ends and returns where its results are.
 
-    ``trial`` (storage, study, trial_id, metric) makes the run an Optuna trial: evaluations are
+    ``trial`` (storage, study, trial number, metric, pruner) makes the run an Optuna trial: evaluations are
     reported to it and the run stops early when the study prunes it (MLflow status KILLED).
     """
     from memel.models import count_parameters
