@@ -131,3 +131,21 @@ def test_unreachable_outputs_fail_before_any_worker_starts(tmp_path: Path, monke
     with pytest.raises(ConfigError, match="stats.root"):
         run_training(_spec(tmp_path, "stats.root=s3://bucket/stats"))
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "run.json").exists()
+
+
+def test_each_progress_line_is_printed_once(tmp_path: Path) -> None:
+    """``memel train`` as a user runs it: rank 0's progress reaches the terminal once per log
+    (Ray Train's print patch used to log each line a second time through the root logger)."""
+    import os
+    import subprocess
+    import sys
+
+    overrides = [f"output_dir={tmp_path}", "train.steps=4", "train.log_every=2", "eval.every=4", "stats.every=4", "checkpoint.every=4"]
+    command = [sys.executable, "-m", "memel", "train", str(SMOKE), *(arg for o in overrides for arg in ("--set", o))]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "platform")}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    for step in (2, 4):
+        assert output.count(f"[memel] step {step}/4 loss") == 1, output[-3000:]

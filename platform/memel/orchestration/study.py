@@ -23,8 +23,8 @@ from memel.atomic import write_json, write_text
 from memel.errors import ConfigError
 from memel.redaction import redact
 from memel.training import init_ray
-from memel.training.trial import TrialConfig
 from memel.training.runner import resolve_outputs
+from memel.training.trial import TrialConfig
 
 from .job import JobSpec, TuneSection, attach, member_spec
 from .launch import Finished, Launcher

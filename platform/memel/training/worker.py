@@ -22,7 +22,14 @@ from memel.data import build as build_loader
 from memel.models import build as build_model
 from memel.models import preset_targets
 
-from .callbacks import Callback, ConsoleProgress, FaultInjector, PruningCallback, TrackerCallback, say
+from .callbacks import (
+    Callback,
+    ConsoleProgress,
+    FaultInjector,
+    PruningCallback,
+    TrackerCallback,
+    say,
+)
 from .checkpointing import Checkpointing
 from .deepspeed_config import deepspeed_config
 from .evaluation import HeldoutEvaluation
