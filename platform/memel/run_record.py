@@ -17,8 +17,14 @@ SPEC_FILE = "spec.json"
 SUMMARY_FILE = "summary.json"
 DEEPSPEED_CONFIG_FILE = "deepspeed_config.json"
 
-# A sweep's and a study's output folder.
+# A sweep's and a study's output folder (and their parent run's MLflow artifacts).
 SWEEP_FILE = "sweep.json"
+MEMBERS_DIR = "members"
+TRIALS_DIR = "trials"
+JOB_FILE = "job.json"
+SWEEP_TABLE_CSV = "sweep_table.csv"
+SWEEP_TABLE_JSON = "sweep_table.json"
+SWEEP_SUMMARY_FILE = "sweep_summary.json"
 TRIALS_FILE = "trials.csv"
 STUDY_SUMMARY_FILE = "study_summary.json"
 
