@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from memel.training.trial import TrialConfig, open_trial
+from ..trial import TrialConfig, open_trial
 
 from .base import Callback
 
