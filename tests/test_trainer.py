@@ -278,3 +278,15 @@ def test_the_package_has_no_import_cycle_between_its_rooms() -> None:
             if room not in seen:
                 seen.add(room)
                 stack.extend(rooms.get(room, ()))
+
+
+def test_run_info_brings_its_trial_back_typed_from_the_loop_config() -> None:
+    """Ray Train's loop config carries ``asdict(RunInfo)``; the worker rebuilds the typed trial."""
+    from dataclasses import asdict
+
+    from memel.training.trial import TrialConfig
+    from memel.training.worker import RunInfo
+
+    info = RunInfo("run", "http://mlflow", None, 10, trial=TrialConfig("sqlite:///x.db", "s", 3, "eval/loss", "none"))
+    assert RunInfo.from_dict(asdict(info)) == info
+    assert RunInfo.from_dict(asdict(RunInfo("run", None, None, 1))).trial is None
