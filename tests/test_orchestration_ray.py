@@ -179,14 +179,9 @@ def test_pruning_decision_comes_from_the_study(tmp_path: Path) -> None:
     """What a trial's rank 0 does at each evaluation: report, ask the pruner (journal storage)."""
     import optuna
 
-<<<<<<< HEAD
     from memel.orchestration.optuna_storage import open_storage
-    from memel.training.worker import _report_to_trial
-=======
-    from memel.orchestration.storage import open_storage
     from memel.training.callbacks import PruningCallback
     from memel.training.trial import TrialConfig
->>>>>>> 3c61da2 (training: one Trainer loop with callbacks (tracking, statistics sink, pruning, progress, fault injection); demo on the same loop; run record names)
 
     url = f"journal:///{tmp_path / 'prune.journal'}"
     study = optuna.create_study(study_name="p", storage=open_storage(url))

@@ -12,15 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import memel
 import pytest
 import torch
 from distributed import counting_all_reduce, run_distributed
+from torch import nn
+
+import memel
 from memel.training.callbacks import Callback
 from memel.training.engine import TorchEngine
 from memel.training.metrics import reduce_metrics
 from memel.training.trainer import Schedule, Trainer
-from torch import nn
 
 PACKAGE = Path(__file__).resolve().parents[1] / "platform" / "memel"
 
@@ -198,6 +199,7 @@ def test_a_stop_request_on_rank_0_stops_every_rank_at_the_same_step(tmp_path: Pa
 
 def test_the_pruning_config_pickles_and_the_callback_prunes_through_sqlite_storage(tmp_path: Path) -> None:
     import optuna
+
     from memel.training.callbacks import PruningCallback
     from memel.training.trial import TrialConfig, open_storage
 

@@ -7,7 +7,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..trial import TrialConfig, open_trial
-
 from .base import Callback
 
 
