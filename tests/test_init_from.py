@@ -125,9 +125,9 @@ def test_the_final_nowcast_evaluation_gives_b_mse_and_b_mae_over_every_sequence(
     from memel.data import build as build_loader
     from memel.models import build as build_model
     from memel.models.nowcasting_metrics import b_mae, b_mse
-    from memel.training.worker import _evaluate
+    from memel.training.evaluation import evaluate
 
-    class Engine(torch.nn.Module):  # what _evaluate needs of a DeepSpeed engine: call it, and .module
+    class Engine(torch.nn.Module):  # what evaluate needs of a DeepSpeed engine: call it, and .module
         def __init__(self, module: torch.nn.Module) -> None:
             super().__init__()
             self.module = module
@@ -139,7 +139,7 @@ def test_the_final_nowcast_evaluation_gives_b_mse_and_b_mae_over_every_sequence(
     model = build_model("convgru")
     data = {"kind": "nowcast", "size": 16, "input_frames": 2, "output_frames": 3, "samples_per_epoch": 7, "split": "heldout",
             "shuffle": False, "epochs": 1, "drop_last": False, "batch_size": 3}  # fmt: skip
-    metrics = _evaluate(Engine(model), build_loader(data), 100, "nowcast", torch.device("cpu"), count=True)
+    metrics = evaluate(Engine(model), build_loader(data), 100, "nowcast", torch.device("cpu"), count=True)
     everything = next(iter(build_loader({**data, "batch_size": 7})))
     model.eval()
     with torch.no_grad():

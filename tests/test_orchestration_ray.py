@@ -178,10 +178,10 @@ def test_study_with_parallel_trials_on_postgresql(tmp_path: Path, mlflow_server:
 def test_pruning_decision_comes_from_the_study(tmp_path: Path) -> None:
     """What a trial's rank 0 does at each evaluation: report, ask the pruner (journal storage)."""
     import optuna
-    import torch
 
     from memel.orchestration.optuna_storage import open_storage
-    from memel.training.worker import _report_to_trial
+    from memel.training.callbacks import PruningCallback
+    from memel.training.trial import TrialConfig
 
     url = f"journal:///{tmp_path / 'prune.journal'}"
     study = optuna.create_study(study_name="p", storage=open_storage(url))
@@ -191,17 +191,17 @@ def test_pruning_decision_comes_from_the_study(tmp_path: Path) -> None:
             good.report(value, step)
         study.tell(good, 1.0)
     worse, better = study.ask(), study.ask()
-    info = {"storage": url, "study": "p", "metric": "eval/loss", "pruner": "median"}
-    cpu = torch.device("cpu")
-    assert _report_to_trial({**info, "trial_id": worse._trial_id}, {"eval/loss": 3.0}, 1, 0, cpu) is True
-    assert _report_to_trial({**info, "trial_id": better._trial_id}, {"eval/loss": 1.0}, 1, 0, cpu) is False
+
+    def pruner(trial: optuna.trial.Trial, name: str = "median") -> PruningCallback:
+        return PruningCallback(TrialConfig(url, "p", trial.number, "eval/loss", name))
+
+    assert pruner(worse).on_eval(1, {"eval/loss": 3.0}) is True
+    assert pruner(better).on_eval(1, {"eval/loss": 1.0}) is False
     assert study.trials[2].intermediate_values == {1: 3.0}
-    # a rank other than 0 does not report; a metric the run does not have is not reported
-    assert _report_to_trial({**info, "trial_id": better._trial_id}, {"eval/loss": 9.0}, 2, 1, cpu) is False
-    assert _report_to_trial({**info, "trial_id": better._trial_id}, {"eval/accuracy": 0.5}, 2, 0, cpu) is False
+    # a metric the run does not have is not reported (ranks other than 0 hold no pruning callback)
+    assert pruner(better).on_eval(2, {"eval/accuracy": 0.5}) is False
     assert study.trials[3].intermediate_values == {1: 1.0}
-    nop = {**info, "pruner": "none", "trial_id": study.ask()._trial_id}
-    assert _report_to_trial(nop, {"eval/loss": 99.0}, 1, 0, cpu) is False
+    assert pruner(study.ask(), "none").on_eval(1, {"eval/loss": 99.0}) is False
 
 
 def test_interrupted_trials_are_rerun_with_their_parameters(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from torch import nn
 
 def _divergence_worker(rank: int, world_size: int, out_dir: str) -> None:
     import memel
-    from memel.training.worker import rank_divergence
+    from memel.training.trainer import rank_divergence
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ import torch
 
 from memel.errors import ConfigError
 from memel.training import load_spec, run_training
-from memel.training.worker import FAULT_MARKER_ENV, FAULT_STEP_ENV
+from memel.training.callbacks import FAULT_MARKER_ENV, FAULT_STEP_ENV
 
 SMOKE = Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml"
 NEURONS, MODULES = 256, 4  # byte-0.2m: MLP width 4 x 64, 4 layers with the `mlp` preset
@@ -184,3 +184,21 @@ def test_a_killed_worker_resumes_from_the_checkpoint_written_just_before(
     assert "[memel] resumed from step 4" in shown, shown[-2000:]
     steps = [s for s, _ in _metric_history(result.tracking_uri, result.run_id, "train/loss")]
     assert sorted(steps) == [2, 4, 6]
+
+
+def test_each_progress_line_is_printed_once(tmp_path: Path) -> None:
+    """``memel train`` as a user runs it: rank 0's progress reaches the terminal once per log
+    (Ray Train's print patch used to log each line a second time through the root logger)."""
+    import os
+    import subprocess
+    import sys
+
+    overrides = [f"output_dir={tmp_path}", "train.steps=4", "train.log_every=2", "eval.every=4", "stats.every=4", "checkpoint.every=4"]
+    command = [sys.executable, "-m", "memel", "train", str(SMOKE), *(arg for o in overrides for arg in ("--set", o))]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "platform")}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    for step in (2, 4):
+        assert output.count(f"[memel] step {step}/4 loss") == 1, output[-3000:]

@@ -21,6 +21,7 @@ from typing import Any
 
 import pyarrow.dataset as ds
 
+from memel import run_record
 from memel.atomic import read_state
 from memel.errors import ConfigError
 
@@ -147,7 +148,7 @@ def member_from_spec(run_id: str, spec_tree: dict[str, Any], key: str = "", summ
     return Member(
         run_id=run_id, rung=name, n_params=n_params, mode=inhibition.get("mode", "none"),
         strength=float(inhibition.get("strength", 0.0)), top_n=int(inhibition.get("top_n", 0)),
-        seed=int((spec_tree.get("train") or {}).get("seed", 0)), key=key, variant=tags.get("memel.variant") or inhibition.get("mode", "none"),
+        seed=int((spec_tree.get("train") or {}).get("seed", 0)), key=key, variant=tags.get(run_record.TAG_VARIANT) or inhibition.get("mode", "none"),
         spec=spec_tree,
         checkpoint=summary.get("checkpoint"), metrics=metrics,
     )  # fmt: skip
@@ -155,12 +156,12 @@ def member_from_spec(run_id: str, spec_tree: dict[str, Any], key: str = "", summ
 
 def _sweep_dir_members(folder: Path) -> list[Member]:
     members = []
-    for member_dir in sorted((folder / "members").glob("*")):
-        run_file, spec_file = member_dir / "run.json", member_dir / "spec.json"
+    for member_dir in sorted((folder / run_record.MEMBERS_DIR).glob("*")):
+        run_file, spec_file = member_dir / run_record.RUN_FILE, member_dir / run_record.SPEC_FILE
         if not (run_file.is_file() and spec_file.is_file()):
             continue
         run = read_state(run_file)
-        summary_file = member_dir / "summary.json"
+        summary_file = member_dir / run_record.SUMMARY_FILE
         summary = read_state(summary_file) if summary_file.is_file() else None
         if not isinstance(run.get("run_id"), str):
             raise ConfigError(f"{run_file}: holds no run_id; restore it, or remove the member folder {member_dir} from the analysis")
@@ -169,7 +170,7 @@ def _sweep_dir_members(folder: Path) -> list[Member]:
 
 
 def _from_sweep_dir(target: str, folder: Path, stats_root: str | None = None) -> Source:
-    state = read_state(folder / "sweep.json")
+    state = read_state(folder / run_record.SWEEP_FILE)
     stats = stats_root or str(folder / "stats")
     if not Path(stats).is_dir():
         raise ConfigError(f"TARGET: the sweep folder {folder} has no statistics folder {stats} (was stats.enabled false?)")
@@ -209,7 +210,7 @@ def _artifact_json(client: Any, run_id: str, name: str) -> dict[str, Any] | None
 
 def _find_local_sweep(run_id: str, search: Path) -> Path | None:
     for candidate in [search, *sorted(search.glob("*")), *sorted((search / "runs").glob("*"))]:
-        state = candidate / "sweep.json"
+        state = candidate / run_record.SWEEP_FILE
         if state.is_file():
             try:
                 if json.loads(state.read_text()).get("parent_run_id") == run_id:
@@ -223,7 +224,7 @@ def _from_mlflow(run_id: str, tracking_uri: str | None, search: Path) -> Source:
     local = _find_local_sweep(run_id, search)
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri is None and local is not None:
-        uri = read_state(local / "sweep.json").get("tracking_uri")
+        uri = read_state(local / run_record.SWEEP_FILE).get("tracking_uri")
     if uri is None:
         raise ConfigError(
             f"TARGET: {run_id!r} is not a local folder; as an MLflow run id it needs a tracking store: "
@@ -239,7 +240,7 @@ def _from_mlflow(run_id: str, tracking_uri: str | None, search: Path) -> Source:
             f"TARGET: no MLflow run {run_id!r} at {uri}; give a sweep's parent run id, its output folder or a Parquet root"
         ) from None
     tags = parent.data.tags
-    if tags.get("memel.kind") == "sweep-member" and tags.get("mlflow.parentRunId"):
+    if tags.get(run_record.TAG_KIND) == run_record.KIND_SWEEP_MEMBER and tags.get("mlflow.parentRunId"):
         raise ConfigError(f"TARGET: run {run_id!r} is a sweep member; analyse its sweep: {tags['mlflow.parentRunId']}")
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'", max_results=10000
@@ -253,15 +254,17 @@ def _from_mlflow(run_id: str, tracking_uri: str | None, search: Path) -> Source:
         if cid in local_members:
             member = local_members[cid]
         else:
-            summary = _artifact_json(client, cid, "summary.json") or {}
-            spec_tree = _artifact_json(client, cid, "spec.json") or {}
+            summary = _artifact_json(client, cid, run_record.SUMMARY_FILE) or {}
+            spec_tree = _artifact_json(client, cid, run_record.SPEC_FILE) or {}
             ctags = child.data.tags
-            member = member_from_spec(cid, spec_tree, ctags.get("memel.member", ""), summary)
+            member = member_from_spec(cid, spec_tree, ctags.get(run_record.TAG_MEMBER, ""), summary)
             if not spec_tree:  # fall back on the tags every member carries
                 member = Member(
-                    cid, ctags.get("memel.rung", "?"), int(ctags.get("memel.n_params") or 0), ctags.get("memel.mode", "?"),
-                    float(ctags.get("memel.strength") or 0), int(ctags.get("memel.top_n") or 0), int(ctags.get("memel.seed") or 0),
-                    key=ctags.get("memel.member", ""), variant=ctags.get("memel.variant") or ctags.get("memel.mode", "?"),
+                    cid, ctags.get(run_record.TAG_RUNG, "?"), int(ctags.get(run_record.TAG_N_PARAMS) or 0),
+                    ctags.get(run_record.TAG_MODE, "?"), float(ctags.get(run_record.TAG_STRENGTH) or 0),
+                    int(ctags.get(run_record.TAG_TOP_N) or 0), int(ctags.get(run_record.TAG_SEED) or 0),
+                    key=ctags.get(run_record.TAG_MEMBER, ""),
+                    variant=ctags.get(run_record.TAG_VARIANT) or ctags.get(run_record.TAG_MODE, "?"),
                     checkpoint=summary.get("checkpoint"),
                 )  # fmt: skip
             stats_root = stats_root or summary.get("stats_root")
@@ -305,10 +308,10 @@ def resolve(target: str, tracking_uri: str | None = None, search: Path | None = 
         if not path.is_dir():
             raise ConfigError(f"TARGET: {target!r} is a file; give a sweep output folder or a Parquet statistics root folder")
         folder = Path(os.path.abspath(path))  # keeps a symlinked stats folder inside its sweep
-        if (folder / "sweep.json").is_file():
+        if (folder / run_record.SWEEP_FILE).is_file():
             return _from_sweep_dir(target, folder)
         if _looks_like_parquet_root(folder):
-            if (folder.parent / "sweep.json").is_file():
+            if (folder.parent / run_record.SWEEP_FILE).is_file():
                 return _from_sweep_dir(target, folder.parent, str(folder))
             dataset = open_stats(str(folder))
             return Source(target=target, kind="parquet", stats_root=str(folder), members=_members_from_data(dataset))

@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from memel import run_record
 from memel.errors import ConfigError
 from memel.inhibition.config import Mode
 from memel.spec_loading import apply_overrides, read_tree, set_dotted
@@ -232,7 +233,7 @@ def _slug(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", str(value)).strip("-")
 
 
-def member_spec(job: JobSpec, key: str, overrides: dict[str, Any], where: str, folder: str = "members") -> TrainSpec:
+def member_spec(job: JobSpec, key: str, overrides: dict[str, Any], where: str, folder: str = run_record.MEMBERS_DIR) -> TrainSpec:
     """The job's base with dotted overrides applied, named ``<job>-<key>``, in ``<out>/<folder>/<key>``."""
     tree = job.base_tree()
     for dotted, value in overrides.items():

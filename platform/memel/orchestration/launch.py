@@ -17,9 +17,10 @@ from typing import Any
 
 from memel.redaction import redact
 from memel.training import TrainResult, TrainSpec
+from memel.training.trial import TrialConfig
 
 
-def _run_member(spec_tree: dict[str, Any], trial: dict[str, Any] | None) -> TrainResult:
+def _run_member(spec_tree: dict[str, Any], trial: TrialConfig | None) -> TrainResult:
     from memel.training import TrainSpec, run_training
 
     return run_training(TrainSpec(**spec_tree), trial=trial)
@@ -73,7 +74,7 @@ class Launcher:
                 return False
         return True
 
-    def launch(self, key: str, spec: TrainSpec, trial: dict[str, Any] | None = None) -> None:
+    def launch(self, key: str, spec: TrainSpec, trial: TrialConfig | None = None) -> None:
         reference = self._remote.remote(spec.model_dump(mode="json"), trial)
         self._running[reference] = (key, demand(spec))
 

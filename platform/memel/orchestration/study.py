@@ -19,17 +19,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from memel import run_record
 from memel.atomic import read_state, write_json, write_text
 from memel.errors import ConfigError
 from memel.redaction import redact
 from memel.training import init_ray
 from memel.training.runner import resolve_outputs
+from memel.training.trial import TrialConfig
 
 from .job import JobSpec, TuneSection, attach, member_spec
 from .launch import Finished, Launcher
 from .optuna_storage import dashboard_command, default_storage, make_pruner, open_storage
 
-INTERRUPTED = "memel.interrupted"
+INTERRUPTED = run_record.ATTR_INTERRUPTED
 
 
 @dataclass
@@ -121,7 +123,7 @@ def check_study(job: JobSpec, address: str | None) -> TuneSection:
 def _parent_run(job: JobSpec, tune: TuneSection, out: Path, tracking_uri: str, study_name: str, storage: str) -> Any:
     from memel.tracking import MlflowTracker, flatten
 
-    state_file = out / "study.json"
+    state_file = out / run_record.STUDY_FILE
     previous = read_state(state_file, missing={})
     tracker = MlflowTracker(tracking_uri, job.tracking.experiment, run_id=previous.get("parent_run_id"), run_name=study_name)
     run_id = tracker.start()
@@ -130,10 +132,10 @@ def _parent_run(job: JobSpec, tune: TuneSection, out: Path, tracking_uri: str, s
     if previous.get("parent_run_id") != run_id:
         tracker.log_params(flatten({"tune": tune.model_dump(mode="json")}))
         tracker.set_tags({
-            "memel.kind": "study", "memel.study": study_name, "memel.optuna_storage": redact(storage),
-            "memel.rung": job.model.name, **job.tracking.tags,
+            run_record.TAG_KIND: run_record.KIND_STUDY, run_record.TAG_STUDY: study_name,
+            run_record.TAG_OPTUNA_STORAGE: redact(storage), run_record.TAG_RUNG: job.model.name, **job.tracking.tags,
         })  # fmt: skip
-        tracker.log_dict(job.model_dump(mode="json"), "job.json")
+        tracker.log_dict(job.model_dump(mode="json"), run_record.JOB_FILE)
     return tracker
 
 
@@ -172,7 +174,7 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
             continue
         rows.append({
             "trial": t.number, "state": t.state.name, "value": t.value, **{f"param_{k}": v for k, v in t.params.items()},
-            "run_id": t.user_attrs.get("mlflow_run_id"), "member": t.user_attrs.get("memel.member"),
+            "run_id": t.user_attrs.get(run_record.ATTR_MLFLOW_RUN_ID), "member": t.user_attrs.get(run_record.ATTR_MEMBER),
         })  # fmt: skip
     return rows
 
@@ -226,7 +228,7 @@ def run_study(
         trial = trials_in_flight.pop(outcome.key)
         result = outcome.result
         if result is not None and result.run_id:
-            trial.set_user_attr("mlflow_run_id", result.run_id)
+            trial.set_user_attr(run_record.ATTR_MLFLOW_RUN_ID, result.run_id)
         if result is None:
             study.tell(trial, state=TrialState.FAIL)
             notify("failed", outcome.key, outcome.error)
@@ -251,12 +253,12 @@ def run_study(
                 trial = study.ask()
                 overrides = suggest(trial, job, tune)
                 key = trial_key(overrides)
-                tags = {"memel.study": study_name, "memel.trial": str(trial.number), "memel.kind": "trial"}
-                spec = attach(member_spec(job, key, overrides, f"trial {trial.number}", folder="trials"), tracking_uri, parent.run_id, stats_root, tags)
-                trial.set_user_attr("memel.member", key)
+                tags = {run_record.TAG_STUDY: study_name, run_record.TAG_TRIAL: str(trial.number), run_record.TAG_KIND: run_record.KIND_TRIAL}
+                spec = attach(member_spec(job, key, overrides, f"trial {trial.number}", folder=run_record.TRIALS_DIR), tracking_uri, parent.run_id, stats_root, tags)
+                trial.set_user_attr(run_record.ATTR_MEMBER, key)
                 name = str(trial.number)
                 trials_in_flight[name] = trial
-                launcher.launch(name, spec, {"storage": storage_url, "study": study_name, "trial_id": trial._trial_id, "metric": tune.metric, "pruner": tune.pruner})
+                launcher.launch(name, spec, TrialConfig(storage_url, study_name, trial.number, tune.metric, tune.pruner))
                 notify("started", name, trial.params)
                 remaining -= 1
             else:
@@ -272,16 +274,16 @@ def run_study(
         best_trial = study.best_trial
         best = {"trial": best_trial.number, "value": best_trial.value, "params": best_trial.params}
         parent.log_metrics({f"best/{tune.metric}": float(best_trial.value)}, best_trial.number)
-        parent.set_tags({"memel.best_trial": str(best_trial.number), "memel.best_params": json.dumps(best_trial.params)})
+        parent.set_tags({run_record.TAG_BEST_TRIAL: str(best_trial.number), run_record.TAG_BEST_PARAMS: json.dumps(best_trial.params)})
     text = _rows_csv(rows)
-    write_text(out / "trials.csv", text)
-    parent.log_text(text, "trials.csv")
+    write_text(out / run_record.TRIALS_FILE, text)
+    parent.log_text(text, run_record.TRIALS_FILE)
     result = StudyResult(
         study_name=study_name, storage=redact(storage_url), parent_run_id=parent.run_id,
         tracking_uri=redact(tracking_uri), output_dir=str(out), dashboard=dashboard_command(storage_url), rows=rows,
         best=best, wall_seconds=time.perf_counter() - started,
     )  # fmt: skip
-    parent.log_dict(asdict(result), "study_summary.json")
+    parent.log_dict(asdict(result), run_record.STUDY_SUMMARY_FILE)
     parent.end("FINISHED" if completed else "FAILED")
     return result
 

@@ -16,7 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from memel import run_record
 from memel.atomic import read_state, write_json, write_text
+from memel.errors import ConfigError
 from memel.models import count_parameters
 from memel.redaction import redact
 from memel.training import TrainResult, TrainSpec, init_ray
@@ -52,7 +54,7 @@ class SweepResult:
 
 def finished_result(spec: TrainSpec) -> TrainResult | None:
     """The member's result when a previous invocation already finished it (same spec), else None."""
-    summary = spec.out / "summary.json"
+    summary = spec.out / run_record.SUMMARY_FILE
     if not summary.exists():
         return None
     saved = read_state(summary)
@@ -64,8 +66,8 @@ def finished_result(spec: TrainSpec) -> TrainResult | None:
 def _member_run_id(spec: TrainSpec) -> str | None:
     """The MLflow run id a member's folder records (None before its run started)."""
     try:
-        return json.loads((spec.out / "run.json").read_text()).get("run_id")
-    except (OSError, ValueError):
+        return read_state(spec.out / run_record.RUN_FILE, missing={}).get("run_id")
+    except ConfigError:  # unreadable: no run to mark
         return None
 
 
@@ -119,7 +121,7 @@ def table_csv(rows: list[dict[str, Any]]) -> str:
 def _parent_run(job: JobSpec, out: Path, tracking_uri: str, members: list[Member]) -> Any:
     from memel.tracking import MlflowTracker, flatten
 
-    state_file = out / "sweep.json"
+    state_file = out / run_record.SWEEP_FILE
     previous = read_state(state_file, missing={})
     tracker = MlflowTracker(tracking_uri, job.tracking.experiment, run_id=previous.get("parent_run_id"), run_name=job.name)
     run_id = tracker.start()
@@ -128,11 +130,11 @@ def _parent_run(job: JobSpec, out: Path, tracking_uri: str, members: list[Member
         sweep = job.sweep.model_dump(mode="json") if job.sweep else {}
         tracker.log_params(flatten({"sweep": sweep, "base": job.base_tree()}))
         tracker.set_tags({
-            "memel.kind": "sweep", "memel.sweep": job.name, "memel.members": str(len(members)),
-            "memel.rungs": ",".join(dict.fromkeys(m.rung for m in members)),
-            "memel.modes": ",".join(dict.fromkeys(m.mode for m in members)), **job.tracking.tags,
+            run_record.TAG_KIND: run_record.KIND_SWEEP, run_record.TAG_SWEEP: job.name, run_record.TAG_MEMBERS: str(len(members)),
+            run_record.TAG_RUNGS: ",".join(dict.fromkeys(m.rung for m in members)),
+            run_record.TAG_MODES: ",".join(dict.fromkeys(m.mode for m in members)), **job.tracking.tags,
         })  # fmt: skip
-        tracker.log_dict(job.model_dump(mode="json"), "job.json")
+        tracker.log_dict(job.model_dump(mode="json"), run_record.JOB_FILE)
     return tracker
 
 
@@ -154,8 +156,8 @@ def _run_sweep(job: JobSpec, address: str | None, progress: Any) -> SweepResult:
     out, tracking_uri, stats_root, _ = resolve_outputs(job)
     notify = progress or (lambda *_: None)
     parent = _parent_run(job, out, tracking_uri, members)
-    tags = {"memel.sweep": job.name, "memel.kind": "sweep-member"}
-    specs = {m.key: attach(m.spec, tracking_uri, parent.run_id, stats_root, {**tags, "memel.member": m.key, "memel.variant": m.mode}) for m in members}
+    tags = {run_record.TAG_SWEEP: job.name, run_record.TAG_KIND: run_record.KIND_SWEEP_MEMBER}
+    specs = {m.key: attach(m.spec, tracking_uri, parent.run_id, stats_root, {**tags, run_record.TAG_MEMBER: m.key, run_record.TAG_VARIANT: m.mode}) for m in members}
     by_key = {m.key: m for m in members}
     params = {m.rung: count_parameters(m.spec.model.name, **m.spec.model.overrides) for m in members}
     rows: dict[str, dict[str, Any]] = {}
@@ -172,7 +174,7 @@ def _run_sweep(job: JobSpec, address: str | None, progress: Any) -> SweepResult:
     def on_finished(outcome: Finished) -> None:
         member = by_key[outcome.key]
         if outcome.result is not None:
-            summary = specs[outcome.key].out / "summary.json"  # also here when the member ran elsewhere
+            summary = specs[outcome.key].out / run_record.SUMMARY_FILE  # also here when the member ran elsewhere
             write_json(summary, asdict(outcome.result))
             rows[outcome.key] = table_row(member, outcome.result, "finished", params[member.rung])
             notify("finished", outcome.key, outcome.result)
@@ -194,9 +196,9 @@ def _run_sweep(job: JobSpec, address: str | None, progress: Any) -> SweepResult:
     ordered = [rows[m.key] for m in members if m.key in rows]
     criterion = add_mono_ratios(ordered, members, stats_root)
     text = table_csv(ordered)
-    write_text(out / "sweep_table.csv", text)
-    parent.log_text(text, "sweep_table.csv")
-    parent.log_dict({"columns": list(COLUMNS), "data": [[row[c] for c in COLUMNS] for row in ordered]}, "sweep_table.json")
+    write_text(out / run_record.SWEEP_TABLE_CSV, text)
+    parent.log_text(text, run_record.SWEEP_TABLE_CSV)
+    parent.log_dict({"columns": list(COLUMNS), "data": [[row[c] for c in COLUMNS] for row in ordered]}, run_record.SWEEP_TABLE_JSON)
     for row in ordered:
         if row["eval_loss"] is not None:
             parent.log_metrics({f"eval_loss/{row['member']}": float(row["eval_loss"])}, 0)
@@ -204,6 +206,6 @@ def _run_sweep(job: JobSpec, address: str | None, progress: Any) -> SweepResult:
         job=job.name, parent_run_id=parent.run_id, tracking_uri=redact(tracking_uri), stats_root=stats_root,
         output_dir=str(out), rows=ordered, failed=failed, wall_seconds=time.perf_counter() - started, mono_criterion=criterion,
     )  # fmt: skip
-    parent.log_dict(asdict(result), "sweep_summary.json")
+    parent.log_dict(asdict(result), run_record.SWEEP_SUMMARY_FILE)
     parent.end("FAILED" if failed else "FINISHED")
     return result

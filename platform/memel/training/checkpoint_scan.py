@@ -25,12 +25,14 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from memel import run_record
+
 log = logging.getLogger("memel.training")
 
 #: Ray Train's record of a run's checkpoints (``ray.train.v2._internal.constants``).
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 CHECKPOINT_PREFIX = "checkpoint_"
-MEMEL_STATE = "memel"
+MEMEL_STATE = run_record.CHECKPOINT_STATE_DIR
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,7 @@ def incomplete_reason(folder: Path, workers: int) -> str | None:
     """Why ``folder`` is not a complete checkpoint of a ``workers``-rank run, or None when it is."""
     state = folder / MEMEL_STATE
     try:
-        progress = json.loads((state / "progress.json").read_text())
+        progress = json.loads((state / run_record.PROGRESS_FILE).read_text())
         int(progress["step"])
         tag = str(progress["tag"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -81,24 +83,24 @@ def incomplete_reason(folder: Path, workers: int) -> str | None:
     if optim and len(optim) < workers:
         return f"{len(optim)} of {workers} optimizer shards"
     for rank in range(workers):
-        for name in (f"loader-rank{rank}.json", f"rng-rank{rank}.pt"):
+        for name in (run_record.loader_file(rank), run_record.rng_file(rank)):
             if not (state / name).exists():
                 return f"memel/{name} missing"
         try:
-            json.loads((state / f"loader-rank{rank}.json").read_text())
+            json.loads((state / run_record.loader_file(rank)).read_text())
         except (OSError, ValueError):
             return f"memel/loader-rank{rank}.json unreadable"
     for path in [*shards.glob("*.pt"), *state.glob("*.pt")]:
         if not _zip_ok(path):
             return f"{path.relative_to(folder)} truncated or unreadable"
-    if not (state / "inhibition.pt").exists():
+    if not (state / run_record.INHIBITION_FILE).exists():
         return "memel/inhibition.pt missing"
     return None
 
 
 def _step(folder: Path) -> int:
     try:
-        return int(json.loads((folder / MEMEL_STATE / "progress.json").read_text())["step"])
+        return int(json.loads(run_record.progress_path(folder).read_text())["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return -1
 
@@ -133,7 +135,7 @@ def finished_on_disk(found: FoundCheckpoint | None, steps: int) -> FinishedOnDis
     if found is None or found.step < steps:
         return None
     try:
-        metrics = json.loads((found.path / MEMEL_STATE / "report.json").read_text())
+        metrics = json.loads(run_record.report_path(found.path).read_text())
     except (OSError, ValueError):
         return None
     return FinishedOnDisk(metrics=metrics, checkpoint=SimpleNamespace(path=str(found.path)))

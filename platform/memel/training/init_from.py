@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from memel import run_record
 from memel.errors import ConfigError
 
 FIELD = "model.init_from"
@@ -30,9 +31,9 @@ def resolve_init_from(value: str) -> Path:
             f"{FIELD}: no such path {value!r}; give a finished run's output folder (with summary.json), "
             "a sweep member's folder (runs/<job>/members/<key>) or a checkpoint folder"
         )
-    if (path / "memel" / "progress.json").is_file():
+    if run_record.progress_path(path).is_file():
         return path
-    summary = path / "summary.json"
+    summary = path / run_record.SUMMARY_FILE
     if summary.is_file():
         try:
             checkpoint = json.loads(summary.read_text()).get("checkpoint")
@@ -41,10 +42,10 @@ def resolve_init_from(value: str) -> Path:
         if not checkpoint:
             raise ConfigError(f"{FIELD}: {summary} names no checkpoint; did the run finish? (rerun it, then fine-tune)")
         found = Path(checkpoint)
-        if not (found / "memel" / "progress.json").is_file():
+        if not run_record.progress_path(found).is_file():
             raise ConfigError(f"{FIELD}: the checkpoint {checkpoint} named by {summary} is not a local checkpoint folder")
         return found
-    if (path / "sweep.json").is_file():
+    if (path / run_record.SWEEP_FILE).is_file():
         members = sorted(p.name for p in (path / "members").glob("*"))
         example = path / "members" / (members[0] if members else "<key>")
         raise ConfigError(f"{FIELD}: {value!r} is a sweep folder; name one of its members, e.g. {example}")
@@ -56,7 +57,7 @@ def resolve_init_from(value: str) -> Path:
 def load_init_weights(model: torch.nn.Module, value: str) -> int:
     """Load the weights of checkpoint ``value`` into ``model`` (before Inhibitors are inserted);
     returns the checkpoint's step. Refuses weights that do not fit the model."""
-    from memel.analysis.checkpoint import load_host_weights
+    from .checkpoint_weights import load_host_weights
 
     checkpoint = resolve_init_from(value)
     progress = load_host_weights(

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from memel import run_record
 from memel.errors import ConfigError
 
 #: A file memel writes first into every output folder it owns: a single run's or a sweep's record.
-RECORDS = ("run.json", "sweep.json", "study.json")
+RECORDS = (run_record.RUN_FILE, run_record.SWEEP_FILE, run_record.STUDY_FILE)
 #: What memel may have written before its record (an invocation stopped early leaves only these).
 MEMEL_ENTRIES = frozenset({".memel.lock", "mlflow.db", "mlartifacts", "checkpoints", "stats", "members", "trials", "optuna.db", "optuna.journal"})
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from memel import run_record
 from memel.errors import ConfigError, shown
 
 from .runner import check_address_outputs
@@ -304,7 +305,7 @@ def check_cluster(spec: TrainSpec, address: str | None, wait_s: float = CLUSTER_
     )
 
 
-def check_state_files(folder: Path, names: tuple[str, ...] = ("run.json", "summary.json")) -> None:
+def check_state_files(folder: Path, names: tuple[str, ...] = (run_record.RUN_FILE, run_record.SUMMARY_FILE)) -> None:
     """The state files a resumed run reads in ``folder`` are readable (a ConfigError naming the file)."""
     from memel.atomic import read_state
 
@@ -334,7 +335,7 @@ def check_spec(spec: TrainSpec, address: str | None = None, connect: bool = True
 def preflight(job: TrainSpec, address: str | None = None, connect: bool = True) -> None:
     """:func:`check_spec` on a job's base run, or on each member of its sweep (each rung differs)."""
     specs: list[TrainSpec] = [job]
-    check_state_files(job.out, ("sweep.json", "study.json"))
+    check_state_files(job.out, (run_record.SWEEP_FILE, run_record.STUDY_FILE))
     if getattr(job, "sweep", None) is not None:
         from memel.orchestration.job import expand_sweep
 

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from memel import run_record
 from memel.atomic import read_state, write_json
 from memel.errors import ConfigError
 from memel.redaction import redact, redact_tree
@@ -37,6 +38,7 @@ from .run_lock import hold_lock
 from .spec import TrainSpec
 
 if TYPE_CHECKING:
+    from .trial import TrialConfig
     from .worker import RunInfo
 
 #: The embedded Ray's processes (GCS, raylet, dashboard, agents, workers) listen only here.
@@ -84,7 +86,7 @@ def resolve_outputs(spec: TrainSpec) -> tuple[Path, str | None, str | None, str]
 def _start_tracking(spec: TrainSpec, out: Path, tracking_uri: str, n_params: int) -> tuple[Any, str]:
     from memel.tracking import MlflowTracker, flatten
 
-    state_file = out / "run.json"
+    state_file = out / run_record.RUN_FILE
     previous = read_state(state_file, missing={})
     run_id = previous.get("run_id") if previous.get("run_name") == spec.run_name else None
     tracker = MlflowTracker(
@@ -94,21 +96,21 @@ def _start_tracking(spec: TrainSpec, out: Path, tracking_uri: str, n_params: int
     run_id = tracker.start()
     public_spec = redact_tree(spec.model_dump(mode="json"))
     write_json(state_file, {"run_name": spec.run_name, "run_id": run_id, "tracking_uri": redact(tracking_uri)})
-    write_json(out / "spec.json", public_spec)  # what offline analysis rebuilds the model from
+    write_json(out / run_record.SPEC_FILE, public_spec)  # what offline analysis rebuilds the model from
     if previous.get("run_id") != run_id:
         tracker.log_params(flatten(public_spec))
         inhibition = spec.inhibition
         tracker.set_tags({
-            "memel.model": spec.model.name, "memel.rung": spec.model.name, "memel.n_params": str(n_params),
-            "memel.mode": inhibition.mode if inhibition else "none",
-            "memel.strength": str(inhibition.strength) if inhibition else "",
-            "memel.top_n": str(inhibition.top_n) if inhibition else "", "memel.seed": str(spec.train.seed),
-            "memel.select": inhibition.select if inhibition else "",
-            "memel.layout": inhibition.layout if inhibition else "", "memel.preset": spec.inserted_preset,
-            "memel.git_commit": _git_commit(), "memel.run_name": spec.run_name, **spec.tracking.tags,
+            run_record.TAG_MODEL: spec.model.name, run_record.TAG_RUNG: spec.model.name, run_record.TAG_N_PARAMS: str(n_params),
+            run_record.TAG_MODE: inhibition.mode if inhibition else "none",
+            run_record.TAG_STRENGTH: str(inhibition.strength) if inhibition else "",
+            run_record.TAG_TOP_N: str(inhibition.top_n) if inhibition else "", run_record.TAG_SEED: str(spec.train.seed),
+            run_record.TAG_SELECT: inhibition.select if inhibition else "",
+            run_record.TAG_LAYOUT: inhibition.layout if inhibition else "", run_record.TAG_PRESET: spec.inserted_preset,
+            run_record.TAG_GIT_COMMIT: _git_commit(), run_record.TAG_RUN_NAME: spec.run_name, **spec.tracking.tags,
         })  # fmt: skip
-        tracker.log_dict(public_spec, "spec.json")
-        tracker.log_dict(deepspeed_config(spec), "deepspeed_config.json")
+        tracker.log_dict(public_spec, run_record.SPEC_FILE)
+        tracker.log_dict(deepspeed_config(spec), run_record.DEEPSPEED_CONFIG_FILE)
     return tracker, run_id
 
 
@@ -163,10 +165,10 @@ def start_embedded_ray(num_cpus: int) -> None:
             os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = saved_env
 
 
-def run_training(spec: TrainSpec, address: str | None = None, trial: dict[str, Any] | None = None) -> TrainResult:
+def run_training(spec: TrainSpec, address: str | None = None, trial: TrialConfig | None = None) -> TrainResult:
     """Run (or resume) one training run; blocks until it ends and returns where its results are.
 
-    ``trial`` (storage, study, trial_id, metric) makes the run an Optuna trial: evaluations are
+    ``trial`` (storage, study, trial number, metric, pruner) makes the run an Optuna trial: evaluations are
     reported to it and the run stops early when the study prunes it (MLflow status KILLED).
     """
     started = time.perf_counter()
@@ -197,10 +199,10 @@ def _run_locked(
         checkpoint=result.checkpoint.path if result.checkpoint else None, output_dir=str(out), metrics=metrics,
         wall_seconds=time.perf_counter() - started,
     )  # fmt: skip
-    write_json(out / "summary.json", asdict(outcome))
-    tracker.log_dict(asdict(outcome), "summary.json")
+    write_json(out / run_record.SUMMARY_FILE, asdict(outcome))
+    tracker.log_dict(asdict(outcome), run_record.SUMMARY_FILE)
     if metrics.get("pruned"):
-        tracker.set_tags({"memel.pruned": "true"})
+        tracker.set_tags({run_record.TAG_PRUNED: "true"})
     tracker.end("KILLED" if metrics.get("pruned") else "FINISHED")
     return outcome
 

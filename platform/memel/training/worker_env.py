@@ -24,7 +24,7 @@ from pathlib import Path
 from memel.redaction import redact, split_userinfo
 from memel.tracking import is_secret_key
 
-from .worker import FAULT_MARKER_ENV, FAULT_STEP_ENV
+from .callbacks.fault import FAULT_MARKER_ENV, FAULT_STEP_ENV
 
 log = logging.getLogger("memel.training")
 
