@@ -291,7 +291,7 @@ def test_a_cluster_without_the_workers_resources_is_refused(tmp_path: Path) -> N
         "from memel.errors import ConfigError\n"
         "from memel.training import load_spec\n"
         "from memel.training.preflight import check_cluster\n"
-        "ray.init(num_cpus=1, include_dashboard=False, _node_ip_address='127.0.0.1')\n"
+        "ray.init(address='local', num_cpus=1, include_dashboard=False, _node_ip_address='127.0.0.1')\n"
         "try:\n"
         "    started = time.monotonic()\n"
         "    check_cluster(load_spec(None, ['train.workers=2', 'train.global_batch_size=16', 'train.micro_batch_size=8']), 'auto', wait_s=2)\n"

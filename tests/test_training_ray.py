@@ -21,7 +21,7 @@ NEURONS, MODULES = 256, 4  # byte-0.2m: MLP width 4 x 64, 4 layers with the `mlp
 def local_ray():
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
     yield ray
     ray.shutdown()
 

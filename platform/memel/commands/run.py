@@ -26,11 +26,11 @@ def load_or_exit(console: Console, path: Path, overrides: list[str], address: st
     """The validated job, checked against where it runs (``memel.training.preflight``), or a red
     error line and exit code 2 (nothing written). ``connect=False``: no cluster connection."""
     from memel.orchestration import load_job
-    from memel.training.preflight import preflight
+    from memel.orchestration.job import preflight_job
 
     try:
         job = load_job(path, overrides)
-        preflight(job, address, connect=connect)
+        preflight_job(job, address, connect=connect)
     except ConfigError as error:
         raise error_exit(console, error) from None
     return job

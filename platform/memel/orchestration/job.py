@@ -312,3 +312,12 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     for init_from in dict.fromkeys([job.model.init_from, *(m.spec.model.init_from for m in members)]):
         check_init_from(init_from)
     return job
+
+
+def preflight_job(job: JobSpec, address: str | None = None, connect: bool = True) -> None:
+    """Every check a run of ``job`` must pass before it starts: its base run, or each sweep
+    member (see :mod:`memel.training.preflight`); a ConfigError names the member and the field."""
+    from memel.training.preflight import preflight
+
+    members = [member.spec for member in expand_sweep(job)] if job.sweep is not None else None
+    preflight(job, address, connect, members)

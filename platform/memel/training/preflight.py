@@ -332,14 +332,11 @@ def check_spec(spec: TrainSpec, address: str | None = None, connect: bool = True
         check_cluster(spec, address)
 
 
-def preflight(job: TrainSpec, address: str | None = None, connect: bool = True) -> None:
-    """:func:`check_spec` on a job's base run, or on each member of its sweep (each rung differs)."""
-    specs: list[TrainSpec] = [job]
+def preflight(job: TrainSpec, address: str | None = None, connect: bool = True, members: list[TrainSpec] | None = None) -> None:
+    """:func:`check_spec` on a job's base run, or on each of ``members`` (a sweep's member specs,
+    which the caller expands: each rung differs)."""
+    specs: list[TrainSpec] = members if members is not None else [job]
     check_state_files(job.out, (run_record.SWEEP_FILE, run_record.STUDY_FILE))
-    if getattr(job, "sweep", None) is not None:
-        from memel.orchestration.job import expand_sweep
-
-        specs = [member.spec for member in expand_sweep(job)]  # type: ignore[arg-type]
     for spec in specs:
         try:
             check_spec(spec, address, connect)
