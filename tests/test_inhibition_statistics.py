@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from memel.inhibition.statistics import Moments, merge_history
-from reference import PaperStatistics
+from reference import PaperStatistics, top_n
 
 
 def _ragged_samples() -> list[np.ndarray]:
@@ -45,12 +45,14 @@ def test_moments_from_shifted_sums_match_numpy() -> None:
     assert 0 < expected_m2[3] < 1  # the tight neuron: a floor at 1 would show
 
 
+@pytest.mark.parametrize("sizes", [[1, 4, 1, 7, 5, 8], [1, 1, 4, 1, 7, 5]])
 @pytest.mark.parametrize("forget_steps", [1, 3])
-def test_merge_history_caps_the_history_at_forget_steps(forget_steps: int) -> None:
+def test_merge_history_caps_the_history_at_forget_steps(forget_steps: int, sizes: list[int]) -> None:
     """Chained merges from an empty history follow Algorithm 1 batch by batch: the first batch
-    alone, Lemma 3.2 while fewer than n_f batches are held, the capped weight from the n_f-th on."""
+    alone, Lemma 3.2 while fewer than n_f batches are held, the capped weight from the n_f-th on;
+    single-sample batches included (a history of one sample is a history, one sample a batch)."""
     generator = torch.Generator().manual_seed(9)
-    batches = [torch.randn(size, 5, generator=generator, dtype=torch.float64) * 2 + 3 for size in [6, 4, 7, 5, 8, 6]]
+    batches = [torch.randn(size, 5, generator=generator, dtype=torch.float64) * 2 + 3 for size in sizes]
     batches[4] = batches[4] * 4 - 6  # a shift the capped history must follow
     reference = PaperStatistics(forget_steps=forget_steps)
     mean = torch.zeros(5, dtype=torch.float64)
@@ -69,23 +71,33 @@ def test_merge_history_caps_the_history_at_forget_steps(forget_steps: int) -> No
         assert count.tolist() == reference.count.tolist()
 
 
-def test_eager_kernel_statistics_and_ms_follow_the_paper() -> None:
-    """The eager kernel (the path on GPUs, merged in Python) past the forget step, on activations
-    whose variance is far from 1 (so eps * mean(var) and eps / mean(var) differ): statistics
-    after every batch and MS before it equal the NumPy reference."""
-    config = memel.InhibitionConfig(mode="original", forget_steps=2, eps=0.05, kernel="eager")
+def test_eager_kernel_statistics_selection_and_ms_follow_the_paper() -> None:
+    """The eager kernel (the path on GPUs, merged in Python) past the forget step, on neurons
+    whose variances span 0.01 to 900 (so eps * mean(var) decides the ranking, and differs from
+    eps / mean(var)): MS, the top-n selected per sample, and the statistics after every batch
+    (float32 mean and var, integer count) equal the NumPy reference."""
+    n = 2
+    config = memel.InhibitionConfig(mode="original", top_n=n, forget_steps=2, eps=0.05, kernel="eager")
     inhibitor = memel.Inhibitor(config)
     reference = PaperStatistics(forget_steps=2, eps=0.05)
     generator = torch.Generator().manual_seed(13)
-    batches = [torch.randn(size, 6, generator=generator) * 10 + 4 for size in [7, 5, 9, 6, 8]]
+    spread = torch.tensor([0.1, 0.5, 2.0, 5.0, 10.0, 30.0])
+    batches = [torch.randn(size, 6, generator=generator) * spread + 4 for size in [7, 5, 9, 6, 8, 7]]
     batches[3] = batches[3] * 0.5 - 20
     for index, batch in enumerate(batches):
         if index:
-            phi = inhibitor.monosemantic_scale(batch).numpy()
-            np.testing.assert_allclose(phi, reference.ms(batch.numpy()), rtol=1e-5, err_msg=f"batch {index}")
-        inhibitor(batch)
+            phi = reference.ms(batch.numpy())
+            np.testing.assert_allclose(inhibitor.monosemantic_scale(batch).numpy(), phi, rtol=1e-5, err_msg=f"batch {index}")
+            before = inhibitor.window[0].clone()
+            inhibitor(batch)
+            selected = inhibitor.snapshot(reset=False).selected_count - before
+            expected = np.bincount(top_n(phi, n).reshape(-1), minlength=6)
+            np.testing.assert_array_equal(selected.numpy(), expected, err_msg=f"batch {index}")
+        else:
+            inhibitor(batch)
         reference.update(batch.numpy())
         stats = inhibitor.statistics()
         np.testing.assert_allclose(stats["mean"].numpy(), reference.mean, rtol=1e-5, atol=1e-4)
         np.testing.assert_allclose(stats["var"].numpy(), reference.var, rtol=1e-5)
-        assert stats["batches"] == index + 1
+        assert stats["mean"].dtype == stats["var"].dtype == torch.float32 and stats["count"].dtype == torch.int64
+        assert stats["count"].tolist() == reference.count.tolist() and stats["batches"] == index + 1
