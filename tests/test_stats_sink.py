@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -279,3 +280,10 @@ def test_a_replayed_step_replaces_its_file(snap: memel.Snapshot, tmp_path: Path)
     assert len(data) == 12 * len(MODULES) * NEURONS
     assert not data.duplicated(["run_id", "module", "step", "neuron"]).any()
     assert sorted(data["step"].unique()) == list(range(1, 13))
+
+
+def test_snapshot_with_a_short_field_is_refused_by_name(snap: memel.Snapshot) -> None:
+    """A per-neuron field of the wrong length is named, with its length and the expected one."""
+    short = dataclasses.replace(snap, max_ms=snap.max_ms[:3])
+    with pytest.raises(ValueError, match=rf"Snapshot\.max_ms has 3 values, expected {NEURONS}"):
+        snapshot_table(short, **CONTEXT, step=0, module="m", depth=0.0)
