@@ -215,3 +215,23 @@ def test_statistics_and_snapshots_reduce_over_the_modules_own_process_group(tmp_
         # sync merged the pair's statistics (identical on ranks 0 and 1), and rank 2's alone
         assert torch.equal(ranks[0]["mean"][name], ranks[1]["mean"][name])
         assert not torch.equal(ranks[0]["mean"][name], ranks[2]["mean"][name])
+
+
+def _call_update_worker(rank: int, world_size: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = Host()
+    memel.inhibit(model, "blocks.*.1", memel.InhibitionConfig(**{**CONFIG, "stats_update": "call"}))
+    with counting_all_reduce() as calls:
+        for batch in _data():
+            model(batch.chunk(world_size)[rank])
+    torch.save({"all_reduce_calls": calls["all_reduce"]}, Path(out_dir) / f"call{rank}.pt")
+
+
+def test_call_updates_reduce_all_modules_of_one_inhibit_in_one_collective(tmp_path: Path) -> None:
+    """With stats_update="call", the 3 modules of one memel.inhibit call merge the previous
+    call's statistics with ONE all-reduce per training call (not one per module)."""
+    run_distributed(_call_update_worker, 2, str(tmp_path))
+    for rank in range(2):
+        record = torch.load(tmp_path / f"call{rank}.pt", weights_only=False)
+        assert record["all_reduce_calls"] == STEPS - 1  # the first call has nothing to merge yet
