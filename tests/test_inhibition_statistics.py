@@ -87,7 +87,9 @@ def test_eager_kernel_statistics_selection_and_ms_follow_the_paper() -> None:
     for index, batch in enumerate(batches):
         if index:
             phi = reference.ms(batch.numpy())
-            np.testing.assert_allclose(inhibitor.monosemantic_scale(batch).numpy(), phi, rtol=1e-5, err_msg=f"batch {index}")
+            np.testing.assert_allclose(
+                inhibitor.monosemantic_scale(batch).numpy(), phi, rtol=1e-5, err_msg=f"batch {index}"
+            )
             before = inhibitor.window[0].clone()
             inhibitor(batch)
             selected = inhibitor.snapshot(reset=False).selected_count - before
