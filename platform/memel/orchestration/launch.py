@@ -78,6 +78,18 @@ class Launcher:
         reference = self._remote.remote(spec.model_dump(mode="json"), trial)
         self._running[reference] = (key, demand(spec))
 
+    def stop_all(self) -> None:
+        """Stop every run in flight now (force-cancelling a member's task ends the Ray Train run it
+        owns, workers included): on Ctrl-C nothing trains on while the driver winds down."""
+        import ray
+
+        for reference in list(self._running):
+            try:
+                ray.cancel(reference, force=True)
+            except Exception:  # noqa: BLE001 - best effort while stopping; the task may have ended
+                pass
+        self._running.clear()
+
     def wait_one(self) -> Finished:
         """Block until one run ends."""
         import ray

@@ -264,6 +264,8 @@ def run_study(
             else:
                 tell(launcher.wait_one())
     except BaseException:
+        if launcher is not None:
+            launcher.stop_all()
         _requeue(study, list(trials_in_flight.values()))
         parent.end("KILLED")
         raise

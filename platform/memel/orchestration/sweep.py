@@ -183,12 +183,15 @@ def _run_sweep(job: JobSpec, address: str | None, progress: Any) -> SweepResult:
             rows[outcome.key] = table_row(member, None, "failed", params[member.rung])
             notify("failed", outcome.key, outcome.error)
 
+    launcher = None
     try:
         if to_run:
             init_ray(address, max(spec.train.workers for _, spec in to_run))
             launcher = Launcher(job.sweep.max_concurrent if job.sweep else None)
             launcher.run_all(to_run, on_finished, on_launch=lambda key: notify("started", key, None))
     except BaseException:
+        if launcher is not None:
+            launcher.stop_all()
         in_flight = [key for key, _ in to_run if key not in rows]
         mark_killed(tracking_uri, [rid for key in in_flight if (rid := _member_run_id(specs[key]))])
         parent.end("KILLED")
