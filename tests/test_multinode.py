@@ -19,9 +19,9 @@ from typing import Any
 import pyarrow.dataset as ds
 import pytest
 import yaml
+from ray_cluster import OBJECT_STORE_BYTES, LocalCluster, local_cluster
 
 from memel.training.checkpoint_scan import SNAPSHOT_FILE
-from ray_cluster import OBJECT_STORE_BYTES, LocalCluster, local_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "jobs" / "smoke.yaml"
