@@ -48,11 +48,20 @@ def test_user_deepspeed_keys_win() -> None:
         (["name=bad name"], r"name"),
         (["train"], r"expected dotted.key=value"),
         (["train.steps.x=1"], r"'steps' is not a section"),
+        (["train.placement=spread"], r"train\.placement: .*'PACK', 'SPREAD', 'STRICT_PACK' or 'STRICT_SPREAD'"),
     ],
 )
 def test_bad_specs_fail_with_the_field(overrides: list[str], expected: str) -> None:
     with pytest.raises(ConfigError, match=expected):
         load_spec(SMOKE, overrides)
+
+
+def test_placement_keeps_the_run_name() -> None:
+    """Where the workers run is not what they compute: a run resumes under any placement."""
+    packed, spread = load_spec(SMOKE), load_spec(SMOKE, ["train.placement=STRICT_SPREAD"])
+    assert packed.train.placement == "PACK" and spread.train.placement == "STRICT_SPREAD"
+    assert spread.run_name == packed.run_name
+    assert load_spec(SMOKE, ["train.seed=1"]).run_name != packed.run_name
 
 
 def test_missing_and_malformed_files(tmp_path: Path) -> None:

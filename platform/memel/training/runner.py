@@ -229,6 +229,7 @@ def _fit(spec: TrainSpec, info: RunInfo, storage: str, env: dict[str, str], trac
         scaling_config=ScalingConfig(
             num_workers=spec.train.workers, use_gpu=spec.train.use_gpu,
             resources_per_worker={"GPU": 1, "CPU": 1} if spec.train.use_gpu else {"CPU": 1},
+            placement_strategy=spec.train.placement,
         ),  # fmt: skip
         torch_config=TorchConfig(backend="nccl" if spec.train.use_gpu else "gloo"),
         run_config=RunConfig(

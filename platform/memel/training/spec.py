@@ -46,7 +46,11 @@ class ModelSection(_Section):
 
 
 class TrainSection(_Section):
-    """Optimisation and parallelism. ``global_batch_size`` = workers x micro_batch_size x accumulation."""
+    """Optimisation and parallelism. ``global_batch_size`` = workers x micro_batch_size x accumulation.
+
+    ``placement`` is how Ray places the workers on a cluster's nodes: ``PACK`` (as few nodes as
+    possible), ``SPREAD`` (across nodes where they have room, else packed), ``STRICT_PACK`` (one
+    node) or ``STRICT_SPREAD`` (one worker per node; a run that loses a node then needs another)."""
 
     steps: int = Field(100, ge=1)
     global_batch_size: int = Field(16, ge=1)
@@ -62,6 +66,7 @@ class TrainSection(_Section):
     threads_per_worker: int = Field(1, ge=1)
     seed: int = 0
     log_every: int = Field(10, ge=1)
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     deepspeed: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("zero_stage")
@@ -204,8 +209,9 @@ class TrainSpec(_Section):
         return "custom" if self.model.targets else self.model.preset or "mlp"
 
     def fingerprint(self) -> str:
-        """A short hash of what determines the training (not where results go)."""
-        core = self.model_dump(mode="json", exclude={"tracking", "stats", "output_dir", "checkpoint"})
+        """A short hash of what determines the training (not where results go, nor on which nodes)."""
+        where = {"tracking": True, "stats": True, "output_dir": True, "checkpoint": True, "train": {"placement"}}
+        core = self.model_dump(mode="json", exclude=where)
         return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:10]
 
     @property
