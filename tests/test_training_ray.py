@@ -123,6 +123,22 @@ def test_killed_worker_resumes_to_the_same_result(local_ray, tmp_path: Path, mon
     assert len(_metric_history(again.tracking_uri, again.run_id, "train/loss")) == 5
 
 
+def test_a_resumed_run_evaluates_on_the_same_heldout_batches(local_ray, tmp_path: Path, monkeypatch) -> None:
+    """The held-out loader's position is part of a checkpoint: killed after step 6 and resumed from
+    step 4, the run's eval metrics equal the uninterrupted run's at every step."""
+    extra = ("eval.every=2", "eval.batches=1")
+    reference = run_training(_spec(tmp_path / "whole", *extra, steps=10))
+    monkeypatch.setenv(FAULT_STEP_ENV, "6")
+    monkeypatch.setenv(FAULT_MARKER_ENV, str(tmp_path / "killed.txt"))
+    resumed = run_training(_spec(tmp_path / "faulted", *extra, steps=10))
+    assert (tmp_path / "killed.txt").exists(), "the fault was never injected"
+    for key in ("eval/loss", "eval/perplexity", "train/loss"):
+        whole = _metric_history(reference.tracking_uri, reference.run_id, key)
+        got = _metric_history(resumed.tracking_uri, resumed.run_id, key)
+        assert [step for step, _ in got] == [step for step, _ in whole], key
+        assert [value for _, value in got] == pytest.approx([value for _, value in whole], rel=1e-6), key
+
+
 def test_unreachable_outputs_fail_before_any_worker_starts(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(ConfigError, match="tracking.uri"):
         run_training(_spec(tmp_path, "tracking.uri=http://127.0.0.1:9"))
@@ -202,3 +218,4 @@ def test_each_progress_line_is_printed_once(tmp_path: Path) -> None:
     output = done.stdout + done.stderr
     for step in (2, 4):
         assert output.count(f"[memel] step {step}/4 loss") == 1, output[-3000:]
+

@@ -198,7 +198,7 @@ def train_loop(config: dict[str, Any]) -> None:
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(spec)
     )
-    checkpoints = Checkpointing(engine, inserted, loader, rank, info.run_id)
+    checkpoints = Checkpointing(engine, inserted, loader, rank, info.run_id, heldout=heldout)
     state = TrainState()
     # the newest complete checkpoint on disk, even where Ray's record of them lags behind
     restored = newest_checkpoint(config.get("checkpoints"), world, ray.train.get_checkpoint())
