@@ -219,3 +219,28 @@ def test_each_progress_line_is_printed_once(tmp_path: Path) -> None:
     for step in (2, 4):
         assert output.count(f"[memel] step {step}/4 loss") == 1, output[-3000:]
 
+
+def test_a_diverged_run_fails_with_one_error_line(tmp_path: Path) -> None:
+    """``memel train`` with a learning rate that blows the loss up: every rank stops at the same
+    log step, the command exits 1 with one ``error:`` line, and the MLflow run ends FAILED."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    overrides = [f"output_dir={tmp_path}", "train.lr=1e30", "train.steps=8", "train.log_every=2", "eval.every=8", "stats.every=8", "checkpoint.every=8"]
+    command = [sys.executable, "-m", "memel", "train", str(SMOKE), *(arg for o in overrides for arg in ("--set", o))]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "platform"), "COLUMNS": "300"}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, check=False)
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, output[-3000:]
+    assert errors[0].startswith("error: the run failed: training loss became non-finite at step "), errors
+    assert "lower train.lr" in errors[0], errors
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run["run_id"]).info.status == "FAILED"
+    assert not (tmp_path / "summary.json").exists(), "a failed run writes no summary"
