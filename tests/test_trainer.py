@@ -197,6 +197,35 @@ def test_a_stop_request_on_rank_0_stops_every_rank_at_the_same_step(tmp_path: Pa
     assert results[0]["metrics"]["stats/rank_divergence"] == 0.0
 
 
+def _diverging_worker(rank: int, world_size: int, out_dir: str) -> None:
+    from memel.errors import NonFiniteLossError
+
+    torch.set_num_threads(1)
+    calls: list[tuple[str, str, int]] = []
+    trainer, _ = _trainer(Schedule(steps=10, log_every=2, eval_every=2), [Recorder("a", calls)], seed=rank)
+    if rank == 1:  # only this rank's loss goes NaN, at step 3
+        clean = trainer.loader
+        trainer.loader = (Batch(b.inputs * float("nan"), b.targets) if i >= 2 else b for i, b in enumerate(clean))
+    try:
+        trainer.fit()
+        raised = None
+    except NonFiniteLossError as error:
+        raised = {"step": error.step, "message": str(error), "again": str(pickle.loads(pickle.dumps(error)))}
+    logged = [step for _, hook, step in calls if hook == "on_log"]
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"raised": raised, "logged": logged, "closed": calls[-1][1]}))
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:
+    run_distributed(_diverging_worker, 2, str(tmp_path))
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    for result in results:
+        assert result["raised"] is not None and result["raised"]["step"] == 4, result
+        assert result["raised"]["message"].startswith("training loss became non-finite at step 4 (train/loss=nan")
+        assert "lower train.lr" in result["raised"]["message"] and result["raised"]["again"] == result["raised"]["message"]
+        assert result["logged"] == [2], "the non-finite window is not logged"
+        assert result["closed"] == "close", "callbacks close when the run diverges"
+
+
 def test_the_pruning_config_pickles_and_the_callback_prunes_through_sqlite_storage(tmp_path: Path) -> None:
     import optuna
 

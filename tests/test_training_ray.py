@@ -123,6 +123,22 @@ def test_killed_worker_resumes_to_the_same_result(local_ray, tmp_path: Path, mon
     assert len(_metric_history(again.tracking_uri, again.run_id, "train/loss")) == 5
 
 
+def test_a_resumed_run_evaluates_on_the_same_heldout_batches(local_ray, tmp_path: Path, monkeypatch) -> None:
+    """The held-out loader's position is part of a checkpoint: killed after step 6 and resumed from
+    step 4, the run's eval metrics equal the uninterrupted run's at every step."""
+    extra = ("eval.every=2", "eval.batches=1")
+    reference = run_training(_spec(tmp_path / "whole", *extra, steps=10))
+    monkeypatch.setenv(FAULT_STEP_ENV, "6")
+    monkeypatch.setenv(FAULT_MARKER_ENV, str(tmp_path / "killed.txt"))
+    resumed = run_training(_spec(tmp_path / "faulted", *extra, steps=10))
+    assert (tmp_path / "killed.txt").exists(), "the fault was never injected"
+    for key in ("eval/loss", "eval/perplexity", "train/loss"):
+        whole = _metric_history(reference.tracking_uri, reference.run_id, key)
+        got = _metric_history(resumed.tracking_uri, resumed.run_id, key)
+        assert [step for step, _ in got] == [step for step, _ in whole], key
+        assert [value for _, value in got] == pytest.approx([value for _, value in whole], rel=1e-6), key
+
+
 def test_unreachable_outputs_fail_before_any_worker_starts(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(ConfigError, match="tracking.uri"):
         run_training(_spec(tmp_path, "tracking.uri=http://127.0.0.1:9"))
@@ -202,3 +218,29 @@ def test_each_progress_line_is_printed_once(tmp_path: Path) -> None:
     output = done.stdout + done.stderr
     for step in (2, 4):
         assert output.count(f"[memel] step {step}/4 loss") == 1, output[-3000:]
+
+
+def test_a_diverged_run_fails_with_one_error_line(tmp_path: Path) -> None:
+    """``memel train`` with a learning rate that blows the loss up: every rank stops at the same
+    log step, the command exits 1 with one ``error:`` line, and the MLflow run ends FAILED."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    overrides = [f"output_dir={tmp_path}", "train.lr=1e30", "train.steps=8", "train.log_every=2", "eval.every=8", "stats.every=8", "checkpoint.every=8"]
+    command = [sys.executable, "-m", "memel", "train", str(SMOKE), *(arg for o in overrides for arg in ("--set", o))]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "platform"), "COLUMNS": "300"}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, check=False)
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, output[-3000:]
+    assert errors[0].startswith("error: the run failed: training loss became non-finite at step "), errors
+    assert "lower train.lr" in errors[0], errors
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run["run_id"]).info.status == "FAILED"
+    assert not (tmp_path / "summary.json").exists(), "a failed run writes no summary"

@@ -1,4 +1,4 @@
-"""The error every memel configuration raises, and how pydantic's errors are worded."""
+"""The error every memel configuration raises, how pydantic's errors are worded, and a diverged run's error."""
 
 from __future__ import annotations
 
@@ -20,6 +20,20 @@ class ConfigError(ValueError):
 MAX_SHOWN = 80
 #: Most characters of a whole error message (the backstop for messages that quote much).
 MAX_MESSAGE = 2000
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite: the run diverged and cannot recover."""
+
+    def __init__(self, step: int, loss: float, lr: float) -> None:
+        self.step, self.loss, self.lr = step, loss, lr
+        super().__init__(
+            f"training loss became non-finite at step {step} (train/loss={loss}, lr={lr:g}); "
+            "lower train.lr (or raise train.warmup_steps) and run it again"
+        )
+
+    def __reduce__(self) -> tuple[Any, tuple[int, float, float]]:
+        return type(self), (self.step, self.loss, self.lr)
 
 
 def shown(value: Any, limit: int = MAX_SHOWN) -> str:

@@ -6,6 +6,8 @@
 their name but lose their value. The values of the secret variables in ``SECRET_ENV`` (and any
 ``secrets`` passed) are replaced by ``***`` wherever they appear. It works on a bare URI and on
 free text (a log line, an error message); text without credentials comes back unchanged.
+:func:`is_secret_key` says which named values (params, tags, environment variables) are
+secrets by their name alone: those are never logged at all.
 """
 
 from __future__ import annotations
@@ -30,11 +32,20 @@ SECRET_ENV = (
     "MLFLOW_TRACKING_TOKEN", "RAY_AUTH_TOKEN",
 )  # fmt: skip
 
+#: Key fragments that mark a named value (a param, a tag, a variable) as a secret.
+SECRET_MARKERS = ("secret", "password", "passwd", "token", "access_key", "secret_key", "credential", "api_key")
+
 #: Shorter values are not replaced (they would garble ordinary words).
 MIN_SECRET_LENGTH = 4
 
 _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^/\s?#@]*(?:@[^/\s?#@]*)*)@")
 _QUERY_PARAM = re.compile(r"(?P<lead>[?&;])(?P<name>[A-Za-z0-9_.\-]+)=(?P<value>[^&#;\s'\"]*)")
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether a (dotted) key names a secret, judging by its name."""
+    lowered = key.lower().replace("-", "_")
+    return any(marker in lowered for marker in SECRET_MARKERS)
 
 
 def _is_secret_param(name: str) -> bool:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from memel import run_record
-from memel.atomic import read_state, write_json, write_text
+from memel.atomic import write_text
 from memel.errors import ConfigError
 from memel.redaction import redact
 from memel.training import init_ray
@@ -121,15 +121,14 @@ def check_study(job: JobSpec, address: str | None) -> TuneSection:
 
 
 def _parent_run(job: JobSpec, tune: TuneSection, out: Path, tracking_uri: str, study_name: str, storage: str) -> Any:
-    from memel.tracking import MlflowTracker, flatten
+    from memel.tracking import flatten, start_recorded_run
 
-    state_file = out / run_record.STUDY_FILE
-    previous = read_state(state_file, missing={})
-    tracker = MlflowTracker(tracking_uri, job.tracking.experiment, run_id=previous.get("parent_run_id"), run_name=study_name)
-    run_id = tracker.start()
-    state = {"study": study_name, "parent_run_id": run_id, "storage": redact(storage), "tracking_uri": redact(tracking_uri)}
-    write_json(state_file, state)
-    if previous.get("parent_run_id") != run_id:
+    tracker, new = start_recorded_run(
+        out / run_record.STUDY_FILE, "parent_run_id",
+        lambda run_id: {"study": study_name, "parent_run_id": run_id, "storage": redact(storage), "tracking_uri": redact(tracking_uri)},
+        tracking_uri, job.tracking.experiment, study_name,
+    )  # fmt: skip
+    if new:
         tracker.log_params(flatten({"tune": tune.model_dump(mode="json")}))
         tracker.set_tags({
             run_record.TAG_KIND: run_record.KIND_STUDY, run_record.TAG_STUDY: study_name,

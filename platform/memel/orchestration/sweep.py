@@ -119,14 +119,14 @@ def table_csv(rows: list[dict[str, Any]]) -> str:
 
 
 def _parent_run(job: JobSpec, out: Path, tracking_uri: str, members: list[Member]) -> Any:
-    from memel.tracking import MlflowTracker, flatten
+    from memel.tracking import flatten, start_recorded_run
 
-    state_file = out / run_record.SWEEP_FILE
-    previous = read_state(state_file, missing={})
-    tracker = MlflowTracker(tracking_uri, job.tracking.experiment, run_id=previous.get("parent_run_id"), run_name=job.name)
-    run_id = tracker.start()
-    write_json(state_file, {"job": job.name, "parent_run_id": run_id, "tracking_uri": redact(tracking_uri)})
-    if previous.get("parent_run_id") != run_id:
+    tracker, new = start_recorded_run(
+        out / run_record.SWEEP_FILE, "parent_run_id",
+        lambda run_id: {"job": job.name, "parent_run_id": run_id, "tracking_uri": redact(tracking_uri)},
+        tracking_uri, job.tracking.experiment, job.name,
+    )  # fmt: skip
+    if new:
         sweep = job.sweep.model_dump(mode="json") if job.sweep else {}
         tracker.log_params(flatten({"sweep": sweep, "base": job.base_tree()}))
         tracker.set_tags({

@@ -40,9 +40,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from memel.errors import ConfigError
+from memel.redaction import redact
 
 from .schema import DICTIONARY_COLUMNS, FILE_SCHEMA, PARTITION_KEYS
-from .stats_root import StatsRoot, part_name, partition_dir, redact, resolve_root
+from .stats_root import StatsRoot, part_name, partition_dir, resolve_root
 
 log = logging.getLogger("memel.stats")
 

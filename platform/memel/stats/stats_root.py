@@ -4,7 +4,7 @@
 :mod:`memel.data.filesystems` builds from the standard AWS environment variables
 (``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``); boto3 is used only to check and create buckets.
-Secrets never appear in messages: :func:`redact` removes them from any error text.
+Secrets never appear in messages: :func:`memel.redaction.redact` removes them from any error text.
 """
 
 from __future__ import annotations
@@ -20,18 +20,9 @@ import pyarrow.fs as pafs
 
 from memel.data.filesystems import s3_filesystem
 from memel.errors import ConfigError
+from memel.redaction import redact
 
-_SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-
-
-def redact(text: str) -> str:
-    """``text`` with the values of the AWS credential variables replaced by ``***``."""
-    for name in _SECRET_VARIABLES:
-        value = os.environ.get(name)
-        if value and len(value) >= 4:
-            text = text.replace(value, "***")
-    return text
 
 
 def s3_endpoint() -> str | None:

@@ -7,6 +7,7 @@ from .mlflow_tracker import (
     check_tracking_uri,
     default_tracking_uri,
 )
+from .resumed_run import start_recorded_run
 
 __all__ = [
     "ConsoleTracker",
@@ -17,4 +18,5 @@ __all__ = [
     "default_tracking_uri",
     "flatten",
     "is_secret_key",
+    "start_recorded_run",
 ]

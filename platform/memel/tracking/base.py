@@ -6,16 +6,11 @@ import json
 from collections.abc import Mapping
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from memel.redaction import SECRET_MARKERS, is_secret_key  # secret params are never logged
+
 RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
 
-#: Key fragments that mark a secret; such params are never logged.
-SECRET_MARKERS = ("secret", "password", "passwd", "token", "access_key", "secret_key", "credential", "api_key")
-
-
-def is_secret_key(key: str) -> bool:
-    """Whether a (dotted) key names a secret, judging by its name."""
-    lowered = key.lower().replace("-", "_")
-    return any(marker in lowered for marker in SECRET_MARKERS)
+__all__ = ["SECRET_MARKERS", "RunStatus", "Tracker", "flatten", "is_secret_key"]
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

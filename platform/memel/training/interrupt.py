@@ -57,9 +57,13 @@ def root_cause(error: BaseException) -> BaseException:
 
 
 def describe(error: BaseException) -> str:
-    """One line: the root cause's type and message."""
+    """One line: the root cause's type and message (a diverged run's message alone: it says what happened)."""
+    from memel.errors import NonFiniteLossError
+
     cause = root_cause(error)
     text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    if isinstance(cause, NonFiniteLossError):
+        return text
     return f"{type(cause).__name__}: {text}" if text else type(cause).__name__
 
 

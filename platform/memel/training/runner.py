@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from memel import run_record
-from memel.atomic import read_state, write_json
+from memel.atomic import write_json
 from memel.errors import ConfigError
 from memel.redaction import redact, redact_tree
 
@@ -84,20 +84,18 @@ def resolve_outputs(spec: TrainSpec) -> tuple[Path, str | None, str | None, str]
 
 
 def _start_tracking(spec: TrainSpec, out: Path, tracking_uri: str, n_params: int) -> tuple[Any, str]:
-    from memel.tracking import MlflowTracker, flatten
+    from memel.tracking import flatten, start_recorded_run
 
-    state_file = out / run_record.RUN_FILE
-    previous = read_state(state_file, missing={})
-    run_id = previous.get("run_id") if previous.get("run_name") == spec.run_name else None
-    tracker = MlflowTracker(
-        tracking_uri, spec.tracking.experiment, run_id=run_id,
-        run_name=spec.tracking.run_name or spec.run_name, parent_run_id=spec.tracking.parent_run_id,
+    tracker, new = start_recorded_run(
+        out / run_record.RUN_FILE, "run_id",
+        lambda run_id: {"run_name": spec.run_name, "run_id": run_id, "tracking_uri": redact(tracking_uri)},
+        tracking_uri, spec.tracking.experiment, spec.tracking.run_name or spec.run_name,
+        resumable=lambda previous: previous.get("run_name") == spec.run_name, parent_run_id=spec.tracking.parent_run_id,
     )  # fmt: skip
-    run_id = tracker.start()
+    run_id = tracker.run_id
     public_spec = redact_tree(spec.model_dump(mode="json"))
-    write_json(state_file, {"run_name": spec.run_name, "run_id": run_id, "tracking_uri": redact(tracking_uri)})
     write_json(out / run_record.SPEC_FILE, public_spec)  # what offline analysis rebuilds the model from
-    if previous.get("run_id") != run_id:
+    if new:
         tracker.log_params(flatten(public_spec))
         inhibition = spec.inhibition
         tracker.set_tags({

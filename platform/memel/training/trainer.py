@@ -8,10 +8,13 @@ takes per-neuron snapshots and checkpoints. Cross-rank numbers are reduced in
 :mod:`memel.training.metrics`; every rank runs the same collectives in the same order.
 Callbacks (tracking, statistics, pruning, progress, fault injection) see the results; a
 stop request from :meth:`Callback.on_eval` on any rank stops every rank after that step.
+A training loss that is not finite on any rank (it reaches every rank through the window's
+reduction) raises :class:`NonFiniteLossError` on every rank at the same log step.
 """
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -23,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 import memel
+from memel.errors import NonFiniteLossError
 
 from .callbacks import Callback, CallbackList
 from .engine import Engine
@@ -169,6 +173,8 @@ class Trainer:
         schedule, step = self.schedule, state.step
         if schedule.due(schedule.log_every, step):
             state.metrics = self._window_metrics(window, state.tokens_seen)
+            if not math.isfinite(state.metrics["train/loss"]):  # the same reduced value on every rank
+                raise NonFiniteLossError(step, state.metrics["train/loss"], state.metrics["train/lr"])
             self.callbacks.on_log(step, state.metrics)
             window.reset()
         if schedule.due(schedule.eval_every, step) and self.evaluator is not None:

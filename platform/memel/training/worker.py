@@ -198,7 +198,7 @@ def train_loop(config: dict[str, Any]) -> None:
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(spec)
     )
-    checkpoints = Checkpointing(engine, inserted, loader, rank, info.run_id)
+    checkpoints = Checkpointing(engine, inserted, loader, rank, info.run_id, heldout=heldout)
     state = TrainState()
     # the newest complete checkpoint on disk, even where Ray's record of them lags behind
     restored = newest_checkpoint(config.get("checkpoints"), world, ray.train.get_checkpoint())
@@ -214,7 +214,7 @@ def train_loop(config: dict[str, Any]) -> None:
         evaluator=HeldoutEvaluation(spec, heldout, kind, device, rank, world), checkpointer=checkpoints,
         inserted=inserted, device=device, default_lr=spec.train.lr,
     )  # fmt: skip
-    state = trainer.fit(state)
+    state = trainer.fit(state)  # a diverged run raises NonFiniteLossError on every rank: the driver fails it
     if state.stopped:  # every rank got the same decision; the driver tells the study
         if rank == 0:
             say(f"pruned by the study at step {state.step}")
