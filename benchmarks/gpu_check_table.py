@@ -119,7 +119,14 @@ def table(out: Path) -> tuple[str, dict[str, Any]]:
         lines.append((STEP_TITLES.get(name, name), status, seconds, note))
         lines += [(label, "", "", text) for label, text in detail]
         if name == "deepspeed":
-            lines.append(("  Ray Train + DeepSpeed", "not run", "", "Ray is not installed on the GPU machine; this run is DeepSpeed in one process"))
+            lines.append(
+                (
+                    "  Ray Train + DeepSpeed",
+                    "not run",
+                    "",
+                    "Ray is not installed on the GPU machine; this run is DeepSpeed in one process",
+                )
+            )
     width = max(len(line[0]) for line in lines)
     header = (
         f"memel GPU check: {env.get('gpu') or 'no CUDA GPU'} | torch {env.get('torch', '?')} (CUDA {env.get('cuda')}) | "

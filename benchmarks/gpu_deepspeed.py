@@ -55,11 +55,17 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         data={"kind": "text_lm", "corpus": "stdlib-code", "seq_len": args.seq},
         inhibition={"mode": "rd", "top_n": 1, "forget_steps": 10, "late_start": 10},
         train={
-            "steps": args.steps, "global_batch_size": args.batch, "micro_batch_size": args.batch, "workers": 1,
-            "zero_stage": args.zero, "lr": args.lr, "warmup_steps": 0, "precision": args.precision,
+            "steps": args.steps,
+            "global_batch_size": args.batch,
+            "micro_batch_size": args.batch,
+            "workers": 1,
+            "zero_stage": args.zero,
+            "lr": args.lr,
+            "warmup_steps": 0,
+            "precision": args.precision,
             "use_gpu": device.type == "cuda",
         },
-    )  # fmt: skip
+    )
     _one_process_group(device)
     torch.manual_seed(spec.train.seed)
     model = build_model(spec.model.name)
@@ -107,7 +113,10 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "ray": False,
     }
     result["ok"] = bool(
-        all(math.isfinite(x) for x in losses) and result["final_loss"] < result["first_loss"] and stats_finite and inhibited > 0
+        all(math.isfinite(x) for x in losses)
+        and result["final_loss"] < result["first_loss"]
+        and stats_finite
+        and inhibited > 0
     )
     return result
 
@@ -125,7 +134,10 @@ def main() -> int:
     parser.add_argument("--out", default=None, help="also write the result as JSON here")
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"error: device: got {args.device!r}, but torch sees no CUDA GPU here; use --device cpu --precision fp32", file=sys.stderr)
+        print(
+            f"error: device: got {args.device!r}, but torch sees no CUDA GPU here; use --device cpu --precision fp32",
+            file=sys.stderr,
+        )
         return 2
     result = run(args)
     line = json.dumps(result)

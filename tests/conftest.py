@@ -1,9 +1,8 @@
 """Shared pytest fixtures."""
 
 import pytest
-
-from s3_server import s3_server  # noqa: F401  (session fixture: a real S3 server on 127.0.0.1)
 from mlflow_server import mlflow_server  # noqa: F401  (session fixture: a real MLflow server on 127.0.0.1)
+from s3_server import s3_server  # noqa: F401  (session fixture: a real S3 server on 127.0.0.1)
 
 
 @pytest.fixture(scope="module")

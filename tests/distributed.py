@@ -9,6 +9,7 @@ from typing import Any
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
 from memel.services.ports import free_ports
 
 

@@ -44,9 +44,12 @@ class LocalCluster:
 
     def _ray_env(self) -> dict[str, str]:
         return {
-            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, "RAY_USAGE_STATS_ENABLED": "0",
-            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_ADDRESS": self.address,
-        }  # fmt: skip
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": self.token,
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            "RAY_ADDRESS": self.address,
+        }
 
     def node_folder(self, name: str) -> Path:
         """Where node ``name`` keeps its files (Ray's temp dir and TMPDIR)."""
@@ -58,7 +61,12 @@ class LocalCluster:
 
     def worker_lines(self, name: str, text: str) -> list[str]:
         """The lines of node ``name``'s worker logs that hold ``text``."""
-        return [line for log in self.worker_logs(name) for line in log.read_text(errors="replace").splitlines() if text in line]
+        return [
+            line
+            for log in self.worker_logs(name)
+            for line in log.read_text(errors="replace").splitlines()
+            if text in line
+        ]
 
     def lose(self, name: str) -> None:
         """Take node ``name`` away: SIGKILL its raylet, object store, agents and workers."""
@@ -86,12 +94,21 @@ def local_cluster(nodes: dict[str, dict[str, Any]], env: dict[str, str] | None =
             (folder / "tmp" / "ray").mkdir(parents=True)  # where Ray writes the address of the cluster it started
             os.environ["TMPDIR"] = str(folder / "tmp")  # what the node's processes (and their workers) inherit
             args = {
-                "node_ip_address": LOOPBACK, "temp_dir": str(folder / "ray"), "object_store_memory": OBJECT_STORE_BYTES,
-                "num_cpus": settings.get("num_cpus", 1), "resources": settings.get("resources", {}),
-            }  # fmt: skip
+                "node_ip_address": LOOPBACK,
+                "temp_dir": str(folder / "ray"),
+                "object_store_memory": OBJECT_STORE_BYTES,
+                "num_cpus": settings.get("num_cpus", 1),
+                "resources": settings.get("resources", {}),
+            }
             if index == 0:
-                dashboard = {"include_dashboard": True, "dashboard_host": LOOPBACK, "dashboard_port": free_ports(LOOPBACK, 1)[0]}
-                cluster = Cluster(initialize_head=True, head_node_args={**args, **dashboard, "_system_config": FAST_HEALTH_CHECKS})
+                dashboard = {
+                    "include_dashboard": True,
+                    "dashboard_host": LOOPBACK,
+                    "dashboard_port": free_ports(LOOPBACK, 1)[0],
+                }
+                cluster = Cluster(
+                    initialize_head=True, head_node_args={**args, **dashboard, "_system_config": FAST_HEALTH_CHECKS}
+                )
                 handle.cluster, handle.address = cluster, cluster.gcs_address
                 handle.nodes[name] = cluster.head_node
             else:

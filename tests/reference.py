@@ -47,7 +47,9 @@ class PaperStatistics:
             nf = self.forget_steps
             mu, nu = self.mean, self.var
             new_mu = (nf * mu + mu_b) / (nf + 1)
-            new_nu = nf * (mu - mu_b) ** 2 / ((nf + 1 - 1 / b) * (nf + 1)) + (nu_b + (nf - 1 / b) * nu) / (nf + 1 - 1 / b)
+            new_nu = nf * (mu - mu_b) ** 2 / ((nf + 1 - 1 / b) * (nf + 1)) + (nu_b + (nf - 1 / b) * nu) / (
+                nf + 1 - 1 / b
+            )
             self.mean, self.var = new_mu, new_nu
             self.count = self.count + b
         self.batches += 1

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from processes import stop_process_group
+
 from memel.services.ports import free_ports
 from memel.services.seaweed import WeedPorts, find_weed, identities_json, weed_command
-from processes import stop_process_group
 
 ACCESS_KEY = "memeltestaccess"
 SECRET_KEY = "memeltestsecret0123456789"
@@ -92,9 +93,7 @@ def run_s3_server(weed: str) -> Iterator[S3Server]:
     ports = WeedPorts(s3, master, volume, filer, master_g, volume_g, filer_g, s3_g)
     command = weed_command(weed, data, config, ports)
     log = open(workdir / "weed.log", "wb")  # noqa: SIM115 - closed below
-    process = subprocess.Popen(
-        command, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True
-    )
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True)
     server = S3Server(f"http://127.0.0.1:{s3}", ACCESS_KEY, SECRET_KEY)
     try:
         _wait_ready(server, process, workdir / "weed.log")

@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from typer.testing import CliRunner
+
 from memel.analysis import Criterion, Options, analyze, analyze_ratio, module_steps, resolve, top_neurons, write
 from memel.analysis.monosemantic_ratio import depth_bins, ratio_notes
 from memel.analysis.significance import member_table, significance
@@ -22,13 +24,18 @@ from memel.cli import app
 from memel.errors import ConfigError
 from memel.inhibition import Snapshot
 from memel.stats import ParquetStatsSink, snapshot_table
-from typer.testing import CliRunner
 
 RUNNER = CliRunner(env={"COLUMNS": "200"})
 
 
 def write_run(
-    root: Path | str, run_id: str, context: dict, modules: dict[str, float], steps: list[int], values: dict, samples: int = 1000
+    root: Path | str,
+    run_id: str,
+    context: dict,
+    modules: dict[str, float],
+    steps: list[int],
+    values: dict,
+    samples: int = 1000,
 ) -> None:
     """One run through the real sink: ``values[(module, step)]`` = (frac_above, max_ms) per neuron;
     ``count`` = ``samples`` per step (so a snapshot ``d`` steps after the previous one saw ``d * samples``)."""
@@ -38,11 +45,17 @@ def write_run(
                 frac, max_ms = (np.asarray(v, dtype=np.float32) for v in values[(module, step)])
                 n = len(frac)
                 snap = Snapshot(
-                    mean=torch.zeros(n), var=torch.ones(n), count=torch.full((n,), step * samples, dtype=torch.int64),
-                    selected_count=torch.zeros(n, dtype=torch.int64), inhibited_count=torch.zeros(n, dtype=torch.int64),
-                    max_ms=torch.from_numpy(max_ms), mean_ms=torch.ones(n), frac_above=torch.from_numpy(frac), batches=step,
+                    mean=torch.zeros(n),
+                    var=torch.ones(n),
+                    count=torch.full((n,), step * samples, dtype=torch.int64),
+                    selected_count=torch.zeros(n, dtype=torch.int64),
+                    inhibited_count=torch.zeros(n, dtype=torch.int64),
+                    max_ms=torch.from_numpy(max_ms),
+                    mean_ms=torch.ones(n),
+                    frac_above=torch.from_numpy(frac),
+                    batches=step,
                     neuron_shape=(n,),
-                )  # fmt: skip
+                )
                 table = snapshot_table(
                     snap, run_id=run_id, step=step, tokens_seen=step * 100, module=module, depth=depth, **context
                 )
@@ -81,7 +94,11 @@ def test_too_few_samples_per_snapshot_are_not_measured(tmp_path: Path) -> None:
     criterion = Criterion(36.0, 0.005)
     assert criterion.min_samples() == 401
     result = analyze_ratio(str(tmp_path), criterion)
-    assert result.modules["samples"].tolist() == [200, 200, 600] and result.modules["tested"].tolist() == [False, False, True]
+    assert result.modules["samples"].tolist() == [200, 200, 600] and result.modules["tested"].tolist() == [
+        False,
+        False,
+        True,
+    ]
     assert np.isnan(result.runs["ratio"].iloc[0]) and result.finals["ratio"].tolist() == [0.5]
     only_early = analyze_ratio(str(tmp_path), criterion, track_every={"run-few": 2})  # a tracker saw half of them
     assert only_early.modules["samples"].tolist() == [100, 100, 300] and only_early.finals["ratio"].isna().all()
@@ -119,7 +136,9 @@ def _expected_ratios(raw: dict, min_fraction: float) -> dict[tuple[str, int], fl
     for run_id, (_, values) in raw.items():
         for step in STEPS:
             fracs = [values[(m, s)][0] for (m, s) in values if s == step]
-            expected[(run_id, step)] = sum(int((f >= np.float32(min_fraction)).sum()) for f in fracs) / sum(len(f) for f in fracs)
+            expected[(run_id, step)] = sum(int((f >= np.float32(min_fraction)).sum()) for f in fracs) / sum(
+                len(f) for f in fracs
+            )
     return expected
 
 
@@ -146,7 +165,9 @@ def test_ratio_per_run_step_rung_and_depth_match_numpy(sweep_stats: tuple[Path, 
     steps = result.over_steps.set_index(["model", "mode", "step"])["ratio_mean"]
     for rung in RUNGS:
         for step in STEPS:
-            assert steps[(rung, "rd", step)] == pytest.approx(np.mean([expected[(f"run-{rung}-rd-{s}", step)] for s in range(3)]))
+            assert steps[(rung, "rd", step)] == pytest.approx(
+                np.mean([expected[(f"run-{rung}-rd-{s}", step)] for s in range(3)])
+            )
     # depth bins of width 0.5: small has l.0 (0.0) and l.1 (1.0 -> last bin); big has l.0, then l.1 (0.5) and l.2 (1.0) together
     depth = result.depth.set_index(["model", "mode", "depth_bin"])
     for rung, (_, modules, _) in RUNGS.items():
@@ -170,7 +191,11 @@ def test_arrow_dataset_and_local_reader_agree(sweep_stats: tuple[Path, dict]) ->
 
     root, _ = sweep_stats
     local = module_steps(str(root), Criterion()).sort_values(["run_id", "module", "step"]).reset_index(drop=True)
-    arrow = module_steps(open_stats(str(root)), Criterion()).sort_values(["run_id", "module", "step"]).reset_index(drop=True)
+    arrow = (
+        module_steps(open_stats(str(root)), Criterion())
+        .sort_values(["run_id", "module", "step"])
+        .reset_index(drop=True)
+    )
     pd.testing.assert_frame_equal(local, arrow, check_dtype=False)
 
 
@@ -218,9 +243,20 @@ def test_paired_t_tests_match_the_formula() -> None:
     for rung, n_params in (("small", 100), ("big", 1000)):
         for seed in range(4):
             base = 3.0 - 0.1 * seed
-            members.append(Member(f"o-{rung}-{seed}", rung, n_params, "original", 1.0, 1, seed, metrics={"eval/loss": base}))
             members.append(
-                Member(f"r-{rung}-{seed}", rung, n_params, "rd", 1.0, 1, seed, metrics={"eval/loss": base - rng.uniform(0, 0.2)})
+                Member(f"o-{rung}-{seed}", rung, n_params, "original", 1.0, 1, seed, metrics={"eval/loss": base})
+            )
+            members.append(
+                Member(
+                    f"r-{rung}-{seed}",
+                    rung,
+                    n_params,
+                    "rd",
+                    1.0,
+                    1,
+                    seed,
+                    metrics={"eval/loss": base - rng.uniform(0, 0.2)},
+                )
             )
     members.append(Member("o-lonely", "small", 100, "original", 1.0, 1, 9, metrics={"eval/loss": 5.0}))  # no partner
     table = member_table(members)
@@ -248,12 +284,19 @@ def _fake_sweep(folder: Path, stats_root: Path) -> None:
         _, rung, mode, seed = run_id.split("-")
         member = folder / "members" / f"{rung}-{mode}-s{seed}"
         member.mkdir(parents=True)
-        spec = {"name": "fake", "model": {"name": model[rung]}, "inhibition": {"mode": mode, "ms_threshold": 36.0},
-                "train": {"seed": int(seed)}, "data": {"kind": "text_lm", "corpus": "shakespeare", "seq_len": 64}}  # fmt: skip
+        spec = {
+            "name": "fake",
+            "model": {"name": model[rung]},
+            "inhibition": {"mode": mode, "ms_threshold": 36.0},
+            "train": {"seed": int(seed)},
+            "data": {"kind": "text_lm", "corpus": "shakespeare", "seq_len": 64},
+        }
         (member / "spec.json").write_text(json.dumps(spec))
         (member / "run.json").write_text(json.dumps({"run_id": run_id}))
         loss = 3.1 + 0.01 * int(seed) if mode == "original" else 3.0 + 0.013 * int(seed)  # rd: 0.1 - 0.003 * seed lower
-        (member / "summary.json").write_text(json.dumps({"run_id": run_id, "checkpoint": None, "metrics": {"eval/loss": loss}}))
+        (member / "summary.json").write_text(
+            json.dumps({"run_id": run_id, "checkpoint": None, "metrics": {"eval/loss": loss}})
+        )
 
 
 def test_resolve_targets_and_errors(sweep_stats: tuple[Path, dict], tmp_path: Path) -> None:
@@ -293,17 +336,31 @@ def test_report_tables_and_figures_from_statistics_only(sweep_stats: tuple[Path,
     source = resolve(str(tmp_path / "sweep"))
     analysis = analyze(source, Options(depth_bins=2))
     assert analysis.ablation is None and analysis.case_study is None  # no checkpoints: notes instead
-    assert any("no checkpoint" in note for note in analysis.notes) and any("case study skipped" in n for n in analysis.notes)
-    sig = analysis.significance.set_index(["metric", "scope"])
-    assert sig.loc[("eval_loss", "all"), "pairs"] == 6 and sig.loc[("eval_loss", "all"), "mean_difference"] == pytest.approx(
-        -0.097
+    assert any("no checkpoint" in note for note in analysis.notes) and any(
+        "case study skipped" in n for n in analysis.notes
     )
+    sig = analysis.significance.set_index(["metric", "scope"])
+    assert sig.loc[("eval_loss", "all"), "pairs"] == 6 and sig.loc[
+        ("eval_loss", "all"), "mean_difference"
+    ] == pytest.approx(-0.097)
     assert sig.loc[("mono_ratio", "all"), "pairs"] == 6
     files = write(analysis, tmp_path / "out")
     names = {f.name for f in files}
-    assert {"ratio_by_rung.csv", "ratio_by_rung.parquet", "ratio_depth.csv", "significance.csv", "members.csv",
-            "ratio_vs_scale.png", "ratio_over_steps.png", "depth_heatmap.png", "report.html", "summary.json"} <= names  # fmt: skip
-    assert pd.read_parquet(tmp_path / "out" / "ratio_by_rung.parquet").equals(analysis.ratio.by_rung.reset_index(drop=True))
+    assert {
+        "ratio_by_rung.csv",
+        "ratio_by_rung.parquet",
+        "ratio_depth.csv",
+        "significance.csv",
+        "members.csv",
+        "ratio_vs_scale.png",
+        "ratio_over_steps.png",
+        "depth_heatmap.png",
+        "report.html",
+        "summary.json",
+    } <= names
+    assert pd.read_parquet(tmp_path / "out" / "ratio_by_rung.parquet").equals(
+        analysis.ratio.by_rung.reset_index(drop=True)
+    )
     for png in (tmp_path / "out").glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     html = (tmp_path / "out" / "report.html").read_text()
@@ -315,15 +372,22 @@ def test_report_tables_and_figures_from_statistics_only(sweep_stats: tuple[Path,
 
 def test_cli_analyze_and_bad_target(sweep_stats: tuple[Path, dict], tmp_path: Path) -> None:
     root, _ = sweep_stats
-    result = RUNNER.invoke(app, ["analyze", str(root), "--out", str(tmp_path / "out"), "--depth-bins", "2", "--threshold", "36"])
+    result = RUNNER.invoke(
+        app, ["analyze", str(root), "--out", str(tmp_path / "out"), "--depth-bins", "2", "--threshold", "36"]
+    )
     assert result.exit_code == 0, result.output
     assert "Monosemantic ratio at the end of training" in result.output and "report.html" in result.output
     assert "no parent run known" in result.output and (tmp_path / "out" / "report.html").is_file()
     # no specs: frac_above is taken as recorded at MS > 9, which does not clear the null: no ratio, a note instead
-    unknown = RUNNER.invoke(app, ["analyze", str(root), "--out", str(tmp_path / "out9"), "--skip", "ablation,case_study"])
+    unknown = RUNNER.invoke(
+        app, ["analyze", str(root), "--out", str(tmp_path / "out9"), "--skip", "ablation,case_study"]
+    )
     assert unknown.exit_code == 0, unknown.output
     assert "Monosemantic ratio at the end of training" not in unknown.output
-    assert "monosemantic ratio not measurable" in unknown.output and not (tmp_path / "out9" / "ratio_vs_scale.png").exists()
+    assert (
+        "monosemantic ratio not measurable" in unknown.output
+        and not (tmp_path / "out9" / "ratio_vs_scale.png").exists()
+    )
     bad = RUNNER.invoke(app, ["analyze", str(tmp_path / "missing")])
     assert bad.exit_code == 2 and "error:" in bad.output and "TARGET: no such folder" in bad.output
     _fake_sweep(tmp_path / "sweep", root)  # its specs say which ms_threshold frac_above was measured against
@@ -338,7 +402,11 @@ def test_cli_analyze_and_bad_target(sweep_stats: tuple[Path, dict], tmp_path: Pa
 def test_bench_analyze_small_dataset_checks_its_answer() -> None:
     result = RUNNER.invoke(app, ["bench", "analyze", "--snapshots", "2"])
     assert result.exit_code == 0, result.output
-    assert "196,608 neuron rows (2 x 24 modules" in result.output and "rows/s" in result.output and "peak RSS" in result.output
+    assert (
+        "196,608 neuron rows (2 x 24 modules" in result.output
+        and "rows/s" in result.output
+        and "peak RSS" in result.output
+    )
     assert "answers match" in result.output
 
 
@@ -367,7 +435,9 @@ def test_s3_root_gives_the_same_answers(
     assert (tmp_path / "out" / "ratio_by_rung.csv").is_file()
 
 
-def test_outputs_name_only_known_files_and_a_rerun_removes_stale_ones(sweep_stats: tuple[Path, dict], tmp_path: Path) -> None:
+def test_outputs_name_only_known_files_and_a_rerun_removes_stale_ones(
+    sweep_stats: tuple[Path, dict], tmp_path: Path
+) -> None:
     from memel.analysis.pipeline import OUTPUT_FIGURES, OUTPUT_TABLES, figures, tables
 
     root, _ = sweep_stats

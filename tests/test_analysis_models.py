@@ -11,14 +11,15 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import NamedTuple
 
-import memel
 import numpy as np
 import pytest
 import torch
+from torch import nn
+
+import memel
 from memel.analysis.heldout import grouped_batches, heldout_loader, sample_groups, sample_losses
 from memel.data.documents import Document
 from memel.training.objective import compute
-from torch import nn
 
 
 class Batch(NamedTuple):
@@ -32,10 +33,13 @@ def tiny_mlp(seed: int = 0, hidden: int = 16) -> nn.Sequential:
 
 
 # ------------------------------------------------------------------------------ held-out data
-@pytest.mark.parametrize(("model_name", "data"), [
-    ("byte-0.2m", {"kind": "text_lm", "corpus": "shakespeare", "seq_len": 32}),
-    ("bert-byte-tiny", {"kind": "text_classification", "task": "prose_vs_code", "seq_len": 32}),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("model_name", "data"),
+    [
+        ("byte-0.2m", {"kind": "text_lm", "corpus": "shakespeare", "seq_len": 32}),
+        ("bert-byte-tiny", {"kind": "text_classification", "task": "prose_vs_code", "seq_len": 32}),
+    ],
+)
 def test_sample_losses_add_up_to_the_objective(model_name: str, data: dict) -> None:
     from memel.models import build
 
@@ -69,15 +73,15 @@ def test_groups_of_lm_windows_are_their_documents_corpora() -> None:
 
 
 def test_groups_of_classes_features_and_featureless_data() -> None:
-    batch, groups = next(grouped_batches({"kind": "text_classification", "task": "prose_vs_code", "seq_len": 32}, 16, 1))
+    batch, groups = next(
+        grouped_batches({"kind": "text_classification", "task": "prose_vs_code", "seq_len": 32}, 16, 1)
+    )
     assert [g[1] for g in groups] == [["prose", "code"][int(t)] for t in batch.targets]
     batch, groups = next(grouped_batches({"kind": "sparse_features", "num_features": 5, "active_prob": 0.5}, 8, 1))
     assert groups == [["all", *(f"feature {k}" for k in np.flatnonzero(row))] for row in batch.features.numpy()]
     _, groups = next(grouped_batches({"kind": "digits"}, 8, 1))
     assert groups == [["all"]] * 8
     assert len(list(grouped_batches({"kind": "digits"}, 8, 3))) == 3
-
-
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -123,8 +127,14 @@ def _train_zero2(rank: int, world: int, folder: str) -> None:
     model = tiny_mlp(5)
     replica = copy.deepcopy(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
-    config = {"train_batch_size": 2 * world, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-              "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}  # fmt: skip
+    config = {
+        "train_batch_size": 2 * world,
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 2},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     reference = torch.optim.AdamW(replica.parameters(), lr=3e-3, weight_decay=0.05)
     for step in range(3):
@@ -146,6 +156,7 @@ def _train_zero2(rank: int, world: int, folder: str) -> None:
 @pytest.mark.timeout(300)
 def test_optimizer_state_of_a_zero2_checkpoint_is_the_optimizers(tmp_path: Path) -> None:
     from distributed import run_distributed
+
     from memel.analysis.checkpoint import optimizer_state
 
     run_distributed(_train_zero2, 2, str(tmp_path))
@@ -157,4 +168,6 @@ def test_optimizer_state_of_a_zero2_checkpoint_is_the_optimizers(tmp_path: Path)
     for name in names:
         assert float(got.state[name]["step"]) == 3.0
         for key in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(got.state[name][key].reshape(expected[name][key].shape), expected[name][key], msg=name)
+            torch.testing.assert_close(
+                got.state[name][key].reshape(expected[name][key].shape), expected[name][key], msg=name
+            )

@@ -10,16 +10,32 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from memel.cli import app
 from typer.testing import CliRunner
+
+from memel.cli import app
 
 RUNNER = CliRunner(env={"COLUMNS": "240"})
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 TINY = [
-    "--set", "train.steps=4", "--set", "train.log_every=2", "--set", "eval.every=4", "--set", "eval.batches=1",
-    "--set", "stats.every=2", "--set", "checkpoint.every=4", "--set", "inhibition.late_start=1",
-    "--set", "inhibition.forget_steps=2", "--set", "sweep.rungs=[byte-0.2m, byte-1m]",
-]  # fmt: skip
+    "--set",
+    "train.steps=4",
+    "--set",
+    "train.log_every=2",
+    "--set",
+    "eval.every=4",
+    "--set",
+    "eval.batches=1",
+    "--set",
+    "stats.every=2",
+    "--set",
+    "checkpoint.every=4",
+    "--set",
+    "inhibition.late_start=1",
+    "--set",
+    "inhibition.forget_steps=2",
+    "--set",
+    "sweep.rungs=[byte-0.2m, byte-1m]",
+]
 
 
 @pytest.mark.timeout(900)
@@ -29,9 +45,24 @@ def test_analyze_a_real_quickstart_sweep_by_parent_run_id(tmp_path: Path) -> Non
     assert result.exit_code == 0, result.output
     state = json.loads((out / "sweep.json").read_text())
     report = tmp_path / "report"
-    args = ["analyze", state["parent_run_id"], "--tracking-uri", state["tracking_uri"], "--out", str(report),
-            "--case-batches", "3", "--case-lr", "run", "--ablation-batches", "2", "--control-draws", "2",
-            "--probe-group", "shakespeare-folio"]  # fmt: skip
+    args = [
+        "analyze",
+        state["parent_run_id"],
+        "--tracking-uri",
+        state["tracking_uri"],
+        "--out",
+        str(report),
+        "--case-batches",
+        "3",
+        "--case-lr",
+        "run",
+        "--ablation-batches",
+        "2",
+        "--control-draws",
+        "2",
+        "--probe-group",
+        "shakespeare-folio",
+    ]
     analyzed = RUNNER.invoke(app, args)
     assert analyzed.exit_code == 0, analyzed.output
     for title in (
@@ -59,10 +90,17 @@ def test_analyze_a_real_quickstart_sweep_by_parent_run_id(tmp_path: Path) -> Non
     )
     assert set(runs.loc[runs["model"] == "byte-1m", "neurons"]) == {5 * 512}  # 5 MLP activations x 512 neurons
     ablation = pd.read_csv(report / "ablation.csv")
-    assert len(ablation["run_id"].unique()) == 4 and set(ablation["group"]) == {"shakespeare-folio", "other", "difference"}
+    assert len(ablation["run_id"].unique()) == 4 and set(ablation["group"]) == {
+        "shakespeare-folio",
+        "other",
+        "difference",
+    }
     groups = ablation[ablation["group"] != "difference"]
     assert groups["base_loss"].between(0.5, 6).all() and groups["ablated_loss"].notna().all()
-    assert ablation["auroc"].between(0, 1).all() and ablation["neurons"].str.fullmatch(r"layers\.\d+\.mlp\.act\[\d+\]").all()
+    assert (
+        ablation["auroc"].between(0, 1).all()
+        and ablation["neurons"].str.fullmatch(r"layers\.\d+\.mlp\.act\[\d+\]").all()
+    )
     assert (ablation["random_draws"] == 2).all() and ablation["increase_pct"].notna().all()
     case = pd.read_csv(report / "case_study.csv")
     shared, own = case[case["variant"] == "shared"], case[case["variant"] == "own"]

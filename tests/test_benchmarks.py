@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import time
 
-import memel
 import pytest
 import torch
+
+import memel
 from memel.benchmarks.inhibition import bench_inhibition, warm_copy_available
 from memel.benchmarks.overhead import ModuleClock, bench_overhead
 from memel.inhibition.kernels import LogMSLoss, ReverseDeactivation
@@ -76,8 +77,9 @@ def test_module_clock_counts_inhibitor_forwards_and_backwards_and_nothing_else()
 @pytest.mark.parametrize("command", [["inhibition"], ["overhead", "--model", "byte-0.2m"]])
 @pytest.mark.parametrize("device", ["cuda:99", "tpu"])
 def test_bench_refuses_a_device_torch_cannot_use(command: list[str], device: str) -> None:
-    from memel.cli import app
     from typer.testing import CliRunner
+
+    from memel.cli import app
 
     result = CliRunner().invoke(app, ["bench", *command, "--device", device])
     assert result.exit_code == 2, result.output
@@ -88,11 +90,27 @@ def test_bench_refuses_a_device_torch_cannot_use(command: list[str], device: str
 def test_bench_inhibition_json_holds_every_row(tmp_path) -> None:
     import json
 
-    from memel.cli import app
     from typer.testing import CliRunner
 
+    from memel.cli import app
+
     path = tmp_path / "rows.json"
-    args = ["bench", "inhibition", "--kernel", "eager", "--batch", "2", "--seq", "4", "--hidden", "16", "--top-n", "1", "--top-n", "2"]
+    args = [
+        "bench",
+        "inhibition",
+        "--kernel",
+        "eager",
+        "--batch",
+        "2",
+        "--seq",
+        "4",
+        "--hidden",
+        "16",
+        "--top-n",
+        "1",
+        "--top-n",
+        "2",
+    ]
     result = CliRunner().invoke(app, [*args, "--repeats", "1", "--json", str(path)])
     assert result.exit_code == 0, result.output
     written = json.loads(path.read_text())
@@ -104,10 +122,11 @@ def test_bench_inhibition_json_holds_every_row(tmp_path) -> None:
 
 
 def test_bench_throughput_times_each_model_and_refuses_a_non_decoder() -> None:
+    from typer.testing import CliRunner
+
     from memel.benchmarks.throughput import bench_throughput
     from memel.cli import app
     from memel.models import count_parameters
-    from typer.testing import CliRunner
 
     rows = bench_throughput(["byte-0.2m", "byte-2l-d16"], batch=2, seq=8, steps=2, warmup=1)
     assert [r.model for r in rows] == ["byte-0.2m", "byte-2l-d16"]
@@ -115,7 +134,10 @@ def test_bench_throughput_times_each_model_and_refuses_a_non_decoder() -> None:
     assert all(0 < r.median_tokens_per_s <= r.best_tokens_per_s for r in rows)
 
     runner = CliRunner()
-    result = runner.invoke(app, ["bench", "throughput", "--model", "byte-0.2m", "--batch", "2", "--seq", "8", "--steps", "1", "--warmup", "0"])
+    result = runner.invoke(
+        app,
+        ["bench", "throughput", "--model", "byte-0.2m", "--batch", "2", "--seq", "8", "--steps", "1", "--warmup", "0"],
+    )
     assert result.exit_code == 0, result.output
     assert "byte-0.2m" in result.output and "tokens/s (median step)" in result.output
     bad = runner.invoke(app, ["bench", "throughput", "--model", "vit-micro", "--steps", "1"])

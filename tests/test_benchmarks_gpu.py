@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from memel.benchmarks.inhibition import bench_inhibition
 from memel.benchmarks.overhead import bench_overhead
 from memel.errors import ConfigError
@@ -30,7 +31,9 @@ def test_bench_inhibition_refuses_the_native_kernel_on_cuda() -> None:
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_bench_overhead_on_cuda_counts_module_time_from_cuda_events() -> None:
-    rows = bench_overhead("byte-0.2m", batch=2, seq=16, rounds=2, warmup=2, variants=("none", "rd", "l2e"), device="cuda")
+    rows = bench_overhead(
+        "byte-0.2m", batch=2, seq=16, rounds=2, warmup=2, variants=("none", "rd", "l2e"), device="cuda"
+    )
     by_name = {row.variant: row for row in rows}
     assert by_name["none"].module_share == 0.0 and by_name["none"].ratio == 1.0
     for name in ("rd", "l2e"):

@@ -9,11 +9,13 @@ import copy
 from collections import OrderedDict
 from typing import NamedTuple
 
-import memel
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from torch import nn
+
+import memel
 from memel.analysis.case_study import (
     MODES,
     Modifier,
@@ -25,7 +27,6 @@ from memel.analysis.case_study import (
     summarize_case_study,
     verdicts,
 )
-from torch import nn
 
 
 class Batch(NamedTuple):
@@ -56,7 +57,9 @@ def test_the_modifier_is_the_inhibitor(mode: str, layout: str) -> None:
     model = nn.Sequential(OrderedDict(fc=nn.Linear(5, 6), act=nn.GELU(), out=nn.Linear(6, 2))).double()
     x = torch.randn(4, 3, 5, dtype=torch.float64)
     stats, state = trained_statistics(model, "act", torch.randn(40, 3, 5, dtype=torch.float64), layout)
-    config = memel.InhibitionConfig(mode=mode, layout=layout, late_start=0, top_n=2, kernel="eager", strength=2.0 if mode == "rd" else 1.0)
+    config = memel.InhibitionConfig(
+        mode=mode, layout=layout, late_start=0, top_n=2, kernel="eager", strength=2.0 if mode == "rd" else 1.0
+    )
 
     def run(modify: bool) -> tuple[torch.Tensor, torch.Tensor]:
         h = model.fc(x).detach().requires_grad_(True)
@@ -88,7 +91,9 @@ def test_random_selection_modifies_as_many_other_values() -> None:
     x = torch.randn(64, 10, dtype=torch.float64)
     chosen = {}
     for selection in ("top_ms", "random"):
-        modifier = Modifier(holder, {"act": stats}, "naive_a", 1.0, 1, 0.01, selection, torch.Generator().manual_seed(0))
+        modifier = Modifier(
+            holder, {"act": stats}, "naive_a", 1.0, 1, 0.01, selection, torch.Generator().manual_seed(0)
+        )
         out = holder(x)
         modifier.remove()
         assert ((out != x).sum(1) == 1).all()
@@ -147,7 +152,9 @@ def test_decrease_and_update_ratios_have_their_closed_form() -> None:
         z_new = mc + (zc - mc) * factor
         assert rows.loc[mode, "decrease_ratio"] == pytest.approx(100 * (1 - factor**2), rel=1e-9)
         assert rows.loc[mode, "update_ratio"] == pytest.approx(float(100 * (z_new / zc - 1).abs().mean()), rel=1e-9)
-        assert rows.loc[mode, "quotient"] == pytest.approx(rows.loc[mode, "decrease_ratio"] / rows.loc[mode, "update_ratio"])
+        assert rows.loc[mode, "quotient"] == pytest.approx(
+            rows.loc[mode, "decrease_ratio"] / rows.loc[mode, "update_ratio"]
+        )
     # original (out = z = target) and naive_a (no gradient through the mean) do not move anything
     for mode in ("original", "naive_a"):
         assert rows.loc[mode, "decrease_ratio"] == 0 and rows.loc[mode, "update_ratio"] == 0
@@ -159,7 +166,9 @@ def test_decrease_and_update_ratios_have_their_closed_form() -> None:
 GRADIENT_SCALE = {"original": None, "naive_a": 0.0, "naive_b": 1.0, "rd": -1.0}
 
 
-def _reproduce(model: nn.Module, mean: np.ndarray, var: np.ndarray, batch: Batch, mode: str, lr: float) -> dict[str, float]:
+def _reproduce(
+    model: nn.Module, mean: np.ndarray, var: np.ndarray, batch: Batch, mode: str, lr: float
+) -> dict[str, float]:
     """The procedure by hand: autograd, the mode as a hook, SGD by hand, phi and the ratios in NumPy."""
     model = copy.deepcopy(model)
     denominator = var + 0.01 * var.mean()
@@ -171,7 +180,9 @@ def _reproduce(model: nn.Module, mean: np.ndarray, var: np.ndarray, batch: Batch
     scale, handle = GRADIENT_SCALE[mode], None
     if scale is not None:
         mask, mu = torch.from_numpy(chosen), torch.from_numpy(mean)
-        handle = model.act.register_forward_hook(lambda _m, _a, out: torch.where(mask, scale * out + (mu - scale * out).detach(), out))
+        handle = model.act.register_forward_hook(
+            lambda _m, _a, out: torch.where(mask, scale * out + (mu - scale * out).detach(), out)
+        )
     nn.functional.cross_entropy(model(batch.inputs), batch.targets).backward()
     if handle is not None:
         handle.remove()
@@ -192,8 +203,13 @@ def test_ratios_match_an_independent_reproduction() -> None:
     torch.manual_seed(3)
     model = nn.Sequential(OrderedDict(fc1=nn.Linear(6, 16), act=nn.GELU(), fc2=nn.Linear(16, 3))).double()
     stats, _ = trained_statistics(model, "act", torch.randn(48, 6, dtype=torch.float64), "channel")
-    batches = {s: Batch(torch.randn(24, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(s)),
-                        torch.randint(0, 3, (24,), generator=torch.Generator().manual_seed(s + 100))) for s in range(3)}  # fmt: skip
+    batches = {
+        s: Batch(
+            torch.randn(24, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(s)),
+            torch.randint(0, 3, (24,), generator=torch.Generator().manual_seed(s + 100)),
+        )
+        for s in range(3)
+    }
     subject = Subject(model, OptimizerState(lr=0.5, kind="sgd"), {"act": stats}, top_n=1, eps=0.01)
     reference = copy.deepcopy(model.state_dict())
 
@@ -240,13 +256,36 @@ def test_paired_intervals_cover_zero_on_pure_noise() -> None:
     covered, verdict_counts = 0, {"reproduced": 0, "contradicted": 0, "inconclusive": 0}
     repetitions = 200
     for _ in range(repetitions):
-        rows = [{"variant": "shared", "lr_name": "run", "lr": 1e-3, "selection": "top_ms", "mode": mode, "batch": b,
-                 **{c: rng.normal(0.5, 1.0) for c in ("decrease_ratio", "decrease_ratio_pooled", "update_ratio",
-                                                       "update_ratio_all", "quotient", "alignment", "alignment_weighted")}}
-                for b in range(50) for mode in MODES]  # fmt: skip
+        rows = [
+            {
+                "variant": "shared",
+                "lr_name": "run",
+                "lr": 1e-3,
+                "selection": "top_ms",
+                "mode": mode,
+                "batch": b,
+                **{
+                    c: rng.normal(0.5, 1.0)
+                    for c in (
+                        "decrease_ratio",
+                        "decrease_ratio_pooled",
+                        "update_ratio",
+                        "update_ratio_all",
+                        "quotient",
+                        "alignment",
+                        "alignment_weighted",
+                    )
+                },
+            }
+            for b in range(50)
+            for mode in MODES
+        ]
         per_batch = pd.DataFrame(rows)
         summary = summarize_case_study(per_batch).set_index("mode")
-        low, high = summary.loc["rd", "decrease_ratio_vs_original_ci_low"], summary.loc["rd", "decrease_ratio_vs_original_ci_high"]
+        low, high = (
+            summary.loc["rd", "decrease_ratio_vs_original_ci_low"],
+            summary.loc["rd", "decrease_ratio_vs_original_ci_high"],
+        )
         covered += low <= 0 <= high
         for verdict in verdicts(per_batch)["verdict"]:
             verdict_counts[verdict] += 1
@@ -263,7 +302,9 @@ def test_no_effect_gives_zero_differences() -> None:
         model.out.weight.zero_()
     stats = Statistics(torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64), "element")
     subject = Subject(model, OptimizerState(lr=0.1, kind="sgd"), {"lin": stats})
-    batches = {s: Batch(torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)) for s in range(4)}
+    batches = {
+        s: Batch(torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)) for s in range(4)
+    }
     per_batch = case_study(subject, batches, lambda m, b: (m(b.inputs) - b.targets).square().mean())
     summary = summarize_case_study(per_batch)
     assert (summary["decrease_ratio_vs_original"].dropna() == 0).all()
@@ -276,18 +317,24 @@ def test_one_pass_leaves_no_hooks() -> None:
     assert not subject.model.lin._forward_hooks
 
 
-@pytest.mark.parametrize(("args", "expected"), [
-    (["--case-lr", "abc"], r"--case-lr: got 'abc'; allowed: run .* or a finite number > 0"),
-    (["--case-lr", "-1e-3"], r"--case-lr: got '-1e-3'"),
-    (["--case-batches", "1"], r"--case-batches: got 1; must be >= 2"),
-    (["--case-optimizer", "adam"], r"--case-optimizer: got 'adam'; allowed: run .*, sgd"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--case-lr", "abc"], r"--case-lr: got 'abc'; allowed: run .* or a finite number > 0"),
+        (["--case-lr", "-1e-3"], r"--case-lr: got '-1e-3'"),
+        (["--case-batches", "1"], r"--case-batches: got 1; must be >= 2"),
+        (["--case-optimizer", "adam"], r"--case-optimizer: got 'adam'; allowed: run .*, sgd"),
+    ],
+)
 def test_bad_case_options_are_refused_by_name(args: list[str], expected: str, tmp_path) -> None:
     import re
 
-    from memel.cli import app
     from typer.testing import CliRunner
 
-    result = CliRunner(env={"COLUMNS": "240"}).invoke(app, ["analyze", str(tmp_path), "--out", str(tmp_path / "out"), *args])
+    from memel.cli import app
+
+    result = CliRunner(env={"COLUMNS": "240"}).invoke(
+        app, ["analyze", str(tmp_path), "--out", str(tmp_path / "out"), *args]
+    )
     assert result.exit_code == 2 and re.search(expected, " ".join(result.output.split())), result.output
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()

@@ -14,7 +14,19 @@ SMOKE = str(Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml")
 
 
 @pytest.mark.parametrize(
-    "command", [["run"], ["validate"], ["tune"], ["train"], ["demo"], ["models"], ["bench", "inhibition"], ["bench", "overhead"], ["bench", "ddp"], ["bench", "parquet"]]
+    "command",
+    [
+        ["run"],
+        ["validate"],
+        ["tune"],
+        ["train"],
+        ["demo"],
+        ["models"],
+        ["bench", "inhibition"],
+        ["bench", "overhead"],
+        ["bench", "ddp"],
+        ["bench", "parquet"],
+    ],
 )
 def test_every_command_has_help_with_an_example(command: list[str]) -> None:
     result = RUNNER.invoke(app, [*command, "--help"])
@@ -27,7 +39,10 @@ def test_every_command_has_help_with_an_example(command: list[str]) -> None:
     [
         (["--set", "train.zero_stage=5"], "train.zero_stage: .*0, 1, 2 or 3"),
         (["--set", "train.global_batch_size=6"], "does not divide across workers"),
-        (["--set", "tracking.uri=file:///tmp/x", "--address", "ray://10.0.0.1:10001"], "tracking.uri: .*local to this machine"),
+        (
+            ["--set", "tracking.uri=file:///tmp/x", "--address", "ray://10.0.0.1:10001"],
+            "tracking.uri: .*local to this machine",
+        ),
     ],
 )
 def test_train_refuses_bad_specs_before_starting(args: list[str], message: str, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+
 from memel import data
 from memel.data import DataError
 
@@ -149,8 +150,16 @@ def test_jsonl_and_parquet_by_document(tmp_path):
     texts = [f"document number {i} " * 5 for i in range(10)]
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"body": t, "id": i}) for i, t in enumerate(texts[:5])))
     pq.write_table(pa.table({"body": texts[5:]}), tmp_path / "b.parquet")
-    base = dict(kind="text_lm", paths=[str(tmp_path)], text_field="body", seq_len=8, batch_size=2,
-                split_by="document", heldout_fraction=0.2, separator="|")  # fmt: skip
+    base = dict(
+        kind="text_lm",
+        paths=[str(tmp_path)],
+        text_field="body",
+        seq_len=8,
+        batch_size=2,
+        split_by="document",
+        heldout_fraction=0.2,
+        separator="|",
+    )
     train, held = data.build(base), data.build({**base, "split": "heldout"})
     train_text = b"".join(d.data for d in train.stream.segments if hasattr(d, "data"))
     held_text = b"".join(d.data for d in held.stream.segments if hasattr(d, "data"))
@@ -177,8 +186,17 @@ def test_folder_classification_labels(tmp_path):
     (tmp_path / "milton" / "regained.txt").write_bytes(b"N" * 400)
     (tmp_path / "shakespeare" / "hamlet.txt").write_bytes(b"S" * 400)
     (tmp_path / "shakespeare" / "lear.txt").write_bytes(b"T" * 400)
-    base = dict(kind="text_classification", task="folder", path=str(tmp_path), seq_len=20, batch_size=4, epochs=1,
-                split_by="file", heldout_fraction=0.5, drop_last=False)  # fmt: skip
+    base = dict(
+        kind="text_classification",
+        task="folder",
+        path=str(tmp_path),
+        seq_len=20,
+        batch_size=4,
+        epochs=1,
+        split_by="file",
+        heldout_fraction=0.5,
+        drop_last=False,
+    )
     for split in ("train", "heldout"):
         loader = data.build({**base, "split": split})
         assert loader.class_names == ["milton", "shakespeare"]
@@ -222,8 +240,18 @@ def test_glue_tsv(tmp_path):
     cola.mkdir()
     (cola / "train.tsv").write_text("gj04\t1\t\tThe sailors rode the breeze.\ngj04\t0\t*\tThe more books.\n")
     (cola / "dev.tsv").write_text("gj04\t1\t\tHe left.\n")
-    loader = data.build(dict(kind="glue", path=str(cola), text_column=3, label_column=1, header=False,
-                             seq_len=12, batch_size=2, shuffle=False))  # fmt: skip
+    loader = data.build(
+        dict(
+            kind="glue",
+            path=str(cola),
+            text_column=3,
+            label_column=1,
+            header=False,
+            seq_len=12,
+            batch_size=2,
+            shuffle=False,
+        )
+    )
     batch = next(loader)
     assert bytes(batch.inputs[0].tolist()) == b"The sailors "
     assert batch.targets.tolist() == [1, 0]
@@ -251,7 +279,9 @@ def test_image_folder_npy(tmp_path):
             value = (i + 1) * (10 if cls == "cat" else 20)
             np.save(tmp_path / cls / f"{i}.npy", np.full((6, 7, 3), value, dtype=np.uint8))
     loader = data.build(dict(kind="image_folder", path=str(tmp_path), batch_size=4, heldout_fraction=0.2))
-    held = data.build(dict(kind="image_folder", path=str(tmp_path), batch_size=2, split="heldout", heldout_fraction=0.2))
+    held = data.build(
+        dict(kind="image_folder", path=str(tmp_path), batch_size=2, split="heldout", heldout_fraction=0.2)
+    )
     assert loader.class_names == ["cat", "dog"] and loader.num_examples() == 8 and held.num_examples() == 2
     assert not {str(f) for f in loader.files} & {str(f) for f in held.files}
     batch = next(loader)
@@ -316,8 +346,17 @@ def test_rain_to_pixel_matches_hko7():
 
 
 def test_sparse_features_match_construction():
-    loader = data.build(dict(kind="sparse_features", num_features=8, input_dim=32, active_prob=0.3,
-                             noise_std=0.0, samples_per_epoch=64, batch_size=16))  # fmt: skip
+    loader = data.build(
+        dict(
+            kind="sparse_features",
+            num_features=8,
+            input_dim=32,
+            active_prob=0.3,
+            noise_std=0.0,
+            samples_per_epoch=64,
+            batch_size=16,
+        )
+    )
     batch = next(loader)
     assert batch.features.shape == (16, 8) and set(batch.features.unique().tolist()) <= {0, 1}
     assert torch.equal(batch.targets, batch.features.float())
@@ -339,7 +378,9 @@ def test_planted_text_features_are_source_one_hot():
     loader = data.build(dict(kind="planted_text", seq_len=64, batch_size=32))
     batch = next(loader)
     assert loader.class_names == ["shakespeare", "shakespeare-folio", "python-code"]
-    assert torch.equal(batch.features.argmax(1), batch.targets) and torch.equal(batch.features.sum(1), torch.ones(32, dtype=torch.long))
+    assert torch.equal(batch.features.argmax(1), batch.targets) and torch.equal(
+        batch.features.sum(1), torch.ones(32, dtype=torch.long)
+    )
     for x, y, index in zip(batch.inputs, batch.targets, loader.indices()[:32], strict=True):
         assert loader.docs[int(loader.doc_id[index])].label == loader.class_names[int(y)]
         assert torch.equal(x, torch.from_numpy(loader.passage(int(index))))

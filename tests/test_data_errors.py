@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from memel import data
 from memel.data import DataError
 

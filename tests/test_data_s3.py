@@ -7,9 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from s3_server import s3_env
+
 from memel import data
 from memel.data import DataError
-from s3_server import s3_env
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,10 @@ def test_s3_text_loader_matches_local(s3_server, bucket, tmp_path):
 
 
 def test_s3_missing_bucket(s3_server):
-    with s3_env(s3_server), pytest.raises(DataError, match=r"paths: got 's3://no-such-bucket/x'.*bucket 'no-such-bucket' does not exist"):
+    with (
+        s3_env(s3_server),
+        pytest.raises(DataError, match=r"paths: got 's3://no-such-bucket/x'.*bucket 'no-such-bucket' does not exist"),
+    ):
         data.build(dict(kind="text_lm", paths=["s3://no-such-bucket/x"]))
 
 

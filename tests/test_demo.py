@@ -22,6 +22,9 @@ def test_demo_trains_with_and_without_inhibition() -> None:
 
 
 def test_demo_command_prints_the_comparison() -> None:
-    result = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["demo", "--steps", "12", "--batch-size", "2", "--seq-len", "16", "--mode", "original", "--mode", "naive_b"])
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(
+        app,
+        ["demo", "--steps", "12", "--batch-size", "2", "--seq-len", "16", "--mode", "original", "--mode", "naive_b"],
+    )
     assert result.exit_code == 0, result.output
     assert "held-out loss" in result.output and "naive_b" in result.output

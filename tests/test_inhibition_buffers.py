@@ -4,10 +4,10 @@ more, never while the user (or autograd) still holds that tensor or a view of it
 
 from __future__ import annotations
 
-import memel
 import pytest
 import torch
 
+import memel
 
 pytestmark = pytest.mark.usefixtures("native_kernel")
 

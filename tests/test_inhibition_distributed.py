@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import memel
 import pytest
 import torch
 from distributed import counting_all_reduce, run_distributed
 from torch import nn
+
+import memel
 
 STEPS = 7
 CONFIG = dict(mode="rd", top_n=2, forget_steps=3, late_start=2, stats_update="step")
@@ -101,11 +102,14 @@ def test_two_ranks_hold_the_global_statistics(tmp_path: Path, micro: int, async_
         )
 
 
-
 #: Inhibition settings whose input gradients 2 ranks must share with 1 process on the whole batch.
 GRADIENT_CASES = {
     f"{mode}-{select}-{update}": dict(
-        mode=mode, select=select, stats_update=update, forget_steps=3, late_start=2,
+        mode=mode,
+        select=select,
+        stats_update=update,
+        forget_steps=3,
+        late_start=2,
         **({"top_n": 2} if select == "top_n" else {"fraction": 0.05}),
         **({"strength": 2.0} if mode == "rd" else {}),
     )
@@ -113,7 +117,7 @@ GRADIENT_CASES = {
     for select in ("top_n", "threshold")
     for update in ("call", "step")
     if not (mode == "l2e" and select == "threshold")  # a per-rank mean over rank-dependent counts
-}  # fmt: skip
+}
 
 
 def _input_gradients(config: dict, batches: list[torch.Tensor], loss_share: float) -> dict:
@@ -182,7 +186,9 @@ def _subgroup_worker(rank: int, world_size: int, out_dir: str) -> None:
         "module": {n: m.snapshot(reset=False).as_numpy() for n, m in found.items()},
         "model": {n: s.as_numpy() for n, s in memel.snapshot(model, reset=False).items()},
         # an explicit group overrides the modules' own
-        "world": {n: s.as_numpy() for n, s in memel.snapshot(model, reset=False, process_group=dist.group.WORLD).items()},
+        "world": {
+            n: s.as_numpy() for n, s in memel.snapshot(model, reset=False, process_group=dist.group.WORLD).items()
+        },
         "mean": {n: m.statistics()["mean"] for n, m in found.items()},
     }
     torch.save(record, Path(out_dir) / f"subgroup{rank}.pt")

@@ -8,12 +8,12 @@ two steps, so both must give the same bits.
 
 from __future__ import annotations
 
-import memel
-import memel.inhibition.module as inhibitor_module
 import pytest
 import torch
-from memel.inhibition.sync import sync_inhibitors
 
+import memel
+import memel.inhibition.module as inhibitor_module
+from memel.inhibition.sync import sync_inhibitors
 
 pytestmark = pytest.mark.usefixtures("native_kernel")
 
@@ -41,7 +41,9 @@ def _batches(shape: tuple[int, ...], dtype: torch.dtype, count: int, seed: int) 
         batch = torch.randn(*shape, generator=generator) * (1 + 0.3 * i) + 0.2 * i
         if i in (2, 5):
             flat = batch.view(-1)
-            flat[torch.randint(flat.numel(), (3,), generator=generator)] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+            flat[torch.randint(flat.numel(), (3,), generator=generator)] = torch.tensor(
+                [float("nan"), float("inf"), -float("inf")]
+            )
         batches.append(batch.to(dtype))
     return batches
 

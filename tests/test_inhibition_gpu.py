@@ -27,7 +27,10 @@ def test_cuda_matches_cpu(kernel: str, dtype: torch.dtype) -> None:
             out = inhibitor(z)
             out.float().square().sum().backward()
             outputs.append((out.detach().float().cpu(), z.grad.float().cpu()))
-        results[device] = (outputs, {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in inhibitor.statistics().items()})
+        results[device] = (
+            outputs,
+            {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in inhibitor.statistics().items()},
+        )
     tolerance = 1e-4 if dtype == torch.float32 else 2e-2
     for (cpu_out, cpu_grad), (gpu_out, gpu_grad) in zip(results["cpu"][0], results["cuda"][0]):
         torch.testing.assert_close(gpu_out, cpu_out, rtol=tolerance, atol=tolerance)

@@ -8,15 +8,16 @@ import math
 import warnings
 from pathlib import Path
 
-import memel
 import numpy as np
 import pytest
 import torch
 from distributed import counting_all_reduce, run_distributed
-from memel.inhibition import kernels, native
-from memel.inhibition.config import initial_threshold
 from reference import PaperStatistics
 from torch import nn
+
+import memel
+from memel.inhibition import kernels, native
+from memel.inhibition.config import initial_threshold
 
 
 def _stationary(kind: str, seed: int, calls: int, samples: int, neurons: int) -> list[torch.Tensor]:
@@ -111,9 +112,15 @@ def test_threshold_update_rule_by_hand() -> None:
 @pytest.mark.parametrize("layout", ["channel", "element"])
 def test_threshold_inhibits_exactly_the_values_above_tau(mode: str, strength: float, kernel: str, layout: str) -> None:
     config = memel.InhibitionConfig(
-        mode=mode, strength=strength, select="threshold", fraction=0.05, forget_steps=4, late_start=3,
-        layout=layout, kernel=kernel,
-    )  # fmt: skip
+        mode=mode,
+        strength=strength,
+        select="threshold",
+        fraction=0.05,
+        forget_steps=4,
+        late_start=3,
+        layout=layout,
+        kernel=kernel,
+    )
     inhibitor = memel.Inhibitor(config)
     reference = PaperStatistics(forget_steps=4)
     d = {"rd": strength, "naive_a": 0.0, "naive_b": -1.0}.get(mode)
@@ -135,7 +142,9 @@ def test_threshold_inhibits_exactly_the_values_above_tau(mode: str, strength: fl
         counts = _rows(mask, layout).sum(0)
         assert np.array_equal((inhibitor.window[0] - before[0]).numpy(), counts)
         inhibiting = index >= 3 and d is not None
-        assert np.array_equal((inhibitor.window[1] - before[1]).numpy(), counts if index >= 3 and mode != "original" else 0 * counts)
+        assert np.array_equal(
+            (inhibitor.window[1] - before[1]).numpy(), counts if index >= 3 and mode != "original" else 0 * counts
+        )
         mu = torch.as_tensor(reference.mean, dtype=torch.float32)
         mu = mu.reshape(4, 6) if layout == "element" else mu.reshape(6)
         if inhibiting:
@@ -176,7 +185,9 @@ def test_native_threshold_selection_equals_eager() -> None:
             cut = torch.tensor(1.9).float()
             eager = kernels.eager_measure(values, mean, scale, 1, 3.0, True, True, cut)
             for threads in (1, 2, 3):
-                fused = native.native_measure(values, mean, scale, 1, 3.0, True, True, threads, select_threshold=float(cut))
+                fused = native.native_measure(
+                    values, mean, scale, 1, 3.0, True, True, threads, select_threshold=float(cut)
+                )
                 assert fused is not None
                 assert torch.equal(fused[4], eager[4]), (samples, neurons, dtype, threads)
                 assert torch.equal(fused[3], eager[3])
@@ -638,13 +649,23 @@ def test_auxiliary_loss_is_zero_when_nothing_is_selected_or_mode_is_not_l2e() ->
 # ---------------------------------------------------------------------------------------
 # data parallel: tau rides in the one collective
 STEPS = 10
-CONFIG = {"mode": "rd", "select": "threshold", "fraction": 0.05, "forget_steps": 3, "late_start": 2, "stats_update": "step"}
+CONFIG = {
+    "mode": "rd",
+    "select": "threshold",
+    "fraction": 0.05,
+    "forget_steps": 3,
+    "late_start": 2,
+    "stats_update": "step",
+}
 
 
 def _data() -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(21)
     # the two halves (one per rank) differ: a rank-local update would give different taus
-    return [torch.cat([torch.randn(8, 6, 16, generator=generator), torch.randn(8, 6, 16, generator=generator) * 3 + 1]) for _ in range(STEPS)]
+    return [
+        torch.cat([torch.randn(8, 6, 16, generator=generator), torch.randn(8, 6, 16, generator=generator) * 3 + 1])
+        for _ in range(STEPS)
+    ]
 
 
 def _train(host: _Host, batches: list[torch.Tensor]) -> dict:

@@ -8,26 +8,22 @@ from __future__ import annotations
 
 import warnings
 
-import memel
 import pytest
 import torch
-from memel.inhibition import kernels, native
 
+import memel
+from memel.inhibition import kernels, native
 
 pytestmark = pytest.mark.usefixtures("native_kernel")
 
 
-def _case(
-    samples: int, neurons: int, dtype: torch.dtype, seed: int, special: bool
-) -> tuple:
+def _case(samples: int, neurons: int, dtype: torch.dtype, seed: int, special: bool) -> tuple:
     """Random values (no ties within a row) with, optionally, NaN/+inf/-inf in some rows
     (at most one non-finite value per row, so that the top-n set is unique)."""
     generator = torch.Generator().manual_seed(seed)
     values = (torch.randn(samples, neurons, generator=generator) * 2 + 0.5).to(dtype)
     if special:
-        rows = torch.randperm(samples, generator=generator)[
-            : max(3, samples // 3)
-        ].tolist()
+        rows = torch.randperm(samples, generator=generator)[: max(3, samples // 3)].tolist()
         for k, row in enumerate(rows):
             column = int(torch.randint(neurons, (1,), generator=generator))
             values[row, column] = (float("nan"), float("inf"), float("-inf"))[k % 3]
@@ -42,9 +38,7 @@ def _bits(tensor: torch.Tensor) -> torch.Tensor:
 
 def _assert_same(values, mean, scale, top_n, track, copy, threads) -> None:
     eager = kernels.eager_measure(values, mean, scale, top_n, 3.0, track, copy)
-    fused = native.native_measure(
-        values, mean, scale, top_n, 3.0, track, copy, threads=threads
-    )
+    fused = native.native_measure(values, mean, scale, top_n, 3.0, track, copy, threads=threads)
     assert fused is not None
     sum_d, sum_d2, max_scaled, above, selected, copied = fused
     e_sum_d, e_sum_d2, e_max, e_above, e_selected, e_copy = eager
@@ -55,15 +49,10 @@ def _assert_same(values, mean, scale, top_n, track, copy, threads) -> None:
     finite = torch.isfinite(e_sum_d)
     assert torch.equal(finite, torch.isfinite(sum_d))
     assert torch.equal(torch.isnan(e_sum_d), torch.isnan(sum_d))
-    assert (
-        (sum_d - e_sum_d).abs()[finite].double() <= 1e-5 * spread[finite] + 1e-6
-    ).all()
+    assert ((sum_d - e_sum_d).abs()[finite].double() <= 1e-5 * spread[finite] + 1e-6).all()
     torch.testing.assert_close(sum_d2, e_sum_d2, rtol=1e-5, atol=1e-6, equal_nan=True)
     # selection: the same set per row
-    assert (
-        selected.shape == e_selected.shape == (values.shape[0], top_n)
-        and selected.dtype == torch.int64
-    )
+    assert selected.shape == e_selected.shape == (values.shape[0], top_n) and selected.dtype == torch.int64
     assert torch.equal(selected.sort(1).values, e_selected.sort(1).values)
     if track:
         assert max_scaled.dtype == torch.float32 and above.dtype == torch.int32
@@ -72,11 +61,7 @@ def _assert_same(values, mean, scale, top_n, track, copy, threads) -> None:
     else:
         assert max_scaled is None and above is None
     if copy:
-        assert (
-            copied.dtype == values.dtype
-            and copied.is_contiguous()
-            and copied.data_ptr() != values.data_ptr()
-        )
+        assert copied.dtype == values.dtype and copied.is_contiguous() and copied.data_ptr() != values.data_ptr()
         assert torch.equal(_bits(copied), _bits(e_copy))
     else:
         assert copied is None
@@ -93,13 +78,9 @@ SHAPES = {
 @pytest.mark.parametrize("top_n", [1, 3, 17])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("special", [False, True], ids=["finite", "nan_inf"])
-def test_native_equals_eager(
-    shape: str, top_n: int, dtype: torch.dtype, special: bool
-) -> None:
+def test_native_equals_eager(shape: str, top_n: int, dtype: torch.dtype, special: bool) -> None:
     samples, neurons = SHAPES[shape]
-    values, mean, scale = _case(
-        samples, neurons, dtype, seed=top_n * 7 + samples, special=special
-    )
+    values, mean, scale = _case(samples, neurons, dtype, seed=top_n * 7 + samples, special=special)
     for track, copy in ((True, True), (False, False), (True, False), (False, True)):
         for threads in (1, 2, 3):
             _assert_same(values, mean, scale, top_n, track, copy, threads)
@@ -118,9 +99,7 @@ def test_native_sums_are_accurate_over_many_samples() -> None:
     scale = torch.ones(64)
     sum_d, sum_d2, *_ = native.native_measure(values, mean, scale, 1, 3.0, False, False)
     d = values.double() - mean.double()
-    torch.testing.assert_close(
-        sum_d.double(), d.sum(0), rtol=1e-6, atol=1e-6 * d.abs().sum(0).max().item()
-    )
+    torch.testing.assert_close(sum_d.double(), d.sum(0), rtol=1e-6, atol=1e-6 * d.abs().sum(0).max().item())
     torch.testing.assert_close(sum_d2.double(), d.square().sum(0), rtol=1e-6, atol=0.0)
 
 
@@ -132,36 +111,21 @@ def test_native_ties_and_nan_rank_like_torch() -> None:
     values[9, 3] = float("inf")
     mean, scale = torch.zeros(300), torch.ones(300)
     for threads in (1, 2, 3):
-        _, _, max_scaled, above, selected, _ = native.native_measure(
-            values, mean, scale, 1, 0.5, True, False, threads
-        )
+        _, _, max_scaled, above, selected, _ = native.native_measure(values, mean, scale, 1, 0.5, True, False, threads)
         expected = torch.zeros(200, 1, dtype=torch.int64)
         expected[7, 0], expected[9, 0] = 5, 250
         assert torch.equal(selected, expected)
-        assert (
-            torch.isnan(max_scaled[5])
-            and torch.isnan(max_scaled[250])
-            and torch.isinf(max_scaled[3])
-        )
+        assert torch.isnan(max_scaled[5]) and torch.isnan(max_scaled[250]) and torch.isinf(max_scaled[3])
         assert int(above.sum()) == 1  # the inf; NaN is never above the threshold
-        _, _, _, _, selected2, _ = native.native_measure(
-            values, mean, scale, 2, 0.5, False, False, threads
-        )
+        _, _, _, _, selected2, _ = native.native_measure(values, mean, scale, 2, 0.5, False, False, threads)
         assert set(selected2[9].tolist()) == {250, 3} and 5 in selected2[7].tolist()
 
 
-@pytest.mark.parametrize(
-    "layout,shape", [("channel", (4, 130, 96)), ("element", (6, 8, 1200))]
-)
-def test_native_kernel_matches_eager_end_to_end(
-    layout: str, shape: tuple[int, ...]
-) -> None:
+@pytest.mark.parametrize("layout,shape", [("channel", (4, 130, 96)), ("element", (6, 8, 1200))])
+def test_native_kernel_matches_eager_end_to_end(layout: str, shape: tuple[int, ...]) -> None:
     """memel.Inhibitor(kernel="native") selects, modifies, back-propagates and tracks like eager."""
     generator = torch.Generator().manual_seed(3)
-    batches = [
-        torch.randn(*shape, generator=generator) * (1 + 0.2 * i) + 0.1 * i
-        for i in range(6)
-    ]
+    batches = [torch.randn(*shape, generator=generator) * (1 + 0.2 * i) + 0.1 * i for i in range(6)]
     upstream = [torch.randn(*shape, generator=generator) for _ in batches]
     results = {}
     for kernel in ("eager", "native"):
@@ -208,27 +172,19 @@ def test_native_falls_back_to_eager_with_one_warning(
     values, mean, scale = _case(40, 30, torch.float32, seed=1, special=False)
     expected = kernels.measure(values, mean, scale, 2, 3.0, True, True, "eager")
     monkeypatch.setattr(native, "_module", None)
-    monkeypatch.setattr(
-        native, "_failed", "RuntimeError: Ninja is required to load C++ extensions"
-    )
+    monkeypatch.setattr(native, "_failed", "RuntimeError: Ninja is required to load C++ extensions")
     monkeypatch.setattr(native, "_warned", set())
     with pytest.warns(RuntimeWarning, match="could not be built"):
         got = kernels.measure(values, mean, scale, 2, 3.0, True, True, "native")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        again = kernels.measure(
-            values, mean, scale, 2, 3.0, True, True, "native"
-        )  # warned once only
+        again = kernels.measure(values, mean, scale, 2, 3.0, True, True, "native")  # warned once only
     for result in (got, again):
-        assert torch.equal(result.selected, expected.selected) and torch.equal(
-            result.sum_d, expected.sum_d
-        )
+        assert torch.equal(result.selected, expected.selected) and torch.equal(result.sum_d, expected.sum_d)
     monkeypatch.undo()
     monkeypatch.setattr(native, "_warned", set())
     with pytest.warns(RuntimeWarning, match="supports CPU float32/bfloat16/float16"):
-        got = kernels.measure(
-            values.double(), mean, scale, 2, 3.0, True, False, "native"
-        )
+        got = kernels.measure(values.double(), mean, scale, 2, 3.0, True, False, "native")
     assert torch.equal(
         got.selected,
         kernels.measure(values.double(), mean, scale, 2, 3.0, True, False).selected,
@@ -256,8 +212,7 @@ def test_native_large_copy_uses_its_own_buffer_and_autograd_accepts_it() -> None
     values, mean, scale = _case(1100, 1000, torch.float32, seed=8, special=True)
     _assert_same(values, mean, scale, 3, True, True, threads=0)
     inhibitors = {
-        k: memel.Inhibitor(mode="rd", top_n=2, late_start=1, forget_steps=2, kernel=k)
-        for k in ("eager", "native")
+        k: memel.Inhibitor(mode="rd", top_n=2, late_start=1, forget_steps=2, kernel=k) for k in ("eager", "native")
     }
     for batch in (
         values.nan_to_num(0.0, 0.0, 0.0),
@@ -296,6 +251,7 @@ def both_passes():
 def _raw(results) -> list:
     """Every tensor's raw bits, for bit-for-bit comparison (NaNs as one NaN: which NaN a sum
     of NaN and inf terms gives depends on operand order, and means nothing)."""
+
     def raw(r: torch.Tensor) -> torch.Tensor:
         if r.dtype != torch.float32:
             return r
@@ -359,7 +315,16 @@ def test_vector_pass_in_the_fused_training_path(both_passes) -> None:
             batch = torch.randn(8, 40, 333, generator=generator) * (1 + step) + step
             outputs.append(inhibitor(batch.requires_grad_(True)).detach().clone())
         snap = inhibitor.snapshot()
-        return [*outputs, snap.mean, snap.var, snap.count, snap.max_ms, snap.mean_ms, snap.frac_above, snap.selected_count]
+        return [
+            *outputs,
+            snap.mean,
+            snap.var,
+            snap.count,
+            snap.max_ms,
+            snap.mean_ms,
+            snap.frac_above,
+            snap.selected_count,
+        ]
 
     portable, vector = both_passes(train)
     for a, b in zip(_raw(portable), _raw(vector), strict=True):

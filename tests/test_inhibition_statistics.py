@@ -3,12 +3,13 @@ NumPy float64: batch moments from shifted sums, Lemma 3.2 with the forget step, 
 
 from __future__ import annotations
 
-import memel
 import numpy as np
 import pytest
 import torch
-from memel.inhibition.statistics import Moments, merge_history
 from reference import PaperStatistics, top_n
+
+import memel
+from memel.inhibition.statistics import Moments, merge_history
 
 
 def _ragged_samples() -> list[np.ndarray]:

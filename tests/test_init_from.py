@@ -28,7 +28,9 @@ def test_a_missing_checkpoint_is_refused_before_anything_starts(command: str, tm
 
     out = tmp_path / "out"
     missing = f"model.init_from={tmp_path / 'nope'}"
-    result = RUNNER.invoke(app, [command, str(JOBS / "gain_encoder_finetune.yaml"), "--set", missing, "--set", f"output_dir={out}"])
+    result = RUNNER.invoke(
+        app, [command, str(JOBS / "gain_encoder_finetune.yaml"), "--set", missing, "--set", f"output_dir={out}"]
+    )
     assert result.exit_code == 2, result.output
     assert len(_error_lines(result.output)) == 1 and "model.init_from: no such path" in result.output, result.output
     assert "Traceback" not in result.output and not out.exists() and not ray.is_initialized()
@@ -43,8 +45,11 @@ def test_train_refuses_a_folder_that_is_not_a_finished_run(tmp_path: Path) -> No
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
     (unfinished / "summary.json").write_text(json.dumps({"checkpoint": None}))
-    for folder, message in ((sweep, "is a sweep folder; name one of its members, e.g. .*m-original-s0"),
-                            (unfinished, "names no checkpoint"), (tmp_path, "is not a checkpoint")):  # fmt: skip
+    for folder, message in (
+        (sweep, "is a sweep folder; name one of its members, e.g. .*m-original-s0"),
+        (unfinished, "names no checkpoint"),
+        (tmp_path, "is not a checkpoint"),
+    ):
         spec.write_text(yaml.safe_dump({**tree, "model": {**tree["model"], "init_from": str(folder)}}))
         result = RUNNER.invoke(app, ["train", str(spec), "--set", f"output_dir={tmp_path / 'out'}"])
         assert result.exit_code == 2 and len(_error_lines(result.output)) == 1, result.output
@@ -89,8 +94,10 @@ def test_a_fine_tune_starts_from_the_pretrained_weights(tmp_path: Path) -> None:
     from memel.training import load_spec, run_training
 
     pretrained = tmp_path / "pretrain"
-    spec = load_spec(JOBS / "gain_encoder_pretrain.yaml", [*DATA, *TINY, "train.steps=6", "train.workers=1",
-                                                             "checkpoint.every=6", f"output_dir={pretrained}"])  # fmt: skip
+    spec = load_spec(
+        JOBS / "gain_encoder_pretrain.yaml",
+        [*DATA, *TINY, "train.steps=6", "train.workers=1", "checkpoint.every=6", f"output_dir={pretrained}"],
+    )
     first = run_training(spec)
     loss, accuracy, items = _heldout_reference(pretrained)
     held = build_loader({**spec.data, "batch_size": 8, "split": "heldout"}).num_examples()
@@ -99,10 +106,21 @@ def test_a_fine_tune_starts_from_the_pretrained_weights(tmp_path: Path) -> None:
     assert first.metrics["heldout/accuracy"] == pytest.approx(accuracy)
 
     inhibition = "inhibition={mode: rd, layout: element, top_n: 1, forget_steps: 1, late_start: 1}"
-    tuned = load_spec(JOBS / "gain_encoder_pretrain.yaml", [
-        *DATA, *TINY, "train.steps=2", "train.workers=2", "checkpoint.every=2", "train.seed=3",
-        "model.targets=[layers.0, layers.1]", inhibition, f"model.init_from={pretrained}", f"output_dir={tmp_path / 'tune'}",
-    ])  # fmt: skip
+    tuned = load_spec(
+        JOBS / "gain_encoder_pretrain.yaml",
+        [
+            *DATA,
+            *TINY,
+            "train.steps=2",
+            "train.workers=2",
+            "checkpoint.every=2",
+            "train.seed=3",
+            "model.targets=[layers.0, layers.1]",
+            inhibition,
+            f"model.init_from={pretrained}",
+            f"output_dir={tmp_path / 'tune'}",
+        ],
+    )
     second = run_training(tuned)
     assert second.metrics["init/items"] == held, "the full held-out set, every sample once, across 2 ranks"
     assert second.metrics["init/loss"] == pytest.approx(loss, rel=1e-5)
@@ -137,8 +155,18 @@ def test_the_final_nowcast_evaluation_gives_b_mse_and_b_mae_over_every_sequence(
 
     torch.manual_seed(0)
     model = build_model("convgru")
-    data = {"kind": "nowcast", "size": 16, "input_frames": 2, "output_frames": 3, "samples_per_epoch": 7, "split": "heldout",
-            "shuffle": False, "epochs": 1, "drop_last": False, "batch_size": 3}  # fmt: skip
+    data = {
+        "kind": "nowcast",
+        "size": 16,
+        "input_frames": 2,
+        "output_frames": 3,
+        "samples_per_epoch": 7,
+        "split": "heldout",
+        "shuffle": False,
+        "epochs": 1,
+        "drop_last": False,
+        "batch_size": 3,
+    }
     metrics = evaluate(Engine(model), build_loader(data), 100, "nowcast", torch.device("cpu"), count=True)
     everything = next(iter(build_loader({**data, "batch_size": 7})))
     model.eval()
@@ -152,8 +180,19 @@ def test_the_final_nowcast_evaluation_gives_b_mse_and_b_mae_over_every_sequence(
 
 @pytest.mark.parametrize("value", ["some", "0", "true"])
 def test_a_bad_final_evaluation_is_refused(value: str, tmp_path: Path) -> None:
-    result = RUNNER.invoke(app, ["train", str(JOBS / "gain_encoder_pretrain.yaml"), "--set", f"eval.final={value}",
-                                 "--set", f"output_dir={tmp_path / 'out'}"])  # fmt: skip
+    result = RUNNER.invoke(
+        app,
+        [
+            "train",
+            str(JOBS / "gain_encoder_pretrain.yaml"),
+            "--set",
+            f"eval.final={value}",
+            "--set",
+            f"output_dir={tmp_path / 'out'}",
+        ],
+    )
     assert result.exit_code == 2 and len(_error_lines(result.output)) == 1, result.output
-    assert "eval.final: use all (every held-out sample once) or a number of batches >= 1" in " ".join(result.output.split())
+    assert "eval.final: use all (every held-out sample once) or a number of batches >= 1" in " ".join(
+        result.output.split()
+    )
     assert not (tmp_path / "out").exists()

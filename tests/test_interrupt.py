@@ -27,7 +27,9 @@ def test_the_root_cause_of_a_worker_failure_comes_first() -> None:
     assert describe(failure) == "PermissionError: [Errno 13] Permission denied: '/runs/out/checkpoints/x'"
 
 
-def test_a_stopped_run_ends_killed_and_a_broken_store_does_not_hide_the_cause(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+def test_a_stopped_run_ends_killed_and_a_broken_store_does_not_hide_the_cause(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     uri = default_tracking_uri(tmp_path / "out")
     tracker = MlflowTracker(uri, "stop")
     run_id = tracker.start()
@@ -43,4 +45,7 @@ def test_a_stopped_run_ends_killed_and_a_broken_store_does_not_hide_the_cause(tm
 
 
 def test_the_resume_command_is_the_command_line_again() -> None:
-    assert resume_command(["/usr/bin/memel", "run", "jobs/a b.yaml", "--set", "x=[1, 2]"]) == "memel run 'jobs/a b.yaml' --set 'x=[1, 2]'"
+    assert (
+        resume_command(["/usr/bin/memel", "run", "jobs/a b.yaml", "--set", "x=[1, 2]"])
+        == "memel run 'jobs/a b.yaml' --set 'x=[1, 2]'"
+    )

@@ -43,40 +43,123 @@ def _with(**changes: Any) -> dict[str, Any]:
 TUNE = {"trials": 3}
 MALFORMED: list[tuple[str, dict[str, Any], str]] = [
     ("unknown-section", _with(trainn={"steps": 3}), r"job\.trainn: unknown field; allowed fields: name, model, data"),
-    ("unknown-train-key", _with(train={"stepz": 3}), r"job\.train\.stepz: unknown field; allowed fields: steps, global_batch_size"),
+    (
+        "unknown-train-key",
+        _with(train={"stepz": 3}),
+        r"job\.train\.stepz: unknown field; allowed fields: steps, global_batch_size",
+    ),
     ("zero-steps", _with(train={"steps": 0}), r"job\.train\.steps: .*greater than or equal to 1 \(got 0\)"),
     ("zero-stage-4", _with(train={"zero_stage": 4}), r"job\.train\.zero_stage: ZeRO stage must be 0, 1, 2 or 3, got 4"),
-    ("batch-does-not-divide", _with(train={"global_batch_size": 12}), r"global_batch_size=12 does not divide .* use a multiple of 16"),
+    (
+        "batch-does-not-divide",
+        _with(train={"global_batch_size": 12}),
+        r"global_batch_size=12 does not divide .* use a multiple of 16",
+    ),
     ("bf16-on-cpu", _with(train={"precision": "bf16"}), r"precision='bf16' needs use_gpu: true"),
-    ("bad-mode", _with(inhibition={"mode": "reverse"}), r"job\.inhibition\.mode: .*'rd', 'naive_a', 'naive_b', 'original' or 'l2e' \(got 'reverse'\)"),
-    ("strength-on-naive", _with(inhibition={"mode": "naive_a", "strength": 2.0}), r"strength=2.0 is only used by mode 'rd'"),
-    ("unknown-model", _with(model={"name": "pythia-3b"}, sweep=None), r"model: unknown name 'pythia-3b'; known models: pythia-14m"),
-    ("unknown-preset", _with(model={"preset": "everywhere"}, sweep=None), r"unknown preset 'everywhere'; allowed for this model: mlp"),
-    ("paper-preset-layout-channel", _with(model={"preset": "paper"}, inhibition={"layout": "channel"}),
-     r"inhibition\.layout: 'channel' contradicts model\.preset 'paper'.* set inhibition\.layout: element"),
+    (
+        "bad-mode",
+        _with(inhibition={"mode": "reverse"}),
+        r"job\.inhibition\.mode: .*'rd', 'naive_a', 'naive_b', 'original' or 'l2e' \(got 'reverse'\)",
+    ),
+    (
+        "strength-on-naive",
+        _with(inhibition={"mode": "naive_a", "strength": 2.0}),
+        r"strength=2.0 is only used by mode 'rd'",
+    ),
+    (
+        "unknown-model",
+        _with(model={"name": "pythia-3b"}, sweep=None),
+        r"model: unknown name 'pythia-3b'; known models: pythia-14m",
+    ),
+    (
+        "unknown-preset",
+        _with(model={"preset": "everywhere"}, sweep=None),
+        r"unknown preset 'everywhere'; allowed for this model: mlp",
+    ),
+    (
+        "paper-preset-layout-channel",
+        _with(model={"preset": "paper"}, inhibition={"layout": "channel"}),
+        r"inhibition\.layout: 'channel' contradicts model\.preset 'paper'.* set inhibition\.layout: element",
+    ),
     ("bad-data-kind", _with(data={"kind": "video"}), r"data: .*video"),
     ("bad-name", _with(name="my job"), r"job\.name: .*pattern"),
-    ("unknown-rung", _with(sweep={"rungs": ["byte-0.2m", "pythia-3b"]}), r"sweep member pythia-3b-original: model: unknown name 'pythia-3b'"),
+    (
+        "unknown-rung",
+        _with(sweep={"rungs": ["byte-0.2m", "pythia-3b"]}),
+        r"sweep member pythia-3b-original: model: unknown name 'pythia-3b'",
+    ),
     ("duplicate-mode", _with(sweep={"modes": ["rd", "rd"]}), r"job\.sweep\.modes: lists a value twice: \['rd', 'rd'\]"),
     ("duplicate-rung", _with(sweep={"rungs": ["byte-1m", "byte-1m"]}), r"job\.sweep\.rungs: lists a model twice"),
-    ("unknown-sweep-key", _with(sweep={"rungz": ["byte-1m"]}), r"job\.sweep\.rungz: unknown field; allowed fields: rungs, modes, strengths"),
-    ("zero-concurrency", _with(sweep={"max_concurrent": 0}), r"job\.sweep\.max_concurrent: .*greater than or equal to 1"),
-    ("rung-setting-unknown", _with(sweep={"rungs": [{"model": "byte-1m", "set": {"train.stepz": 3}}]}), r"sweep member byte-1m-original: train\.stepz: unknown field"),
-    ("rung-setting-bad-value", _with(sweep={"rungs": [{"model": "byte-1m", "set": {"train.lr": -1}}]}), r"sweep member byte-1m-original: train\.lr: .*greater than 0"),
+    (
+        "unknown-sweep-key",
+        _with(sweep={"rungz": ["byte-1m"]}),
+        r"job\.sweep\.rungz: unknown field; allowed fields: rungs, modes, strengths",
+    ),
+    (
+        "zero-concurrency",
+        _with(sweep={"max_concurrent": 0}),
+        r"job\.sweep\.max_concurrent: .*greater than or equal to 1",
+    ),
+    (
+        "rung-setting-unknown",
+        _with(sweep={"rungs": [{"model": "byte-1m", "set": {"train.stepz": 3}}]}),
+        r"sweep member byte-1m-original: train\.stepz: unknown field",
+    ),
+    (
+        "rung-setting-bad-value",
+        _with(sweep={"rungs": [{"model": "byte-1m", "set": {"train.lr": -1}}]}),
+        r"sweep member byte-1m-original: train\.lr: .*greater than 0",
+    ),
     ("sweep-and-tune", _with(tune=TUNE), r"has both sweep and tune sections"),
-    ("tune-bad-storage", _with(sweep=None, tune={"storage": "redis://127.0.0.1/0"}), r"job\.tune\.storage: unsupported storage URL 'redis://127.0.0.1/0'; allowed schemes: sqlite:///"),
-    ("tune-sqlite-parallel", _with(sweep=None, tune={"parallel": 2, "storage": "sqlite:///x.db"}), r"SQLite, which is not safe for 2 parallel trials; use postgresql"),
-    ("tune-range-reversed", _with(sweep=None, tune={"space": {"strength": {"low": 10, "high": 1}}}), r"job\.tune\.space\.strength: needs finite low <= high, got low=10.0, high=1.0"),
-    ("tune-log-from-zero", _with(sweep=None, tune={"space": {"strength": {"low": 0, "high": 1, "log": True}}}), r"log=true needs low > 0"),
-    ("tune-grid-with-tpe", _with(sweep=None, tune={"grid": "paper", "sampler": "tpe"}), r"grid: 'paper' needs sampler: grid \(got sampler: 'tpe'\)"),
-    ("tune-direction", _with(sweep=None, tune={"direction": "sideways"}), r"job\.tune\.direction: .*'minimize' or 'maximize'"),
-    ("tune-empty-choices", _with(sweep=None, tune={"space": {"top_n": []}}), r"job\.tune\.space\.top_n: needs distinct choices, got \[\]"),
-    ("tune-negative-late-start", _with(sweep=None, tune={"space": {"late_start": {"low": -1, "high": 3}}}), r"job\.tune\.space\.late_start: needs low >= 0"),
-]  # fmt: skip
+    (
+        "tune-bad-storage",
+        _with(sweep=None, tune={"storage": "redis://127.0.0.1/0"}),
+        r"job\.tune\.storage: unsupported storage URL 'redis://127.0.0.1/0'; allowed schemes: sqlite:///",
+    ),
+    (
+        "tune-sqlite-parallel",
+        _with(sweep=None, tune={"parallel": 2, "storage": "sqlite:///x.db"}),
+        r"SQLite, which is not safe for 2 parallel trials; use postgresql",
+    ),
+    (
+        "tune-range-reversed",
+        _with(sweep=None, tune={"space": {"strength": {"low": 10, "high": 1}}}),
+        r"job\.tune\.space\.strength: needs finite low <= high, got low=10.0, high=1.0",
+    ),
+    (
+        "tune-log-from-zero",
+        _with(sweep=None, tune={"space": {"strength": {"low": 0, "high": 1, "log": True}}}),
+        r"log=true needs low > 0",
+    ),
+    (
+        "tune-grid-with-tpe",
+        _with(sweep=None, tune={"grid": "paper", "sampler": "tpe"}),
+        r"grid: 'paper' needs sampler: grid \(got sampler: 'tpe'\)",
+    ),
+    (
+        "tune-direction",
+        _with(sweep=None, tune={"direction": "sideways"}),
+        r"job\.tune\.direction: .*'minimize' or 'maximize'",
+    ),
+    (
+        "tune-empty-choices",
+        _with(sweep=None, tune={"space": {"top_n": []}}),
+        r"job\.tune\.space\.top_n: needs distinct choices, got \[\]",
+    ),
+    (
+        "tune-negative-late-start",
+        _with(sweep=None, tune={"space": {"late_start": {"low": -1, "high": 3}}}),
+        r"job\.tune\.space\.late_start: needs low >= 0",
+    ),
+]
 
 
-@pytest.mark.parametrize(("tree", "expected"), [(t, e) for _, t, e in MALFORMED], ids=[name for name, _, _ in MALFORMED])
-def test_malformed_job_is_refused_naming_the_field_and_nothing_is_written(tree: dict[str, Any], expected: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("tree", "expected"), [(t, e) for _, t, e in MALFORMED], ids=[name for name, _, _ in MALFORMED]
+)
+def test_malformed_job_is_refused_naming_the_field_and_nothing_is_written(
+    tree: dict[str, Any], expected: str, tmp_path: Path
+) -> None:
     out = tmp_path / "out"
     path = _write(tmp_path, {**tree, "output_dir": str(out)})
     for command in ("validate", "run"):
@@ -120,7 +203,12 @@ def test_sweep_expands_every_combination_once() -> None:
     assert len(set(keys)) == len(keys)
     by_key = {m.key: m for m in members}
     rd5 = by_key["byte-4m-rd-D5-s1"]
-    assert (rd5.spec.model.name, rd5.spec.inhibition.mode, rd5.spec.inhibition.strength, rd5.spec.train.seed) == ("byte-4m", "rd", 5.0, 1)
+    assert (rd5.spec.model.name, rd5.spec.inhibition.mode, rd5.spec.inhibition.strength, rd5.spec.train.seed) == (
+        "byte-4m",
+        "rd",
+        5.0,
+        1,
+    )
     assert by_key["byte-1m-original-s0"].spec.inhibition.strength == 1.0
     assert rd5.spec.out == job.out / "members" / "byte-4m-rd-D5-s1"
     assert len({m.spec.run_name for m in members}) == len(members)
@@ -168,9 +256,16 @@ def test_mode_variants_carry_their_own_settings() -> None:
     members = {m.key: m for m in expand_sweep(job)}
     assert len(members) == 3 * 3 * 2
     l2e, memel_rd = members["byte-1m-l2e-s0"], members["byte-1m-memel-s1"]
-    assert (l2e.mode, l2e.spec.inhibition.mode, l2e.spec.inhibition.select, l2e.spec.inhibition.fraction) == ("l2e", "l2e", "threshold", 0.02)
+    assert (l2e.mode, l2e.spec.inhibition.mode, l2e.spec.inhibition.select, l2e.spec.inhibition.fraction) == (
+        "l2e",
+        "l2e",
+        "threshold",
+        0.02,
+    )
     assert (memel_rd.spec.inhibition.mode, memel_rd.spec.inhibition.select) == ("rd", "top_n")
-    with pytest.raises(ConfigError, match=r"job\.sweep\.modes: lists a value twice: \['rd', 'rd'\]; .*name the variants apart"):
+    with pytest.raises(
+        ConfigError, match=r"job\.sweep\.modes: lists a value twice: \['rd', 'rd'\]; .*name the variants apart"
+    ):
         load_job(JOBS / "l2e_vs_memel.yaml", ["sweep.modes=[rd, {mode: rd, set: {inhibition.select: threshold}}]"])
     with pytest.raises(ConfigError, match=r"sweep member byte-0.2m-l2e-s0: inhibition.*fraction"):
         load_job(JOBS / "l2e_vs_memel.yaml", ["sweep.modes=[{mode: l2e, set: {inhibition.fraction: 0.05}}]"])
@@ -181,5 +276,9 @@ def test_paper_jobs_insert_as_the_paper_does(name: str) -> None:
     members = expand_sweep(load_job(JOBS / "paper" / name))
     assert sorted(m.spec.inhibition.mode for m in members) == ["naive_a", "naive_b", "original", "rd"]
     for member in members:
-        assert (member.spec.model.preset, member.spec.inhibition.layout, member.spec.inhibition.top_n) == ("paper", "element", 1)
+        assert (member.spec.model.preset, member.spec.inhibition.layout, member.spec.inhibition.top_n) == (
+            "paper",
+            "element",
+            1,
+        )
         assert member.spec.train.zero_stage <= 2  # the case study reads the optimizer state of ZeRO 0-2

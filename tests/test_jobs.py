@@ -25,7 +25,9 @@ def test_job_trains_a_few_steps_in_process(job: Path) -> None:
     loaded = load_job(job, ["inhibition.late_start=1", "inhibition.forget_steps=1"])
     specs = [member.spec for member in expand_sweep(loaded)] if loaded.sweep else [TrainSpec(**loaded.base_tree())]
     # the smallest member that modifies values (original only tracks)
-    spec = min(specs, key=lambda s: (s.inhibition.mode == "original", count_parameters(s.model.name, **s.model.overrides)))
+    spec = min(
+        specs, key=lambda s: (s.inhibition.mode == "original", count_parameters(s.model.name, **s.model.overrides))
+    )
     if any(str(path).startswith("s3://") for path in spec.data.get("paths", [])):
         assert spec.train.use_gpu, f"{job.name}: a spec whose data lives on S3 is a cluster job"
         pytest.skip(f"{job.name}: data on S3 and GPU workers (a cluster job); validated only")

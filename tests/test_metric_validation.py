@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import math
 
-import memel
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
+from typer.testing import CliRunner
+
+import memel
 from memel.benchmarks.metric_validation import (
     bench_metric,
     best_matching_feature,
@@ -26,8 +29,6 @@ from memel.benchmarks.metric_validation import (
     validate,
 )
 from memel.cli import app
-from sklearn.metrics import roc_auc_score
-from typer.testing import CliRunner
 
 # 4 inputs x 2 features: input 0 carries f0, input 1 f1, input 2 both, input 3 none.
 FEATURES = np.array([[1, 0], [0, 1], [1, 1], [0, 0]])
@@ -88,7 +89,13 @@ def test_precision_recall_of_known_sets() -> None:
 
     above = np.array([0.0, 0.005, 0.01, 0.2, 0.02])
     assert flagged(above, min_fraction=0.01).tolist() == [False, False, True, True, True]
-    assert flagged(above, min_fraction=0.0).tolist() == [False, True, True, True, True]  # never a neuron with none above
+    assert flagged(above, min_fraction=0.0).tolist() == [
+        False,
+        True,
+        True,
+        True,
+        True,
+    ]  # never a neuron with none above
     assert flagged(above, top_fraction=0.4).tolist() == [False, False, False, True, True]
     with pytest.raises(ValueError, match="exactly one"):
         flagged(above)
@@ -196,7 +203,9 @@ def test_benchmark_end_to_end_at_a_tiny_size() -> None:
 def test_calibrated_criterion_on_the_trained_planted_mlp(seed: int) -> None:
     torch.set_num_threads(1)
     # sparse features (on in 2% of samples): every flagged neuron is feature-specific (seeds 0-5: 4-6 flagged, precision 1)
-    (sparse,) = bench_metric(steps=150, hidden=32, seed=seed, heldout_samples=1024, modes=("original",), data={"active_prob": 0.02})
+    (sparse,) = bench_metric(
+        steps=150, hidden=32, seed=seed, heldout_samples=1024, modes=("original",), data={"active_prob": 0.02}
+    )
     assert sparse.heldout_loss < 0.05 and sparse.validation.specific.flagged >= 2
     assert sparse.validation.specific.precision == 1.0
     # features on in 10% of samples give MS ~ 9 on them: beyond what MS > 36 can see, so nothing is flagged

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import memel
 import pytest
 import torch
+
+import memel
 from memel.models import (
     InputError,
     build,
@@ -92,7 +93,17 @@ def _loss(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Ten
     return out.logsumexp(-1).mean()
 
 
-TINY = ["byte-0.2m", "pythia-14m", "bert-byte-tiny", "bert-tiny", "vit-micro", "vit-tiny", "cnn-tiny", "cnn-small", "convgru"]
+TINY = [
+    "byte-0.2m",
+    "pythia-14m",
+    "bert-byte-tiny",
+    "bert-tiny",
+    "vit-micro",
+    "vit-tiny",
+    "cnn-tiny",
+    "cnn-small",
+    "convgru",
+]
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -178,14 +189,17 @@ def test_presets_insert_inhibitors_and_train(name: str, overrides: dict, preset:
     assert sorted(memel.remove(model)) == sorted(inserted)
 
 
-@pytest.mark.parametrize(("name", "expected"), [
-    ("pythia-160m", [f"layers.{i}" for i in (4, 5, 6, 7)]),  # BERT-base-like 12 layers: blocks 4-7, as the authors
-    ("byte-1m", [f"layers.{i}" for i in range(4)]),  # 4 of its 5 layers
-    ("bert-byte-mini", [f"layers.{i}" for i in range(4)]),
-    ("bert-base", [f"layers.{i}" for i in (4, 5, 6, 7)]),
-    ("vit-tiny", [f"blocks.{i}" for i in (4, 5, 6, 7)]),
-    ("convgru", [f"{part}.cells.{i}" for part in ("encoder", "forecaster") for i in range(3)]),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("pythia-160m", [f"layers.{i}" for i in (4, 5, 6, 7)]),  # BERT-base-like 12 layers: blocks 4-7, as the authors
+        ("byte-1m", [f"layers.{i}" for i in range(4)]),  # 4 of its 5 layers
+        ("bert-byte-mini", [f"layers.{i}" for i in range(4)]),
+        ("bert-base", [f"layers.{i}" for i in (4, 5, 6, 7)]),
+        ("vit-tiny", [f"blocks.{i}" for i in (4, 5, 6, 7)]),
+        ("convgru", [f"{part}.cells.{i}" for part in ("encoder", "forecaster") for i in range(3)]),
+    ],
+)
 def test_paper_preset_is_the_middle_block_outputs(name: str, expected: list[str]) -> None:
     assert preset_targets(name, "paper") == expected
 
@@ -198,10 +212,16 @@ def test_paper_preset_modifies_one_value_per_sample(name: str) -> None:
     model, inputs = _inputs(name, batch=3)
     from memel.training import TrainSpec
 
-    data = {"vit-micro": {"kind": "digits"}, "convgru": {"kind": "nowcast"}}.get(name, {"kind": "text_lm", "corpus": "shakespeare", "seq_len": 16})
-    spec = TrainSpec(model={"name": name, "preset": "paper"}, inhibition={"mode": "naive_a", "late_start": 1}, data=data)
+    data = {"vit-micro": {"kind": "digits"}, "convgru": {"kind": "nowcast"}}.get(
+        name, {"kind": "text_lm", "corpus": "shakespeare", "seq_len": 16}
+    )
+    spec = TrainSpec(
+        model={"name": name, "preset": "paper"}, inhibition={"mode": "naive_a", "late_start": 1}, data=data
+    )
     assert spec.inhibition.layout == "element" and spec.inhibition.top_n == 1
-    inserted = memel.inhibit(model, preset_targets(name, "paper"), spec.inhibition.model_copy(update={"kernel": "eager"}))
+    inserted = memel.inhibit(
+        model, preset_targets(name, "paper"), spec.inhibition.model_copy(update={"kernel": "eager"})
+    )
     modules = dict(model.named_modules())
     block_out: dict[str, list[torch.Tensor]] = {n: [] for n in inserted}
     inhibitor_in: dict[str, list[torch.Tensor]] = {n: [] for n in inserted}
@@ -210,7 +230,10 @@ def test_paper_preset_modifies_one_value_per_sample(name: str) -> None:
     _loss(model, inputs)  # the first training call only starts the statistics (late_start=1)
     for target, inhibitor in inserted.items():
         # runs before the Inhibitor's hook on the block: the block's own output
-        modules[target].register_forward_hook(lambda _m, _a, out, t=target: block_out[t].append(out.detach().clone()), prepend=True)
+        modules[target].register_forward_hook(
+            lambda _m, _a, out, t=target: block_out[t].append(out.detach().clone()), prepend=True
+        )
+
         def record(_m: torch.nn.Module, args: tuple, out: torch.Tensor, t: str = target) -> None:
             inhibitor_in[t].append(args[0].detach().clone())
             changed[t].append((out != args[0]).reshape(args[0].shape[0], -1).sum(1))
@@ -221,16 +244,26 @@ def test_paper_preset_modifies_one_value_per_sample(name: str) -> None:
         assert changed[target], target
         assert all(torch.equal(c, torch.ones(3, dtype=c.dtype)) for c in changed[target]), (target, changed[target])
         assert all(torch.equal(a, b) for a, b in zip(block_out[target], inhibitor_in[target], strict=True))
-        assert block_out[target][0].shape[0] == 3 and block_out[target][0].dim() >= 3  # [batch, positions, channels] / [batch, C, H, W]
+        assert (
+            block_out[target][0].shape[0] == 3 and block_out[target][0].dim() >= 3
+        )  # [batch, positions, channels] / [batch, C, H, W]
 
 
 def test_a_paper_preset_with_layout_channel_is_refused() -> None:
     from memel.training import TrainSpec
 
-    with pytest.raises(memel.ConfigError, match=r"inhibition.layout: 'channel' contradicts model.preset 'paper'.*set inhibition.layout: element"):
+    with pytest.raises(
+        memel.ConfigError,
+        match=r"inhibition.layout: 'channel' contradicts model.preset 'paper'.*set inhibition.layout: element",
+    ):
         TrainSpec(model={"name": "byte-1m", "preset": "paper"}, inhibition={"layout": "channel"})
-    assert TrainSpec(model={"name": "byte-1m", "preset": "paper"}, inhibition={"layout": "element"}).inhibition.layout == "element"
-    assert TrainSpec(model={"name": "byte-1m", "preset": "mlp"}).inhibition.layout == "channel"  # other presets: unchanged
+    assert (
+        TrainSpec(model={"name": "byte-1m", "preset": "paper"}, inhibition={"layout": "element"}).inhibition.layout
+        == "element"
+    )
+    assert (
+        TrainSpec(model={"name": "byte-1m", "preset": "mlp"}).inhibition.layout == "channel"
+    )  # other presets: unchanged
     with pytest.raises(memel.ConfigError, match=r"unknown preset 'paper'; allowed for this model: blocks, mid_blocks"):
         TrainSpec(model={"name": "cnn-tiny", "preset": "paper"}, data={"kind": "digits"})
 
@@ -290,9 +323,10 @@ def test_image_size_that_does_not_fit() -> None:
 
 
 def test_cli_models_table() -> None:
+    from typer.testing import CliRunner
+
     import memel.commands.models  # noqa: F401  (registers the command)
     from memel.commands.app import app
-    from typer.testing import CliRunner
 
     result = CliRunner().invoke(app, ["models", "--family", "decoder"], terminal_width=200)
     assert result.exit_code == 0, result.output

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import memel
 import pytest
 import torch
+
+import memel
 from memel.models import HKO7_ZR, b_mae, b_mse, balancing_weights, build
 
 # dBZ 20, 30, 35, 40, 50 under Marshall-Palmer (Z = 200 R^1.6) are R = 0.65, 2.73, 5.62,
@@ -54,8 +55,10 @@ def test_convgru_cells_are_hooked_every_step() -> None:
     torch.manual_seed(0)
     model = build("convgru", out_frames=3)
     seen: list[tuple[int, ...]] = []
-    handles = [model.get_submodule(name).register_forward_hook(lambda m, a, out: seen.append(tuple(out.shape)))
-               for name in memel.models.preset_targets(model, "hidden")]
+    handles = [
+        model.get_submodule(name).register_forward_hook(lambda m, a, out: seen.append(tuple(out.shape)))
+        for name in memel.models.preset_targets(model, "hidden")
+    ]
     out = model(torch.rand(2, 4, 1, 32, 32))
     assert out.shape == (2, 3, 1, 32, 32)
     assert len(seen) == 3 * 4 + 3 * 3  # 3 encoder cells x 4 inputs + 3 forecaster cells x 3 outputs

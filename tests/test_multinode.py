@@ -38,7 +38,17 @@ NODES = {
 RUN_TIMEOUT_S = 300
 MIN_MEMORY_GIB = 4
 STATS_KEY = ["module", "step", "neuron"]
-STATS_VALUES = ["mean", "var", "count", "batches", "selected_count", "inhibited_count", "max_ms", "mean_ms", "frac_above"]
+STATS_VALUES = [
+    "mean",
+    "var",
+    "count",
+    "batches",
+    "selected_count",
+    "inhibited_count",
+    "max_ms",
+    "mean_ms",
+    "frac_above",
+]
 
 
 def _why_no_cluster() -> str | None:
@@ -77,12 +87,22 @@ def _job(tmp_path: Path) -> Path:
 
 def _args(job: Path, out: Path, prefix: str, mlflow_server: str) -> list[str]:
     overrides = [
-        f"train.steps={STEPS}", "train.log_every=2", f"eval.every={STEPS}", "eval.batches=1", f"stats.every={EVERY}",
-        f"checkpoint.every={EVERY}", "checkpoint.max_failures=2", "inhibition.late_start=3", "inhibition.forget_steps=3",
-        "train.placement=SPREAD", f"checkpoint.storage=s3://{BUCKET}/{prefix}/checkpoints",
-        f"stats.root=s3://{BUCKET}/{prefix}/stats", f"tracking.uri={mlflow_server}", "tracking.experiment=multinode",
+        f"train.steps={STEPS}",
+        "train.log_every=2",
+        f"eval.every={STEPS}",
+        "eval.batches=1",
+        f"stats.every={EVERY}",
+        f"checkpoint.every={EVERY}",
+        "checkpoint.max_failures=2",
+        "inhibition.late_start=3",
+        "inhibition.forget_steps=3",
+        "train.placement=SPREAD",
+        f"checkpoint.storage=s3://{BUCKET}/{prefix}/checkpoints",
+        f"stats.root=s3://{BUCKET}/{prefix}/stats",
+        f"tracking.uri={mlflow_server}",
+        "tracking.experiment=multinode",
         f"output_dir={out}",
-    ]  # fmt: skip
+    ]
     return [sys.executable, "-m", "memel", "run", str(job), *(f"--set={o}" for o in overrides)]
 
 
@@ -91,9 +111,13 @@ def _start(cluster: LocalCluster, args: list[str], log: Path, s3_server) -> subp
     work = log.parent / f"{log.stem}-cwd"
     work.mkdir()
     return subprocess.Popen(
-        args, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=work, start_new_session=True,
+        args,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        cwd=work,
+        start_new_session=True,
         env=cluster.driver_env(**s3_server.env(), PYTHONUNBUFFERED="1", COLUMNS="200"),
-    )  # fmt: skip
+    )
 
 
 def _finish(process: subprocess.Popen, log: Path) -> str:
@@ -110,8 +134,15 @@ def _finish(process: subprocess.Popen, log: Path) -> str:
 def _checkpoints(s3_server, prefix: str) -> set[str]:
     """The checkpoint folders stored so far under ``prefix``, as ``<run name>/<checkpoint>``."""
     start = f"{prefix}/checkpoints/"
-    keys = [item["Key"][len(start):] for item in s3_server.client().list_objects_v2(Bucket=BUCKET, Prefix=start).get("Contents", [])]
-    return {"/".join(key.split("/")[:2]) for key in keys if key.count("/") >= 2 and key.split("/")[1].startswith("checkpoint_")}
+    keys = [
+        item["Key"][len(start) :]
+        for item in s3_server.client().list_objects_v2(Bucket=BUCKET, Prefix=start).get("Contents", [])
+    ]
+    return {
+        "/".join(key.split("/")[:2])
+        for key in keys
+        if key.count("/") >= 2 and key.split("/")[1].startswith("checkpoint_")
+    }
 
 
 def _recorded(s3_server, prefix: str) -> bool:
@@ -125,9 +156,11 @@ def _stats(s3_server, prefix: str):
     from pyarrow import fs
 
     s3 = fs.S3FileSystem(
-        endpoint_override=s3_server.endpoint, access_key=s3_server.access_key, secret_key=s3_server.secret_key,
+        endpoint_override=s3_server.endpoint,
+        access_key=s3_server.access_key,
+        secret_key=s3_server.secret_key,
         region=s3_server.region,
-    )  # fmt: skip
+    )
     return ds.dataset(f"{BUCKET}/{prefix}/stats", filesystem=s3, partitioning="hive").to_table().to_pandas()
 
 
@@ -160,24 +193,34 @@ def _check_complete(mlflow_server: str, s3_server, out: Path, prefix: str) -> tu
     assert set(stats["run_id"]) == {run.info.run_id for run in members.values()}
     assert not stats.duplicated(["run_id", *STATS_KEY]).any(), "no statistics row twice"
     assert len(stats) == 2 * (STEPS // EVERY) * MODULES * NEURONS
-    assert len({folder.split("/")[0] for folder in _checkpoints(s3_server, prefix)}) == 2, "each member's checkpoints in S3"
+    assert len({folder.split("/")[0] for folder in _checkpoints(s3_server, prefix)}) == 2, (
+        "each member's checkpoints in S3"
+    )
     return members, stats
 
 
 def _ran_train_workers(cluster: LocalCluster, node: str) -> bool:
-    return any(":actor_name:RayTrainWorker" in log.read_text(errors="replace")[:400] for log in cluster.worker_logs(node))
+    return any(
+        ":actor_name:RayTrainWorker" in log.read_text(errors="replace")[:400] for log in cluster.worker_logs(node)
+    )
 
 
 @pytest.mark.timeout(900)
-def test_sweep_spreads_over_nodes_and_survives_losing_one(cluster: LocalCluster, tmp_path: Path, mlflow_server: str, s3_server) -> None:
+def test_sweep_spreads_over_nodes_and_survives_losing_one(
+    cluster: LocalCluster, tmp_path: Path, mlflow_server: str, s3_server
+) -> None:
     if BUCKET not in {bucket["Name"] for bucket in s3_server.client().list_buckets()["Buckets"]}:
         s3_server.client().create_bucket(Bucket=BUCKET)
     job, tag = _job(tmp_path), uuid.uuid4().hex[:8]
 
     # the whole sweep on three nodes: the reference
     whole_log = tmp_path / "whole.log"
-    _finish(_start(cluster, _args(job, tmp_path / "whole", f"{tag}/whole", mlflow_server), whole_log, s3_server), whole_log)
-    assert _ran_train_workers(cluster, "node_a") and _ran_train_workers(cluster, "node_b"), "workers on both worker nodes"
+    _finish(
+        _start(cluster, _args(job, tmp_path / "whole", f"{tag}/whole", mlflow_server), whole_log, s3_server), whole_log
+    )
+    assert _ran_train_workers(cluster, "node_a") and _ran_train_workers(cluster, "node_b"), (
+        "workers on both worker nodes"
+    )
     assert not _ran_train_workers(cluster, "head")
     whole, whole_stats = _check_complete(mlflow_server, s3_server, tmp_path / "whole", f"{tag}/whole")
 

@@ -22,10 +22,23 @@ POSTGRES_PASSWORD = "pg-sentinel-4b1d"
 RUNNER = CliRunner(env={"COLUMNS": "240"})
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 TINY = [
-    "--set", "train.steps=3", "--set", "train.log_every=1", "--set", "eval.every=1", "--set", "eval.batches=1",
-    "--set", "stats.every=3", "--set", "checkpoint.every=3", "--set", "inhibition.late_start=1",
-    "--set", "inhibition.forget_steps=1",
-]  # fmt: skip
+    "--set",
+    "train.steps=3",
+    "--set",
+    "train.log_every=1",
+    "--set",
+    "eval.every=1",
+    "--set",
+    "eval.batches=1",
+    "--set",
+    "stats.every=3",
+    "--set",
+    "checkpoint.every=3",
+    "--set",
+    "inhibition.late_start=1",
+    "--set",
+    "inhibition.forget_steps=1",
+]
 NEURONS = {"byte-0.2m": 256, "byte-1m": 512}  # MLP width 4 x d_model
 MODULES = {"byte-0.2m": 4, "byte-1m": 5}
 
@@ -45,9 +58,18 @@ def _children(client, parent_id: str) -> list:
 def test_quickstart_sweep_end_to_end_then_skips_and_resumes(tmp_path: Path, mlflow_server: str) -> None:
     out = tmp_path / "quickstart"
     args = [
-        "run", str(JOBS / "quickstart.yaml"), *TINY, "--set", "sweep.rungs=[byte-0.2m, byte-1m]",
-        "--set", f"output_dir={out}", "--set", f"tracking.uri={mlflow_server}", "--set", "tracking.experiment=ci-sweep",
-    ]  # fmt: skip
+        "run",
+        str(JOBS / "quickstart.yaml"),
+        *TINY,
+        "--set",
+        "sweep.rungs=[byte-0.2m, byte-1m]",
+        "--set",
+        f"output_dir={out}",
+        "--set",
+        f"tracking.uri={mlflow_server}",
+        "--set",
+        "tracking.experiment=ci-sweep",
+    ]
     result = RUNNER.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "sweep quickstart: 4 members" in result.output and "Parquet neuron statistics" in result.output
@@ -60,12 +82,18 @@ def test_quickstart_sweep_end_to_end_then_skips_and_resumes(tmp_path: Path, mlfl
     assert {"sweep_table.csv", "sweep_table.json", "job.json"} <= {a.path for a in client.list_artifacts(parent_id)}
     children = _children(client, parent_id)
     assert sorted((c.data.tags["memel.rung"], c.data.tags["memel.mode"]) for c in children) == [
-        ("byte-0.2m", "original"), ("byte-0.2m", "rd"), ("byte-1m", "original"), ("byte-1m", "rd"),
-    ]  # fmt: skip
+        ("byte-0.2m", "original"),
+        ("byte-0.2m", "rd"),
+        ("byte-1m", "original"),
+        ("byte-1m", "rd"),
+    ]
     for child in children:
         assert child.info.status == "FINISHED"
         assert child.data.tags["memel.sweep"] == "quickstart" and child.data.tags["memel.kind"] == "sweep-member"
-        assert int(child.data.tags["memel.n_params"]) > 0 and child.data.params["model.name"] == child.data.tags["memel.rung"]
+        assert (
+            int(child.data.tags["memel.n_params"]) > 0
+            and child.data.params["model.name"] == child.data.tags["memel.rung"]
+        )
         assert "eval/loss" in child.data.metrics
 
     # one Parquet dataset for the sweep, one partition per member, each with its rung's neurons
@@ -86,7 +114,10 @@ def test_quickstart_sweep_end_to_end_then_skips_and_resumes(tmp_path: Path, mlfl
     # again: every member is skipped; nothing trains, the parent run is the same
     again = RUNNER.invoke(app, args)
     assert again.exit_code == 0, again.output
-    assert again.output.count("finished before") == 4 and json.loads((out / "sweep.json").read_text())["parent_run_id"] == parent_id
+    assert (
+        again.output.count("finished before") == 4
+        and json.loads((out / "sweep.json").read_text())["parent_run_id"] == parent_id
+    )
 
     # an interrupted member (no summary yet) resumes from its checkpoint in the same MLflow run
     member = out / "members" / "byte-1m-rd"
@@ -111,10 +142,23 @@ def _study(storage):
 
 def _tune(tmp_path: Path, mlflow_server: str, *extra: str) -> list[str]:
     return [
-        "tune", str(JOBS / "tune_memel.yaml"), *TINY, "--set", "train.workers=1", "--set", "train.micro_batch_size=16",
-        "--set", f"output_dir={tmp_path / 'study'}", "--set", f"tracking.uri={mlflow_server}",
-        "--set", "tracking.experiment=ci-study", "--set", "tune.pruner=none", *extra,
-    ]  # fmt: skip
+        "tune",
+        str(JOBS / "tune_memel.yaml"),
+        *TINY,
+        "--set",
+        "train.workers=1",
+        "--set",
+        "train.micro_batch_size=16",
+        "--set",
+        f"output_dir={tmp_path / 'study'}",
+        "--set",
+        f"tracking.uri={mlflow_server}",
+        "--set",
+        "tracking.experiment=ci-study",
+        "--set",
+        "tune.pruner=none",
+        *extra,
+    ]
 
 
 def _check_trials(study, mlflow_server: str, parent_id: str, finished: int) -> None:
@@ -162,7 +206,21 @@ def _postgres_url() -> str:
 def test_study_with_parallel_trials_on_postgresql(tmp_path: Path, mlflow_server: str) -> None:
     url = _postgres_url()
     name = f"ci-{uuid.uuid4().hex[:8]}"
-    result = RUNNER.invoke(app, _tune(tmp_path, mlflow_server, "--trials", "2", "--parallel", "2", "--set", f"tune.storage={url}", "--set", f"tune.study_name={name}"))
+    result = RUNNER.invoke(
+        app,
+        _tune(
+            tmp_path,
+            mlflow_server,
+            "--trials",
+            "2",
+            "--parallel",
+            "2",
+            "--set",
+            f"tune.storage={url}",
+            "--set",
+            f"tune.study_name={name}",
+        ),
+    )
     assert result.exit_code == 0, result.output
     import optuna
 
@@ -231,9 +289,18 @@ def test_l2e_variant_trains_with_its_loss_term(tmp_path: Path) -> None:
     """jobs/l2e_vs_memel.yaml's L2E variant (threshold selection + log-MS loss) against original."""
     out = tmp_path / "l2e"
     args = [
-        "run", str(JOBS / "l2e_vs_memel.yaml"), *TINY, "--set", "sweep.rungs=[byte-0.2m]", "--set", "sweep.seeds=[0]",
-        "--set", "sweep.modes=[original, {mode: l2e, set: {inhibition.select: threshold}}]", "--set", f"output_dir={out}",
-    ]  # fmt: skip
+        "run",
+        str(JOBS / "l2e_vs_memel.yaml"),
+        *TINY,
+        "--set",
+        "sweep.rungs=[byte-0.2m]",
+        "--set",
+        "sweep.seeds=[0]",
+        "--set",
+        "sweep.modes=[original, {mode: l2e, set: {inhibition.select: threshold}}]",
+        "--set",
+        f"output_dir={out}",
+    ]
     result = RUNNER.invoke(app, args)
     assert result.exit_code == 0, result.output
     with open(out / "sweep_table.csv") as handle:

@@ -9,13 +9,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+
 from memel.analysis.ablation import ablate, lm_batches
 from memel.analysis.probing import TokenBatch, auroc, mlp_modules, probe
 from memel.data.documents import Document
 from memel.data.text_lm import TextLMLoader
 from memel.data.tokenizers import make_tokenizer
-from sklearn.metrics import roc_auc_score
-from torch import nn
 
 PROSE, CODE = 0, 128  # two 64-byte alphabets
 PLANTED, HIDDEN, WINDOW = 5, 8, 32
@@ -84,7 +85,9 @@ def _batches(seed: int, count: int = 16, size: int = 16, labels: str = "code") -
     return out
 
 
-def _reference_pct(model: PlantedLM, probe_batches: list[TokenBatch], eval_batches: list[TokenBatch], neuron: int) -> tuple[float, float]:
+def _reference_pct(
+    model: PlantedLM, probe_batches: list[TokenBatch], eval_batches: list[TokenBatch], neuron: int
+) -> tuple[float, float]:
     """% loss increase on code / other tokens, by hand in float64: the neuron's mean over the probe
     tokens, logits rebuilt from the weights, log-softmax cross-entropy."""
     direct, up, down = (w.detach().double() for w in (model.direct.weight, model.up.weight, model.down.weight))
@@ -95,7 +98,9 @@ def _reference_pct(model: PlantedLM, probe_batches: list[TokenBatch], eval_batch
     for batch in eval_batches:
         ids, targets, mask = batch.inputs.reshape(-1), batch.targets.reshape(-1), batch.in_group.reshape(-1)
         hidden = gelu(up[ids])
-        for column, h in enumerate((hidden, torch.cat([hidden[:, :neuron], mean.expand(len(ids), 1), hidden[:, neuron + 1 :]], 1))):
+        for column, h in enumerate(
+            (hidden, torch.cat([hidden[:, :neuron], mean.expand(len(ids), 1), hidden[:, neuron + 1 :]], 1))
+        ):
             logits = direct[ids] + h @ down.T
             nll = -(logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, 1))
             totals[column] += [float(nll[mask].sum()), float(nll[~mask].sum())]
@@ -106,7 +111,13 @@ def _reference_pct(model: PlantedLM, probe_batches: list[TokenBatch], eval_batch
 def test_auroc_matches_scikit_learn_with_ties() -> None:
     rng = np.random.default_rng(3)
     labels = rng.random(500) < 0.3
-    values = np.column_stack([rng.standard_normal(500) + labels, rng.integers(0, 4, 500), -labels.astype(float) + 0.1 * rng.standard_normal(500)])
+    values = np.column_stack(
+        [
+            rng.standard_normal(500) + labels,
+            rng.integers(0, 4, 500),
+            -labels.astype(float) + 0.1 * rng.standard_normal(500),
+        ]
+    )
     expected = [roc_auc_score(labels, values[:, i]) for i in range(3)]
     assert auroc(values, labels) == pytest.approx(expected, abs=1e-12)
     with pytest.raises(ValueError, match="needs both classes"):
@@ -145,7 +156,9 @@ def test_random_labels_give_chance_auroc_and_no_group_effect() -> None:
     probe_batches, eval_batches = _batches(0, labels="random"), _batches(1, labels="random")
     found = probe(model, ["mlp.act"], probe_batches)
     assert abs(found.best_auroc - 0.5) < 0.03 and found.table["auroc"].between(0.45, 0.55).all()
-    rows = ablate(model, ["mlp.act"], probe_batches, eval_batches, "noise", draws=5, seed=2, resamples=400).rows.set_index("group")
+    rows = ablate(
+        model, ["mlp.act"], probe_batches, eval_batches, "noise", draws=5, seed=2, resamples=400
+    ).rows.set_index("group")
     expected_group, expected_other = _reference_pct(model, probe_batches, eval_batches, found.best.index)
     assert rows.loc["noise", "increase_pct"] == pytest.approx(expected_group, rel=1e-9, abs=1e-9)
     assert rows.loc["other", "increase_pct"] == pytest.approx(expected_other, rel=1e-9, abs=1e-9)
@@ -160,8 +173,11 @@ def test_random_labels_give_chance_auroc_and_no_group_effect() -> None:
 
 
 def test_every_target_token_carries_its_documents_label() -> None:
-    docs = [Document("a", "a", 5, "prose", data=b"aaaaa"), Document("b", "b", 4, "code", data=b"bbbb"),
-            Document("c", "c", 3, "prose", data=b"ccc")]  # fmt: skip
+    docs = [
+        Document("a", "a", 5, "prose", data=b"aaaaa"),
+        Document("b", "b", 4, "code", data=b"bbbb"),
+        Document("c", "c", 3, "prose", data=b"ccc"),
+    ]
     loader = TextLMLoader(docs, make_tokenizer("bytes"), 3, 2, shuffle=False)
     assert loader.stream.label_names == ["code", "prose"]
     indices = np.arange(loader.num_examples())
@@ -191,8 +207,9 @@ def test_lm_batches_mark_python_code_tokens_of_the_mixed_corpus() -> None:
 
 
 def test_summary_over_seeds_and_size_trend_match_numpy() -> None:
-    from memel.analysis.pipeline import summarize_ablation
     from scipy import stats as scipy_stats
+
+    from memel.analysis.pipeline import summarize_ablation
 
     rng = np.random.default_rng(0)
     rows = []
@@ -200,10 +217,24 @@ def test_summary_over_seeds_and_size_trend_match_numpy() -> None:
         for seed in range(3):
             for group, slope in (("python-code", -2.0), ("other", 0.0), ("difference", -2.0)):
                 value = 10 + slope * np.log10(n_params) + rng.normal(0, 0.1 if group != "other" else 1.0)
-                rows.append({"model": f"m{int(n_params)}", "n_params": int(n_params), "label": "original", "mode": "original",
-                             "strength": 1.0, "top_n": 1, "seed": seed, "group": group, "increase_pct": value,
-                             "random_increase_pct_mean": value / 10, "random_increase_pct_std": 0.1, "auroc": 0.9,
-                             "base_loss": 2.0, "tokens": 100})  # fmt: skip
+                rows.append(
+                    {
+                        "model": f"m{int(n_params)}",
+                        "n_params": int(n_params),
+                        "label": "original",
+                        "mode": "original",
+                        "strength": 1.0,
+                        "top_n": 1,
+                        "seed": seed,
+                        "group": group,
+                        "increase_pct": value,
+                        "random_increase_pct_mean": value / 10,
+                        "random_increase_pct_std": 0.1,
+                        "auroc": 0.9,
+                        "base_loss": 2.0,
+                        "tokens": 100,
+                    }
+                )
     frame = pd.DataFrame(rows)
     summary = summarize_ablation(frame).set_index(["group", "n_params"])
     for (group, n_params), part in frame.groupby(["group", "n_params"]):
@@ -211,30 +242,40 @@ def test_summary_over_seeds_and_size_trend_match_numpy() -> None:
         half = scipy_stats.t.ppf(0.975, 2) * values.std(ddof=1) / np.sqrt(3)
         row = summary.loc[(group, n_params)]
         assert row["increase_pct_mean"] == pytest.approx(values.mean()) and row["increase_pct_n"] == 3
-        assert (row["increase_pct_ci_low"], row["increase_pct_ci_high"]) == pytest.approx((values.mean() - half, values.mean() + half))
+        assert (row["increase_pct_ci_low"], row["increase_pct_ci_high"]) == pytest.approx(
+            (values.mean() - half, values.mean() + half)
+        )
         assert row["random_increase_pct_mean"] == pytest.approx(values.mean() / 10)
     for group in ("python-code", "other"):
         part = frame[frame["group"] == group]
         slope = np.polyfit(np.log10(part["n_params"]), part["increase_pct"], 1)[0]
         assert summary.loc[(group, 1e4), "trend_slope"] == pytest.approx(slope)
         excess = part["increase_pct"] - part["random_increase_pct_mean"]
-        assert summary.loc[(group, 1e4), "excess_trend_slope"] == pytest.approx(np.polyfit(np.log10(part["n_params"]), excess, 1)[0])
+        assert summary.loc[(group, 1e4), "excess_trend_slope"] == pytest.approx(
+            np.polyfit(np.log10(part["n_params"]), excess, 1)[0]
+        )
     code, other = summary.loc[("python-code", 1e4)], summary.loc[("other", 1e4)]
     assert code["excess_pct_mean"] == pytest.approx(0.9 * code["increase_pct_mean"])
     assert code["trend_ci_high"] < 0 and code["trend_slope"] == pytest.approx(-2, abs=0.2)  # planted shrinking effect
     assert other["trend_ci_low"] <= 0 <= other["trend_ci_high"]  # no trend planted: the CI holds 0
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--probe-neurons", "0"], "error: --probe-neurons: got 0; must be >= 1"),
-    (["--control-draws", "1"], "error: --control-draws: got 1; must be >= 2"),
-    (["--ablation-batches", "1"], "error: --ablation-batches: got 1; must be >= 2"),
-    (["--probe-group", " "], "error: --probe-group: empty"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--probe-neurons", "0"], "error: --probe-neurons: got 0; must be >= 1"),
+        (["--control-draws", "1"], "error: --control-draws: got 1; must be >= 2"),
+        (["--ablation-batches", "1"], "error: --ablation-batches: got 1; must be >= 2"),
+        (["--probe-group", " "], "error: --probe-group: empty"),
+    ],
+)
 def test_bad_ablation_options_are_refused_naming_the_option(args: list[str], message: str, tmp_path) -> None:
-    from memel.cli import app
     from typer.testing import CliRunner
 
-    result = CliRunner(env={"COLUMNS": "240"}).invoke(app, ["analyze", str(tmp_path), "--out", str(tmp_path / "out"), *args])
+    from memel.cli import app
+
+    result = CliRunner(env={"COLUMNS": "240"}).invoke(
+        app, ["analyze", str(tmp_path), "--out", str(tmp_path / "out"), *args]
+    )
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()

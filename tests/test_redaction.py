@@ -23,13 +23,19 @@ from memel.training.worker_env import SECRETS_FILE_ENV, load_worker_env, split_e
         ("http://[::1]:80", "http://[::1]:80"),
         ("http://u:p@[::1]:80/x", "http://u:***@[::1]:80/x"),
         ("https://h/x?token=abc&page=2", "https://h/x?token=***&page=2"),
-        ("https://b.s3/k?X-Amz-Credential=AK%2F1&X-Amz-Signature=ff00&v=1", "https://b.s3/k?X-Amz-Credential=***&X-Amz-Signature=***&v=1"),
+        (
+            "https://b.s3/k?X-Amz-Credential=AK%2F1&X-Amz-Signature=ff00&v=1",
+            "https://b.s3/k?X-Amz-Credential=***&X-Amz-Signature=***&v=1",
+        ),
         ("https://h/x?api_key=k1;password=p1", "https://h/x?api_key=***;password=***"),
         (
             "🏃 View run smoke at: http://memel:pw@127.0.0.1:5000/#/experiments/1/runs/abc\nnext line",
             "🏃 View run smoke at: http://memel:***@127.0.0.1:5000/#/experiments/1/runs/abc\nnext line",
         ),
-        ("error: cannot reach http://a:b@h1 or ftp://c:d@h2/f", "error: cannot reach http://a:***@h1 or ftp://c:***@h2/f"),
+        (
+            "error: cannot reach http://a:b@h1 or ftp://c:d@h2/f",
+            "error: cannot reach http://a:***@h1 or ftp://c:***@h2/f",
+        ),
     ],
 )
 def test_redact_hides_credentials(text: str, expected: str) -> None:
@@ -39,11 +45,19 @@ def test_redact_hides_credentials(text: str, expected: str) -> None:
 @pytest.mark.parametrize(
     "text",
     [
-        "http://127.0.0.1:5000", "https://mlflow.example.org/api?page=2&order=desc", "sqlite:////tmp/run/mlflow.db",
-        "s3://bucket/prefix/key@v1", "/local/path/with@sign", "file:///tmp/mlruns", "alice@example.org",
-        "a=1 and b=2", "", "http://host/?token=", "journal:///runs/optuna.log",
+        "http://127.0.0.1:5000",
+        "https://mlflow.example.org/api?page=2&order=desc",
+        "sqlite:////tmp/run/mlflow.db",
+        "s3://bucket/prefix/key@v1",
+        "/local/path/with@sign",
+        "file:///tmp/mlruns",
+        "alice@example.org",
+        "a=1 and b=2",
+        "",
+        "http://host/?token=",
+        "journal:///runs/optuna.log",
     ],
-)  # fmt: skip
+)
 def test_redact_leaves_uris_without_credentials_unchanged(text: str) -> None:
     assert redact(text) == text
 
@@ -58,8 +72,11 @@ def test_redact_hides_known_secret_values(monkeypatch) -> None:
 def test_redact_tree_reaches_nested_values_and_leaves_others() -> None:
     tree = {"tracking": {"uri": "http://u:pw@h", "tags": {"a": "b"}}, "list": ["x", "s3://k:s@b"], "n": 3, "f": None}
     assert redact_tree(tree) == {
-        "tracking": {"uri": "http://u:***@h", "tags": {"a": "b"}}, "list": ["x", "s3://k:***@b"], "n": 3, "f": None,
-    }  # fmt: skip
+        "tracking": {"uri": "http://u:***@h", "tags": {"a": "b"}},
+        "list": ["x", "s3://k:***@b"],
+        "n": 3,
+        "f": None,
+    }
     assert tree["tracking"]["uri"] == "http://u:pw@h", "the input is not changed"
 
 
@@ -71,16 +88,27 @@ def test_split_userinfo_decodes_and_strips() -> None:
 
 def test_split_env_keeps_secrets_out_of_the_plain_variables() -> None:
     environ = {
-        "AWS_ENDPOINT_URL": "http://127.0.0.1:8333", "AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "AK",
-        "AWS_SECRET_ACCESS_KEY": "SK", "AWS_SESSION_TOKEN": "ST", "MLFLOW_TRACKING_TOKEN": "MT",
-        "MLFLOW_TRACKING_USERNAME": "envuser", "MLFLOW_TRACKING_URI": "http://x:y@h", "UNRELATED": "z",
-    }  # fmt: skip
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:8333",
+        "AWS_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": "AK",
+        "AWS_SECRET_ACCESS_KEY": "SK",
+        "AWS_SESSION_TOKEN": "ST",
+        "MLFLOW_TRACKING_TOKEN": "MT",
+        "MLFLOW_TRACKING_USERNAME": "envuser",
+        "MLFLOW_TRACKING_URI": "http://x:y@h",
+        "UNRELATED": "z",
+    }
     plain, secret, bare = split_env(environ, "http://memel:pw@127.0.0.1:5000")
     assert plain == {"AWS_ENDPOINT_URL": "http://127.0.0.1:8333", "AWS_REGION": "us-east-1"}
     assert secret == {
-        "AWS_ACCESS_KEY_ID": "AK", "AWS_SECRET_ACCESS_KEY": "SK", "AWS_SESSION_TOKEN": "ST", "MLFLOW_TRACKING_TOKEN": "MT",
-        "MLFLOW_TRACKING_URI": "http://x:y@h", "MLFLOW_TRACKING_USERNAME": "memel", "MLFLOW_TRACKING_PASSWORD": "pw",
-    }  # fmt: skip
+        "AWS_ACCESS_KEY_ID": "AK",
+        "AWS_SECRET_ACCESS_KEY": "SK",
+        "AWS_SESSION_TOKEN": "ST",
+        "MLFLOW_TRACKING_TOKEN": "MT",
+        "MLFLOW_TRACKING_URI": "http://x:y@h",
+        "MLFLOW_TRACKING_USERNAME": "memel",
+        "MLFLOW_TRACKING_PASSWORD": "pw",
+    }
     assert bare == "http://127.0.0.1:5000"
 
 
@@ -121,9 +149,17 @@ def test_submit_never_shows_credentials_of_the_address_or_the_overrides(monkeypa
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-sentinel-4711")
     smoke = Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml"
     args = [
-        "submit", str(smoke), "--command", "train", "--address", "http://ops:addr-sentinel-4711@127.0.0.1:9",
-        "--set", "tracking.uri=http://memel:uri-sentinel-4711@mlflow.example:5000", "--set", "stats.root=s3://bucket/prefix",
-    ]  # fmt: skip
+        "submit",
+        str(smoke),
+        "--command",
+        "train",
+        "--address",
+        "http://ops:addr-sentinel-4711@127.0.0.1:9",
+        "--set",
+        "tracking.uri=http://memel:uri-sentinel-4711@mlflow.example:5000",
+        "--set",
+        "stats.root=s3://bucket/prefix",
+    ]
     result = CliRunner(env={"COLUMNS": "300"}).invoke(app, args)
     assert result.exit_code == 1, result.output  # nothing listens on port 9
     assert "cannot reach the Ray dashboard at http://ops:***@127.0.0.1:9" in result.output
@@ -143,7 +179,13 @@ def _project(root: Path) -> Path:
     shutil.copy(Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml", root / "jobs" / "smoke.yaml")
     subprocess.run(["git", "init", "-q", str(root)], check=True)
     subprocess.run(["git", "-C", str(root), "add", "pyproject.toml", "jobs/smoke.yaml"], check=True)
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
     subprocess.run(["git", "-C", str(root), "commit", "-qm", "init"], check=True, env=env)
     for secret in (".env", "credentials.json", "jobs/private/id_rsa"):
         (root / secret).write_text("secret-sentinel-4711")
@@ -179,7 +221,9 @@ def test_submit_leaves_untracked_files_behind_unless_included(tmp_path: Path) ->
     shipped = _packaged(root, plan.runtime_env["excludes"])
     assert shipped == {"pyproject.toml", "jobs/smoke.yaml", "jobs/new.yaml"}, shipped
 
-    chosen = plan_job(SubmitRequest(root / "jobs" / "new.yaml", "http://head:8265", "train", CLUSTER, includes=("data/",)), {})
+    chosen = plan_job(
+        SubmitRequest(root / "jobs" / "new.yaml", "http://head:8265", "train", CLUSTER, includes=("data/",)), {}
+    )
     assert chosen.left_out == (".env", "credentials.json", "jobs/private/id_rsa")
     assert "data/extra.txt" in _packaged(root, chosen.runtime_env["excludes"])
 

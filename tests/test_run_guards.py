@@ -33,8 +33,10 @@ def test_a_second_invocation_of_a_running_job_stops_without_writing(job: str, tm
     )
     holder = subprocess.Popen(
         [sys.executable, "-c", script, str(out)],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "platform")},
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "platform")},
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         result = _run(out, job)

@@ -17,8 +17,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "jobs" / "smoke.yaml"
 SENTINELS = {
@@ -53,7 +51,9 @@ def _mlflow_texts(tracking_uri: str, run_id: str, download_to: Path) -> str:
     client = MlflowClient(tracking_uri)
     run = client.get_run(run_id)
     parts = [repr(run.data.params), repr(run.data.tags), repr(sorted(run.data.metrics)), run.info.artifact_uri]
-    local = Path(download_artifacts(run_id=run_id, artifact_path="", dst_path=str(download_to), tracking_uri=tracking_uri))
+    local = Path(
+        download_artifacts(run_id=run_id, artifact_path="", dst_path=str(download_to), tracking_uri=tracking_uri)
+    )
     parts += [p.read_bytes().decode(errors="replace") for p in local.rglob("*") if p.is_file()]
     experiment = client.get_experiment(run.info.experiment_id)
     parts.append(repr(experiment.tags) + experiment.artifact_location)
@@ -72,14 +72,41 @@ def test_secrets_reach_no_log_param_artifact_or_output(tmp_path: Path, mlflow_se
     try:
         done = subprocess.run(
             [
-                sys.executable, "-c", "from memel.cli import app; app(prog_name='memel')", "run", str(SMOKE),
-                "--set", f"output_dir={out}", "--set", "train.steps=4", "--set", "train.log_every=2",
-                "--set", "eval.every=4", "--set", "eval.batches=1", "--set", "stats.every=2",
-                "--set", "checkpoint.every=4", "--set", "inhibition.late_start=1", "--set", "inhibition.forget_steps=1",
-                "--set", f"tracking.uri={uri}", "--set", "tracking.experiment=secrets",
+                sys.executable,
+                "-c",
+                "from memel.cli import app; app(prog_name='memel')",
+                "run",
+                str(SMOKE),
+                "--set",
+                f"output_dir={out}",
+                "--set",
+                "train.steps=4",
+                "--set",
+                "train.log_every=2",
+                "--set",
+                "eval.every=4",
+                "--set",
+                "eval.batches=1",
+                "--set",
+                "stats.every=2",
+                "--set",
+                "checkpoint.every=4",
+                "--set",
+                "inhibition.late_start=1",
+                "--set",
+                "inhibition.forget_steps=1",
+                "--set",
+                f"tracking.uri={uri}",
+                "--set",
+                "tracking.experiment=secrets",
             ],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False,
-        )  # fmt: skip
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=False,
+        )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         needles = [*SENTINELS.values(), URI_PASSWORD]
 
@@ -117,7 +144,9 @@ def _listening(process) -> list[tuple[str, int]]:
     import psutil
 
     try:
-        return [(c.laddr.ip, c.laddr.port) for c in process.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+        return [
+            (c.laddr.ip, c.laddr.port) for c in process.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN
+        ]
     except psutil.Error:
         return []
 
@@ -152,8 +181,10 @@ def check_loopback() -> None:
         names = " ".join(name for (_, name), found in sockets.items() if found)
         for component in ("gcs_server", "raylet", "DashboardAgent", "RuntimeEnvAgent"):
             assert component in names, f"{component} not found among the listening processes: {names}"
-        exposed = {key: [f"{ip}:{port}" for ip, port in found if ip not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
-                   for key, found in sockets.items()}  # fmt: skip
+        exposed = {
+            key: [f"{ip}:{port}" for ip, port in found if ip not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
+            for key, found in sockets.items()
+        }
         assert not any(exposed.values()), f"listening beyond loopback: { {k: v for k, v in exposed.items() if v} }"
         print(f"loopback only: {sum(len(found) for found in sockets.values())} listening sockets checked")
     finally:

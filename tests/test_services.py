@@ -22,18 +22,25 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner, Result
+
 from memel.cli import app
 from memel.services import StatePaths
 from memel.services.ports import free_ports
 from memel.services.process import ProcessRecord, boot_id, group_members, start_time
 from memel.services.seaweed import find_weed
-from typer.testing import CliRunner, Result
 
 SERVICES = ("s3", "mlflow", "dashboard")
 CLEARED_ENV = (
-    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE",
-    "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "MEMEL_SERVICES_DIR",
-)  # fmt: skip
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_PROFILE",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "MEMEL_SERVICES_DIR",
+)
 
 
 def _require_binaries() -> None:
@@ -63,7 +70,14 @@ def _cli(state_dir: Path, *args: str) -> Result:
 
 
 def _port_args(ports: dict[str, int]) -> list[str]:
-    return ["--mlflow-port", str(ports["mlflow"]), "--s3-port", str(ports["s3"]), "--dashboard-port", str(ports["dashboard"])]
+    return [
+        "--mlflow-port",
+        str(ports["mlflow"]),
+        "--s3-port",
+        str(ports["s3"]),
+        "--dashboard-port",
+        str(ports["dashboard"]),
+    ]
 
 
 def _pids(paths: StatePaths) -> dict[str, int]:
@@ -106,8 +120,19 @@ def test_lifecycle_up_status_artifact_noop_down(clean_env: None, state_dir: Path
     outputs = []
 
     # up, as its own process: all three start, answer, and outlive the command (own sessions)
-    command = [sys.executable, "-c", "from memel.cli import app; app()", "services", "up", "--state-dir", str(state_dir), *_port_args(ports)]
-    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"})
+    command = [
+        sys.executable,
+        "-c",
+        "from memel.cli import app; app()",
+        "services",
+        "up",
+        "--state-dir",
+        str(state_dir),
+        *_port_args(ports),
+    ]
+    done = subprocess.run(
+        command, check=False, capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"}
+    )
     outputs.append(done.stdout + done.stderr)
     assert done.returncode == 0, done.stdout + done.stderr
     for service in SERVICES:
@@ -124,7 +149,9 @@ def test_lifecycle_up_status_artifact_noop_down(clean_env: None, state_dir: Path
     assert result.exit_code == 0, result.output
     for service, url in (("s3", s3_url), ("mlflow", mlflow_url), ("dashboard", dashboard_url)):
         line = next(line for line in result.output.splitlines() if f" {service} " in line)
-        assert "running" in line and str(pids[service]) in line and url in line and str(paths.log_file(service)) in line, line
+        assert (
+            "running" in line and str(pids[service]) in line and url in line and str(paths.log_file(service)) in line
+        ), line
     assert f"export MLFLOW_TRACKING_URI={mlflow_url}" in result.output
     assert f"optuna-dashboard: {dashboard_url}" in result.output
     assert f"source {paths.env_sh}" in result.output
@@ -151,10 +178,13 @@ def test_lifecycle_up_status_artifact_noop_down(clean_env: None, state_dir: Path
     client.set_terminated(run.info.run_id)
     assert [entry.path for entry in client.list_artifacts(run.info.run_id)] == ["notes.txt"]
     s3 = boto3.client(
-        "s3", endpoint_url=s3_url, region_name="us-east-1",
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        "s3",
+        endpoint_url=s3_url,
+        region_name="us-east-1",
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
         config=Config(s3={"addressing_style": "path"}),
-    )  # fmt: skip
+    )
     keys = [entry["Key"] for entry in s3.list_objects_v2(Bucket="mlflow-artifacts").get("Contents", [])]
     key = next((k for k in keys if k.endswith(f"{run.info.run_id}/artifacts/notes.txt")), None)
     assert key is not None, keys
@@ -205,7 +235,9 @@ def test_port_in_use_names_the_option_and_starts_nothing(clean_env: None, state_
         taken.listen()
         result = _cli(state_dir, "up", *_port_args(ports))
     assert result.exit_code == 2, result.output
-    assert "error:" in result.output and f"port {ports['mlflow']}" in result.output and "--mlflow-port" in result.output, result.output
+    assert (
+        "error:" in result.output and f"port {ports['mlflow']}" in result.output and "--mlflow-port" in result.output
+    ), result.output
     assert not list(state_dir.glob("*.pid.json")), "nothing may start when a port is taken"
     assert _port_free(ports["s3"]) and _port_free(ports["dashboard"])
 
@@ -214,7 +246,9 @@ def test_bad_selection_is_refused(clean_env: None, state_dir: Path) -> None:
     result = _cli(state_dir, "up", "--only", "mlflow,nope")
     assert result.exit_code == 2 and "--only: got 'mlflow,nope'" in result.output, result.output
     result = _cli(state_dir, "up", "--only", "mlflow", "--mlflow-port", str(free_ports("127.0.0.1", 1)[0]))
-    assert result.exit_code == 2 and "S3 store, which is not running" in result.output and "--no-s3" in result.output, result.output
+    assert result.exit_code == 2 and "S3 store, which is not running" in result.output and "--no-s3" in result.output, (
+        result.output
+    )
     result = _cli(state_dir, "up", "--bucket", "No_Such")
     assert result.exit_code == 2 and "--bucket: got 'No_Such'" in result.output, result.output
     assert not list(state_dir.glob("*.pid.json"))
@@ -232,9 +266,15 @@ def test_down_never_kills_a_reused_pid(clean_env: None, state_dir: Path) -> None
         assert start_time(unrelated.pid) is not None
         for service in ("mlflow", "dashboard"):  # recorded start time differs: the kernel reused the PID
             ProcessRecord(
-                service, unrelated.pid, "1", boot_id(), [sys.executable, "-m", "mlflow", "server"],
-                "http://127.0.0.1:1", str(paths.log_file(service)), "2024-01-01T00:00:00+00:00",
-            ).save(paths.pid_file(service))  # fmt: skip
+                service,
+                unrelated.pid,
+                "1",
+                boot_id(),
+                [sys.executable, "-m", "mlflow", "server"],
+                "http://127.0.0.1:1",
+                str(paths.log_file(service)),
+                "2024-01-01T00:00:00+00:00",
+            ).save(paths.pid_file(service))
         result = _cli(state_dir, "status")
         assert result.exit_code == 0 and result.output.count("stale") >= 2, result.output
         result = _cli(state_dir, "down", "--timeout", "1")
@@ -251,14 +291,23 @@ def test_down_reports_but_leaves_a_dead_leaders_group(clean_env: None, state_dir
     """The recorded leader exited and left a child in its group: reported, not signalled."""
     paths = StatePaths(state_dir)
     paths.create()
-    leader = subprocess.Popen(["sh", "-c", "sleep 60 & echo $!"], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    leader = subprocess.Popen(
+        ["sh", "-c", "sleep 60 & echo $!"], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
     token = start_time(leader.pid)
     child = int(leader.stdout.readline())
     leader.wait()
     try:
         ProcessRecord(
-            "dashboard", leader.pid, token, boot_id(), ["sh"], "http://127.0.0.1:1", str(paths.log_file("dashboard")), "now"
-        ).save(paths.pid_file("dashboard"))  # fmt: skip
+            "dashboard",
+            leader.pid,
+            token,
+            boot_id(),
+            ["sh"],
+            "http://127.0.0.1:1",
+            str(paths.log_file("dashboard")),
+            "now",
+        ).save(paths.pid_file("dashboard"))
         result = _cli(state_dir, "down", "--only", "dashboard", "--timeout", "1")
         assert result.exit_code == 0 and "removed a stale PID file" in result.output, result.output
         assert f"still holds pids {child}" in result.output, result.output

@@ -76,9 +76,16 @@ def test_a_planted_effect_is_found_and_pure_noise_is_not() -> None:
 
 def _member(mode: str, seed: int, accuracy: float, top_n: int = 1, strength: float = 1.0, variant: str = "") -> Member:
     return Member(
-        f"{variant or mode}-{seed}", "bert", 100, mode, strength, top_n, seed, variant=variant or mode,
+        f"{variant or mode}-{seed}",
+        "bert",
+        100,
+        mode,
+        strength,
+        top_n,
+        seed,
+        variant=variant or mode,
         metrics={"heldout/accuracy": accuracy, "heldout/loss": 1 - accuracy, "eval/loss": 1.0},
-    )  # fmt: skip
+    )
 
 
 def test_a_tuned_variant_with_its_own_top_n_pairs_with_the_original_of_its_seed() -> None:
@@ -93,7 +100,12 @@ def test_a_tuned_variant_with_its_own_top_n_pairs_with_the_original_of_its_seed(
     assert set(table.loc[table["mode"] != "original", "variant"]) == {"rd-tuned n=10", "naive_b n=1"}
     tuned = result.loc[("heldout_accuracy", "original vs rd-tuned n=10")]
     assert tuned["pairs"] == 10 and tuned["p"] < 0.001 and tuned["mean_difference"] == pytest.approx(0.01, abs=0.003)
-    assert tuned["paper_relative"] == pytest.approx(PAPER_RELATIVE["heldout_accuracy"]) and 0 < tuned["power_at_paper"] <= 1
+    assert (
+        tuned["paper_relative"] == pytest.approx(PAPER_RELATIVE["heldout_accuracy"])
+        and 0 < tuned["power_at_paper"] <= 1
+    )
     naive = result.loc[("heldout_accuracy", "original vs naive_b n=1")]
     assert naive["pairs"] == 10 and naive["ci_low"] < 0 < naive["ci_high"]
-    assert math.isnan(result.loc[("heldout_loss", "original vs naive_b n=1")]["power_at_paper"])  # the paper gives no loss
+    assert math.isnan(
+        result.loc[("heldout_loss", "original vs naive_b n=1")]["power_at_paper"]
+    )  # the paper gives no loss

@@ -8,10 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import memel
 import pytest
 import torch
 import torch.distributed as dist
+
+import memel
 from memel.benchmarks.statistics_cost import (
     PAYLOAD_BYTES,
     STATE_BYTES,
@@ -19,7 +20,6 @@ from memel.benchmarks.statistics_cost import (
     statistics_cost,
 )
 from memel.models import build, get_config, preset_targets
-
 from tests.distributed import run_distributed
 
 CASES = [("byte-0.2m", 64), ("byte-2l-d16", 32), ("bert-tiny", 24), ("vit-micro", 0)]
@@ -108,7 +108,10 @@ def test_modelled_payload_is_what_two_ranks_all_reduce_per_step(tmp_path: Path) 
 def test_memel_models_shows_the_cost_per_model() -> None:
     shown = subprocess.run(
         [sys.executable, "-m", "memel", "models", "--family", "decoder", "--stats", "--layout", "channel"],
-        capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"}, check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+        check=True,
     ).stdout
     row = next(line for line in shown.splitlines() if "pythia-2.8b" in line)
     cells = [cell.strip() for cell in row.strip("│ ").split("│")]

@@ -10,21 +10,31 @@ import time
 from pathlib import Path
 
 import duckdb
-import memel
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 import torch
-from memel.errors import ConfigError
-from memel.stats import STATS_SCHEMA, ParquetStatsSink, check_stats_root, snapshot_table
 from s3_server import S3Server
 from tcp_proxy import TcpProxy
 
+import memel
+from memel.errors import ConfigError
+from memel.stats import STATS_SCHEMA, ParquetStatsSink, check_stats_root, snapshot_table
+
 NEURONS = 64
 MODULES = ["layers.0.mlp.act", "0", "enc/blocks.1 a=b"]  # a digit-only name and one needing escapes
-CONTEXT = {"run_id": "run-a", "model": "byte-0.2m", "n_params": 123_456, "mode": "rd", "strength": 1.0, "top_n": 2, "seed": 7, "tokens_seen": 4096}
+CONTEXT = {
+    "run_id": "run-a",
+    "model": "byte-0.2m",
+    "n_params": 123_456,
+    "mode": "rd",
+    "strength": 1.0,
+    "top_n": 2,
+    "seed": 7,
+    "tokens_seen": 4096,
+}
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +65,15 @@ def set_s3_env(monkeypatch: pytest.MonkeyPatch, server: S3Server, endpoint: str 
 def test_layout_preset_and_selection_are_recorded(snap: memel.Snapshot, tmp_path: Path) -> None:
     """The run's layout, preset and selection ride on every row, and read back through the sink;
     rows written without them read as nulls (unknown), also beside rows that have them."""
-    known = snapshot_table(snap, **CONTEXT, step=1, module="0", depth=0.0, layout="element", preset="paper", select="top_n")
+    known = snapshot_table(
+        snap, **CONTEXT, step=1, module="0", depth=0.0, layout="element", preset="paper", select="top_n"
+    )
     unknown = snapshot_table(snap, **{**CONTEXT, "run_id": "run-old"}, step=1, module="0", depth=0.0)
     assert {name: set(known.column(name).to_pylist()) for name in ("layout", "preset", "select")} == {
-        "layout": {"element"}, "preset": {"paper"}, "select": {"top_n"}}  # fmt: skip
+        "layout": {"element"},
+        "preset": {"paper"},
+        "select": {"top_n"},
+    }
     assert unknown.column("layout").null_count == NEURONS
     with ParquetStatsSink(str(tmp_path), "run-a") as sink:
         sink.submit(known, module="0", step=1)
@@ -95,7 +110,11 @@ def check_dataset(dataset: ds.Dataset, expected_rows: int, run_ids: set[str]) ->
     assert dataset.schema.field("module").type == pa.string()
     for field in STATS_SCHEMA:
         assert dataset.schema.field(field.name).type == field.type, field.name
-    one = table.filter((pa.compute.field("module") == "enc/blocks.1 a=b") & (pa.compute.field("step") == 1) & (pa.compute.field("run_id") == "run-a"))
+    one = table.filter(
+        (pa.compute.field("module") == "enc/blocks.1 a=b")
+        & (pa.compute.field("step") == 1)
+        & (pa.compute.field("run_id") == "run-a")
+    )
     assert one.num_rows == NEURONS
     assert sorted(one.column("neuron").to_pylist()) == list(range(NEURONS))
 
@@ -115,12 +134,16 @@ def test_local_round_trip_pyarrow_and_duckdb(snap: memel.Snapshot, tmp_path: Pat
     assert (root / "run_id=run-a" / "module=enc%2Fblocks.1%20a%3Db").is_dir()
     query = f"SELECT run_id, module, count(*) AS n, sum(selected_count) AS s FROM read_parquet('{root}/**/*.parquet', hive_partitioning=true) GROUP BY ALL"
     rows = duckdb.sql(query).fetchall()
-    assert {(r, m): n for r, m, n, _ in rows} == {(r, m): NEURONS * k for r, k in (("run-a", 3), ("run-b", 2)) for m in MODULES}
+    assert {(r, m): n for r, m, n, _ in rows} == {
+        (r, m): NEURONS * k for r, k in (("run-a", 3), ("run-b", 2)) for m in MODULES
+    }
     total = duckdb.sql(f"SELECT count(*) FROM read_parquet('{root}/**/*.parquet', hive_partitioning=true)").fetchall()
     assert total == [(expected,)]
 
 
-def test_no_partial_part_file_is_ever_visible(snap: memel.Snapshot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_partial_part_file_is_ever_visible(
+    snap: memel.Snapshot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     root = tmp_path / "stats"
     seen: dict[str, int] = {}
     problems: list[str] = []
@@ -161,11 +184,15 @@ def test_no_partial_part_file_is_ever_visible(snap: memel.Snapshot, tmp_path: Pa
     assert set(seen.values()) == {NEURONS}
 
 
-def test_full_buffer_keeps_the_newest_and_warns(snap: memel.Snapshot, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_full_buffer_keeps_the_newest_and_warns(
+    snap: memel.Snapshot, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     module = "layers.0.mlp.act"
     by_step = [snapshot_table(snap, **CONTEXT, step=s, module=module, depth=0.0) for s in range(10)]
     table = by_step[0]
-    sink = ParquetStatsSink(str(tmp_path), "run-a", max_buffer_bytes=3 * table.nbytes, retry_initial_s=0.01, retry_max_s=0.02)
+    sink = ParquetStatsSink(
+        str(tmp_path), "run-a", max_buffer_bytes=3 * table.nbytes, retry_initial_s=0.01, retry_max_s=0.02
+    )
     gate = threading.Event()
     real_put = sink._put
     sink._put = lambda *a: (gate.wait(), real_put(*a))  # type: ignore[method-assign]  # storage stalls
@@ -194,11 +221,17 @@ def test_s3_round_trip(snap: memel.Snapshot, s3_server: S3Server, monkeypatch: p
             sink.submit(table, module, step)
     dataset = ds.dataset(root, partitioning="hive")
     check_dataset(dataset, 5 * len(MODULES) * NEURONS, {"run-a", "run-b"})
-    keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket="memel-stats-rt")["Contents"] if not o["Key"].endswith("/")]
+    keys = [
+        o["Key"]
+        for o in s3_server.client().list_objects_v2(Bucket="memel-stats-rt")["Contents"]
+        if not o["Key"].endswith("/")
+    ]
     assert all(k.split("/")[-1].startswith("part-") for k in keys), keys
 
 
-def test_s3_outage_mid_run_loses_nothing(snap: memel.Snapshot, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_s3_outage_mid_run_loses_nothing(
+    snap: memel.Snapshot, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     set_s3_env(monkeypatch, s3_server)
     check_stats_root("s3://memel-stats-outage")
     proxy = TcpProxy(int(s3_server.endpoint.rsplit(":", 1)[1])).start()

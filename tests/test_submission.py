@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
+from typer.testing import CliRunner
+
 from memel.cli import app
 from memel.services.ports import free_ports
 from memel.submission import (
@@ -38,16 +40,21 @@ from memel.submission import (
     submission_id,
 )
 from memel.submission.client import resolve_address
-from typer.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "jobs" / "smoke.yaml"
 RUNNER = CliRunner(env={"COLUMNS": "200"})
 CLUSTER_OUTPUTS = ["tracking.uri=http://mlflow.example:5000", "stats.root=s3://bucket/prefix"]
 SMALL = [
-    "train.steps=4", "train.workers=1", "train.global_batch_size=4", "eval.every=2", "eval.batches=1",
-    "stats.every=2", "checkpoint.every=2", "train.log_every=2",
-]  # fmt: skip
+    "train.steps=4",
+    "train.workers=1",
+    "train.global_batch_size=4",
+    "eval.every=2",
+    "eval.batches=1",
+    "stats.every=2",
+    "checkpoint.every=2",
+    "train.log_every=2",
+]
 
 
 def _flat(text: str) -> str:
@@ -60,21 +67,35 @@ def _flat(text: str) -> str:
 
 
 def test_runtime_env_ships_the_project_and_forwards_only_what_is_set() -> None:
-    environ = {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "AWS_SECRET_ACCESS_KEY": "s3cr3t", "MY_FLAG": "1", "HOME": "/x"}
+    environ = {
+        "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+        "AWS_SECRET_ACCESS_KEY": "s3cr3t",
+        "MY_FLAG": "1",
+        "HOME": "/x",
+    }
     plan = plan_job(SubmitRequest(SMOKE, "http://head:8265", "train", tuple(CLUSTER_OUTPUTS), ("MY_FLAG",)), environ)
     env = plan.runtime_env
     assert env["working_dir"] == str(ROOT)
     assert env["excludes"][: len(DEFAULT_EXCLUDES)] == list(DEFAULT_EXCLUDES)  # then files git does not track
     assert {".git", "/runs", "__pycache__"} <= set(env["excludes"])
     assert env["py_modules"] == [str(ROOT / "platform" / "memel")], "the submitted memel code runs on the cluster"
-    assert env["env_vars"] == {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "AWS_SECRET_ACCESS_KEY": "s3cr3t", "MY_FLAG": "1"}
+    assert env["env_vars"] == {
+        "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+        "AWS_SECRET_ACCESS_KEY": "s3cr3t",
+        "MY_FLAG": "1",
+    }
     assert plan.env_names == ["AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_URI", "MY_FLAG"]
     assert "pip" not in env
-    assert plan.entrypoint == "memel train jobs/smoke.yaml --set tracking.uri=http://mlflow.example:5000 --set stats.root=s3://bucket/prefix"
+    assert (
+        plan.entrypoint
+        == "memel train jobs/smoke.yaml --set tracking.uri=http://mlflow.example:5000 --set stats.root=s3://bucket/prefix"
+    )
     assert plan.metadata == {"memel_job": "smoke", "memel_command": "train", "memel_file": "jobs/smoke.yaml"}
 
     as_run = plan_job(SubmitRequest(SMOKE, "http://head:8265", "run", tuple(CLUSTER_OUTPUTS)), {})
-    assert as_run.entrypoint.startswith("memel run jobs/smoke.yaml --set ") and as_run.metadata["memel_command"] == "run"
+    assert (
+        as_run.entrypoint.startswith("memel run jobs/smoke.yaml --set ") and as_run.metadata["memel_command"] == "run"
+    )
 
     bare = plan_job(SubmitRequest(SMOKE, "http://head:8265", "train", tuple(CLUSTER_OUTPUTS)), {})
     assert "env_vars" not in bare.runtime_env, "nothing is forwarded when nothing is set"
@@ -112,7 +133,9 @@ def test_submission_id_is_deterministic() -> None:
     assert re.fullmatch(r"memel-smoke-[0-9a-f]{10}", first)
     assert first != submission_id("smoke", "run", content, ["train.steps=5"]), "a changed override is a new job"
     assert first != submission_id("smoke", "train", content, ["train.steps=4"]), "another command is a new job"
-    assert first != submission_id("smoke", "run", content + b"\n# edited", ["train.steps=4"]), "an edited file is a new job"
+    assert first != submission_id("smoke", "run", content + b"\n# edited", ["train.steps=4"]), (
+        "an edited file is a new job"
+    )
     a = plan_job(SubmitRequest(SMOKE, "http://a:8265", "train", tuple(CLUSTER_OUTPUTS)), {"AWS_REGION": "x"})
     b = plan_job(SubmitRequest(SMOKE, "http://b:8265", "train", tuple(CLUSTER_OUTPUTS)), {})
     assert a.submission_id == b.submission_id, "the id depends on what runs, not where or with which environment"
@@ -162,8 +185,14 @@ def _no_cluster(*args, **kwargs):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--set", "train.zero_stage=5", *(f"--set={o}" for o in CLUSTER_OUTPUTS)], r"train\.zero_stage: .*0, 1, 2 or 3"),
-        (["--set", "train.global_batch_size=6", *(f"--set={o}" for o in CLUSTER_OUTPUTS)], "does not divide across workers"),
+        (
+            ["--set", "train.zero_stage=5", *(f"--set={o}" for o in CLUSTER_OUTPUTS)],
+            r"train\.zero_stage: .*0, 1, 2 or 3",
+        ),
+        (
+            ["--set", "train.global_batch_size=6", *(f"--set={o}" for o in CLUSTER_OUTPUTS)],
+            "does not divide across workers",
+        ),
         (["--set", "stats.root=s3://b/p"], r"tracking\.uri: .*local to this machine"),
         (["--set", "nope=1"], "unknown field"),
         (["--command", "run", "--set", "sweep.seeds=oops", *(f"--set={o}" for o in CLUSTER_OUTPUTS)], r"sweep\.seeds"),
@@ -215,7 +244,16 @@ def test_submit_sends_the_plan_and_never_prints_secret_values(monkeypatch, tmp_p
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-value-123")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "another-secret-456")
     monkeypatch.setenv("EXTRA_SETTING", "extra-value-789")
-    args = ["submit", str(SMOKE), "--command", "train", "--address", "http://127.0.0.1:9", "--token-file", str(token_file)]
+    args = [
+        "submit",
+        str(SMOKE),
+        "--command",
+        "train",
+        "--address",
+        "http://127.0.0.1:9",
+        "--token-file",
+        str(token_file),
+    ]
     args += ["--env", "EXTRA_SETTING", *(f"--set={o}" for o in CLUSTER_OUTPUTS)]
     first = RUNNER.invoke(app, args)
     assert first.exit_code == 0, first.output
@@ -259,7 +297,16 @@ def test_every_submission_command_has_help_with_an_example(command: str) -> None
 # ----------------------------------------------------------------------------------------------
 
 HEAD_START_TIMEOUT_S = 120.0
-CLEAN_PREFIXES = ("RAY_", "MLFLOW_", "AWS_ENDPOINT", "AWS_ACCESS", "AWS_SECRET", "AWS_SESSION", "AWS_REGION", "AWS_DEFAULT_REGION")
+CLEAN_PREFIXES = (
+    "RAY_",
+    "MLFLOW_",
+    "AWS_ENDPOINT",
+    "AWS_ACCESS",
+    "AWS_SECRET",
+    "AWS_SESSION",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+)
 
 
 @dataclass(frozen=True)
@@ -296,7 +343,11 @@ def _wait_for_dashboard(address: str, token: str, process: subprocess.Popen, log
             pass
         time.sleep(0.5)
     dashboard_logs = "".join(p.read_text()[-1500:] for p in log.parent.glob("ray/session_latest/logs/dashboard.log"))
-    hint = " (the dashboard runs without its HTTP server: the Job Submission API needs ray[default])" if "http server disabled" in dashboard_logs else ""
+    hint = (
+        " (the dashboard runs without its HTTP server: the Job Submission API needs ray[default])"
+        if "http server disabled" in dashboard_logs
+        else ""
+    )
     pytest.fail(f"the Ray dashboard at {address} did not answer in {HEAD_START_TIMEOUT_S:.0f}s{hint}")
 
 
@@ -324,22 +375,52 @@ def ray_head() -> Iterator[Head]:
     token_file.chmod(0o600)
     home = workdir / "home"
     home.mkdir()
-    gcs, dashboard, node_manager, object_manager, agent_grpc, agent_http, metrics, runtime_env = free_ports("127.0.0.1", 8)
+    gcs, dashboard, node_manager, object_manager, agent_grpc, agent_http, metrics, runtime_env = free_ports(
+        "127.0.0.1", 8
+    )
     command = [
-        "ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--node-manager-port", str(node_manager),
-        "--object-manager-port", str(object_manager), "--dashboard-agent-grpc-port", str(agent_grpc),
-        "--dashboard-agent-listen-port", str(agent_http), "--metrics-export-port", str(metrics),
-        "--runtime-env-agent-port", str(runtime_env), "--num-cpus", "2", "--temp-dir", str(workdir / "ray"),
+        "ray",
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--port",
+        str(gcs),
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dashboard),
+        "--node-manager-port",
+        str(node_manager),
+        "--object-manager-port",
+        str(object_manager),
+        "--dashboard-agent-grpc-port",
+        str(agent_grpc),
+        "--dashboard-agent-listen-port",
+        str(agent_http),
+        "--metrics-export-port",
+        str(metrics),
+        "--runtime-env-agent-port",
+        str(runtime_env),
+        "--num-cpus",
+        "2",
+        "--temp-dir",
+        str(workdir / "ray"),
         "--disable-usage-stats",
-    ]  # fmt: skip
+    ]
     env = _clean_env(
-        RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1",
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=token,
+        RAY_USAGE_STATS_ENABLED="0",
+        PYTHONUNBUFFERED="1",
         RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # a test head has nothing to drain: stop at once
-    )  # fmt: skip
+    )
     log_path = workdir / "head.log"
     log = open(log_path, "wb")  # noqa: SIM115 - closed below
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir, start_new_session=True)
+    process = subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir, start_new_session=True
+    )
     address = f"http://127.0.0.1:{dashboard}"
     try:
         _wait_for_dashboard(address, token, process, log_path)
@@ -365,17 +446,34 @@ def _memel(head: Head, *args: str, timeout: float = 600, **env: str) -> subproce
     return subprocess.run(
         [sys.executable, "-c", "from memel.cli import app; app(prog_name='memel')", *args],
         env=_clean_env(HOME=str(head.home), COLUMNS="200", **env),
-        cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def _submit_args(head: Head, mlflow_server: str, run_tag: str) -> list[str]:
-    overrides = [*SMALL, f"tracking.uri={mlflow_server}", "tracking.experiment=submission", f"stats.root=s3://memel-submit/{run_tag}"]
-    return ["submit", str(SMOKE), "--address", head.address, *(f"--set={o}" for o in overrides)]  # the default: memel run
+    overrides = [
+        *SMALL,
+        f"tracking.uri={mlflow_server}",
+        "tracking.experiment=submission",
+        f"stats.root=s3://memel-submit/{run_tag}",
+    ]
+    return [
+        "submit",
+        str(SMOKE),
+        "--address",
+        head.address,
+        *(f"--set={o}" for o in overrides),
+    ]  # the default: memel run
 
 
 @pytest.fixture(scope="module")
-def smoke_job(ray_head: Head, mlflow_server: str, s3_server) -> tuple[subprocess.CompletedProcess, str, list[str], dict[str, str]]:
+def smoke_job(
+    ray_head: Head, mlflow_server: str, s3_server
+) -> tuple[subprocess.CompletedProcess, str, list[str], dict[str, str]]:
     """jobs/smoke.yaml (4 steps, 1 worker) submitted with --wait through the real CLI."""
     args = _submit_args(ray_head, mlflow_server, uuid.uuid4().hex[:8])
     env = dict(s3_server.env())
@@ -390,13 +488,26 @@ def test_cluster_refuses_a_missing_or_wrong_token_with_a_clear_error(ray_head: H
     assert missing.returncode == 2, missing.stdout + missing.stderr
     text = _flat(missing.stdout)
     assert "requires a token and none was found (HTTP 401)" in text
-    assert "--token-file PATH, then $RAY_AUTH_TOKEN, then the file named by $RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token" in text
+    assert (
+        "--token-file PATH, then $RAY_AUTH_TOKEN, then the file named by $RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token"
+        in text
+    )
     assert "ray get-auth-token" in text
 
     wrong = tmp_path / "wrong"
     wrong.write_text("0" * 64)
-    refused = _memel(ray_head, "submit", str(SMOKE), "--command", "train", "--address", ray_head.address,
-                     "--token-file", str(wrong), *(f"--set={o}" for o in CLUSTER_OUTPUTS))  # fmt: skip
+    refused = _memel(
+        ray_head,
+        "submit",
+        str(SMOKE),
+        "--command",
+        "train",
+        "--address",
+        ray_head.address,
+        "--token-file",
+        str(wrong),
+        *(f"--set={o}" for o in CLUSTER_OUTPUTS),
+    )
     assert refused.returncode == 2, refused.stdout + refused.stderr
     assert f"rejected the token from --token-file {wrong} (HTTP 403)" in _flat(refused.stdout)
     assert "0" * 64 not in refused.stdout + refused.stderr and ray_head.token not in refused.stdout + refused.stderr
@@ -447,8 +558,14 @@ def test_status_logs_and_stop(smoke_job, ray_head: Head) -> None:
     logs = _memel(ray_head, "logs", job_id, "--address", ray_head.address, "--token-file", str(ray_head.token_file))
     assert logs.returncode == 0, logs.stdout + logs.stderr
     assert re.search(r"\[memel\] step 2/4 loss", logs.stdout) and re.search(r"\[memel\] step 4/4 loss", logs.stdout)
-    followed = _memel(ray_head, "logs", job_id, "--follow", "--address", ray_head.address, "--token-file", str(ray_head.token_file))
-    assert followed.returncode == 0 and "[memel] step 4/4" in followed.stdout and f"{job_id} SUCCEEDED" in _flat(followed.stdout)
+    followed = _memel(
+        ray_head, "logs", job_id, "--follow", "--address", ray_head.address, "--token-file", str(ray_head.token_file)
+    )
+    assert (
+        followed.returncode == 0
+        and "[memel] step 4/4" in followed.stdout
+        and f"{job_id} SUCCEEDED" in _flat(followed.stdout)
+    )
 
     sleeper = "memel-sleeper-0000000000"
     ray_head.sdk().submit_job(entrypoint="sleep 300", submission_id=sleeper)
@@ -463,5 +580,13 @@ def test_status_logs_and_stop(smoke_job, ray_head: Head) -> None:
 
     ended = _memel(ray_head, "stop", job_id, "--address", ray_head.address, "--token-file", str(ray_head.token_file))
     assert ended.returncode == 0 and f"{job_id} had already ended: SUCCEEDED" in _flat(ended.stdout), ended.stdout
-    unknown = _memel(ray_head, "status", "memel-nope-0000000000", "--address", ray_head.address, "--token-file", str(ray_head.token_file))
+    unknown = _memel(
+        ray_head,
+        "status",
+        "memel-nope-0000000000",
+        "--address",
+        ray_head.address,
+        "--token-file",
+        str(ray_head.token_file),
+    )
     assert unknown.returncode == 1 and "no job 'memel-nope-0000000000'" in _flat(unknown.stdout), unknown.stdout

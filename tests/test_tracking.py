@@ -7,6 +7,9 @@ import time
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
+from tcp_proxy import TcpProxy
+
 from memel.errors import ConfigError
 from memel.tracking import (
     ConsoleTracker,
@@ -16,8 +19,6 @@ from memel.tracking import (
     default_tracking_uri,
     flatten,
 )
-from mlflow import MlflowClient
-from tcp_proxy import TcpProxy
 
 PARAMS = {
     "model": {"name": "byte-0.2m", "layers": 2},
@@ -61,7 +62,9 @@ def test_run_on_a_real_server(mlflow_server: str, tmp_path: Path) -> None:
     assert not [k for k in params if "secret" in k or "token" in k or "password" in k]
     assert "DO-NOT-LOG" not in str(params)
     history = client.get_metric_history(run_id, "loss")
-    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [(s * 10, 1.0 / (s + 1)) for s in range(5)]
+    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [
+        (s * 10, 1.0 / (s + 1)) for s in range(5)
+    ]
     assert run.data.tags["memel.mode"] == "rd"
     assert run.data.tags["mlflow.parentRunId"] == parent_id
     assert run.info.status == "FINISHED"
@@ -96,7 +99,9 @@ def test_default_local_store_needs_no_server(tmp_path: Path) -> None:
     client = MlflowClient(uri)
     assert client.get_run(run_a).data.params == {"x": "1"}
     assert [(m.step, m.value) for m in client.get_metric_history(run_a, "m")] == [(3, 2.0)]
-    assert [m.value for m in MlflowClient(default_tracking_uri(tmp_path / "other")).get_metric_history(run_b, "m")] == [5.0]
+    assert [m.value for m in MlflowClient(default_tracking_uri(tmp_path / "other")).get_metric_history(run_b, "m")] == [
+        5.0
+    ]
     artifacts = list((tmp_path / "out" / "mlartifacts").rglob("d.json"))
     assert len(artifacts) == 1  # artifacts inside the output folder, not the working directory
     assert not (Path.cwd() / "mlruns").exists() or (Path.cwd() / "mlruns").stat().st_mtime < time.time() - 600
@@ -120,7 +125,9 @@ def test_preflight_errors(tmp_path: Path, mlflow_server: str) -> None:
         check_tracking_uri("ftp://somewhere")
 
 
-def test_metrics_survive_a_server_outage(mlflow_server: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_metrics_survive_a_server_outage(
+    mlflow_server: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast; the tracker's own backoff retries
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     proxy = TcpProxy(int(mlflow_server.rsplit(":", 1)[1])).start()

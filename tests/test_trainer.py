@@ -96,16 +96,30 @@ def _trainer(schedule: Schedule, callbacks: list[Callback], seed: int = 0) -> tu
     inserted = memel.inhibit(model, "1", memel.InhibitionConfig(mode="rd", stats_update="step", late_start=1))
     engine = TorchEngine(model, torch.optim.AdamW(model.parameters(), lr=0.05))
     trainer = Trainer(
-        engine, _batches(seed), "classify", schedule, callbacks=callbacks, evaluator=Evaluation(),
-        checkpointer=FileCheckpointer(), inserted=inserted,
-    )  # fmt: skip
+        engine,
+        _batches(seed),
+        "classify",
+        schedule,
+        callbacks=callbacks,
+        evaluator=Evaluation(),
+        checkpointer=FileCheckpointer(),
+        inserted=inserted,
+    )
     return trainer, inserted
 
 
 def test_hooks_run_in_order_for_every_callback_and_the_loop_trains() -> None:
     calls: list[tuple[str, str, int]] = []
     first, second = Recorder("a", calls), Recorder("b", calls)
-    schedule = Schedule(steps=4, log_every=2, eval_every=2, stats_every=4, checkpoint_every=4, evaluate_initial=True, evaluate_final=True)
+    schedule = Schedule(
+        steps=4,
+        log_every=2,
+        eval_every=2,
+        stats_every=4,
+        checkpoint_every=4,
+        evaluate_initial=True,
+        evaluate_final=True,
+    )
     trainer, _ = _trainer(schedule, [first, second])
     state = trainer.fit()
 
@@ -116,7 +130,9 @@ def test_hooks_run_in_order_for_every_callback_and_the_loop_trains() -> None:
     expected += [(hook, 4) for hook in hooks_at_4] + [("close", -1)]
     assert calls == [(name, hook, step) for hook, step in expected for name in ("a", "b")]
     assert first.metrics[4]["train/loss"] < first.metrics[2]["train/loss"], "the loss must fall"
-    assert {"eval/loss", "heldout/loss", "init/loss", "ms/mean", "stats/rank_divergence", "train/lr"} <= set(state.report())
+    assert {"eval/loss", "heldout/loss", "init/loss", "ms/mean", "stats/rank_divergence", "train/lr"} <= set(
+        state.report()
+    )
     assert state.report()["step"] == 4
 
 
@@ -183,7 +199,9 @@ def _stop_worker(rank: int, world_size: int, out_dir: str) -> None:
     callbacks = [Recorder("pruner", calls, stop_at=4)] if rank == 0 else []  # as pruning: rank 0 only
     trainer, _ = _trainer(Schedule(steps=10, log_every=2, eval_every=2, stats_every=2), callbacks, seed=rank)
     state = trainer.fit()
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"step": state.step, "stopped": state.stopped, "metrics": state.metrics}))
+    Path(out_dir, f"rank{rank}.json").write_text(
+        json.dumps({"step": state.step, "stopped": state.stopped, "metrics": state.metrics})
+    )
 
 
 def test_a_stop_request_on_rank_0_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:
@@ -212,7 +230,9 @@ def _diverging_worker(rank: int, world_size: int, out_dir: str) -> None:
     except NonFiniteLossError as error:
         raised = {"step": error.step, "message": str(error), "again": str(pickle.loads(pickle.dumps(error)))}
     logged = [step for _, hook, step in calls if hook == "on_log"]
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"raised": raised, "logged": logged, "closed": calls[-1][1]}))
+    Path(out_dir, f"rank{rank}.json").write_text(
+        json.dumps({"raised": raised, "logged": logged, "closed": calls[-1][1]})
+    )
 
 
 def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:
@@ -221,7 +241,9 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_pat
     for result in results:
         assert result["raised"] is not None and result["raised"]["step"] == 4, result
         assert result["raised"]["message"].startswith("training loss became non-finite at step 4 (train/loss=nan")
-        assert "lower train.lr" in result["raised"]["message"] and result["raised"]["again"] == result["raised"]["message"]
+        assert (
+            "lower train.lr" in result["raised"]["message"] and result["raised"]["again"] == result["raised"]["message"]
+        )
         assert result["logged"] == [2], "the non-finite window is not logged"
         assert result["closed"] == "close", "callbacks close when the run diverges"
 
@@ -287,7 +309,13 @@ def _module_graph() -> dict[str, set[str]]:
 
 def test_training_imports_nothing_from_orchestration() -> None:
     graph = _module_graph()
-    upward = {(name, target) for name, targets in graph.items() if name.startswith("memel.training") for target in targets if target.startswith("memel.orchestration")}
+    upward = {
+        (name, target)
+        for name, targets in graph.items()
+        if name.startswith("memel.training")
+        for target in targets
+        if target.startswith("memel.orchestration")
+    }
     assert not upward
 
 

@@ -30,10 +30,18 @@ def _spec(tmp: Path, *extra: str, steps: int = 12):
     return load_spec(
         SMOKE,
         [
-            f"output_dir={tmp}", f"train.steps={steps}", "train.log_every=2", "eval.every=6", "eval.batches=1",
-            "stats.every=4", "checkpoint.every=4", "inhibition.late_start=3", "inhibition.forget_steps=3", *extra,
+            f"output_dir={tmp}",
+            f"train.steps={steps}",
+            "train.log_every=2",
+            "eval.every=6",
+            "eval.batches=1",
+            "stats.every=4",
+            "checkpoint.every=4",
+            "inhibition.late_start=3",
+            "inhibition.forget_steps=3",
+            *extra,
         ],
-    )  # fmt: skip
+    )
 
 
 def _metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -53,9 +61,12 @@ def _read_stats(root: str, s3=None):
     import pyarrow.fs as pafs
 
     fs = pafs.S3FileSystem(
-        endpoint_override=s3.endpoint, access_key=s3.access_key, secret_key=s3.secret_key, region=s3.region,
+        endpoint_override=s3.endpoint,
+        access_key=s3.access_key,
+        secret_key=s3.secret_key,
+        region=s3.region,
         scheme="http",
-    )  # fmt: skip
+    )
     return ds.dataset(root.removeprefix("s3://"), filesystem=fs, partitioning="hive").to_table()
 
 
@@ -88,12 +99,20 @@ def test_two_worker_run_trains_tracks_and_writes_statistics(
     tags, params = run.data.tags, run.data.params  # where inhibition went and how it selected
     assert (tags["memel.layout"], tags["memel.preset"], tags["memel.select"]) == ("channel", "mlp", "top_n")
     assert (params["inhibition.layout"], params["model.preset"], params["inhibition.top_n"]) == ("channel", "mlp", "1")
-    assert {"eval/loss", "eval/perplexity", "train/tokens_per_s", "train/step_time_s", "ms/layers.0.mlp.act/mean"} <= set(run.data.metrics)
+    assert {
+        "eval/loss",
+        "eval/perplexity",
+        "train/tokens_per_s",
+        "train/step_time_s",
+        "ms/layers.0.mlp.act/mean",
+    } <= set(run.data.metrics)
 
     table = _read_stats(result.stats_root, s3)
     assert table.num_rows == 3 * MODULES * NEURONS  # snapshots at steps 4, 8, 12
     assert sorted(set(table.column("step").to_pylist())) == [4, 8, 12]
-    assert {(r["layout"], r["preset"], r["select"]) for r in table.select(["layout", "preset", "select"]).to_pylist()} == {("channel", "mlp", "top_n")}
+    assert {
+        (r["layout"], r["preset"], r["select"]) for r in table.select(["layout", "preset", "select"]).to_pylist()
+    } == {("channel", "mlp", "top_n")}
     final = _final_inhibition(result.checkpoint)
     last = table.filter(ds.field("step") == 12).to_pandas()
     for name, state in final.items():
@@ -209,7 +228,14 @@ def test_each_progress_line_is_printed_once(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    overrides = [f"output_dir={tmp_path}", "train.steps=4", "train.log_every=2", "eval.every=4", "stats.every=4", "checkpoint.every=4"]
+    overrides = [
+        f"output_dir={tmp_path}",
+        "train.steps=4",
+        "train.log_every=2",
+        "eval.every=4",
+        "stats.every=4",
+        "checkpoint.every=4",
+    ]
     command = [sys.executable, "-m", "memel", "train", str(SMOKE), *(arg for o in overrides for arg in ("--set", o))]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "platform")}
     env.pop("RAY_ADDRESS", None)
@@ -230,7 +256,15 @@ def test_a_diverged_run_fails_with_one_error_line(tmp_path: Path) -> None:
 
     from mlflow import MlflowClient
 
-    overrides = [f"output_dir={tmp_path}", "train.lr=1e30", "train.steps=8", "train.log_every=2", "eval.every=8", "stats.every=8", "checkpoint.every=8"]
+    overrides = [
+        f"output_dir={tmp_path}",
+        "train.lr=1e30",
+        "train.steps=8",
+        "train.log_every=2",
+        "eval.every=8",
+        "stats.every=8",
+        "checkpoint.every=8",
+    ]
     command = [sys.executable, "-m", "memel", "train", str(SMOKE), *(arg for o in overrides for arg in ("--set", o))]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "platform"), "COLUMNS": "300"}
     env.pop("RAY_ADDRESS", None)

@@ -20,9 +20,16 @@ def test_smoke_spec_loads_and_overrides_apply() -> None:
     config = deepspeed_config(spec)
     assert config["zero_optimization"]["stage"] == 3
     assert config["train_batch_size"] == 16 and config["gradient_accumulation_steps"] == 2
-    assert spec.run_name == load_spec(SMOKE, ["train.steps=7", "inhibition.strength=2.5", "train.zero_stage=3"]).run_name
+    assert (
+        spec.run_name == load_spec(SMOKE, ["train.steps=7", "inhibition.strength=2.5", "train.zero_stage=3"]).run_name
+    )
     assert spec.run_name != load_spec(SMOKE).run_name
-    assert spec.run_name == load_spec(SMOKE, ["train.steps=7", "inhibition.strength=2.5", "train.zero_stage=3", "stats.every=3"]).run_name
+    assert (
+        spec.run_name
+        == load_spec(
+            SMOKE, ["train.steps=7", "inhibition.strength=2.5", "train.zero_stage=3", "stats.every=3"]
+        ).run_name
+    )
 
 
 def test_user_deepspeed_keys_win() -> None:

@@ -22,9 +22,18 @@ _EXPORTS = {
     ),
 }
 __all__ = [
-    "ConfigError", "InhibitionConfig", "Inhibitor", "Snapshot", "__version__", "auxiliary_loss", "inhibit", "inhibitors",
-    "remove", "snapshot", "sync",
-]  # fmt: skip
+    "ConfigError",
+    "InhibitionConfig",
+    "Inhibitor",
+    "Snapshot",
+    "__version__",
+    "auxiliary_loss",
+    "inhibit",
+    "inhibitors",
+    "remove",
+    "snapshot",
+    "sync",
+]
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:

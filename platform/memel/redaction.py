@@ -22,15 +22,29 @@ MASK = "***"
 
 #: Query-parameter name fragments whose values are secrets (compared lower-case, "-" as "_").
 SECRET_QUERY_MARKERS = (
-    "password", "passwd", "pwd", "secret", "token", "signature", "credential", "api_key", "apikey", "access_key",
-    "auth", "sig",
-)  # fmt: skip
+    "password",
+    "passwd",
+    "pwd",
+    "secret",
+    "token",
+    "signature",
+    "credential",
+    "api_key",
+    "apikey",
+    "access_key",
+    "auth",
+    "sig",
+)
 
 #: Environment variables whose values :func:`redact` hides in any text.
 SECRET_ENV = (
-    "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN", "RAY_AUTH_TOKEN",
-)  # fmt: skip
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SESSION_TOKEN",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "RAY_AUTH_TOKEN",
+)
 
 #: Key fragments that mark a named value (a param, a tag, a variable) as a secret.
 SECRET_MARKERS = ("secret", "password", "passwd", "token", "access_key", "secret_key", "credential", "api_key")

@@ -74,7 +74,9 @@ class _Loader(yaml.SafeLoader):
                 break
             line = key_node.start_mark.line + 1
             if first is not None:
-                raise _Refused(f"key {shown(key)} is given twice (lines {first} and {line}); keep one of them", key_node.start_mark)
+                raise _Refused(
+                    f"key {shown(key)} is given twice (lines {first} and {line}); keep one of them", key_node.start_mark
+                )
             seen[key] = line
         return super().construct_mapping(node, deep=deep)
 
@@ -89,7 +91,9 @@ def _expanded_size(root: yaml.Node) -> int:
         if key in sizes:
             return sizes[key]
         if key in open_nodes:
-            raise _Refused("an alias refers to a node that contains it (a recursive spec); write the values out", node.start_mark)
+            raise _Refused(
+                "an alias refers to a node that contains it (a recursive spec); write the values out", node.start_mark
+            )
         open_nodes.add(key)
         children: list[yaml.Node] = []
         if isinstance(node, yaml.SequenceNode):
@@ -153,7 +157,9 @@ def non_finite_at(tree: Any, path: str = "") -> str | None:
         return None
     for key, value in items:
         key_text = str(key)
-        found = non_finite_at(value, key_text if not path else f"{path}{key_text}" if key_text.startswith("[") else f"{path}.{key_text}")
+        found = non_finite_at(
+            value, key_text if not path else f"{path}{key_text}" if key_text.startswith("[") else f"{path}.{key_text}"
+        )
         if found is not None:
             return found
     return None
@@ -169,20 +175,28 @@ def read_text(path: str | Path, owner: str, example: str) -> str:
     """The text of spec file ``path``, refused when absent, too large or binary."""
     file = Path(path)
     if not file.is_file():
-        raise ConfigError(f"{owner}: no such file {shown(str(file))}; give the path of a YAML {owner} file, e.g. {example}")
+        raise ConfigError(
+            f"{owner}: no such file {shown(str(file))}; give the path of a YAML {owner} file, e.g. {example}"
+        )
     size = file.stat().st_size
     if size > MAX_SPEC_BYTES:
-        raise ConfigError(f"{owner}: {file} is {size:,} bytes, more than the {MAX_SPEC_BYTES:,} a spec may hold; give a YAML spec file")
+        raise ConfigError(
+            f"{owner}: {file} is {size:,} bytes, more than the {MAX_SPEC_BYTES:,} a spec may hold; give a YAML spec file"
+        )
     try:
         data = file.read_bytes()
     except OSError as error:
         raise ConfigError(f"{owner}: {file} cannot be read ({error.strerror}); check its permissions") from None
     if b"\x00" in data:
-        raise ConfigError(f"{owner}: {file} is a binary file (it holds NUL bytes), not a YAML spec; give a YAML text file")
+        raise ConfigError(
+            f"{owner}: {file} is a binary file (it holds NUL bytes), not a YAML spec; give a YAML text file"
+        )
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise ConfigError(f"{owner}: {file} is not UTF-8 text (byte {error.start}); give a YAML text file saved as UTF-8") from None
+        raise ConfigError(
+            f"{owner}: {file} is not UTF-8 text (byte {error.start}); give a YAML text file saved as UTF-8"
+        ) from None
 
 
 def read_tree(path: str | Path, owner: str, example: str, empty: str | None = None) -> dict[str, Any]:
@@ -207,7 +221,9 @@ def read_tree(path: str | Path, owner: str, example: str, empty: str | None = No
         raise ConfigError(f"{owner}: {file} must hold a mapping of sections, got {type(loaded).__name__}")
     bad_key = next((key for key in loaded if not isinstance(key, str)), None)
     if bad_key is not None:
-        raise ConfigError(f"{owner}: {file}: section name {shown(bad_key)} is not a word; sections are names like train or model")
+        raise ConfigError(
+            f"{owner}: {file}: section name {shown(bad_key)} is not a word; sections are names like train or model"
+        )
     _refuse_non_finite(loaded, owner)
     return loaded
 
@@ -215,7 +231,9 @@ def read_tree(path: str | Path, owner: str, example: str, empty: str | None = No
 def parse_value(dotted: str, raw: str) -> Any:
     """The value of ``--set dotted=raw``, read as YAML within the same bounds as a spec file."""
     if len(raw) > MAX_VALUE_CHARS:
-        raise ConfigError(f"--set {dotted}: the value is {len(raw):,} characters, more than {MAX_VALUE_CHARS:,}; put it in the spec file")
+        raise ConfigError(
+            f"--set {dotted}: the value is {len(raw):,} characters, more than {MAX_VALUE_CHARS:,}; put it in the spec file"
+        )
     try:
         value = _parse(raw)
     except yaml.YAMLError as error:
@@ -227,7 +245,9 @@ def parse_value(dotted: str, raw: str) -> Any:
         raise ConfigError(f"--set {dotted}: the value is nested too deeply; give a plain value") from None
     found = non_finite_at(value)
     if found is not None:
-        where = dotted if found == "(top level)" else f"{dotted}{found}" if found.startswith("[") else f"{dotted}.{found}"
+        where = (
+            dotted if found == "(top level)" else f"{dotted}{found}" if found.startswith("[") else f"{dotted}.{found}"
+        )
         raise ConfigError(f"--set {where}: not a finite number (.inf and .nan are refused); give a finite value")
     return value
 
@@ -244,7 +264,9 @@ def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
             child = node[key] = {}
         if not isinstance(child, dict):
             where = ".".join(keys[: depth + 1])
-            raise ConfigError(f"--set {dotted}: {key!r} is not a section ({where} holds {shown(child)}); set {where} itself")
+            raise ConfigError(
+                f"--set {dotted}: {key!r} is not a section ({where} holds {shown(child)}); set {where} itself"
+            )
         node = child
     node[keys[-1]] = value
 

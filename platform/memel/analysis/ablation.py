@@ -73,7 +73,9 @@ def window_losses(model: nn.Module, batches: list[TokenBatch]) -> np.ndarray:
     for batch in batches:
         logits = model(batch.inputs)
         logits = logits if logits.dtype == torch.float64 else logits.float()
-        losses = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), reduction="none").view(batch.targets.shape)
+        losses = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), reduction="none").view(
+            batch.targets.shape
+        )
         losses = losses.double()
         mask = batch.in_group.to(torch.bool)
         rows.append(torch.stack([(losses * mask).sum(1), (losses * ~mask).sum(1)], dim=1))
@@ -105,7 +107,9 @@ def bootstrap_ci(base: np.ndarray, ablated: np.ndarray, resamples: int, seed: in
     return np.nanpercentile(samples, [tail, 100 - tail], axis=0).T
 
 
-def random_neurons(candidates: list[Neuron], count: int, draws: int, seed: int, exclude: set[Neuron]) -> list[list[Neuron]]:
+def random_neurons(
+    candidates: list[Neuron], count: int, draws: int, seed: int, exclude: set[Neuron]
+) -> list[list[Neuron]]:
     """``draws`` seeded random sets of ``count`` distinct neurons from ``candidates`` minus ``exclude``."""
     pool = [n for n in candidates if n not in exclude]
     rng = np.random.default_rng([seed, 2718])
@@ -122,9 +126,16 @@ class AblationResult:
 
 
 def ablate(
-    model: nn.Module, modules: list[str], probe_batches: list[TokenBatch], eval_batches: list[TokenBatch],
-    group: str, count: int = 1, draws: int = 8, seed: int = 0, resamples: int = 1000,
-) -> AblationResult:  # fmt: skip
+    model: nn.Module,
+    modules: list[str],
+    probe_batches: list[TokenBatch],
+    eval_batches: list[TokenBatch],
+    group: str,
+    count: int = 1,
+    draws: int = 8,
+    seed: int = 0,
+    resamples: int = 1000,
+) -> AblationResult:
     """Probe on ``probe_batches``, mean-ablate the ``count`` best neurons (means over
     ``probe_batches``), measure on ``eval_batches``; the control ablates ``count`` random neurons
     of ``modules``, ``draws`` times."""
@@ -148,18 +159,23 @@ def ablate(
     rows = []
     for column, name in enumerate((group, OTHER, DIFFERENCE)):
         drawn = control_array[:, column]
-        rows.append({
-            "group": name, "tokens": int(tokens[column]) if column < 2 else int(tokens.sum()),
-            "base_loss": base[:, column].sum() / tokens[column] if column < 2 else np.nan,
-            "ablated_loss": ablated[:, column].sum() / tokens[column] if column < 2 else np.nan,
-            "increase_pct": effect[column], "increase_pct_ci_low": ci[column, 0], "increase_pct_ci_high": ci[column, 1],
-            "random_increase_pct_mean": float(drawn.mean()) if len(drawn) else np.nan,
-            "random_increase_pct_std": float(drawn.std(ddof=1)) if len(drawn) > 1 else np.nan,
-            "random_increase_pct_min": float(drawn.min()) if len(drawn) else np.nan,
-            "random_increase_pct_max": float(drawn.max()) if len(drawn) else np.nan,
-            "random_draws": len(drawn),
-            "random_at_least_pct": float((drawn >= effect[column]).mean()) if len(drawn) else np.nan,
-        })  # fmt: skip
+        rows.append(
+            {
+                "group": name,
+                "tokens": int(tokens[column]) if column < 2 else int(tokens.sum()),
+                "base_loss": base[:, column].sum() / tokens[column] if column < 2 else np.nan,
+                "ablated_loss": ablated[:, column].sum() / tokens[column] if column < 2 else np.nan,
+                "increase_pct": effect[column],
+                "increase_pct_ci_low": ci[column, 0],
+                "increase_pct_ci_high": ci[column, 1],
+                "random_increase_pct_mean": float(drawn.mean()) if len(drawn) else np.nan,
+                "random_increase_pct_std": float(drawn.std(ddof=1)) if len(drawn) > 1 else np.nan,
+                "random_increase_pct_min": float(drawn.min()) if len(drawn) else np.nan,
+                "random_increase_pct_max": float(drawn.max()) if len(drawn) else np.nan,
+                "random_draws": len(drawn),
+                "random_at_least_pct": float((drawn >= effect[column]).mean()) if len(drawn) else np.nan,
+            }
+        )
     frame = pd.DataFrame(rows)
     frame.insert(0, "neurons", ", ".join(n.label for n in chosen))
     frame.insert(1, "auroc", float(ranked["auroc"].iloc[0]) if count == 1 else float(ranked["auroc"].mean()))
@@ -179,8 +195,10 @@ def lm_batches(data: dict[str, Any], batch_size: int, batches: int, group: str, 
         raise ValueError(f"the probing ablation needs token-level LM data (kind text_lm); got {data.get('kind')!r}")
     names = loader.stream.label_names
     if group not in names:
-        raise ValueError(f"the held-out data has no {group!r} tokens (its document labels: {names or 'none'}); "
-                         "train on data with that group (e.g. corpus: mixed) or pick another --probe-group")  # fmt: skip
+        raise ValueError(
+            f"the held-out data has no {group!r} tokens (its document labels: {names or 'none'}); "
+            "train on data with that group (e.g. corpus: mixed) or pick another --probe-group"
+        )
     total = loader.num_examples()
     wanted = min(total, batches * batch_size)
     order = np.unique(np.linspace(0, total - 1, wanted).round().astype(np.int64))
@@ -191,11 +209,15 @@ def lm_batches(data: dict[str, Any], batch_size: int, batches: int, group: str, 
         marked = torch.from_numpy(loader.window_labels(chunk) == names.index(group))
         out.append(TokenBatch(batch.inputs, batch.targets, marked[:, 1:].contiguous(), marked[:, :-1].contiguous()))
     if len(out) < 2:
-        raise ValueError(f"only {len(out)} held-out batch(es) of {batch_size} windows; need 2 (one to probe, one to measure)")
+        raise ValueError(
+            f"only {len(out)} held-out batch(es) of {batch_size} windows; need 2 (one to probe, one to measure)"
+        )
     return out
 
 
-def ablate_member(trained: Any, group: str, batches: int, batch_size: int, count: int = 1, draws: int = 8) -> AblationResult:
+def ablate_member(
+    trained: Any, group: str, batches: int, batch_size: int, count: int = 1, draws: int = 8
+) -> AblationResult:
     """:func:`ablate` on a rebuilt member (:func:`memel.analysis.checkpoint.load_member`): every MLP
     activation of the model is a candidate; alternate held-out batches probe and measure."""
     from memel.models import preset_targets

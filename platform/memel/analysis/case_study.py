@@ -53,14 +53,25 @@ SELECTIONS = ("top_ms", "random")
 
 #: The paper's Table 4 (Swin-B, one step at lr 2e-6): Decrease Ratio and Total Update Ratio, %.
 PAPER_TABLE4: dict[str, tuple[float, float]] = {
-    "original": (0.003, 0.052), "naive_a": (-0.017, 0.118), "naive_b": (-0.044, 0.161), "rd": (0.013, 0.189),
-}  # fmt: skip
+    "original": (0.003, 0.052),
+    "naive_a": (-0.017, 0.118),
+    "naive_b": (-0.044, 0.161),
+    "rd": (0.013, 0.189),
+}
 
 #: Values this close to 0 are left out of the update ratios (|z'/z - 1| is unbounded there).
 TINY = 1e-6
 
 #: The columns a pass reports (one row per batch, lr, selection and mode).
-MEASURES = ("decrease_ratio", "decrease_ratio_pooled", "update_ratio", "update_ratio_all", "quotient", "alignment", "alignment_weighted")
+MEASURES = (
+    "decrease_ratio",
+    "decrease_ratio_pooled",
+    "update_ratio",
+    "update_ratio_all",
+    "quotient",
+    "alignment",
+    "alignment_weighted",
+)
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -109,7 +120,9 @@ class OptimizerState:
         rate = self.lr if lr is None else lr
         if self.kind == "sgd":
             return torch.optim.SGD([p for _, p in params], lr=rate)
-        optimizer = torch.optim.AdamW([p for _, p in params], lr=rate, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
+        optimizer = torch.optim.AdamW(
+            [p for _, p in params], lr=rate, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay
+        )
         for name, p in params:
             saved = self.state.get(name)
             if saved:
@@ -126,9 +139,16 @@ class Modifier:
     choice and the gradient at the modified values. ``replay`` reuses the choice of a previous forward."""
 
     def __init__(
-        self, model: nn.Module, stats: dict[str, Statistics], mode: str, strength: float, top_n: int, eps: float,
-        selection: str = "top_ms", generator: torch.Generator | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        model: nn.Module,
+        stats: dict[str, Statistics],
+        mode: str,
+        strength: float,
+        top_n: int,
+        eps: float,
+        selection: str = "top_ms",
+        generator: torch.Generator | None = None,
+    ) -> None:
         self.stats, self.mode, self.top_n, self.eps, self.selection = stats, mode, top_n, eps, selection
         self.strength = strength_of(mode, strength)
         self.generator = generator
@@ -169,7 +189,11 @@ class Modifier:
                 d = self.strength
                 out = torch.where(mask, -d * rows + (mean + d * rows).detach(), rows)
             if out.requires_grad:
-                out.register_hook(lambda grad, name=name, chosen=chosen: self.grads.__setitem__(name, grad.gather(1, chosen).detach().clone()))
+                out.register_hook(
+                    lambda grad, name=name, chosen=chosen: self.grads.__setitem__(
+                        name, grad.gather(1, chosen).detach().clone()
+                    )
+                )
             out = out.reshape(value.shape)
             return out if isinstance(output, torch.Tensor) else type(output)([out, *output[1:]])
 
@@ -202,12 +226,17 @@ def measures(result: PassResult, aligned_modes: bool) -> dict[str, float]:
     out = {
         "decrease_ratio": float(decrease.mean()) if decrease.numel() else math.nan,
         "decrease_ratio_pooled": float((1 - result.phi_new[positive].sum() / result.phi[positive].sum()) * 100)
-        if positive.any() else math.nan,
+        if positive.any()
+        else math.nan,
         "update_ratio": float(update.mean()) if update.numel() else math.nan,
         "update_ratio_all": float(update_all.mean()) if update_all.numel() else math.nan,
     }
     out["quotient"] = out["decrease_ratio"] / out["update_ratio"] if out["update_ratio"] > 0 else math.nan
-    out |= alignment(result.grad, result.z, result.mean) if aligned_modes else {"alignment": math.nan, "alignment_weighted": math.nan}
+    out |= (
+        alignment(result.grad, result.z, result.mean)
+        if aligned_modes
+        else {"alignment": math.nan, "alignment_weighted": math.nan}
+    )
     return out
 
 
@@ -226,10 +255,20 @@ def alignment(grad: torch.Tensor | None, z: torch.Tensor, mean: torch.Tensor) ->
 
 
 def one_pass(
-    model: nn.Module, weights: dict[str, torch.Tensor], optimizer: OptimizerState, stats: dict[str, Statistics],
-    batch: Any, seed: int, loss_fn: LossFn, mode: str, selection: str = "top_ms", lr: float | None = None,
-    strength: float = 1.0, top_n: int = 1, eps: float = 0.01,
-) -> PassResult:  # fmt: skip
+    model: nn.Module,
+    weights: dict[str, torch.Tensor],
+    optimizer: OptimizerState,
+    stats: dict[str, Statistics],
+    batch: Any,
+    seed: int,
+    loss_fn: LossFn,
+    mode: str,
+    selection: str = "top_ms",
+    lr: float | None = None,
+    strength: float = 1.0,
+    top_n: int = 1,
+    eps: float = 0.01,
+) -> PassResult:
     """One step of the case study on ``model`` (reset to ``weights`` first; left at the stepped weights)."""
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
@@ -268,9 +307,16 @@ def one_pass(
         z_all.append(zb.flatten())
         z_new_all.append(za.flatten())
     return PassResult(
-        torch.cat(z), torch.cat(z_new), torch.cat(p), torch.cat(p_new), torch.cat(means),
-        torch.cat(g) if len(g) == len(stats) else None, torch.cat(z_all), torch.cat(z_new_all), float(loss.detach()),
-    )  # fmt: skip
+        torch.cat(z),
+        torch.cat(z_new),
+        torch.cat(p),
+        torch.cat(p_new),
+        torch.cat(means),
+        torch.cat(g) if len(g) == len(stats) else None,
+        torch.cat(z_all),
+        torch.cat(z_new_all),
+        float(loss.detach()),
+    )
 
 
 @dataclass
@@ -292,9 +338,13 @@ class Subject:
 
 
 def case_study(
-    subject: Subject, batches: dict[int, Any], loss_fn: LossFn, modes: Iterable[str] = MODES,
-    selections: Iterable[str] = SELECTIONS, lrs: dict[str, float | None] | None = None,
-) -> pd.DataFrame:  # fmt: skip
+    subject: Subject,
+    batches: dict[int, Any],
+    loss_fn: LossFn,
+    modes: Iterable[str] = MODES,
+    selections: Iterable[str] = SELECTIONS,
+    lrs: dict[str, float | None] | None = None,
+) -> pd.DataFrame:
     """One row per batch seed, learning rate (name -> value; None: the optimizer's own), selection and mode.
 
     ``subject.model`` is stepped in place and restored to its weights at the end."""
@@ -304,11 +354,34 @@ def case_study(
         for lr_name, lr in lrs.items():
             for selection in selections:
                 for mode in modes:
-                    result = one_pass(subject.model, subject.weights, subject.optimizer, subject.stats, batch, seed, loss_fn,
-                                      mode, selection, lr, subject.strength, subject.top_n, subject.eps)  # fmt: skip
-                    rows.append({"member": subject.label, "lr_name": lr_name, "lr": subject.optimizer.lr if lr is None else lr,
-                                 "selection": selection, "mode": mode, "batch": seed, "loss": result.loss,
-                                 "selected": int(result.z.numel()), **measures(result, mode != "original")})  # fmt: skip
+                    result = one_pass(
+                        subject.model,
+                        subject.weights,
+                        subject.optimizer,
+                        subject.stats,
+                        batch,
+                        seed,
+                        loss_fn,
+                        mode,
+                        selection,
+                        lr,
+                        subject.strength,
+                        subject.top_n,
+                        subject.eps,
+                    )
+                    rows.append(
+                        {
+                            "member": subject.label,
+                            "lr_name": lr_name,
+                            "lr": subject.optimizer.lr if lr is None else lr,
+                            "selection": selection,
+                            "mode": mode,
+                            "batch": seed,
+                            "loss": result.loss,
+                            "selected": int(result.z.numel()),
+                            **measures(result, mode != "original"),
+                        }
+                    )
     with torch.no_grad():
         for name, tensor in subject.model.state_dict().items():
             tensor.copy_(subject.weights[name])
@@ -329,7 +402,11 @@ def summarize_case_study(per_batch: pd.DataFrame) -> pd.DataFrame:
         by_mode = {mode: group.set_index("batch") for mode, group in part.groupby("mode")}
         for mode in [m for m in MODES if m in by_mode] + sorted(set(by_mode) - set(MODES)):
             this = by_mode[mode]
-            row: dict[str, Any] = dict(zip(GROUP, keys)) | {"mode": mode, "batches": len(this), "lr": float(this["lr"].iloc[0])}
+            row: dict[str, Any] = dict(zip(GROUP, keys)) | {
+                "mode": mode,
+                "batches": len(this),
+                "lr": float(this["lr"].iloc[0]),
+            }
             for column in MEASURES:
                 mean, std, low, high = mean_ci(this[column])
                 row |= {column: mean, f"{column}_ci_low": low, f"{column}_ci_high": high}
@@ -365,9 +442,21 @@ def verdicts(per_batch: pd.DataFrame, variant: str = "shared", selection: str = 
             if not {a, b} <= present:
                 continue
             mean, low, high = paired_ci(group, a, b)
-            verdict = "inconclusive" if math.isnan(low) or low <= 0 <= high else "reproduced" if low > 0 else "contradicted"
-            rows.append({"variant": variant, "lr_name": lr_name, "claim": f"{a} > {b}", "difference": mean, "difference_ci_low": low,
-                         "difference_ci_high": high, "paper_difference": PAPER_TABLE4[a][0] - PAPER_TABLE4[b][0], "verdict": verdict})  # fmt: skip
+            verdict = (
+                "inconclusive" if math.isnan(low) or low <= 0 <= high else "reproduced" if low > 0 else "contradicted"
+            )
+            rows.append(
+                {
+                    "variant": variant,
+                    "lr_name": lr_name,
+                    "claim": f"{a} > {b}",
+                    "difference": mean,
+                    "difference_ci_low": low,
+                    "difference_ci_high": high,
+                    "paper_difference": PAPER_TABLE4[a][0] - PAPER_TABLE4[b][0],
+                    "verdict": verdict,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -406,7 +495,10 @@ def member_batches(trained: Any, count: int, batch_size: int | None = None) -> d
 
     spec = trained.spec
     size = batch_size or spec.train.micro_batch_size
-    return {seed: next(iter(build({**spec.data, "batch_size": size, "seed": seed, "split": "train"}))) for seed in range(count)}
+    return {
+        seed: next(iter(build({**spec.data, "batch_size": size, "seed": seed, "split": "train"})))
+        for seed in range(count)
+    }
 
 
 def member_loss(kind: str) -> LossFn:

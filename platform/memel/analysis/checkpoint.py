@@ -63,7 +63,9 @@ def load_member(member: Member) -> Trained:
         )
     spec = read_spec(member.spec)
     model = build(spec.model.name, **spec.model.overrides)
-    progress = load_host_weights(model, checkpoint, f"member {member.label}: checkpoint weights do not fit {spec.model.name}")
+    progress = load_host_weights(
+        model, checkpoint, f"member {member.label}: checkpoint weights do not fit {spec.model.name}"
+    )
     model.eval()
     targets = list(spec.model.targets or preset_targets(spec.model.name, spec.model.preset or "mlp"))
     inhibition_file = run_record.inhibition_path(checkpoint)
@@ -84,8 +86,12 @@ def _quiet_deepspeed() -> Any:
 
 
 def _adamw_hyper(group: dict[str, Any]) -> dict[str, Any]:
-    return {"lr": float(group["lr"]), "betas": tuple(float(b) for b in group.get("betas", (0.9, 0.999))),
-            "eps": float(group.get("eps", 1e-8)), "weight_decay": float(group.get("weight_decay", 0.0))}  # fmt: skip
+    return {
+        "lr": float(group["lr"]),
+        "betas": tuple(float(b) for b in group.get("betas", (0.9, 0.999))),
+        "eps": float(group.get("eps", 1e-8)),
+        "weight_decay": float(group.get("weight_decay", 0.0)),
+    }
 
 
 def optimizer_state(checkpoint: Path, tag: str, parameter_names: list[str], grad_clip: float = 0.0) -> Any:
@@ -98,7 +104,10 @@ def optimizer_state(checkpoint: Path, tag: str, parameter_names: list[str], grad
     from .case_study import OptimizerState
 
     tag_dir = checkpoint / tag
-    shards = sorted(tag_dir.glob("*optim_states.pt"), key=lambda f: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", f.name)])
+    shards = sorted(
+        tag_dir.glob("*optim_states.pt"),
+        key=lambda f: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", f.name)],
+    )
     if shards:
         with _quiet_deepspeed():
             from deepspeed.utils import zero_to_fp32 as z
@@ -106,7 +115,9 @@ def optimizer_state(checkpoint: Path, tag: str, parameter_names: list[str], grad
             loaded = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"] for f in shards]
             stage = int(loaded[0]["zero_stage"])
             if stage > 2:
-                raise ConfigError(f"checkpoint: {tag_dir} is ZeRO-{stage}; the case study reads the optimizer of ZeRO 0-2 runs")
+                raise ConfigError(
+                    f"checkpoint: {tag_dir} is ZeRO-{stage}; the case study reads the optimizer of ZeRO 0-2 runs"
+                )
             base = [shard["base_optimizer_state"] for shard in loaded]
             groups = base[0]["param_groups"]
             model_states = z.parse_model_states(z.get_model_state_files(str(tag_dir)))
@@ -114,7 +125,9 @@ def optimizer_state(checkpoint: Path, tag: str, parameter_names: list[str], grad
             for key in ("exp_avg", "exp_avg_sq"):
                 flat = [[shard["state"][g][key] for g in range(len(groups))] for shard in base]
                 out: dict[str, torch.Tensor] = {}
-                z._zero2_merge_trainable_params(out, len(shards), flat, model_states, loaded[0].get("param_alignment_paddings"))
+                z._zero2_merge_trainable_params(
+                    out, len(shards), flat, model_states, loaded[0].get("param_alignment_paddings")
+                )
                 for name, tensor in out.items():
                     merged.setdefault(name, {})[key] = tensor.float().clone()
             steps = [base[0]["state"][g]["step"] for g in range(len(groups))]

@@ -118,11 +118,15 @@ class Criterion:
         rate, shape = self.null_rate, heaviest_shape(self.threshold)
         text = f"a featureless neuron ({shape} of Gaussian inputs, the heaviest reference shape) exceeds MS {self.threshold:g} on {rate:.2g} of samples"
         if not self.calibrated:
-            return (f"{text}, so a fraction of {self.min_fraction:.3g} does not tell a feature from noise: not measurable "
-                    f"(record inhibition.ms_threshold: {RECOMMENDED_THRESHOLD:g} and use --min-fraction >= {MARGIN * null_rate(RECOMMENDED_THRESHOLD):.2g})")  # fmt: skip
+            return (
+                f"{text}, so a fraction of {self.min_fraction:.3g} does not tell a feature from noise: not measurable "
+                f"(record inhibition.ms_threshold: {RECOMMENDED_THRESHOLD:g} and use --min-fraction >= {MARGIN * null_rate(RECOMMENDED_THRESHOLD):.2g})"
+            )
         needed = self.min_samples()
-        return (f"{text}; a module's snapshot is tested when a featureless neuron's chance of being flagged is <= {self.alpha:g}"
-                + (f" (from {needed:,} samples per snapshot on)" if needed else ""))  # fmt: skip
+        return (
+            f"{text}; a module's snapshot is tested when a featureless neuron's chance of being flagged is <= {self.alpha:g}"
+            + (f" (from {needed:,} samples per snapshot on)" if needed else "")
+        )
 
 
 def connect(memory_limit: str = "1GB", threads: int | None = None) -> duckdb.DuckDBPyConnection:
@@ -238,10 +242,18 @@ def run_steps(modules: pd.DataFrame) -> pd.DataFrame:
     """Per run and step, over all its modules: ``neurons``, ``tested_neurons`` (in tested module
     snapshots), ``mono`` (flagged among them), ``ratio``, ``null_ratio`` and ``p_value``."""
     keys = ["run_id", *VARIANT_KEYS, "seed", "step"]
-    frame = _tested_only(modules).groupby(keys, as_index=False).agg(
-        neurons=("neurons", "sum"), tested_neurons=("tested_neurons", "sum"), mono=("mono", "sum"),
-        null_mass=("null_mass", "sum"), samples=("samples", "min"), tokens_seen=("tokens_seen", "max"),
-    )  # fmt: skip
+    frame = (
+        _tested_only(modules)
+        .groupby(keys, as_index=False)
+        .agg(
+            neurons=("neurons", "sum"),
+            tested_neurons=("tested_neurons", "sum"),
+            mono=("mono", "sum"),
+            null_mass=("null_mass", "sum"),
+            samples=("samples", "min"),
+            tokens_seen=("tokens_seen", "max"),
+        )
+    )
     frame = _ratio_columns(frame).drop(columns="null_mass")
     return frame.sort_values(["n_params", "mode", "strength", "top_n", "seed", "step"]).reset_index(drop=True)
 
@@ -271,8 +283,16 @@ def summarize(frame: pd.DataFrame, keys: list[str], column: str, prefix: str = "
     rows = []
     for group, part in frame.groupby(keys, sort=True):
         mean, std, low, high = mean_ci(part[column])
-        rows.append({**dict(zip(keys, group, strict=True)), f"{prefix}n": int(part[column].notna().sum()),
-                     f"{prefix}mean": mean, f"{prefix}std": std, f"{prefix}ci_low": low, f"{prefix}ci_high": high})  # fmt: skip
+        rows.append(
+            {
+                **dict(zip(keys, group, strict=True)),
+                f"{prefix}n": int(part[column].notna().sum()),
+                f"{prefix}mean": mean,
+                f"{prefix}std": std,
+                f"{prefix}ci_low": low,
+                f"{prefix}ci_high": high,
+            }
+        )
     return pd.DataFrame(rows, columns=[*keys, *(f"{prefix}{c}" for c in ("n", "mean", "std", "ci_low", "ci_high"))])
 
 
@@ -284,7 +304,9 @@ def add_variant(frame: pd.DataFrame) -> pd.DataFrame:
     vary_n = frame["top_n"].nunique() > 1
 
     def name(row: pd.Series) -> str:
-        text = str(row["label"]) if "label" in row and isinstance(row["label"], str) and row["label"] else str(row["mode"])
+        text = (
+            str(row["label"]) if "label" in row and isinstance(row["label"], str) and row["label"] else str(row["mode"])
+        )
         if vary_d and row["mode"] == "rd":
             text += f" D={row['strength']:g}"
         if vary_n:
@@ -297,8 +319,10 @@ def add_variant(frame: pd.DataFrame) -> pd.DataFrame:
 
 def _with_significance(summary: pd.DataFrame, frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """Per group: ``runs``, ``significant_runs`` (p_value < RUN_LEVEL) and the largest ``null_ratio``."""
-    counts = frame.assign(significant=frame["p_value"] < RUN_LEVEL).groupby(keys, as_index=False).agg(
-        runs=("run_id", "count"), significant_runs=("significant", "sum"), null_ratio_max=("null_ratio", "max")
+    counts = (
+        frame.assign(significant=frame["p_value"] < RUN_LEVEL)
+        .groupby(keys, as_index=False)
+        .agg(runs=("run_id", "count"), significant_runs=("significant", "sum"), null_ratio_max=("null_ratio", "max"))
     )
     counts["significant_runs"] = counts["significant_runs"].astype("int64")
     return summary.merge(counts, on=keys, how="left")
@@ -326,9 +350,12 @@ def depth_bins(modules: pd.DataFrame, bins: int) -> pd.DataFrame:
     frame = _tested_only(modules[modules["step"] == last])
     frame["depth_bin"] = (frame["depth"].astype(float) * bins).astype(int).clip(0, bins - 1)
     out = frame.groupby([*VARIANT_KEYS, "depth_bin"], as_index=False).agg(
-        neurons=("neurons", "sum"), tested_neurons=("tested_neurons", "sum"), mono=("mono", "sum"),
-        null_mass=("null_mass", "sum"), modules=("module", "nunique"),
-    )  # fmt: skip
+        neurons=("neurons", "sum"),
+        tested_neurons=("tested_neurons", "sum"),
+        mono=("mono", "sum"),
+        null_mass=("null_mass", "sum"),
+        modules=("module", "nunique"),
+    )
     out["depth_low"] = out["depth_bin"] / bins
     out["depth_high"] = (out["depth_bin"] + 1) / bins
     return add_variant(_ratio_columns(out).drop(columns="null_mass"))
@@ -365,7 +392,9 @@ def analyze_ratio(
     )
 
 
-def top_neurons(stats: Stats, run_id: str, k: int, con: duckdb.DuckDBPyConnection | None = None) -> dict[str, list[int]]:
+def top_neurons(
+    stats: Stats, run_id: str, k: int, con: duckdb.DuckDBPyConnection | None = None
+) -> dict[str, list[int]]:
     """The ``k`` most monosemantic neurons of each module of ``run_id``: highest mean ``frac_above``
     over the run's snapshots, ties broken by the highest ``max_ms``, then the lower index."""
     if k < 1:
@@ -407,16 +436,22 @@ def ratio_notes(result: RatioResult) -> list[str]:
     elif len(finals):
         missing = int(finals["ratio"].isna().sum())
         if missing:
-            notes.append(f"monosemantic ratio: {missing} of {len(finals)} runs have no final module snapshot with "
-                         f">= {criterion.min_samples():,} samples; their ratio is left out")  # fmt: skip
+            notes.append(
+                f"monosemantic ratio: {missing} of {len(finals)} runs have no final module snapshot with "
+                f">= {criterion.min_samples():,} samples; their ratio is left out"
+            )
         weak = finals[finals["ratio"].notna() & (finals["p_value"] >= RUN_LEVEL)]
         if len(weak):
-            notes.append(f"monosemantic ratio: {len(weak)} of {len(finals)} runs are not significant against the "
-                         f"featureless null (p >= {RUN_LEVEL:g}); their ratio is indistinguishable from noise")  # fmt: skip
+            notes.append(
+                f"monosemantic ratio: {len(weak)} of {len(finals)} runs are not significant against the "
+                f"featureless null (p >= {RUN_LEVEL:g}); their ratio is indistinguishable from noise"
+            )
     return notes
 
 
-def final_ratios(stats_root: str, threshold: float, track_every: dict[str, int] | None = None) -> dict[str, dict[str, float]]:
+def final_ratios(
+    stats_root: str, threshold: float, track_every: dict[str, int] | None = None
+) -> dict[str, dict[str, float]]:
     """Per run id in the statistics at ``stats_root`` (local or ``s3://``): its final ``ratio``,
     ``p_value`` and ``null_ratio`` under the default criterion at ``threshold`` (the runs'
     ``ms_threshold``); NaN where not measurable. For summaries such as the sweep table."""
@@ -425,4 +460,7 @@ def final_ratios(stats_root: str, threshold: float, track_every: dict[str, int] 
     stats: Stats = str(stats_root) if "://" not in str(stats_root) else open_stats(str(stats_root))
     criterion = Criterion(threshold=threshold)
     finals = analyze_ratio(stats, criterion, track_every=track_every).finals
-    return {row["run_id"]: {k: float(row[k]) for k in ("ratio", "p_value", "null_ratio")} for row in finals.to_dict("records")}
+    return {
+        row["run_id"]: {k: float(row[k]) for k in ("ratio", "p_value", "null_ratio")}
+        for row in finals.to_dict("records")
+    }

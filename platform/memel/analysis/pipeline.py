@@ -62,22 +62,32 @@ class Options:
             raise ConfigError(f"--skip: unknown section(s) {sorted(unknown)}; allowed: {', '.join(SECTIONS)}")
         if not self.probe_group.strip():
             raise ConfigError("--probe-group: empty; give a document label of the held-out data, e.g. python-code")
-        for name, value, low in (("--probe-neurons", self.probe_neurons, 1), ("--ablation-batches", self.ablation_batches, 2),
-                                 ("--control-draws", self.control_draws, 2),
-                                 ("--case-batches", self.case_batches, 2), ("--depth-bins", self.depth_bins, 1)):  # fmt: skip
+        for name, value, low in (
+            ("--probe-neurons", self.probe_neurons, 1),
+            ("--ablation-batches", self.ablation_batches, 2),
+            ("--control-draws", self.control_draws, 2),
+            ("--case-batches", self.case_batches, 2),
+            ("--depth-bins", self.depth_bins, 1),
+        ):
             if value < low:
                 raise ConfigError(f"{name}: got {value}; must be >= {low}")
         if not self.case_lrs:
-            raise ConfigError("--case-lr: give at least one: run (the member's last learning rate) or a number such as 2e-6")
+            raise ConfigError(
+                "--case-lr: give at least one: run (the member's last learning rate) or a number such as 2e-6"
+            )
         for value in self.case_lrs:
             try:
                 rate = None if value == "run" else float(value)
             except ValueError:
                 rate = math.nan
             if rate is not None and not (rate > 0 and math.isfinite(rate)):
-                raise ConfigError(f"--case-lr: got {value!r}; allowed: run (the member's last learning rate) or a finite number > 0")
+                raise ConfigError(
+                    f"--case-lr: got {value!r}; allowed: run (the member's last learning rate) or a finite number > 0"
+                )
         if self.case_optimizer not in ("run", "sgd"):
-            raise ConfigError(f"--case-optimizer: got {self.case_optimizer!r}; allowed: run (the member's AdamW and its state), sgd")
+            raise ConfigError(
+                f"--case-optimizer: got {self.case_optimizer!r}; allowed: run (the member's AdamW and its state), sgd"
+            )
 
 
 @dataclass
@@ -118,8 +128,17 @@ def criterion_for(source: Source, options: Options) -> tuple[Criterion, list[str
 
 
 def _with_members(frame: pd.DataFrame, member: Member) -> pd.DataFrame:
-    context = {"member": member.label, "run_id": member.run_id, "model": member.rung, "n_params": member.n_params,
-               "label": member.variant or member.mode, "mode": member.mode, "strength": member.strength, "top_n": member.top_n, "seed": member.seed}  # fmt: skip
+    context = {
+        "member": member.label,
+        "run_id": member.run_id,
+        "model": member.rung,
+        "n_params": member.n_params,
+        "label": member.variant or member.mode,
+        "mode": member.mode,
+        "strength": member.strength,
+        "top_n": member.top_n,
+        "seed": member.seed,
+    }
     return pd.concat([pd.DataFrame([context] * len(frame)), frame.reset_index(drop=True)], axis=1)
 
 
@@ -135,15 +154,21 @@ def run_ablation(source: Source, options: Options, notify: Callable[[str], None]
             continue
         kind = ((member.spec or {}).get("data") or {}).get("kind", "text_lm")
         if kind != "text_lm":
-            notes.append(f"ablation: {member.label} is trained on {kind!r} data; the probing ablation needs text_lm tokens; skipped")
+            notes.append(
+                f"ablation: {member.label} is trained on {kind!r} data; the probing ablation needs text_lm tokens; skipped"
+            )
             continue
         try:
             notify(f"ablation: {member.label}: probing for {options.probe_group!r} tokens")
             trained = load_member(member)
             result = ablate_member(
-                trained, options.probe_group, options.ablation_batches,
-                options.batch_size or trained.spec.train.micro_batch_size, options.probe_neurons, options.control_draws,
-            )  # fmt: skip
+                trained,
+                options.probe_group,
+                options.ablation_batches,
+                options.batch_size or trained.spec.train.micro_batch_size,
+                options.probe_neurons,
+                options.control_draws,
+            )
         except (ConfigError, ValueError, OSError, KeyError) as error:
             notes.append(f"ablation: {member.label} skipped: {error}")
             continue
@@ -165,9 +190,11 @@ def summarize_ablation(per_member: pd.DataFrame) -> pd.DataFrame:
     for column, prefix in (("random_increase_pct_mean", "random_increase_pct_"), ("excess_pct", "excess_pct_")):
         merged = merged.merge(summarize(frame, keys, column, prefix).drop(columns=[f"{prefix}n"]), on=keys)
     extra = frame.groupby(keys, as_index=False).agg(
-        auroc_mean=("auroc", "mean"), random_draw_std_mean=("random_increase_pct_std", "mean"),
-        base_loss_mean=("base_loss", "mean"), tokens=("tokens", "sum"),
-    )  # fmt: skip
+        auroc_mean=("auroc", "mean"),
+        random_draw_std_mean=("random_increase_pct_std", "mean"),
+        base_loss_mean=("base_loss", "mean"),
+        tokens=("tokens", "sum"),
+    )
     merged = merged.merge(extra, on=keys)
     merged = merged.merge(size_trend(frame, "increase_pct", "trend_"), on=["variant", "group"], how="left")
     merged = merged.merge(size_trend(frame, "excess_pct", "excess_trend_"), on=["variant", "group"], how="left")
@@ -196,8 +223,17 @@ def run_case_study(source: Source, options: Options, say: Callable[[str], None])
     """Table 4's procedure (see :mod:`.case_run`) with the options' batches, learning rates and variants."""
     from .case_run import run_case
 
-    return run_case(source, options.case_member, options.case_batches, options.case_lrs, options.case_random,
-                    options.case_own, options.case_optimizer, options.batch_size, say)  # fmt: skip
+    return run_case(
+        source,
+        options.case_member,
+        options.case_batches,
+        options.case_lrs,
+        options.case_random,
+        options.case_own,
+        options.case_optimizer,
+        options.batch_size,
+        say,
+    )
 
 
 def analyze(source: Source, options: Options, notify: Callable[[str], None] | None = None) -> Analysis:
@@ -216,7 +252,9 @@ def analyze(source: Source, options: Options, notify: Callable[[str], None] | No
     known = {m.run_id for m in source.members}
     extra = [r for r in result.ratio.finals["run_id"] if r not in known]
     if extra:
-        result.notes.append(f"{len(extra)} run(s) in the statistics are not members of this sweep: {', '.join(extra[:5])}")
+        result.notes.append(
+            f"{len(extra)} run(s) in the statistics are not members of this sweep: {', '.join(extra[:5])}"
+        )
     result.members = member_table(source.members, result.ratio.finals)
     if "ablation" in options.sections:
         ablation, ablation_notes = run_ablation(source, options, say)
@@ -230,7 +268,9 @@ def analyze(source: Source, options: Options, notify: Callable[[str], None] | No
             case = run_case_study(source, options, say)
             result.case_study, result.case_member, result.case_step = case.per_batch, case.member.label, case.step
             result.case_summary = summarize_case_study(case.per_batch)
-            result.case_verdicts = pd.concat([verdicts(case.per_batch, v) for v in ("shared", "own")], ignore_index=True)
+            result.case_verdicts = pd.concat(
+                [verdicts(case.per_batch, v) for v in ("shared", "own")], ignore_index=True
+            )
             result.notes += case.notes
         except (ConfigError, ValueError, OSError) as error:
             result.notes.append(f"case study skipped: {error}")
@@ -243,9 +283,20 @@ def analyze(source: Source, options: Options, notify: Callable[[str], None] | No
 
 # ---------------------------------------------------------------------------------------- outputs
 OUTPUT_TABLES = (
-    "members", "ratio_modules", "ratio_runs", "ratio_final", "ratio_by_rung", "ratio_over_steps", "ratio_depth", "ablation",
-    "ablation_summary", "case_study", "case_study_summary", "case_study_verdicts", "significance",
-)  # fmt: skip
+    "members",
+    "ratio_modules",
+    "ratio_runs",
+    "ratio_final",
+    "ratio_by_rung",
+    "ratio_over_steps",
+    "ratio_depth",
+    "ablation",
+    "ablation_summary",
+    "case_study",
+    "case_study_summary",
+    "case_study_verdicts",
+    "significance",
+)
 OUTPUT_FIGURES = ("ratio_vs_scale", "ratio_over_steps", "depth_heatmap", "ablation_vs_size", "case_study")
 
 
@@ -254,11 +305,22 @@ def tables(analysis: Analysis) -> dict[str, pd.DataFrame]:
     found: dict[str, pd.DataFrame | None] = {"members": analysis.members}
     if analysis.ratio is not None:
         r = analysis.ratio
-        found |= {"ratio_modules": r.modules, "ratio_runs": r.runs, "ratio_final": r.finals, "ratio_by_rung": r.by_rung,
-                  "ratio_over_steps": r.over_steps, "ratio_depth": r.depth}  # fmt: skip
-    found |= {"ablation": analysis.ablation, "ablation_summary": analysis.ablation_summary, "case_study": analysis.case_study,
-              "case_study_summary": analysis.case_summary, "case_study_verdicts": analysis.case_verdicts,
-              "significance": analysis.significance}  # fmt: skip
+        found |= {
+            "ratio_modules": r.modules,
+            "ratio_runs": r.runs,
+            "ratio_final": r.finals,
+            "ratio_by_rung": r.by_rung,
+            "ratio_over_steps": r.over_steps,
+            "ratio_depth": r.depth,
+        }
+    found |= {
+        "ablation": analysis.ablation,
+        "ablation_summary": analysis.ablation_summary,
+        "case_study": analysis.case_study,
+        "case_study_summary": analysis.case_summary,
+        "case_study_verdicts": analysis.case_verdicts,
+        "significance": analysis.significance,
+    }
     return {name: frame for name, frame in found.items() if frame is not None}
 
 
@@ -275,7 +337,9 @@ def figures(analysis: Analysis) -> dict[str, bytes]:
     if analysis.case_summary is not None:
         shown = case_headline(analysis.case_summary)
         if len(shown):
-            found["case_study"] = plots.case_study_bars(shown, f"{analysis.case_member or ''} at lr {shown['lr'].iloc[0]:.3g}")
+            found["case_study"] = plots.case_study_bars(
+                shown, f"{analysis.case_member or ''} at lr {shown['lr'].iloc[0]:.3g}"
+            )
     return found
 
 
@@ -291,12 +355,33 @@ def case_verdict_records(analysis: Analysis) -> list[dict[str, Any]]:
 
 
 def _case_columns(summary: pd.DataFrame) -> pd.DataFrame:
-    columns = ["variant", "lr_name", "lr", "selection", "mode", "batches", "decrease_ratio", "decrease_ratio_ci_low",
-               "decrease_ratio_ci_high", "decrease_ratio_vs_original", "decrease_ratio_vs_original_ci_low",
-               "decrease_ratio_vs_original_ci_high", "decrease_ratio_vs_naive_b", "decrease_ratio_vs_naive_b_ci_low",
-               "decrease_ratio_vs_naive_b_ci_high", "update_ratio", "update_ratio_all", "quotient", "quotient_ci_low",
-               "quotient_ci_high", "alignment", "alignment_weighted", "paper_decrease_ratio", "paper_total_update_ratio",
-               "paper_quotient"]  # fmt: skip
+    columns = [
+        "variant",
+        "lr_name",
+        "lr",
+        "selection",
+        "mode",
+        "batches",
+        "decrease_ratio",
+        "decrease_ratio_ci_low",
+        "decrease_ratio_ci_high",
+        "decrease_ratio_vs_original",
+        "decrease_ratio_vs_original_ci_low",
+        "decrease_ratio_vs_original_ci_high",
+        "decrease_ratio_vs_naive_b",
+        "decrease_ratio_vs_naive_b_ci_low",
+        "decrease_ratio_vs_naive_b_ci_high",
+        "update_ratio",
+        "update_ratio_all",
+        "quotient",
+        "quotient_ci_low",
+        "quotient_ci_high",
+        "alignment",
+        "alignment_weighted",
+        "paper_decrease_ratio",
+        "paper_total_update_ratio",
+        "paper_quotient",
+    ]
     return summary[[c for c in columns if c in summary]]
 
 
@@ -306,18 +391,27 @@ def sections(analysis: Analysis, images: dict[str, bytes]) -> list[Section]:
     out: list[Section] = []
     r = analysis.ratio
     if r is not None:
-        section = Section("1. Monosemantic ratio vs scale", [
-            (f"A neuron is monosemantic at a snapshot when {criterion.describe()} since the previous snapshot: a sparse "
-             "feature active on a fraction p of the samples has MS ~ (1 - p)/p on them. The ratio is the fraction of a run's "
-             "tested neurons (all inserted modules) that are. Means and 95% confidence intervals (Student t) over seeds."),
-            f"Null: {criterion.null_text()}.",
-            (f"null_ratio is the fraction a run of featureless neurons would show; p_value tests the run's flagged count "
-             f"against it (one-sided binomial); a ratio with p >= {RUN_LEVEL:g} is indistinguishable from noise. "
-             "Missing values: not measurable (too few samples per snapshot, or a threshold that does not clear the null)."),
-        ])  # fmt: skip
-        for name, caption in (("ratio_vs_scale", "Final monosemantic ratio per rung and mode (hollow: not significant against the null)"),
-                              ("ratio_over_steps", "Monosemantic ratio over training steps"),
-                              ("depth_heatmap", f"Final monosemantic ratio by relative layer depth ({options.depth_bins} bins)")):  # fmt: skip
+        section = Section(
+            "1. Monosemantic ratio vs scale",
+            [
+                (
+                    f"A neuron is monosemantic at a snapshot when {criterion.describe()} since the previous snapshot: a sparse "
+                    "feature active on a fraction p of the samples has MS ~ (1 - p)/p on them. The ratio is the fraction of a run's "
+                    "tested neurons (all inserted modules) that are. Means and 95% confidence intervals (Student t) over seeds."
+                ),
+                f"Null: {criterion.null_text()}.",
+                (
+                    f"null_ratio is the fraction a run of featureless neurons would show; p_value tests the run's flagged count "
+                    f"against it (one-sided binomial); a ratio with p >= {RUN_LEVEL:g} is indistinguishable from noise. "
+                    "Missing values: not measurable (too few samples per snapshot, or a threshold that does not clear the null)."
+                ),
+            ],
+        )
+        for name, caption in (
+            ("ratio_vs_scale", "Final monosemantic ratio per rung and mode (hollow: not significant against the null)"),
+            ("ratio_over_steps", "Monosemantic ratio over training steps"),
+            ("depth_heatmap", f"Final monosemantic ratio by relative layer depth ({options.depth_bins} bins)"),
+        ):
             if name in images:
                 section.figures.append((caption, images[name]))
         section.tables.append(("Final ratio per rung and mode", r.by_rung))
@@ -326,18 +420,23 @@ def sections(analysis: Analysis, images: dict[str, bytes]) -> list[Section]:
         out.append(section)
     if analysis.ablation_summary is not None:
         neurons = "neuron" if options.probe_neurons == 1 else f"{options.probe_neurons} neurons"
-        section = Section("2. Mean-ablation of a probed feature neuron (Figure 2)", [
-            (f"For each trained member, a sparse probe scores every MLP neuron (every layer, one value per token) by the AUROC "
-             f"of its activation for {options.probe_group!r} target tokens against the rest, on half of "
-             f"{options.ablation_batches} held-out batches; the best {neurons} is set to its mean over those batches, and on "
-             "the other half the loss is measured with and without it. % increase = 100 x (ablated - base) / base per "
-             f"token group; 'difference' = {options.probe_group!r} minus 'other' (> 0: the ablation hurts the probed group "
-             f"more). Control: {options.control_draws} draws of as many random neurons of the same modules. Means and 95% CIs "
-             "(Student t) over seeds; each member's own bootstrap CI is in the per-member table. trend_slope: least-squares "
-             "slope of the members' % increase against log10(parameters), % per tenfold size (< 0: shrinks with scale); "
-             "excess: the probed neuron's % increase minus the control's mean, and excess_trend its slope (any one neuron "
-             "is a smaller share of a wider model, so the feature-specific part of a trend is the excess's)."),
-        ])  # fmt: skip
+        section = Section(
+            "2. Mean-ablation of a probed feature neuron (Figure 2)",
+            [
+                (
+                    f"For each trained member, a sparse probe scores every MLP neuron (every layer, one value per token) by the AUROC "
+                    f"of its activation for {options.probe_group!r} target tokens against the rest, on half of "
+                    f"{options.ablation_batches} held-out batches; the best {neurons} is set to its mean over those batches, and on "
+                    "the other half the loss is measured with and without it. % increase = 100 x (ablated - base) / base per "
+                    f"token group; 'difference' = {options.probe_group!r} minus 'other' (> 0: the ablation hurts the probed group "
+                    f"more). Control: {options.control_draws} draws of as many random neurons of the same modules. Means and 95% CIs "
+                    "(Student t) over seeds; each member's own bootstrap CI is in the per-member table. trend_slope: least-squares "
+                    "slope of the members' % increase against log10(parameters), % per tenfold size (< 0: shrinks with scale); "
+                    "excess: the probed neuron's % increase minus the control's mean, and excess_trend its slope (any one neuron "
+                    "is a smaller share of a wider model, so the feature-specific part of a trend is the excess's)."
+                ),
+            ],
+        )
         if "ablation_vs_size" in images:
             section.figures.append(("% loss increase against model size", images["ablation_vs_size"]))
         section.tables.append(("% loss increase per rung, variant and group (over seeds)", analysis.ablation_summary))
@@ -345,40 +444,69 @@ def sections(analysis: Analysis, images: dict[str, bytes]) -> list[Section]:
             section.collapsed.append(("Per member (CI: bootstrap over evaluation windows)", analysis.ablation))
         out.append(section)
     if analysis.case_summary is not None:
-        optimizer = "its own AdamW (moments, step count, hyperparameters) from the checkpoint" if options.case_optimizer == "run" else "plain SGD"
-        section = Section("3. Inhibition case study (Table 4)", [
-            (f"Member {analysis.case_member} at step {analysis.case_step}: per batch ({options.case_batches} fixed training "
-             f"batches) and mode, one optimizer step with {optimizer}, gradient clipping as in training, at each learning "
-             f"rate ({', '.join(options.case_lrs)}; run = the member's last), from the same weights (variant shared). The "
-             "values are chosen in the training forward that is modified and stepped (the top-n Monosemantic Scale per sample "
-             "against the trained statistics, or as a control the same count at random); the same inputs are fed again with the "
-             "same seed and the same values replaced, and z' is read there. Variant own: each mode from its own trained member."),
-            ("Decrease Ratio = mean over the chosen values of (1 - phi(z')/phi(z)) x 100%; Total Update Ratio = mean |z'/z - 1| "
-             "x 100% over the chosen values (update_ratio; over every value: update_ratio_all); quotient = Decrease Ratio / Total "
-             "Update Ratio (free of the learning rate). alignment (Lemma 3.3): the fraction of chosen values whose gradient at the "
-             "modified value points back toward z (sign(-g) = sign(z - mean)); alignment_weighted weights each by |g| |z - mean|. "
-             "Differences against original and naive_b are paired by batch, with 95% t intervals."),
-            ("The paper (Swin-B, lr 2e-6): Decrease Ratio original +0.003%, naive (a) -0.017%, naive (b) -0.044%, rd +0.013%; "
-             "Total Update Ratio 0.052%, 0.118%, 0.161%, 0.189%."),
-        ])  # fmt: skip
+        optimizer = (
+            "its own AdamW (moments, step count, hyperparameters) from the checkpoint"
+            if options.case_optimizer == "run"
+            else "plain SGD"
+        )
+        section = Section(
+            "3. Inhibition case study (Table 4)",
+            [
+                (
+                    f"Member {analysis.case_member} at step {analysis.case_step}: per batch ({options.case_batches} fixed training "
+                    f"batches) and mode, one optimizer step with {optimizer}, gradient clipping as in training, at each learning "
+                    f"rate ({', '.join(options.case_lrs)}; run = the member's last), from the same weights (variant shared). The "
+                    "values are chosen in the training forward that is modified and stepped (the top-n Monosemantic Scale per sample "
+                    "against the trained statistics, or as a control the same count at random); the same inputs are fed again with the "
+                    "same seed and the same values replaced, and z' is read there. Variant own: each mode from its own trained member."
+                ),
+                (
+                    "Decrease Ratio = mean over the chosen values of (1 - phi(z')/phi(z)) x 100%; Total Update Ratio = mean |z'/z - 1| "
+                    "x 100% over the chosen values (update_ratio; over every value: update_ratio_all); quotient = Decrease Ratio / Total "
+                    "Update Ratio (free of the learning rate). alignment (Lemma 3.3): the fraction of chosen values whose gradient at the "
+                    "modified value points back toward z (sign(-g) = sign(z - mean)); alignment_weighted weights each by |g| |z - mean|. "
+                    "Differences against original and naive_b are paired by batch, with 95% t intervals."
+                ),
+                (
+                    "The paper (Swin-B, lr 2e-6): Decrease Ratio original +0.003%, naive (a) -0.017%, naive (b) -0.044%, rd +0.013%; "
+                    "Total Update Ratio 0.052%, 0.118%, 0.161%, 0.189%."
+                ),
+            ],
+        )
         if "case_study" in images:
-            section.figures.append(("Decrease Ratio and quotient per mode (shared weights, top-MS selection)", images["case_study"]))
+            section.figures.append(
+                ("Decrease Ratio and quotient per mode (shared weights, top-MS selection)", images["case_study"])
+            )
         if analysis.case_verdicts is not None and len(analysis.case_verdicts):
-            section.tables.append(("The paper's orderings of the Decrease Ratio, paired by batch", analysis.case_verdicts))
-        section.tables.append(("Per variant, learning rate, selection and mode, over batches", _case_columns(analysis.case_summary)))
+            section.tables.append(
+                ("The paper's orderings of the Decrease Ratio, paired by batch", analysis.case_verdicts)
+            )
+        section.tables.append(
+            ("Per variant, learning rate, selection and mode, over batches", _case_columns(analysis.case_summary))
+        )
         if analysis.case_study is not None:
             section.collapsed.append(("Per batch", analysis.case_study))
         out.append(section)
     if analysis.significance is not None and len(analysis.significance):
-        out.append(Section("4. Significance (Table 9)", [
-            ("Paired t-test (scipy.stats.ttest_rel) of inhibited against original members with the same rung and seed (and "
-             "top_n, where the originals vary it), pooled over rungs (scope all) and per rung; t < 0: the inhibited runs have "
-             "the lower value. heldout_* metrics are the full held-out set at the end of each run (eval.final: all)."),
-            ("Power: detectable_80 is the smallest mean difference this test detects with 80% power (two-sided, alpha 0.05, "
-             "the observed spread of the paired differences); power_at_paper is its power to detect the paper's relative "
-             "effect of MEmeL-Tune (paper_relative) times the original mean. A non-significant result with low "
-             "power_at_paper is inconclusive, not a refutation."),
-        ], tables=[("Paired t-tests", analysis.significance)]))  # fmt: skip
+        out.append(
+            Section(
+                "4. Significance (Table 9)",
+                [
+                    (
+                        "Paired t-test (scipy.stats.ttest_rel) of inhibited against original members with the same rung and seed (and "
+                        "top_n, where the originals vary it), pooled over rungs (scope all) and per rung; t < 0: the inhibited runs have "
+                        "the lower value. heldout_* metrics are the full held-out set at the end of each run (eval.final: all)."
+                    ),
+                    (
+                        "Power: detectable_80 is the smallest mean difference this test detects with 80% power (two-sided, alpha 0.05, "
+                        "the observed spread of the paired differences); power_at_paper is its power to detect the paper's relative "
+                        "effect of MEmeL-Tune (paper_relative) times the original mean. A non-significant result with low "
+                        "power_at_paper is inconclusive, not a refutation."
+                    ),
+                ],
+                tables=[("Paired t-tests", analysis.significance)],
+            )
+        )
     if analysis.members is not None:
         out.append(Section("Members", tables=[("Every member with its final metrics", analysis.members)]))
     if analysis.notes:
@@ -390,7 +518,10 @@ def write(analysis: Analysis, out: Path) -> list[Path]:
     """Tables (CSV and Parquet), figures (PNG), ``report.html`` and ``summary.json`` under ``out``
     (outputs of an earlier run that this one does not produce are removed; nothing else is touched)."""
     out.mkdir(parents=True, exist_ok=True)
-    for stale in [*(f"{t}.{e}" for t in OUTPUT_TABLES for e in ("csv", "parquet")), *(f"{f}.png" for f in OUTPUT_FIGURES)]:
+    for stale in [
+        *(f"{t}.{e}" for t in OUTPUT_TABLES for e in ("csv", "parquet")),
+        *(f"{f}.png" for f in OUTPUT_FIGURES),
+    ]:
         (out / stale).unlink(missing_ok=True)
     written = []
     for name, frame in tables(analysis).items():
@@ -402,14 +533,25 @@ def write(analysis: Analysis, out: Path) -> list[Path]:
         (out / f"{name}.png").write_bytes(png)
         written.append(out / f"{name}.png")
     source = analysis.source
-    meta = {"target": source.target, "statistics": source.stats_root, "members": str(len(source.members)),
-            "MLflow parent run": f"{source.parent_run_id or '-'} ({source.tracking_uri or 'no tracking store'})",
-            "criterion": analysis.criterion.describe()}  # fmt: skip
+    meta = {
+        "target": source.target,
+        "statistics": source.stats_root,
+        "members": str(len(source.members)),
+        "MLflow parent run": f"{source.parent_run_id or '-'} ({source.tracking_uri or 'no tracking store'})",
+        "criterion": analysis.criterion.describe(),
+    }
     (out / "report.html").write_text(render(f"memel analyze: {source.target}", meta, sections(analysis, images)))
-    summary = {"target": source.target, "parent_run_id": source.parent_run_id, "stats_root": source.stats_root,
-               "criterion": asdict(analysis.criterion), "criterion_null": analysis.criterion.null_text(), "options": asdict(analysis.options), "case_member": analysis.case_member,
-               "case_verdicts": case_verdict_records(analysis),
-               "notes": analysis.notes}  # fmt: skip
+    summary = {
+        "target": source.target,
+        "parent_run_id": source.parent_run_id,
+        "stats_root": source.stats_root,
+        "criterion": asdict(analysis.criterion),
+        "criterion_null": analysis.criterion.null_text(),
+        "options": asdict(analysis.options),
+        "case_member": analysis.case_member,
+        "case_verdicts": case_verdict_records(analysis),
+        "notes": analysis.notes,
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return [*written, out / "report.html", out / "summary.json"]
 

@@ -58,7 +58,9 @@ def ratio_vs_scale(by_rung: pd.DataFrame, criterion: str) -> bytes:
     for index, (variant, part) in enumerate(groups):
         color = _color(variant, index)
         x = part["n_params"] * _offset(index, len(groups))
-        axis.errorbar(x, part["ratio_mean"], yerr=_errors(part, "ratio_"), marker="o", capsize=3, label=variant, color=color)
+        axis.errorbar(
+            x, part["ratio_mean"], yerr=_errors(part, "ratio_"), marker="o", capsize=3, label=variant, color=color
+        )
         weak = part["significant_runs"].fillna(0).to_numpy() == 0
         if weak.any():
             axis.plot(x[weak], part["ratio_mean"][weak], "o", markerfacecolor="white", markeredgecolor=color, zorder=3)
@@ -68,7 +70,9 @@ def ratio_vs_scale(by_rung: pd.DataFrame, criterion: str) -> bytes:
     _size_axis(axis, sorted(measured["n_params"].unique()))
     axis.set_xlabel("parameters")
     axis.set_ylabel("monosemantic ratio (end of training)")
-    axis.set_title(f"Monosemantic neurons vs scale\n({criterion}; bars: 95% CI over seeds; hollow: not significant)", fontsize=10)
+    axis.set_title(
+        f"Monosemantic neurons vs scale\n({criterion}; bars: 95% CI over seeds; hollow: not significant)", fontsize=10
+    )
     axis.grid(alpha=0.3)
     axis.legend(title="mode")
     return _png(figure)
@@ -112,7 +116,13 @@ def depth_heatmap(depth: pd.DataFrame, bins: int) -> bytes:
         for (i, j), value in np.ndenumerate(grid):
             if not math.isnan(value):
                 axis.text(
-                    j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white" if value < 0.6 * top else "black"
+                    j,
+                    i,
+                    f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if value < 0.6 * top else "black",
                 )
         axis.set_xticks(range(len(rungs)))
         axis.set_xticklabels([f"{m}\n{_size(int(n))}" for m, n in rungs], fontsize=8)
@@ -140,10 +150,23 @@ def ablation_vs_size(summary: pd.DataFrame, group: str) -> bytes:
         for index, (name, line) in enumerate(lines):
             line = line.sort_values("n_params")
             color = _color(name, index)
-            axis.errorbar(line["n_params"] * _offset(index, len(lines)), line["increase_pct_mean"], yerr=_errors(line, "increase_pct_"),
-                          marker="o", capsize=3, color=color, label=f"{name} tokens, probed neuron")  # fmt: skip
-            axis.plot(line["n_params"], line["random_increase_pct_mean"], ":", marker="x", color=color,
-                      label=f"{name} tokens, random neuron")  # fmt: skip
+            axis.errorbar(
+                line["n_params"] * _offset(index, len(lines)),
+                line["increase_pct_mean"],
+                yerr=_errors(line, "increase_pct_"),
+                marker="o",
+                capsize=3,
+                color=color,
+                label=f"{name} tokens, probed neuron",
+            )
+            axis.plot(
+                line["n_params"],
+                line["random_increase_pct_mean"],
+                ":",
+                marker="x",
+                color=color,
+                label=f"{name} tokens, random neuron",
+            )
         _size_axis(axis, sizes)
         axis.axhline(0, color="gray", lw=0.6)
         axis.set_xlabel("parameters")
@@ -162,8 +185,11 @@ def case_study_bars(summary: pd.DataFrame, model: str) -> bytes:
     modes = summary["mode"].tolist()
     x = np.arange(len(modes))
     colors = [COLORS.get(m, "#8c8c8c") for m in modes]
-    panels = [("decrease_ratio", "Decrease Ratio (%)"), ("decrease_ratio_vs_original", "Decrease Ratio - original's (%)"),
-              ("quotient", "Decrease Ratio / Total Update Ratio")]  # fmt: skip
+    panels = [
+        ("decrease_ratio", "Decrease Ratio (%)"),
+        ("decrease_ratio_vs_original", "Decrease Ratio - original's (%)"),
+        ("quotient", "Decrease Ratio / Total Update Ratio"),
+    ]
     for axis, (column, title) in zip(axes, panels, strict=True):
         if column not in summary:
             axis.set_visible(False)

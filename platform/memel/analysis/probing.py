@@ -74,7 +74,9 @@ def _channels(output: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def activations(model: nn.Module, modules: list[str], batches: list[TokenBatch]) -> tuple[torch.Tensor, torch.Tensor, list[Neuron]]:
+def activations(
+    model: nn.Module, modules: list[str], batches: list[TokenBatch]
+) -> tuple[torch.Tensor, torch.Tensor, list[Neuron]]:
     """``(values [tokens, neurons], input_in_group [tokens] bool, neurons)``: every neuron's output at
     every position of ``batches`` (columns in module order, then channel order; float32, or float64
     for a float64 model)."""
@@ -107,7 +109,9 @@ def activations(model: nn.Module, modules: list[str], batches: list[TokenBatch])
 def auroc(values: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor) -> np.ndarray:
     """Per column of ``values [n, m]``: AUROC of the column for ``labels [n]`` (True = positive)."""
     values = torch.as_tensor(np.asarray(values) if not isinstance(values, torch.Tensor) else values)
-    labels = torch.as_tensor(np.asarray(labels, dtype=bool) if not isinstance(labels, torch.Tensor) else labels).to(torch.bool)
+    labels = torch.as_tensor(np.asarray(labels, dtype=bool) if not isinstance(labels, torch.Tensor) else labels).to(
+        torch.bool
+    )
     positives, negatives = int(labels.sum()), int((~labels).sum())
     if positives == 0 or negatives == 0:
         raise ValueError(f"AUROC needs both classes; got {positives} group and {negatives} other tokens")
@@ -131,4 +135,11 @@ def probe(model: nn.Module, modules: list[str], batches: list[TokenBatch]) -> Pr
     means = values.mean(0, dtype=torch.float64).tolist()
     table = pd.DataFrame({"module": [n.module for n in neurons], "neuron": [n.index for n in neurons], "auroc": scores})
     best = int(np.argmax(scores))
-    return ProbeResult(table, neurons[best], float(scores[best]), len(labels), int(labels.sum()), dict(zip(neurons, means, strict=True)))
+    return ProbeResult(
+        table,
+        neurons[best],
+        float(scores[best]),
+        len(labels),
+        int(labels.sum()),
+        dict(zip(neurons, means, strict=True)),
+    )

@@ -46,7 +46,9 @@ def table_html(frame: pd.DataFrame, max_rows: int = 200) -> str:
     """``frame`` as an HTML table (values escaped, floats to 4 significant digits)."""
     shown = frame.head(max_rows)
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in shown.columns)
-    body = "".join("<tr>" + "".join(f"<td>{_number(v)}</td>" for v in row) + "</tr>" for row in shown.itertuples(index=False))
+    body = "".join(
+        "<tr>" + "".join(f"<td>{_number(v)}</td>" for v in row) + "</tr>" for row in shown.itertuples(index=False)
+    )
     more = (
         f'<p class="note">first {max_rows} of {len(frame)} rows; all of them are in the CSV/Parquet files</p>'
         if len(frame) > max_rows
@@ -72,7 +74,9 @@ def render(title: str, meta: dict[str, str], sections: list[Section]) -> str:
         + "</table>"
     )
     parts.append(
-        "<ul>" + "".join(f"<li><a href='#s{i}'>{html.escape(s.title)}</a></li>" for i, s in enumerate(sections)) + "</ul>"
+        "<ul>"
+        + "".join(f"<li><a href='#s{i}'>{html.escape(s.title)}</a></li>" for i, s in enumerate(sections))
+        + "</ul>"
     )
     for index, section in enumerate(sections):
         parts.append(f"<h2 id='s{index}'>{html.escape(section.title)}</h2>")

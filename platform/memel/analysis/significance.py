@@ -46,14 +46,26 @@ def member_table(members: list[Any], finals: pd.DataFrame | None = None) -> pd.D
     rows = []
     for m in members:
         metrics = m.metrics or {}
-        rows.append({
-            "member": m.label, "model": m.rung, "n_params": m.n_params, "label": m.variant or m.mode, "mode": m.mode, "strength": m.strength,
-            "top_n": m.top_n, "seed": m.seed, "run_id": m.run_id, "eval_loss": metrics.get("eval/loss", math.nan),
-            "eval_metric": metrics.get("eval/perplexity", metrics.get("eval/accuracy", math.nan)),
-            "heldout_loss": metrics.get("heldout/loss", math.nan), "heldout_accuracy": metrics.get("heldout/accuracy", math.nan),
-            "b_mse": metrics.get("heldout/b_mse", math.nan), "b_mae": metrics.get("heldout/b_mae", math.nan),
-            "mono_ratio": ratio.get(m.run_id, math.nan),
-        })  # fmt: skip
+        rows.append(
+            {
+                "member": m.label,
+                "model": m.rung,
+                "n_params": m.n_params,
+                "label": m.variant or m.mode,
+                "mode": m.mode,
+                "strength": m.strength,
+                "top_n": m.top_n,
+                "seed": m.seed,
+                "run_id": m.run_id,
+                "eval_loss": metrics.get("eval/loss", math.nan),
+                "eval_metric": metrics.get("eval/perplexity", metrics.get("eval/accuracy", math.nan)),
+                "heldout_loss": metrics.get("heldout/loss", math.nan),
+                "heldout_accuracy": metrics.get("heldout/accuracy", math.nan),
+                "b_mse": metrics.get("heldout/b_mse", math.nan),
+                "b_mae": metrics.get("heldout/b_mae", math.nan),
+                "mono_ratio": ratio.get(m.run_id, math.nan),
+            }
+        )
     columns = [
         "member",
         "model",
@@ -104,7 +116,9 @@ def detectable_effect(sd: float, n: int, alpha: float = ALPHA, target: float = P
     return float(optimize.brentq(lambda effect: power(effect, sd, n, alpha) - target, 0.0, high, xtol=sd * 1e-9))
 
 
-def paired_summary(original: list[float], inhibited: list[float], paper_relative: float | None = None) -> dict[str, float]:
+def paired_summary(
+    original: list[float], inhibited: list[float], paper_relative: float | None = None
+) -> dict[str, float]:
     """Mean difference (inhibited - original) with its 95% CI, t, two-sided p, the difference
     detectable at 80% power, and the power against ``paper_relative`` x the original mean."""
     a, b = np.asarray(original, float), np.asarray(inhibited, float)
@@ -118,13 +132,21 @@ def paired_summary(original: list[float], inhibited: list[float], paper_relative
     mde = detectable_effect(sd, n)
     paper_effect = paper_relative * mean_original if paper_relative is not None else math.nan
     return {
-        "pairs": n, "mean_original": mean_original, "mean_inhibited": float(b.mean()) if n else math.nan,
-        "mean_difference": mean_difference, "ci_low": mean_difference - half, "ci_high": mean_difference + half,
-        "relative_difference": mean_difference / mean_original if mean_original else math.nan, "sd_difference": sd,
-        "t": t, "p": p, "detectable_80": mde, "detectable_80_relative": mde / abs(mean_original) if mean_original else math.nan,
+        "pairs": n,
+        "mean_original": mean_original,
+        "mean_inhibited": float(b.mean()) if n else math.nan,
+        "mean_difference": mean_difference,
+        "ci_low": mean_difference - half,
+        "ci_high": mean_difference + half,
+        "relative_difference": mean_difference / mean_original if mean_original else math.nan,
+        "sd_difference": sd,
+        "t": t,
+        "p": p,
+        "detectable_80": mde,
+        "detectable_80_relative": mde / abs(mean_original) if mean_original else math.nan,
         "paper_relative": paper_relative if paper_relative is not None else math.nan,
         "power_at_paper": power(paper_effect, sd, n),
-    }  # fmt: skip
+    }
 
 
 def pairs(table: pd.DataFrame, metric: str, variant: str) -> pd.DataFrame:
@@ -152,14 +174,33 @@ def significance(table: pd.DataFrame, metrics: dict[str, str] | None = None) -> 
             for scope, part in scopes:
                 if scope != "all" and matched["model"].nunique() < 2:
                     continue  # one rung: its row would repeat "all"
-                summary = paired_summary(part["original"].tolist(), part["inhibited"].tolist(), PAPER_RELATIVE.get(metric))
+                summary = paired_summary(
+                    part["original"].tolist(), part["inhibited"].tolist(), PAPER_RELATIVE.get(metric)
+                )
                 comparison = f"original vs {variant}"
-                rows.append({"metric": metric, "description": description, "comparison": comparison, "scope": scope, **summary})
+                rows.append(
+                    {"metric": metric, "description": description, "comparison": comparison, "scope": scope, **summary}
+                )
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
 COLUMNS = [
-    "metric", "description", "comparison", "scope", "pairs", "mean_original", "mean_inhibited", "mean_difference", "ci_low",
-    "ci_high", "relative_difference", "sd_difference", "t", "p", "detectable_80", "detectable_80_relative", "paper_relative",
+    "metric",
+    "description",
+    "comparison",
+    "scope",
+    "pairs",
+    "mean_original",
+    "mean_inhibited",
+    "mean_difference",
+    "ci_low",
+    "ci_high",
+    "relative_difference",
+    "sd_difference",
+    "t",
+    "p",
+    "detectable_80",
+    "detectable_80_relative",
+    "paper_relative",
     "power_at_paper",
-]  # fmt: skip
+]

@@ -106,13 +106,17 @@ def open_stats(root: str, field_name: str = "TARGET") -> ds.Dataset:
     resolved = resolve_root(root, field_name)
     try:
         dataset = ds.dataset(
-            resolved.base, format="parquet", filesystem=resolved.fs,
+            resolved.base,
+            format="parquet",
+            filesystem=resolved.fs,
             partitioning=ds.partitioning(PARTITIONING, flavor="hive"),
-        )  # fmt: skip
+        )
     except (OSError, ValueError) as error:
         raise ConfigError(f"{field_name}: cannot read Parquet statistics at {root!r}: {error}") from None
     if not dataset.files:
-        raise ConfigError(f"{field_name}: {root!r} holds no Parquet files (expected run_id=<id>/module=<name>/*.parquet)")
+        raise ConfigError(
+            f"{field_name}: {root!r} holds no Parquet files (expected run_id=<id>/module=<name>/*.parquet)"
+        )
     return dataset
 
 
@@ -131,7 +135,9 @@ def read_spec(tree: dict[str, Any]) -> Any:
         return TrainSpec(**{**tree, "inhibition": known})
 
 
-def member_from_spec(run_id: str, spec_tree: dict[str, Any], key: str = "", summary: dict[str, Any] | None = None) -> Member:
+def member_from_spec(
+    run_id: str, spec_tree: dict[str, Any], key: str = "", summary: dict[str, Any] | None = None
+) -> Member:
     """A member described by its TrainSpec JSON (and its TrainResult summary, if any)."""
     from memel.models import count_parameters
 
@@ -146,12 +152,19 @@ def member_from_spec(run_id: str, spec_tree: dict[str, Any], key: str = "", summ
     tags = (spec_tree.get("tracking") or {}).get("tags") or {}
     metrics = {k: float(v) for k, v in (summary.get("metrics") or {}).items() if isinstance(v, (int, float))}
     return Member(
-        run_id=run_id, rung=name, n_params=n_params, mode=inhibition.get("mode", "none"),
-        strength=float(inhibition.get("strength", 0.0)), top_n=int(inhibition.get("top_n", 0)),
-        seed=int((spec_tree.get("train") or {}).get("seed", 0)), key=key, variant=tags.get(run_record.TAG_VARIANT) or inhibition.get("mode", "none"),
+        run_id=run_id,
+        rung=name,
+        n_params=n_params,
+        mode=inhibition.get("mode", "none"),
+        strength=float(inhibition.get("strength", 0.0)),
+        top_n=int(inhibition.get("top_n", 0)),
+        seed=int((spec_tree.get("train") or {}).get("seed", 0)),
+        key=key,
+        variant=tags.get(run_record.TAG_VARIANT) or inhibition.get("mode", "none"),
         spec=spec_tree,
-        checkpoint=summary.get("checkpoint"), metrics=metrics,
-    )  # fmt: skip
+        checkpoint=summary.get("checkpoint"),
+        metrics=metrics,
+    )
 
 
 def _sweep_dir_members(folder: Path) -> list[Member]:
@@ -164,7 +177,9 @@ def _sweep_dir_members(folder: Path) -> list[Member]:
         summary_file = member_dir / run_record.SUMMARY_FILE
         summary = read_state(summary_file) if summary_file.is_file() else None
         if not isinstance(run.get("run_id"), str):
-            raise ConfigError(f"{run_file}: holds no run_id; restore it, or remove the member folder {member_dir} from the analysis")
+            raise ConfigError(
+                f"{run_file}: holds no run_id; restore it, or remove the member folder {member_dir} from the analysis"
+            )
         members.append(member_from_spec(run["run_id"], read_state(spec_file), member_dir.name, summary))
     return members
 
@@ -173,11 +188,18 @@ def _from_sweep_dir(target: str, folder: Path, stats_root: str | None = None) ->
     state = read_state(folder / run_record.SWEEP_FILE)
     stats = stats_root or str(folder / "stats")
     if not Path(stats).is_dir():
-        raise ConfigError(f"TARGET: the sweep folder {folder} has no statistics folder {stats} (was stats.enabled false?)")
+        raise ConfigError(
+            f"TARGET: the sweep folder {folder} has no statistics folder {stats} (was stats.enabled false?)"
+        )
     return Source(
-        target=target, kind="sweep_dir", stats_root=stats, members=_sweep_dir_members(folder),
-        parent_run_id=state.get("parent_run_id"), tracking_uri=state.get("tracking_uri"), sweep_dir=folder,
-    )  # fmt: skip
+        target=target,
+        kind="sweep_dir",
+        stats_root=stats,
+        members=_sweep_dir_members(folder),
+        parent_run_id=state.get("parent_run_id"),
+        tracking_uri=state.get("tracking_uri"),
+        sweep_dir=folder,
+    )
 
 
 def _members_from_data(dataset: ds.Dataset) -> list[Member]:
@@ -260,13 +282,17 @@ def _from_mlflow(run_id: str, tracking_uri: str | None, search: Path) -> Source:
             member = member_from_spec(cid, spec_tree, ctags.get(run_record.TAG_MEMBER, ""), summary)
             if not spec_tree:  # fall back on the tags every member carries
                 member = Member(
-                    cid, ctags.get(run_record.TAG_RUNG, "?"), int(ctags.get(run_record.TAG_N_PARAMS) or 0),
-                    ctags.get(run_record.TAG_MODE, "?"), float(ctags.get(run_record.TAG_STRENGTH) or 0),
-                    int(ctags.get(run_record.TAG_TOP_N) or 0), int(ctags.get(run_record.TAG_SEED) or 0),
+                    cid,
+                    ctags.get(run_record.TAG_RUNG, "?"),
+                    int(ctags.get(run_record.TAG_N_PARAMS) or 0),
+                    ctags.get(run_record.TAG_MODE, "?"),
+                    float(ctags.get(run_record.TAG_STRENGTH) or 0),
+                    int(ctags.get(run_record.TAG_TOP_N) or 0),
+                    int(ctags.get(run_record.TAG_SEED) or 0),
                     key=ctags.get(run_record.TAG_MEMBER, ""),
                     variant=ctags.get(run_record.TAG_VARIANT) or ctags.get(run_record.TAG_MODE, "?"),
                     checkpoint=summary.get("checkpoint"),
-                )  # fmt: skip
+                )
             stats_root = stats_root or summary.get("stats_root")
         if not member.metrics:
             member.metrics = {k: float(v) for k, v in child.data.metrics.items()}
@@ -296,17 +322,25 @@ def _looks_like_parquet_root(folder: Path) -> bool:
 def resolve(target: str, tracking_uri: str | None = None, search: Path | None = None) -> Source:
     """The :class:`Source` that ``target`` names; ConfigError naming TARGET when it names nothing usable."""
     if not isinstance(target, str) or not target.strip():
-        raise ConfigError("TARGET: empty; give a sweep output folder, a Parquet statistics root or an MLflow parent run id")
+        raise ConfigError(
+            "TARGET: empty; give a sweep output folder, a Parquet statistics root or an MLflow parent run id"
+        )
     target = target.strip()
     if target.startswith("s3://"):
         dataset = open_stats(target)
         return Source(
-            target=target, kind="parquet", stats_root=target, members=_members_from_data(dataset), tracking_uri=tracking_uri
+            target=target,
+            kind="parquet",
+            stats_root=target,
+            members=_members_from_data(dataset),
+            tracking_uri=tracking_uri,
         )
     path = Path(target).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise ConfigError(f"TARGET: {target!r} is a file; give a sweep output folder or a Parquet statistics root folder")
+            raise ConfigError(
+                f"TARGET: {target!r} is a file; give a sweep output folder or a Parquet statistics root folder"
+            )
         folder = Path(os.path.abspath(path))  # keeps a symlinked stats folder inside its sweep
         if (folder / run_record.SWEEP_FILE).is_file():
             return _from_sweep_dir(target, folder)

@@ -43,22 +43,40 @@ def _chunk(module: int, modules: int, steps: np.ndarray, neurons: int, rng: np.r
     step = np.repeat(steps.astype(np.int64), neurons)
     mono = neuron % MONO_EVERY == 0
     frac = np.where(mono, 0.05 + 0.05 * rng.random(rows, dtype=np.float32), 0.002 * rng.random(rows, dtype=np.float32))
-    constants = {"model": "pythia-410m", "n_params": 405_334_016, "mode": "rd", "strength": 1.0, "top_n": 1, "seed": 0,
-                 "layout": "channel", "preset": "mlp", "select": "top_n"}  # fmt: skip
+    constants = {
+        "model": "pythia-410m",
+        "n_params": 405_334_016,
+        "mode": "rd",
+        "strength": 1.0,
+        "top_n": 1,
+        "seed": 0,
+        "layout": "channel",
+        "preset": "mlp",
+        "select": "top_n",
+    }
     varying = {
-        "step": step, "tokens_seen": step * 2_097_152, "depth": np.full(rows, module / max(modules - 1, 1), np.float32),
-        "neuron": neuron, "mean": rng.standard_normal(rows, dtype=np.float32),
-        "var": rng.exponential(1.0, rows).astype(np.float32), "count": step * 2_097_152, "batches": step,
-        "selected_count": rng.poisson(2.0, rows), "inhibited_count": rng.poisson(2.0, rows),
+        "step": step,
+        "tokens_seen": step * 2_097_152,
+        "depth": np.full(rows, module / max(modules - 1, 1), np.float32),
+        "neuron": neuron,
+        "mean": rng.standard_normal(rows, dtype=np.float32),
+        "var": rng.exponential(1.0, rows).astype(np.float32),
+        "count": step * 2_097_152,
+        "batches": step,
+        "selected_count": rng.poisson(2.0, rows),
+        "inhibited_count": rng.poisson(2.0, rows),
         "max_ms": np.where(mono, 50.0, 8.0).astype(np.float32) + rng.random(rows, dtype=np.float32),
-        "mean_ms": (0.9 + 0.2 * rng.random(rows, dtype=np.float32)), "frac_above": frac,
-    }  # fmt: skip
+        "mean_ms": (0.9 + 0.2 * rng.random(rows, dtype=np.float32)),
+        "frac_above": frac,
+    }
     arrays = []
     for field in FILE_SCHEMA:
         if field.name in constants:
             arrays.append(_constant(constants[field.name], field.type, rows))
         else:
-            arrays.append(pa.array(np.asarray(varying[field.name]).astype(field.type.to_pandas_dtype(), copy=False), field.type))
+            arrays.append(
+                pa.array(np.asarray(varying[field.name]).astype(field.type.to_pandas_dtype(), copy=False), field.type)
+            )
     return pa.Table.from_arrays(arrays, schema=FILE_SCHEMA)
 
 
@@ -114,8 +132,14 @@ def _child(root: str, memory_limit: str, threads: int, rank: bool, arrow: bool =
     modules = result.modules
     rows = int(modules["neurons"].sum())
     expected = np.ceil(modules["neurons"] / MONO_EVERY)
-    out = {"rows": rows, "seconds": seconds, "peak": peak(), "baseline": baseline, "groups": len(modules),
-           "verified": bool((modules["mono"] == expected).all())}  # fmt: skip
+    out = {
+        "rows": rows,
+        "seconds": seconds,
+        "peak": peak(),
+        "baseline": baseline,
+        "groups": len(modules),
+        "verified": bool((modules["mono"] == expected).all()),
+    }
     if rank:
         started = time.perf_counter()
         chosen = top_neurons(dataset, RUN_ID, 4, con)
@@ -125,7 +149,9 @@ def _child(root: str, memory_limit: str, threads: int, rank: bool, arrow: bool =
     return out
 
 
-def measure(root: Path, memory_limit: str = "1GB", threads: int = 0, rank: bool = False, arrow: bool = False) -> Measurement:
+def measure(
+    root: Path, memory_limit: str = "1GB", threads: int = 0, rank: bool = False, arrow: bool = False
+) -> Measurement:
     """Aggregate ``root`` in a fresh Python process and return its figures (``arrow``: through the
     pyarrow dataset scanner, the path S3 roots take, instead of DuckDB's Parquet reader)."""
     command = [
@@ -141,11 +167,19 @@ def measure(root: Path, memory_limit: str = "1GB", threads: int = 0, rank: bool 
     done = subprocess.run(command, check=True, capture_output=True, text=True)
     found = json.loads(next(line for line in done.stdout.splitlines() if line.startswith(MARKER))[len(MARKER) :])
     return Measurement(
-        rows=found["rows"], seconds=found["seconds"], rows_per_s=found["rows"] / max(found["seconds"], 1e-9),
-        peak_rss_bytes=found["peak"], baseline_rss_bytes=found["baseline"], groups=found["groups"], verified=found["verified"],
-        rank_seconds=found.get("rank_seconds"), rank_peak_rss_bytes=found.get("rank_peak"),
-    )  # fmt: skip
+        rows=found["rows"],
+        seconds=found["seconds"],
+        rows_per_s=found["rows"] / max(found["seconds"], 1e-9),
+        peak_rss_bytes=found["peak"],
+        baseline_rss_bytes=found["baseline"],
+        groups=found["groups"],
+        verified=found["verified"],
+        rank_seconds=found.get("rank_seconds"),
+        rank_peak_rss_bytes=found.get("rank_peak"),
+    )
 
 
 if __name__ == "__main__":
-    print(MARKER + json.dumps(_child(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1", sys.argv[5] == "1")))
+    print(
+        MARKER + json.dumps(_child(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1", sys.argv[5] == "1"))
+    )

@@ -44,9 +44,18 @@ def bench_ddp(spec: TrainSpec) -> DdpComparison:
         spec_file, out_file = Path(tmp) / "spec.json", Path(tmp) / "ddp.json"
         spec_file.write_text(json.dumps(spec.model_dump(mode="json")))
         subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={spec.train.workers}",
-             "-m", "memel.benchmarks.ddp_loop", str(spec_file), str(out_file)],
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={spec.train.workers}",
+                "-m",
+                "memel.benchmarks.ddp_loop",
+                str(spec_file),
+                str(out_file),
+            ],
             check=True,
-        )  # fmt: skip
+        )
         ddp_step = json.loads(out_file.read_text())["median_step_s"]
     return DdpComparison(1.0 / memel_step, 1.0 / ddp_step)

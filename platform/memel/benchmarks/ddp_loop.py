@@ -35,12 +35,14 @@ def main(spec_file: str, out_file: str) -> None:
     insert_inhibition(model, spec)
     ddp = DistributedDataParallel(model, broadcast_buffers=False)  # memel reduces its own buffers
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.train.lr, weight_decay=spec.train.weight_decay)
-    loader = build_loader({**spec.data, "batch_size": spec.train.micro_batch_size, "seed": spec.train.seed}, rank, world)
+    loader = build_loader(
+        {**spec.data, "batch_size": spec.train.micro_batch_size, "seed": spec.train.seed}, rank, world
+    )
     kind = spec.data.get("kind", "text_lm")
     times = []
     for _ in range(spec.train.steps):
         start = time.perf_counter()
-        for micro in range(spec.train.accumulation):
+        for _micro in range(spec.train.accumulation):
             out = compute(ddp, next(loader), kind, torch.device("cpu"))
             (out.loss / spec.train.accumulation).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), spec.train.grad_clip)

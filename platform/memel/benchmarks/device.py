@@ -21,7 +21,9 @@ def bench_device(name: str | torch.device) -> torch.device:
     if not torch.cuda.is_available():
         raise ConfigError(f"device: got {name!r}, but torch sees no CUDA GPU here; use --device cpu")
     if device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"device: got {name!r}; this machine has {torch.cuda.device_count()} CUDA GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        raise ConfigError(
+            f"device: got {name!r}; this machine has {torch.cuda.device_count()} CUDA GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+        )
     return device
 
 

@@ -104,11 +104,17 @@ def bench_inhibition(
     slots = (BufferSlot(), BufferSlot())
     warm = (lambda x: WarmCopy.apply(x, slots)) if device.type == "cpu" and warm_copy_available() else None
     rows = []
-    for kernel, layout, top_n in ((k, l, n) for k in kernels for l in layouts for n in top_ns):
+    for kernel, layout, top_n in ((k, lay, n) for k in kernels for lay in layouts for n in top_ns):
         config = InhibitionConfig(
-            mode=mode, top_n=top_n, layout=layout, forget_steps=2, late_start=2, track_every=track_every, kernel=kernel,
+            mode=mode,
+            top_n=top_n,
+            layout=layout,
+            forget_steps=2,
+            late_start=2,
+            track_every=track_every,
+            kernel=kernel,
             reuse_buffers=reuse_buffers,
-        )  # fmt: skip
+        )
         module = Inhibitor(config).to(device).train()
         for _ in range(config.late_start + 1):  # history past late start: values are really inhibited
             _fwd_bwd(module, h, grad)

@@ -349,7 +349,9 @@ def bench_metric(
     from memel.data import build
 
     if steps < 1 or hidden < 1 or heldout_samples < 2:
-        raise ConfigError(f"need steps >= 1, hidden >= 1 and heldout_samples >= 2; got {steps}, {hidden} and {heldout_samples}")
+        raise ConfigError(
+            f"need steps >= 1, hidden >= 1 and heldout_samples >= 2; got {steps}, {hidden} and {heldout_samples}"
+        )
     for fraction in fractions:
         if not 0.0 < fraction < 1.0:
             raise ConfigError(f"fractions: got {fraction!r}; every inhibition fraction must be in (0, 1)")
@@ -377,7 +379,14 @@ def bench_metric(
         model.eval()
         heldout = build(
             _data_config(
-                seed, batch_size, "heldout", data, samples_per_epoch=heldout_samples, epochs=1, shuffle=False, drop_last=False
+                seed,
+                batch_size,
+                "heldout",
+                data,
+                samples_per_epoch=heldout_samples,
+                epochs=1,
+                shuffle=False,
+                drop_last=False,
             ),
             rank=0,
             world_size=1,

@@ -52,7 +52,12 @@ def planted_batches(p: float, batch: int, neurons: int, seed: int, input_dim: in
     from memel.data.planted import SparseFeatureLoader
 
     loader = SparseFeatureLoader(
-        batch, num_features=neurons, input_dim=max(input_dim, neurons), active_prob=p, samples_per_epoch=2**20, seed=seed
+        batch,
+        num_features=neurons,
+        input_dim=max(input_dim, neurons),
+        active_prob=p,
+        samples_per_epoch=2**20,
+        seed=seed,
     )
     directions = torch.from_numpy(loader.directions)
     for item in loader:
@@ -60,7 +65,11 @@ def planted_batches(p: float, batch: int, neurons: int, seed: int, input_dim: in
 
 
 def flagged_per_snapshot(
-    batches: Iterator[torch.Tensor], criterion: Criterion, batches_per_snapshot: int, snapshots: int, kernel: str = "auto"
+    batches: Iterator[torch.Tensor],
+    criterion: Criterion,
+    batches_per_snapshot: int,
+    snapshots: int,
+    kernel: str = "auto",
 ) -> tuple[np.ndarray, int]:
     """Fraction of neurons flagged at each snapshot (``[snapshots]``) and the samples per snapshot,
     through a real Inhibitor (mode ``original``, ``ms_threshold`` = the criterion's, ``kernel``)."""
@@ -125,10 +134,15 @@ def calibrate(
             flagged, seen = flagged_per_snapshot(make(), criterion, n // batch, snapshots, kernel)
             rows.append(
                 CalibrationRow(
-                    source=name, samples=seen, neurons=neurons, snapshots=snapshots,
-                    tested=needed is not None and seen >= needed, flagged=float(flagged.mean()),
-                    flagged_max=float(flagged.max()), expected_false_positive=criterion.false_positive(seen),
+                    source=name,
+                    samples=seen,
+                    neurons=neurons,
+                    snapshots=snapshots,
+                    tested=needed is not None and seen >= needed,
+                    flagged=float(flagged.mean()),
+                    flagged_max=float(flagged.max()),
+                    expected_false_positive=criterion.false_positive(seen),
                     seconds=time.perf_counter() - started,
-                )  # fmt: skip
+                )
             )
     return rows

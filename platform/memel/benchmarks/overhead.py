@@ -114,7 +114,11 @@ class ModuleClock:
 
 
 def _variant(
-    model_name: str, preset: str, variant: str, sink_root: str | None, closers: list[Callable[[], object]],
+    model_name: str,
+    preset: str,
+    variant: str,
+    sink_root: str | None,
+    closers: list[Callable[[], object]],
     device: torch.device,
 ) -> tuple[torch.nn.Module, Callable[[int], None]]:
     torch.manual_seed(0)
@@ -137,9 +141,19 @@ def _variant(
             def after_step(step: int) -> None:  # a snapshot of every module at every step: the worst case
                 for depth, (name, module) in enumerate(inserted.items()):
                     table = snapshot_table(
-                        module.snapshot(), run_id="bench", model=model_name, n_params=0, mode="rd", strength=1.0,
-                        top_n=1, seed=0, step=step, tokens_seen=0, module=name, depth=depth / max(len(inserted) - 1, 1),
-                    )  # fmt: skip
+                        module.snapshot(),
+                        run_id="bench",
+                        model=model_name,
+                        n_params=0,
+                        mode="rd",
+                        strength=1.0,
+                        top_n=1,
+                        seed=0,
+                        step=step,
+                        tokens_seen=0,
+                        module=name,
+                        depth=depth / max(len(inserted) - 1, 1),
+                    )
                     sink.submit(table, module=name, step=step)
 
     return model, after_step
@@ -152,7 +166,16 @@ def bench_overhead(
     seq: int = 256,
     rounds: int = 7,
     warmup: int = 2,
-    variants: tuple[str, ...] = ("none", "original", "rd", "rd@threshold", "l2e@threshold", "l2e", "rd/eager", "rd+parquet"),
+    variants: tuple[str, ...] = (
+        "none",
+        "original",
+        "rd",
+        "rd@threshold",
+        "l2e@threshold",
+        "l2e",
+        "rd/eager",
+        "rd+parquet",
+    ),
     device: torch.device | str = "cpu",
 ) -> list[OverheadRow]:
     """Median step time per variant and the median per-round ratio to ``none``, on ``device``
@@ -193,7 +216,10 @@ def bench_overhead(
     base = times["none"] if "none" in times else next(iter(times.values()))
     return [
         OverheadRow(
-            name, statistics.median(t) * 1e3, statistics.median(a / b for a, b in zip(t, base)), statistics.median(shares[name])
+            name,
+            statistics.median(t) * 1e3,
+            statistics.median(a / b for a, b in zip(t, base)),
+            statistics.median(shares[name]),
         )
         for name, t in times.items()
     ]

@@ -45,10 +45,24 @@ def bench_parquet(
         for _ in range(3):
             inhibitor(torch.randn(4, 16, neurons, generator=generator))
         snaps.append(inhibitor.snapshot(reset=False))
-    context = {"run_id": "bench", "model": "bench", "n_params": 1, "mode": "rd", "strength": 1.0, "top_n": 4, "seed": 0, "tokens_seen": 0}
+    context = {
+        "run_id": "bench",
+        "model": "bench",
+        "n_params": 1,
+        "mode": "rd",
+        "strength": 1.0,
+        "top_n": 4,
+        "seed": 0,
+        "tokens_seen": 0,
+    }
     start = time.perf_counter()
     tables = [
-        [snapshot_table(snaps[m % len(snaps)], **context, step=s, module=f"layers.{m}.mlp.act", depth=m / max(modules - 1, 1)) for m in range(modules)]
+        [
+            snapshot_table(
+                snaps[m % len(snaps)], **context, step=s, module=f"layers.{m}.mlp.act", depth=m / max(modules - 1, 1)
+            )
+            for m in range(modules)
+        ]
         for s in range(snapshots)
     ]
     table_seconds = time.perf_counter() - start
@@ -68,6 +82,14 @@ def bench_parquet(
             raise RuntimeError(f"bench parquet: the sink dropped {sink.rows_dropped} rows (buffer full)")
     rows = modules * neurons * snapshots
     return ParquetBenchResult(
-        modules, neurons, snapshots, rows, seconds, rows / seconds, rows / table_seconds,
-        statistics.median(waits) * 1e6, max(waits) * 1e6, sink.files_written,
-    )  # fmt: skip
+        modules,
+        neurons,
+        snapshots,
+        rows,
+        seconds,
+        rows / seconds,
+        rows / table_seconds,
+        statistics.median(waits) * 1e6,
+        max(waits) * 1e6,
+        sink.files_written,
+    )

@@ -137,7 +137,9 @@ def statistics_cost(model: str, layout: str = "element", preset: str = "paper", 
     seq_len = min(seq_len, getattr(config, "context_length", getattr(config, "max_positions", seq_len)))
     shapes = module_shapes(model, preset, seq_len)
     positions = max((int(torch.Size(shape[1:-1]).numel()) for shape in shapes.values()), default=0)
-    neurons = {name: shape[-1] if layout == "channel" else int(torch.Size(shape[1:]).numel()) for name, shape in shapes.items()}
+    neurons = {
+        name: shape[-1] if layout == "channel" else int(torch.Size(shape[1:]).numel()) for name, shape in shapes.items()
+    }
     parameters = sum(p.numel() for p in build(model, device="meta").parameters())
     return StatisticsCost(model, layout, preset, positions, parameters, neurons)
 

@@ -18,7 +18,9 @@ from memel.commands.run import make_console
 from memel.errors import ConfigError
 
 SECTION_NAMES = "ablation, case_study, significance"
-OUT_OPTION = typer.Option(None, "--out", help="Where to write the report, figures and tables (default: <sweep folder>/analysis).")
+OUT_OPTION = typer.Option(
+    None, "--out", help="Where to write the report, figures and tables (default: <sweep folder>/analysis)."
+)
 SKIP_OPTION = typer.Option([], "--skip", help=f"Leave out a section (repeatable or comma-separated): {SECTION_NAMES}.")
 
 
@@ -53,7 +55,9 @@ def print_summary(console: Any, analysis: Any) -> None:
                 f"{row['n_params']:,}",
                 row["variant"],
                 f"{row['ratio_n']}/{row['runs']}",
-                (_fmt(row["ratio_mean"]) if significant else f"{_fmt(row['ratio_mean'])} (n.s.)") if measured else "not measurable",
+                (_fmt(row["ratio_mean"]) if significant else f"{_fmt(row['ratio_mean'])} (n.s.)")
+                if measured
+                else "not measurable",
                 _ci(row, "ratio") if measured else "-",
                 _fmt(row["null_ratio_max"], 2) if measured else "-",
                 f"{significant}/{row['ratio_n']}" if measured else "-",
@@ -66,51 +70,132 @@ def print_summary(console: Any, analysis: Any) -> None:
             title=f"Mean-ablation of the best-probed {options.probe_group!r} neuron: % loss increase per token group "
             f"(over seeds; control: {options.control_draws} draws of as many random neurons)"
         )
-        for column in ("rung", "params", "mode", "group", "AUROC", "seeds", "% increase", "95% CI", "random %", "95% CI "):
+        for column in (
+            "rung",
+            "params",
+            "mode",
+            "group",
+            "AUROC",
+            "seeds",
+            "% increase",
+            "95% CI",
+            "random %",
+            "95% CI ",
+        ):
             table.add_column(column, justify="left" if column in ("rung", "mode", "group") else "right")
         for row in analysis.ablation_summary.sort_values(["variant", "n_params", "group"]).to_dict("records"):
-            table.add_row(row["model"], f"{row['n_params']:,}", row["variant"], row["group"], _fmt(row["auroc_mean"], 3),
-                          str(row["increase_pct_n"]), _fmt(row["increase_pct_mean"], 3), _ci(row, "increase_pct"),
-                          _fmt(row["random_increase_pct_mean"], 3), _ci(row, "random_increase_pct"))  # fmt: skip
+            table.add_row(
+                row["model"],
+                f"{row['n_params']:,}",
+                row["variant"],
+                row["group"],
+                _fmt(row["auroc_mean"], 3),
+                str(row["increase_pct_n"]),
+                _fmt(row["increase_pct_mean"], 3),
+                _ci(row, "increase_pct"),
+                _fmt(row["random_increase_pct_mean"], 3),
+                _ci(row, "random_increase_pct"),
+            )
         console.print(table)
         trends = analysis.ablation_summary.drop_duplicates(["variant", "group"])
         for row in trends.to_dict("records"):
-            console.print(f"  size trend, {row['variant']} {row['group']}: % increase {_fmt(row['trend_slope'], 3)} per tenfold "
-                          f"size {_ci(row, 'trend')}, excess over random {_fmt(row['excess_trend_slope'], 3)} {_ci(row, 'excess_trend')}")  # fmt: skip
+            console.print(
+                f"  size trend, {row['variant']} {row['group']}: % increase {_fmt(row['trend_slope'], 3)} per tenfold "
+                f"size {_ci(row, 'trend')}, excess over random {_fmt(row['excess_trend_slope'], 3)} {_ci(row, 'excess_trend')}"
+            )
     if analysis.case_summary is not None:
         summary = analysis.case_summary
         for (variant, lr_name, selection), part in summary.groupby(["variant", "lr_name", "selection"], sort=False):
-            weights = f"the weights of {analysis.case_member}" if variant == "shared" else "each mode from its own trained member"
-            table = Table(title=f"Case study on {weights} ({selection} selection, lr {lr_name} = {part['lr'].iloc[0]:.3g}): "
-                                f"one step per mode, {int(part['batches'].max())} batches")  # fmt: skip
-            for column in ("mode", "Decrease Ratio %", "95% CI", "- original", "95% CI ", "- naive_b", "95% CI  ",
-                           "Total Update %", "quotient", "alignment", "paper DR %", "paper TUR %"):  # fmt: skip
+            weights = (
+                f"the weights of {analysis.case_member}"
+                if variant == "shared"
+                else "each mode from its own trained member"
+            )
+            table = Table(
+                title=f"Case study on {weights} ({selection} selection, lr {lr_name} = {part['lr'].iloc[0]:.3g}): "
+                f"one step per mode, {int(part['batches'].max())} batches"
+            )
+            for column in (
+                "mode",
+                "Decrease Ratio %",
+                "95% CI",
+                "- original",
+                "95% CI ",
+                "- naive_b",
+                "95% CI  ",
+                "Total Update %",
+                "quotient",
+                "alignment",
+                "paper DR %",
+                "paper TUR %",
+            ):
                 table.add_column(column, justify="left" if column == "mode" else "right")
             for row in part.to_dict("records"):
-                table.add_row(row["mode"], _fmt(row["decrease_ratio"]), _ci(row, "decrease_ratio"),
-                              _fmt(row["decrease_ratio_vs_original"]), _ci(row, "decrease_ratio_vs_original"),
-                              _fmt(row["decrease_ratio_vs_naive_b"]), _ci(row, "decrease_ratio_vs_naive_b"),
-                              _fmt(row["update_ratio"]), _fmt(row["quotient"]), _fmt(row["alignment"], 3),
-                              _fmt(row["paper_decrease_ratio"]), _fmt(row["paper_total_update_ratio"]))  # fmt: skip
+                table.add_row(
+                    row["mode"],
+                    _fmt(row["decrease_ratio"]),
+                    _ci(row, "decrease_ratio"),
+                    _fmt(row["decrease_ratio_vs_original"]),
+                    _ci(row, "decrease_ratio_vs_original"),
+                    _fmt(row["decrease_ratio_vs_naive_b"]),
+                    _ci(row, "decrease_ratio_vs_naive_b"),
+                    _fmt(row["update_ratio"]),
+                    _fmt(row["quotient"]),
+                    _fmt(row["alignment"], 3),
+                    _fmt(row["paper_decrease_ratio"]),
+                    _fmt(row["paper_total_update_ratio"]),
+                )
             console.print(table)
         if analysis.case_verdicts is not None and len(analysis.case_verdicts):
-            table = Table(title="Table 4's orderings of the Decrease Ratio (paired by batch; reproduced: 95% CI above 0)")
+            table = Table(
+                title="Table 4's orderings of the Decrease Ratio (paired by batch; reproduced: 95% CI above 0)"
+            )
             for column in ("variant", "lr", "claim", "difference %", "95% CI", "paper %", "verdict"):
                 table.add_column(column, justify="left" if column in ("variant", "lr", "claim", "verdict") else "right")
             for row in analysis.case_verdicts.to_dict("records"):
-                table.add_row(row["variant"], row["lr_name"], row["claim"], _fmt(row["difference"]), _ci(row, "difference"),
-                              _fmt(row["paper_difference"]), row["verdict"])  # fmt: skip
+                table.add_row(
+                    row["variant"],
+                    row["lr_name"],
+                    row["claim"],
+                    _fmt(row["difference"]),
+                    _ci(row, "difference"),
+                    _fmt(row["paper_difference"]),
+                    row["verdict"],
+                )
             console.print(table)
     if analysis.significance is not None and len(analysis.significance):
-        table = Table(title="Paired t-tests, inhibited vs original (same rung and seed); t < 0: inhibited lower; "
-                            "power: the difference detectable at 80%, and the power against the paper's effect")  # fmt: skip
-        columns = ("metric", "comparison", "scope", "pairs", "mean orig.", "difference [95% CI]", "t", "p", "detectable", "power@paper")
+        table = Table(
+            title="Paired t-tests, inhibited vs original (same rung and seed); t < 0: inhibited lower; "
+            "power: the difference detectable at 80%, and the power against the paper's effect"
+        )
+        columns = (
+            "metric",
+            "comparison",
+            "scope",
+            "pairs",
+            "mean orig.",
+            "difference [95% CI]",
+            "t",
+            "p",
+            "detectable",
+            "power@paper",
+        )
         for column in columns:
             table.add_column(column, justify="left" if column in ("metric", "comparison", "scope") else "right")
         for row in analysis.significance.to_dict("records"):
             difference = f"{_fmt(row['mean_difference'], 3)} [{_fmt(row['ci_low'], 3)}, {_fmt(row['ci_high'], 3)}]"
-            table.add_row(row["metric"], row["comparison"], row["scope"], str(row["pairs"]), _fmt(row["mean_original"]), difference,
-                          _fmt(row["t"], 3), _fmt(row["p"], 3), _fmt(row["detectable_80"], 3), _fmt(row["power_at_paper"], 2))  # fmt: skip
+            table.add_row(
+                row["metric"],
+                row["comparison"],
+                row["scope"],
+                str(row["pairs"]),
+                _fmt(row["mean_original"]),
+                difference,
+                _fmt(row["t"], 3),
+                _fmt(row["p"], 3),
+                _fmt(row["detectable_80"], 3),
+                _fmt(row["power_at_paper"], 2),
+            )
         console.print(table)
     for note in analysis.notes:
         console.print(f"[yellow]note:[/yellow] {note}")
@@ -138,13 +223,16 @@ def analyze_command(
         help="MLflow tracking URI for a run-id TARGET (default: MLFLOW_TRACKING_URI, else the sweep folder's store).",
     ),
     threshold: float | None = typer.Option(
-        None, help="MS threshold (default: the runs' inhibition.ms_threshold; the ratio needs 36, see docs/monosemanticity.md)."
+        None,
+        help="MS threshold (default: the runs' inhibition.ms_threshold; the ratio needs 36, see docs/monosemanticity.md).",
     ),
     min_fraction: float = typer.Option(
-        0.005, help="Fraction of samples above the threshold that makes a neuron monosemantic (0: any sample, from max_ms)."
+        0.005,
+        help="Fraction of samples above the threshold that makes a neuron monosemantic (0: any sample, from max_ms).",
     ),
     alpha: float = typer.Option(
-        1e-3, help="Largest chance that a featureless neuron is flagged; module snapshots with too few samples for it are not counted."
+        1e-3,
+        help="Largest chance that a featureless neuron is flagged; module snapshots with too few samples for it are not counted.",
     ),
     depth_bins: int = typer.Option(5, help="Relative-depth bins of the heatmap."),
     probe_group: str = typer.Option(
@@ -159,17 +247,27 @@ def analyze_command(
     case_member: str | None = typer.Option(
         None, help="Case study member (run id or member key; default: the largest rung's original member)."
     ),
-    case_batches: int = typer.Option(50, help="Case study: fixed training batches (each one step per mode, paired across modes)."),
+    case_batches: int = typer.Option(
+        50, help="Case study: fixed training batches (each one step per mode, paired across modes)."
+    ),
     case_lr: list[str] = typer.Option(
-        ["run", "2e-6"], "--case-lr", help="Case study: learning rate of the one step, repeatable: run (the member's last) or a number."
+        ["run", "2e-6"],
+        "--case-lr",
+        help="Case study: learning rate of the one step, repeatable: run (the member's last) or a number.",
     ),
     case_optimizer: str = typer.Option("run", help="Case study: run (the member's AdamW with its saved state) or sgd."),
-    case_random: bool = typer.Option(True, "--case-random/--no-case-random", help="Case study: the random-selection control."),
+    case_random: bool = typer.Option(
+        True, "--case-random/--no-case-random", help="Case study: the random-selection control."
+    ),
     case_own: bool = typer.Option(
-        True, "--case-own/--no-case-own", help="Case study: also step each mode from its own trained member (when the sweep has them)."
+        True,
+        "--case-own/--no-case-own",
+        help="Case study: also step each mode from its own trained member (when the sweep has them).",
     ),
     skip: list[str] = SKIP_OPTION,
-    mlflow: bool = typer.Option(True, "--mlflow/--no-mlflow", help="Log the outputs as artifacts of the sweep's parent run."),
+    mlflow: bool = typer.Option(
+        True, "--mlflow/--no-mlflow", help="Log the outputs as artifacts of the sweep's parent run."
+    ),
     memory_limit: str = typer.Option("1GB", help="DuckDB memory limit of the aggregation (it spills beyond)."),
 ) -> None:
     """Offline emergence analysis of a sweep: monosemantic ratio vs scale (over steps, by depth),
@@ -189,19 +287,36 @@ def analyze_command(
         if skipped - set(SECTIONS):
             raise ConfigError(f"--skip: unknown section(s) {sorted(skipped - set(SECTIONS))}; allowed: {SECTION_NAMES}")
         options = Options(
-            threshold=threshold, min_fraction=min_fraction, alpha=alpha, depth_bins=depth_bins, probe_group=probe_group,
-            probe_neurons=probe_neurons, control_draws=control_draws, ablation_batches=ablation_batches,
-            batch_size=batch_size, case_member=case_member, case_batches=case_batches, case_lrs=tuple(case_lr),
-            case_optimizer=case_optimizer, case_random=case_random, case_own=case_own,
-            sections=tuple(s for s in SECTIONS if s not in skipped), memory_limit=memory_limit,
-        )  # fmt: skip
+            threshold=threshold,
+            min_fraction=min_fraction,
+            alpha=alpha,
+            depth_bins=depth_bins,
+            probe_group=probe_group,
+            probe_neurons=probe_neurons,
+            control_draws=control_draws,
+            ablation_batches=ablation_batches,
+            batch_size=batch_size,
+            case_member=case_member,
+            case_batches=case_batches,
+            case_lrs=tuple(case_lr),
+            case_optimizer=case_optimizer,
+            case_random=case_random,
+            case_own=case_own,
+            sections=tuple(s for s in SECTIONS if s not in skipped),
+            memory_limit=memory_limit,
+        )
         source = resolve(target, tracking_uri)
-        console.print(f"[bold]memel analyze[/bold] {target}: {len(source.members)} members, statistics {source.stats_root}")
+        console.print(
+            f"[bold]memel analyze[/bold] {target}: {len(source.members)} members, statistics {source.stats_root}"
+        )
         analysis = analyze(source, options, notify=lambda message: console.print(f"[dim]{message}[/dim]"))
     except ConfigError as error:
         raise error_exit(console, error) from None
     except unreadable_statistics() as error:  # a truncated or corrupt Parquet file under the statistics root
-        raise error_exit(console, f"TARGET: a statistics file cannot be read ({error}); remove or restore the damaged file and run again") from None
+        raise error_exit(
+            console,
+            f"TARGET: a statistics file cannot be read ({error}); remove or restore the damaged file and run again",
+        ) from None
     folder = out or source.default_out()
     written = write(analysis, folder)
     print_summary(console, analysis)
@@ -214,7 +329,9 @@ def analyze_command(
         try:
             where = log_to_mlflow(analysis, folder)
         except Exception as error:  # noqa: BLE001 - the local outputs are written; say why MLflow did not get them
-            console.print(f"[yellow]warning:[/yellow] could not log to MLflow ({redact(f'{type(error).__name__}: {error}')})")
+            console.print(
+                f"[yellow]warning:[/yellow] could not log to MLflow ({redact(f'{type(error).__name__}: {error}')})"
+            )
         else:
             console.print(
                 f"MLflow: artifacts {where} at {redact(str(source.tracking_uri))}"
@@ -237,7 +354,9 @@ def bench_analyze_command(
     memory_limit: str = typer.Option("1GB", help="DuckDB memory limit."),
     threads: int = typer.Option(0, help="DuckDB threads (0: up to 4)."),
     arrow: bool = typer.Option(
-        False, "--arrow", help="Scan through the pyarrow dataset (the path s3:// roots take) instead of DuckDB's Parquet reader."
+        False,
+        "--arrow",
+        help="Scan through the pyarrow dataset (the path s3:// roots take) instead of DuckDB's Parquet reader.",
     ),
 ) -> None:
     """Generate a statistics dataset shaped like a Pythia-410M run (24 modules x 4,096 neurons per

@@ -44,7 +44,9 @@ def bench_inhibition_command(
     track_every: int = typer.Option(1, help="Snapshot tracking interval (InhibitionConfig.track_every)."),
     threads: int = typer.Option(0, help="torch threads (0 = torch's default)."),
     kernel: list[str] = typer.Option(
-        [], "--kernel", help="Hot-path kernels to time (repeatable; default: native, compiled, eager on CPU; compiled, eager on CUDA)."
+        [],
+        "--kernel",
+        help="Hot-path kernels to time (repeatable; default: native, compiled, eager on CPU; compiled, eager on CUDA).",
     ),
     reuse: bool = typer.Option(True, "--reuse/--no-reuse", help="InhibitionConfig.reuse_buffers of the module timed."),
     device: str = typer.Option("cpu", help="Where the activation lives: cpu, cuda or cuda:N."),
@@ -67,22 +69,43 @@ def bench_inhibition_command(
     kernels = kernel or (["native", "compiled", "eager"] if device == "cpu" else ["compiled", "eager"])
     try:
         rows = bench_inhibition(
-            (batch, seq, hidden), top_ns=top_n, repeats=repeats, track_every=track_every, kernels=kernels,
-            reuse_buffers=reuse, device=device,
-        )  # fmt: skip
+            (batch, seq, hidden),
+            top_ns=top_n,
+            repeats=repeats,
+            track_every=track_every,
+            kernels=kernels,
+            reuse_buffers=reuse,
+            device=device,
+        )
     except ConfigError as error:
         raise _refuse(error) from None
     title = f"Inhibitor fwd+bwd / (h*1.0) fwd+bwd, float32 [{batch}, {seq}, {hidden}], {_device_label(device)}"
     _write_json(json_path, rows, title=title, shape=[batch, seq, hidden], device=device)
     table = Table(title=title)
-    for column in ("kernel", "layout", "top_n", "module ms", "h*1.0 ms", "median ratio", "best/best", "warm copy ms", "/ warm"):
+    for column in (
+        "kernel",
+        "layout",
+        "top_n",
+        "module ms",
+        "h*1.0 ms",
+        "median ratio",
+        "best/best",
+        "warm copy ms",
+        "/ warm",
+    ):
         table.add_column(column, justify="right")
     for row in rows:
         warm = ("-", "-") if row.warm_ms is None else (f"{row.warm_ms:.1f}", f"{row.warm_ratio:.2f}x")
         table.add_row(
-            row.kernel, row.layout, str(row.top_n), f"{row.module_ms:.1f}", f"{row.baseline_ms:.1f}", f"{row.ratio:.2f}x",
-            f"{row.best_ratio:.2f}x", *warm,
-        )  # fmt: skip
+            row.kernel,
+            row.layout,
+            str(row.top_n),
+            f"{row.module_ms:.1f}",
+            f"{row.baseline_ms:.1f}",
+            f"{row.ratio:.2f}x",
+            f"{row.best_ratio:.2f}x",
+            *warm,
+        )
     Console().print(table)
 
 
@@ -95,9 +118,11 @@ def bench_overhead_command(
     rounds: int = typer.Option(7, help="Timed steps per variant (interleaved)."),
     threads: int = typer.Option(2, help="torch CPU threads."),
     variant: list[str] = typer.Option(
-        [], "--variant", help="Variants to time (repeatable; default: all): none, original, rd, rd@threshold, l2e, "
+        [],
+        "--variant",
+        help="Variants to time (repeatable; default: all): none, original, rd, rd@threshold, l2e, "
         "l2e@threshold, rd/eager, rd+parquet.",
-    ),  # fmt: skip
+    ),
     device: str = typer.Option("cpu", help="Where the model trains: cpu, cuda or cuda:N."),
     json_path: str | None = typer.Option(None, "--json", help="Also write the rows as JSON to this file."),
 ) -> None:
@@ -117,7 +142,9 @@ def bench_overhead_command(
     if chosen and "none" not in chosen:
         chosen = ("none", *chosen)  # ratios are to the model without any module
     try:
-        rows = bench_overhead(model, preset, batch, seq, rounds, device=device, **({"variants": chosen} if chosen else {}))
+        rows = bench_overhead(
+            model, preset, batch, seq, rounds, device=device, **({"variants": chosen} if chosen else {})
+        )
     except ConfigError as error:
         raise _refuse(error) from None
     title = f"{model} ({preset}), batch {batch} x {seq}, {_device_label(device)}: step time vs no module"

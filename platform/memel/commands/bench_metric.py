@@ -42,7 +42,9 @@ def bench_metric_command(
     min_fraction: float = typer.Option(
         0.005, help="MS flags a neuron whose MS exceeds --ms-threshold on this fraction of held-out samples."
     ),
-    ms_threshold: float = typer.Option(36.0, help="MS threshold of the flagged criterion (36: six standard deviations)."),
+    ms_threshold: float = typer.Option(
+        36.0, help="MS threshold of the flagged criterion (36: six standard deviations)."
+    ),
     heldout: int = typer.Option(4096, help="Held-out samples the neurons are judged on."),
     active_prob: float = typer.Option(0.1, help="Probability that a planted feature is on in a sample."),
     threads: int = typer.Option(1, help="torch CPU threads (0 = torch's default)."),
@@ -91,7 +93,10 @@ def bench_metric_command(
         flags.add_column(column, justify="right")
     for r in results:
         v = r.validation
-        for name, pr, rank in (("specific (any feature)", v.specific, _fmt(v.rank_auroc)), ("single feature", v.single, "")):
+        for name, pr, rank in (
+            ("specific (any feature)", v.specific, _fmt(v.rank_auroc)),
+            ("single feature", v.single, ""),
+        ):
             flags.add_row(
                 r.mode,
                 name,
@@ -137,8 +142,12 @@ def _ints(text: str) -> list[int]:
 
 @bench_app.command("monosemanticity")
 def bench_monosemanticity_command(
-    samples: str = typer.Option("640,2560,10240", help="Samples per statistics snapshot (comma-separated multiples of --batch)."),
-    probabilities: str = typer.Option("0.005,0.01,0.02,0.03,0.05,0.1", help="Planted feature probabilities p (comma-separated)."),
+    samples: str = typer.Option(
+        "640,2560,10240", help="Samples per statistics snapshot (comma-separated multiples of --batch)."
+    ),
+    probabilities: str = typer.Option(
+        "0.005,0.01,0.02,0.03,0.05,0.1", help="Planted feature probabilities p (comma-separated)."
+    ),
     neurons: int = typer.Option(256, help="Neurons per source."),
     snapshots: int = typer.Option(4, help="Snapshots per source and sample count."),
     batch: int = typer.Option(64, help="Samples per batch."),
@@ -165,12 +174,29 @@ def bench_monosemanticity_command(
     except ConfigError as error:
         console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(2) from None
-    table = Table(title=f"Neurons flagged ({criterion.describe()}), {neurons} per source, {snapshots} snapshots, seed {seed}")
-    for column in ("source", "samples / snapshot", "tested", "flagged (mean)", "flagged (max)", "null FP / neuron", "s"):
+    table = Table(
+        title=f"Neurons flagged ({criterion.describe()}), {neurons} per source, {snapshots} snapshots, seed {seed}"
+    )
+    for column in (
+        "source",
+        "samples / snapshot",
+        "tested",
+        "flagged (mean)",
+        "flagged (max)",
+        "null FP / neuron",
+        "s",
+    ):
         table.add_column(column, justify="left" if column == "source" else "right")
     for r in rows:
-        table.add_row(r.source, f"{r.samples:,}", "yes" if r.tested else "no", f"{r.flagged:.4f}", f"{r.flagged_max:.4f}",
-                      f"{r.expected_false_positive:.2g}", f"{r.seconds:.1f}")  # fmt: skip
+        table.add_row(
+            r.source,
+            f"{r.samples:,}",
+            "yes" if r.tested else "no",
+            f"{r.flagged:.4f}",
+            f"{r.flagged_max:.4f}",
+            f"{r.expected_false_positive:.2g}",
+            f"{r.seconds:.1f}",
+        )
     console.print(table)
     console.print(f"null: {criterion.null_text()}; tested = a snapshot with that many samples counts in memel analyze.")
 

@@ -40,17 +40,46 @@ def demo_command(
 
     torch.set_num_threads(threads)
     console = Console()
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn(), console=console) as progress:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TimeRemainingColumn(),
+        console=console,
+    ) as progress:
         tasks = {m: progress.add_task(f"{m:>8}", total=steps, loss=float("nan")) for m in mode}
 
         def on_step(run_mode: str, step: int, loss: float) -> None:
             progress.update(tasks[run_mode], completed=step + 1, loss=loss)
 
         results = run_demo(model, mode, steps, batch_size, seq_len, preset, strength, top_n, seed=seed, on_step=on_step)
-    table = Table(title=f"{model}, preset {preset}, {steps} steps of {batch_size}x{seq_len} tokens (top_n={top_n}, D={strength:g})")
-    for column in ("mode", "train loss", "held-out loss", "values inhibited", "mean MS", "max MS", "frac MS>9", "seconds"):
+    table = Table(
+        title=f"{model}, preset {preset}, {steps} steps of {batch_size}x{seq_len} tokens (top_n={top_n}, D={strength:g})"
+    )
+    for column in (
+        "mode",
+        "train loss",
+        "held-out loss",
+        "values inhibited",
+        "mean MS",
+        "max MS",
+        "frac MS>9",
+        "seconds",
+    ):
         table.add_column(column, justify="right")
     for r in results:
-        table.add_row(r.mode, f"{r.train_loss:.4f}", f"{r.heldout_loss:.4f}", f"{r.inhibited:,}", f"{r.mean_ms:.3f}", f"{r.max_ms:.1f}", f"{r.frac_above:.4f}", f"{r.seconds:.1f}")
+        table.add_row(
+            r.mode,
+            f"{r.train_loss:.4f}",
+            f"{r.heldout_loss:.4f}",
+            f"{r.inhibited:,}",
+            f"{r.mean_ms:.3f}",
+            f"{r.max_ms:.1f}",
+            f"{r.frac_above:.4f}",
+            f"{r.seconds:.1f}",
+        )
     console.print(table)
-    console.print("MS statistics cover the steps since the last snapshot (the whole run here). Next: `memel bench inhibition`.")
+    console.print(
+        "MS statistics cover the steps since the last snapshot (the whole run here). Next: `memel bench inhibition`."
+    )

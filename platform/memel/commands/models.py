@@ -26,7 +26,9 @@ def models(
     ] = None,
     stats: Annotated[
         bool,
-        typer.Option("--stats", help="Add the modelled statistics cost: neurons, memory per rank and bytes all-reduced per step."),
+        typer.Option(
+            "--stats", help="Add the modelled statistics cost: neurons, memory per rank and bytes all-reduced per step."
+        ),
     ] = False,
     layout: Annotated[str, typer.Option("--layout", help="With --stats: the layout, element or channel.")] = "element",
     preset: Annotated[str, typer.Option("--preset", help="With --stats: the inhibition preset.")] = "paper",
@@ -79,7 +81,13 @@ def _stats_cells(name: str, presets: tuple[str, ...], layout: str, preset: str, 
         cost = statistics_cost(name, layout, preset, seq_len)
     except ValueError:  # a model family the cost model does not cover
         return ["-"] * 5
-    return [str(cost.positions), _human(cost.neurons), _bytes(cost.state_bytes), f"{100 * cost.state_fraction:.1f}", _bytes(cost.payload_bytes)]
+    return [
+        str(cost.positions),
+        _human(cost.neurons),
+        _bytes(cost.state_bytes),
+        f"{100 * cost.state_fraction:.1f}",
+        _bytes(cost.payload_bytes),
+    ]
 
 
 def _bytes(count: int) -> str:

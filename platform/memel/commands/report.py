@@ -13,4 +13,3 @@ def error_exit(console: Console, error: Exception | str, code: int = 2) -> typer
     """Print ``error`` as one ``error:`` line and return the exit to raise (``raise error_exit(...)``)."""
     console.print(f"[red]error:[/red] {escape(one_line(str(error)))}", soft_wrap=True)
     return typer.Exit(code)
-

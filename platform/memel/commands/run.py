@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.markup import escape
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -19,10 +19,14 @@ from memel.errors import ConfigError
 
 JOB_ARGUMENT = typer.Argument(..., metavar="JOB.yaml", help="Job spec (see jobs/).")
 SET_OPTION = typer.Option([], "--set", help="Override a field: dotted.key=value (repeatable), e.g. sweep.seeds=[0,1].")
-ADDRESS_OPTION = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray in this process).")
+ADDRESS_OPTION = typer.Option(
+    None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray in this process)."
+)
 
 
-def load_or_exit(console: Console, path: Path, overrides: list[str], address: str | None = None, connect: bool = True) -> Any:
+def load_or_exit(
+    console: Console, path: Path, overrides: list[str], address: str | None = None, connect: bool = True
+) -> Any:
     """The validated job, checked against where it runs (``memel.training.preflight``), or a red
     error line and exit code 2 (nothing written). ``connect=False``: no cluster connection."""
     from memel.orchestration import load_job
@@ -81,18 +85,36 @@ def validate_command(
         table = Table("member", "model", "mode", "D", "top_n", "seed", "steps", "workers")
         for member in expand_sweep(job):
             spec = member.spec
-            table.add_row(member.key, member.rung, member.mode, f"{member.strength:g}", str(member.top_n), str(member.seed), str(spec.train.steps), str(spec.train.workers))
+            table.add_row(
+                member.key,
+                member.rung,
+                member.mode,
+                f"{member.strength:g}",
+                str(member.top_n),
+                str(member.seed),
+                str(spec.train.steps),
+                str(spec.train.workers),
+            )
         console.print(table)
     elif kind == "study":
         tune = job.tune
-        console.print(f"{tune.trials} trials ({tune.parallel} at a time), {tune.sampler} sampler, {tune.direction} {tune.metric}; run it with [bold]memel tune {job_path}[/bold]")
+        console.print(
+            f"{tune.trials} trials ({tune.parallel} at a time), {tune.sampler} sampler, {tune.direction} {tune.metric}; run it with [bold]memel tune {job_path}[/bold]"
+        )
     else:
-        console.print(f"{job.model.name}, {job.train.steps} steps, {job.train.workers} workers, ZeRO {job.train.zero_stage}; run it with [bold]memel run {job_path}[/bold]")
+        console.print(
+            f"{job.model.name}, {job.train.steps} steps, {job.train.workers} workers, ZeRO {job.train.zero_stage}; run it with [bold]memel run {job_path}[/bold]"
+        )
 
 
 def _sweep_progress(console: Console, total: int) -> tuple[Progress, Any]:
     progress = Progress(
-        TextColumn("[bold]sweep members"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=False
+        TextColumn("[bold]sweep members"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
     )
     task = progress.add_task("members", total=total)
 
@@ -104,7 +126,11 @@ def _sweep_progress(console: Console, total: int) -> tuple[Progress, Any]:
             progress.console.print(f"[dim]skipped[/dim]  {key} (finished before)")
         elif event == "finished":
             loss = detail.metrics.get("eval/loss")
-            progress.console.print(f"[green]finished[/green] {key}: eval loss {loss:.4f} in {detail.wall_seconds:,.0f} s" if loss is not None else f"[green]finished[/green] {key}")
+            progress.console.print(
+                f"[green]finished[/green] {key}: eval loss {loss:.4f} in {detail.wall_seconds:,.0f} s"
+                if loss is not None
+                else f"[green]finished[/green] {key}"
+            )
         else:
             progress.console.print(f"[red]failed[/red]   {key}: {detail}")
         progress.advance(task)
@@ -130,18 +156,44 @@ def _mono(row: dict[str, Any]) -> str:
 
 def print_sweep(console: Console, result: Any) -> None:
     table = Table(title=f"sweep {result.job}: {len(result.rows)} members in {result.wall_seconds:,.0f} s")
-    for column in ("member", "params", "mode", "D", "top_n", "seed", "eval loss", "eval metric", "MS mean", "mono ratio", "inhibited", "wall s", "status"):
+    for column in (
+        "member",
+        "params",
+        "mode",
+        "D",
+        "top_n",
+        "seed",
+        "eval loss",
+        "eval metric",
+        "MS mean",
+        "mono ratio",
+        "inhibited",
+        "wall s",
+        "status",
+    ):
         table.add_column(column, justify="left" if column in ("member", "mode", "status") else "right")
     for row in result.rows:
         table.add_row(
-            row["member"], _number(row["params"]), row["mode"], _number(row["strength"]), str(row["top_n"]), str(row["seed"]),
-            _number(row["eval_loss"]), _number(row["eval_metric"]), _number(row["ms_mean"]), _mono(row),
-            _number(row["inhibited"]), _number(row["wall_s"]), row["status"],
-        )  # fmt: skip
+            row["member"],
+            _number(row["params"]),
+            row["mode"],
+            _number(row["strength"]),
+            str(row["top_n"]),
+            str(row["seed"]),
+            _number(row["eval_loss"]),
+            _number(row["eval_metric"]),
+            _number(row["ms_mean"]),
+            _mono(row),
+            _number(row["inhibited"]),
+            _number(row["wall_s"]),
+            row["status"],
+        )
     console.print(table)
     if getattr(result, "mono_criterion", None):
-        console.print(f"mono ratio: {result.mono_criterion}. (n.s.): not significant against it (p >= 0.05); "
-                      "-: not measurable. One seed is one run: compare rungs and modes with memel analyze.")  # fmt: skip
+        console.print(
+            f"mono ratio: {result.mono_criterion}. (n.s.): not significant against it (p >= 0.05); "
+            "-: not measurable. One seed is one run: compare rungs and modes with memel analyze."
+        )
     where_next(console, result.tracking_uri, result.parent_run_id, result.stats_root)
     console.print(f"Table: {Path(result.output_dir) / 'sweep_table.csv'} (also an artifact of the parent run)")
 
@@ -157,7 +209,9 @@ def where_next(console: Console, tracking_uri: str, run_id: str, stats_root: str
 
 
 @app.command("run")
-def run_command(job_path: Path = JOB_ARGUMENT, set_: list[str] = SET_OPTION, address: str | None = ADDRESS_OPTION) -> None:
+def run_command(
+    job_path: Path = JOB_ARGUMENT, set_: list[str] = SET_OPTION, address: str | None = ADDRESS_OPTION
+) -> None:
     """Run a job spec: one training run, or a sweep (rungs x modes x strengths x top_n x seeds) as one
     MLflow parent run with a child run per member. Outputs go under runs/<job name>/. Running the
     job again skips finished members and resumes interrupted ones.
@@ -168,7 +222,9 @@ def run_command(job_path: Path = JOB_ARGUMENT, set_: list[str] = SET_OPTION, add
     job = load_or_exit(console, job_path, set_, address)
     kind = job_kind(job)
     if kind == "study":
-        raise error_exit(console, f"tune: {job_path} is a study (it has a tune section); run it with memel tune {job_path}")
+        raise error_exit(
+            console, f"tune: {job_path} is a study (it has a tune section); run it with memel tune {job_path}"
+        )
     from memel.training.interrupt import INTERRUPTED_EXIT, describe, resume_command
 
     try:
@@ -177,7 +233,9 @@ def run_command(job_path: Path = JOB_ARGUMENT, set_: list[str] = SET_OPTION, add
             from memel.training import TrainSpec, run_training
 
             spec = TrainSpec(**job.base_tree())
-            console.print(f"[bold]memel run[/bold] {spec.run_name}: {spec.model.name}, {spec.train.workers} workers, ZeRO {spec.train.zero_stage}, {spec.train.steps} steps")
+            console.print(
+                f"[bold]memel run[/bold] {spec.run_name}: {spec.model.name}, {spec.train.workers} workers, ZeRO {spec.train.zero_stage}, {spec.train.steps} steps"
+            )
             with embedded_ray():
                 outcome = run_training(spec, address)
             print_result(console, outcome)
@@ -193,11 +251,16 @@ def run_command(job_path: Path = JOB_ARGUMENT, set_: list[str] = SET_OPTION, add
     except ConfigError as error:
         raise error_exit(console, error) from None
     except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted:[/yellow] {job_path} stopped; resume it with: [bold]{escape(resume_command())}[/bold]", soft_wrap=True)
+        console.print(
+            f"[yellow]interrupted:[/yellow] {job_path} stopped; resume it with: [bold]{escape(resume_command())}[/bold]",
+            soft_wrap=True,
+        )
         raise typer.Exit(INTERRUPTED_EXIT) from None
     except Exception as error:  # the cause first, on one line; the traceback above it is Ray's and the workers'
         raise error_exit(console, f"the run failed: {describe(error)}", code=1) from None
     print_sweep(console, result)
     if result.failed:
-        console.print(f"[red]{len(result.failed)} member(s) failed:[/red] {', '.join(result.failed)}; run the job again to retry them")
+        console.print(
+            f"[red]{len(result.failed)} member(s) failed:[/red] {', '.join(result.failed)}; run the job again to retry them"
+        )
         raise typer.Exit(1)

@@ -26,9 +26,14 @@ app.add_typer(services_app, name="services")
 
 StateDir = Annotated[
     Path | None,
-    typer.Option("--state-dir", help="PID files, logs, databases, S3 data and credentials (default: $MEMEL_SERVICES_DIR, else ~/.memel/services)."),
+    typer.Option(
+        "--state-dir",
+        help="PID files, logs, databases, S3 data and credentials (default: $MEMEL_SERVICES_DIR, else ~/.memel/services).",
+    ),
 ]
-Only = Annotated[str | None, typer.Option("--only", help="Comma-separated subset of mlflow,s3,dashboard (default: all).")]
+Only = Annotated[
+    str | None, typer.Option("--only", help="Comma-separated subset of mlflow,s3,dashboard (default: all).")
+]
 STATE_COLOURS = {"running": "green", "stopped": "dim", "stale": "yellow"}
 
 
@@ -60,29 +65,44 @@ def _print_status(console: Console, paths: StatePaths) -> None:
     for row in rows:
         colour = STATE_COLOURS[row.state]
         url = row.url if row.state == "running" else "-"
-        table.add_row(row.service, f"[{colour}]{row.state}[/{colour}]", str(row.pid) if row.pid else "-", url, str(row.log))
+        table.add_row(
+            row.service, f"[{colour}]{row.state}[/{colour}]", str(row.pid) if row.pid else "-", url, str(row.log)
+        )
     console.print(table)
     running = {row.service: row for row in rows if row.state == "running"}
     if any(row.state == "stale" for row in rows):
-        console.print("[yellow]stale[/yellow]: a PID file whose process is gone or is no longer the one up started; "
-                      "[bold]memel services down[/bold] removes it without signalling anything, [bold]up[/bold] replaces it.")
+        console.print(
+            "[yellow]stale[/yellow]: a PID file whose process is gone or is no longer the one up started; "
+            "[bold]memel services down[/bold] removes it without signalling anything, [bold]up[/bold] replaces it."
+        )
     if not running:
         console.print("Start them: [bold]memel services up[/bold]")
         return
     console.print("Next:")
     if "mlflow" in running:
-        console.print(f"  export MLFLOW_TRACKING_URI={running['mlflow'].url}", markup=False, highlight=False, soft_wrap=True)
+        console.print(
+            f"  export MLFLOW_TRACKING_URI={running['mlflow'].url}", markup=False, highlight=False, soft_wrap=True
+        )
     if "dashboard" in running:
         console.print(f"  optuna-dashboard: {running['dashboard'].url}", markup=False, highlight=False, soft_wrap=True)
     if "s3" in running:
         console.print(f"  S3 endpoint: {running['s3'].url}", markup=False, highlight=False, soft_wrap=True)
     if paths.env_sh.is_file():
-        console.print(f"  source {paths.env_sh}   # sets {_env_names(paths.env_sh)}", markup=False, highlight=False, soft_wrap=True)
+        console.print(
+            f"  source {paths.env_sh}   # sets {_env_names(paths.env_sh)}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def _env_names(env_sh: Path) -> str:
     """What ``env.sh`` sets, in words (names only, never values)."""
-    names = [line.split("=", 1)[0].removeprefix("export ") for line in env_sh.read_text().splitlines() if line.startswith("export ")]
+    names = [
+        line.split("=", 1)[0].removeprefix("export ")
+        for line in env_sh.read_text().splitlines()
+        if line.startswith("export ")
+    ]
     keys = "AWS_ACCESS_KEY_ID" in names
     shown = [n for n in names if n in ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")]
     return ", ".join(shown) + (" and the S3 keys" if keys else "") if shown or keys else "nothing (no service runs)"
@@ -93,14 +113,38 @@ def up_command(
     state_dir: StateDir = None,
     only: Only = None,
     host: Annotated[str, typer.Option("--host", help="Address every server binds to.")] = "127.0.0.1",
-    mlflow_port: Annotated[int, typer.Option("--mlflow-port", help="MLflow tracking server port.")] = DEFAULT_PORTS["mlflow"],
-    s3_port: Annotated[int, typer.Option("--s3-port", help="S3 API port of the SeaweedFS store.")] = DEFAULT_PORTS["s3"],
-    dashboard_port: Annotated[int, typer.Option("--dashboard-port", help="optuna-dashboard port.")] = DEFAULT_PORTS["dashboard"],
-    no_s3: Annotated[bool, typer.Option("--no-s3", help="Do not start the S3 store; MLflow keeps artifacts in <state>/mlflow-artifacts (or --artifacts-dir).")] = False,
-    artifacts_dir: Annotated[Path | None, typer.Option("--artifacts-dir", help="Keep MLflow artifacts in this folder instead of the S3 bucket.")] = None,
-    bucket: Annotated[str, typer.Option("--bucket", help="S3 bucket for MLflow artifacts (created if missing).")] = DEFAULT_BUCKET,
-    optuna_storage: Annotated[str | None, typer.Option("--optuna-storage", help="Storage URL optuna-dashboard opens (default: sqlite:///<state>/optuna.db).")] = None,
-    timeout: Annotated[float, typer.Option("--timeout", min=1, help="Seconds to wait for each server to answer.")] = 120.0,
+    mlflow_port: Annotated[int, typer.Option("--mlflow-port", help="MLflow tracking server port.")] = DEFAULT_PORTS[
+        "mlflow"
+    ],
+    s3_port: Annotated[int, typer.Option("--s3-port", help="S3 API port of the SeaweedFS store.")] = DEFAULT_PORTS[
+        "s3"
+    ],
+    dashboard_port: Annotated[int, typer.Option("--dashboard-port", help="optuna-dashboard port.")] = DEFAULT_PORTS[
+        "dashboard"
+    ],
+    no_s3: Annotated[
+        bool,
+        typer.Option(
+            "--no-s3",
+            help="Do not start the S3 store; MLflow keeps artifacts in <state>/mlflow-artifacts (or --artifacts-dir).",
+        ),
+    ] = False,
+    artifacts_dir: Annotated[
+        Path | None,
+        typer.Option("--artifacts-dir", help="Keep MLflow artifacts in this folder instead of the S3 bucket."),
+    ] = None,
+    bucket: Annotated[
+        str, typer.Option("--bucket", help="S3 bucket for MLflow artifacts (created if missing).")
+    ] = DEFAULT_BUCKET,
+    optuna_storage: Annotated[
+        str | None,
+        typer.Option(
+            "--optuna-storage", help="Storage URL optuna-dashboard opens (default: sqlite:///<state>/optuna.db)."
+        ),
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=1, help="Seconds to wait for each server to answer.")
+    ] = 120.0,
 ) -> None:
     """Start the MLflow tracking server (SQLite store, artifacts proxied to the S3 bucket), the
     SeaweedFS S3 store and optuna-dashboard, detached, bound to 127.0.0.1. Services already
@@ -120,10 +164,16 @@ def up_command(
     console = _console()
     try:
         config = ServicesConfig(
-            state_dir=resolve_state_dir(state_dir), host=host, only=parse_only(only), use_s3=not no_s3,
+            state_dir=resolve_state_dir(state_dir),
+            host=host,
+            only=parse_only(only),
+            use_s3=not no_s3,
             ports={"mlflow": mlflow_port, "s3": s3_port, "dashboard": dashboard_port},
-            artifacts_dir=artifacts_dir, bucket=bucket, optuna_storage=optuna_storage, start_timeout_s=timeout,
-        )  # fmt: skip
+            artifacts_dir=artifacts_dir,
+            bucket=bucket,
+            optuna_storage=optuna_storage,
+            start_timeout_s=timeout,
+        )
         results = up(config, notify=lambda line: console.print(f"[dim]{escape(line)}[/dim]"))
     except ConfigError as error:
         raise _fail(console, error) from None
@@ -163,10 +213,14 @@ def down_command(
         return
     for result in down(paths, selected, timeout, notify=lambda line: console.print(f"[dim]{escape(line)}[/dim]")):
         if result.action == "stale":
-            console.print(f"[yellow]{result.service}[/yellow]: removed a stale PID file (pid {result.pid} is not the process up started; not signalled)")
+            console.print(
+                f"[yellow]{result.service}[/yellow]: removed a stale PID file (pid {result.pid} is not the process up started; not signalled)"
+            )
             if result.leftover:
-                console.print(f"[yellow]warning:[/yellow] its process group still holds pids {', '.join(map(str, result.leftover))} "
-                              "(left running: check them with ps and stop them yourself)")  # fmt: skip
+                console.print(
+                    f"[yellow]warning:[/yellow] its process group still holds pids {', '.join(map(str, result.leftover))} "
+                    "(left running: check them with ps and stop them yourself)"
+                )
         elif result.action == "not running":
             console.print(f"[dim]{result.service}: not running[/dim]")
         else:

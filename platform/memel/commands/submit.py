@@ -33,16 +33,21 @@ class JobCommand(str, Enum):
 
 Address = Annotated[
     str | None,
-    typer.Option("--address", help="Ray dashboard of the cluster, e.g. http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, else RAY_ADDRESS)."),
-]  # fmt: skip
+    typer.Option(
+        "--address",
+        help="Ray dashboard of the cluster, e.g. http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, else RAY_ADDRESS).",
+    ),
+]
 TokenFile = Annotated[
     Path | None,
     typer.Option(
         "--token-file",
         help="File holding the cluster's auth token (default: RAY_AUTH_TOKEN, else the file at RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token).",
     ),
-]  # fmt: skip
-SubmissionId = Annotated[str, typer.Argument(metavar="SUBMISSION_ID", help="The id memel submit printed (memel-<job>-<hash>).")]
+]
+SubmissionId = Annotated[
+    str, typer.Argument(metavar="SUBMISSION_ID", help="The id memel submit printed (memel-<job>-<hash>).")
+]
 
 
 def _fail(console: Console, error: Exception, code: int) -> typer.Exit:
@@ -106,20 +111,37 @@ def _follow(console: Console, cluster: Cluster, submission_id: str) -> None:
 @app.command("submit")
 def submit_command(
     job_path: Annotated[Path, typer.Argument(metavar="JOB.yaml", help="Job spec inside the project (see jobs/).")],
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a field: dotted.key=value (repeatable).")] = None,
-    command: Annotated[JobCommand, typer.Option("--command", help="The memel command the job runs on the cluster.")] = JobCommand.run,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a field: dotted.key=value (repeatable).")
+    ] = None,
+    command: Annotated[
+        JobCommand, typer.Option("--command", help="The memel command the job runs on the cluster.")
+    ] = JobCommand.run,
     address: Address = None,
     token_file: TokenFile = None,
     env: Annotated[
         list[str] | None,
-        typer.Option("--env", metavar="NAME", help="Also forward this environment variable (repeatable; only its name is shown)."),
+        typer.Option(
+            "--env", metavar="NAME", help="Also forward this environment variable (repeatable; only its name is shown)."
+        ),
     ] = None,
     include: Annotated[
         list[str] | None,
-        typer.Option("--include", metavar="PATH", help="Also upload this project file, folder or glob though git does not track it (repeatable)."),
+        typer.Option(
+            "--include",
+            metavar="PATH",
+            help="Also upload this project file, folder or glob though git does not track it (repeatable).",
+        ),
     ] = None,
-    pip: Annotated[bool, typer.Option("--pip", help="Install memel's requirements on the cluster, pinned to the versions installed here.")] = False,
-    wait: Annotated[bool, typer.Option("--wait", help="Follow the job to its end, streaming its logs; exit 0 on SUCCEEDED, else 1.")] = False,
+    pip: Annotated[
+        bool,
+        typer.Option(
+            "--pip", help="Install memel's requirements on the cluster, pinned to the versions installed here."
+        ),
+    ] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Follow the job to its end, streaming its logs; exit 0 on SUCCEEDED, else 1.")
+    ] = False,
 ) -> None:
     """Submit a job to a Ray cluster: the project folder travels as the working dir and the
     cluster runs [bold]memel <command> JOB.yaml --set ...[/bold] there. The spec is validated here
@@ -133,14 +155,18 @@ def submit_command(
     from memel.errors import ConfigError
     from memel.redaction import redact
     from memel.submission import SubmissionError, SubmitRequest, plan_job
-    from memel.training.worker_env import is_secret
     from memel.submission.client import resolve_address
     from memel.submission.follow import status_of
+    from memel.training.worker_env import is_secret
 
     console = Console()
     try:
         resolved = resolve_address(address)
-        plan = plan_job(SubmitRequest(job_path, resolved, command.value, tuple(set_ or ()), tuple(env or ()), pip, tuple(include or ())))
+        plan = plan_job(
+            SubmitRequest(
+                job_path, resolved, command.value, tuple(set_ or ()), tuple(env or ()), pip, tuple(include or ())
+            )
+        )
     except (ConfigError, SubmissionError) as error:
         raise _fail(console, error, 2) from None
     table = Table(title=f"memel submit {plan.submission_id}", show_header=False)
@@ -170,17 +196,23 @@ def submit_command(
     if submitted:
         console.print(f"submitted [bold]{plan.submission_id}[/bold] ({_status_style(status)})")
     else:
-        console.print(f"already on the cluster: [bold]{plan.submission_id}[/bold] {_status_style(status)}: {escape(job.message or '')}")
+        console.print(
+            f"already on the cluster: [bold]{plan.submission_id}[/bold] {_status_style(status)}: {escape(job.message or '')}"
+        )
         if status in ("FAILED", "STOPPED") and not wait:
             console.print("to run it again, change an override or delete it: ray job delete " + plan.submission_id)
     if wait:
         _follow(console, cluster, plan.submission_id)
-    console.print(f"follow it: [bold]memel logs {plan.submission_id} --follow[/bold]; status: [bold]memel status {plan.submission_id}[/bold]")
+    console.print(
+        f"follow it: [bold]memel logs {plan.submission_id} --follow[/bold]; status: [bold]memel status {plan.submission_id}[/bold]"
+    )
 
 
 @app.command("status")
 def status_command(
-    submission_id: Annotated[str | None, typer.Argument(metavar="SUBMISSION_ID", help="One job; without it, a table of memel jobs.")] = None,
+    submission_id: Annotated[
+        str | None, typer.Argument(metavar="SUBMISSION_ID", help="One job; without it, a table of memel jobs.")
+    ] = None,
     address: Address = None,
     token_file: TokenFile = None,
     all_jobs: Annotated[bool, typer.Option("--all", help="Also list jobs not submitted by memel.")] = False,
@@ -215,9 +247,13 @@ def status_command(
     for job in shown:
         meta = job.metadata or {}
         table.add_row(
-            job.submission_id or job.job_id or "-", _status_style(status_of(job)), meta.get("memel_command", "-"),
-            _when(job.start_time), _duration(job), escape((job.message or "")[:80]),
-        )  # fmt: skip
+            job.submission_id or job.job_id or "-",
+            _status_style(status_of(job)),
+            meta.get("memel_command", "-"),
+            _when(job.start_time),
+            _duration(job),
+            escape((job.message or "")[:80]),
+        )
     console.print(table)
     if len(shown) < len(jobs):
         console.print(f"{len(jobs) - len(shown)} other job(s) not shown (--all shows them)")
@@ -228,7 +264,9 @@ def logs_command(
     submission_id: SubmissionId,
     address: Address = None,
     token_file: TokenFile = None,
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep streaming until the job ends; exit 0 on SUCCEEDED, else 1.")] = False,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep streaming until the job ends; exit 0 on SUCCEEDED, else 1.")
+    ] = False,
 ) -> None:
     """Print a job's logs (its driver's stdout and stderr), or follow them until it ends.
 

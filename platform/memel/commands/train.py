@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.markup import escape
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from memel.commands.app import app
@@ -35,7 +35,9 @@ def train_command(
         preflight(spec, address)
     except ConfigError as error:
         raise error_exit(console, error) from None
-    console.print(f"[bold]memel train[/bold] {spec.run_name}: {spec.model.name}, {spec.train.workers} workers, ZeRO {spec.train.zero_stage}, {spec.train.steps} steps")
+    console.print(
+        f"[bold]memel train[/bold] {spec.run_name}: {spec.model.name}, {spec.train.workers} workers, ZeRO {spec.train.zero_stage}, {spec.train.steps} steps"
+    )
     from memel.training.interrupt import INTERRUPTED_EXIT, describe, resume_command
 
     try:
@@ -43,7 +45,10 @@ def train_command(
     except ConfigError as error:
         raise error_exit(console, error) from None
     except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted:[/yellow] {spec.run_name} stopped; resume it with: [bold]{escape(resume_command())}[/bold]", soft_wrap=True)
+        console.print(
+            f"[yellow]interrupted:[/yellow] {spec.run_name} stopped; resume it with: [bold]{escape(resume_command())}[/bold]",
+            soft_wrap=True,
+        )
         raise typer.Exit(INTERRUPTED_EXIT) from None
     except Exception as error:  # the cause first, on one line; the traceback above it is Ray's and the workers'
         raise error_exit(console, f"the run failed: {describe(error)}", code=1) from None

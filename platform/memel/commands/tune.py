@@ -25,18 +25,24 @@ from memel.errors import ConfigError
 
 
 def _progress(console: Console, total: int) -> tuple[Progress, Any]:
-    progress = Progress(TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console)
+    progress = Progress(
+        TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    )
     task = progress.add_task("trials", total=total)
 
     def notify(event: str, key: str, detail: Any) -> None:
         if event == "requeued":
-            progress.console.print(f"[yellow]{key} trial(s) an interrupted invocation left running are queued again[/yellow]")
+            progress.console.print(
+                f"[yellow]{key} trial(s) an interrupted invocation left running are queued again[/yellow]"
+            )
         elif event == "started":
             shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in detail.items())
             progress.console.print(f"[cyan]trial {key}[/cyan] started: {shown}")
         else:
             colour = {"finished": "green", "pruned": "yellow"}.get(event, "red")
-            text = detail if isinstance(detail, str) else f"eval loss {detail.metrics.get('eval/loss', float('nan')):.4f}"
+            text = (
+                detail if isinstance(detail, str) else f"eval loss {detail.metrics.get('eval/loss', float('nan')):.4f}"
+            )
             progress.console.print(f"[{colour}]trial {key} {event}[/{colour}]: {text}")
             progress.advance(task)
 
@@ -47,7 +53,9 @@ def _progress(console: Console, total: int) -> tuple[Progress, Any]:
 def tune_command(
     job_path: Path = JOB_ARGUMENT,
     set_: list[str] = SET_OPTION,
-    trials: int | None = typer.Option(None, min=1, help="Finished trials the study should hold (default: tune.trials)."),
+    trials: int | None = typer.Option(
+        None, min=1, help="Finished trials the study should hold (default: tune.trials)."
+    ),
     parallel: int | None = typer.Option(None, min=1, help="Trials at once (default: tune.parallel)."),
     address: str | None = ADDRESS_OPTION,
 ) -> None:
@@ -62,9 +70,13 @@ def tune_command(
     console = make_console()
     job = load_or_exit(console, job_path, set_, address)
     if job.tune is None:
-        raise error_exit(console, f"tune: {job_path} has no tune section; add `tune: {{trials: 20}}` or run it with memel run")
+        raise error_exit(
+            console, f"tune: {job_path} has no tune section; add `tune: {{trials: 20}}` or run it with memel run"
+        )
     total = trials or job.tune.trials
-    console.print(f"[bold]memel tune[/bold] {job.tune.study_name or job.name}: up to {total} trials, {parallel or job.tune.parallel} at a time, {job.tune.direction} {job.tune.metric}")
+    console.print(
+        f"[bold]memel tune[/bold] {job.tune.study_name or job.name}: up to {total} trials, {parallel or job.tune.parallel} at a time, {job.tune.direction} {job.tune.metric}"
+    )
     progress, notify = _progress(console, total)
     try:
         with embedded_ray(), progress:
@@ -76,10 +88,14 @@ def tune_command(
     for column in columns:
         table.add_column(column.removeprefix("param_"))
     for row in result.rows:
-        table.add_row(*[f"{row.get(c):.4g}" if isinstance(row.get(c), float) else str(row.get(c, "-")) for c in columns])
+        table.add_row(
+            *[f"{row.get(c):.4g}" if isinstance(row.get(c), float) else str(row.get(c, "-")) for c in columns]
+        )
     console.print(table)
     if result.best:
-        console.print(f"[bold green]best[/bold green] trial {result.best['trial']}: {result.best['value']:.4f} with {result.best['params']}")
+        console.print(
+            f"[bold green]best[/bold green] trial {result.best['trial']}: {result.best['value']:.4f} with {result.best['params']}"
+        )
     where_next(console, result.tracking_uri, result.parent_run_id, None)
     console.print(f"Optuna storage {result.storage}; open the study: [bold]{result.dashboard}[/bold]")
     if result.best is None:

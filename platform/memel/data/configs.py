@@ -52,9 +52,14 @@ class _LoaderConfig(BaseModel):
     def loader_kwargs(self, rank: int, world_size: int) -> dict[str, Any]:
         """Keyword arguments of :class:`~memel.data.loader.ShardedLoader`."""
         return {
-            "seed": self.seed, "rank": rank, "world_size": world_size, "shuffle": self.shuffle,
-            "drop_last": self.drop_last, "even_shards": self.even_shards, "epochs": self.epochs,
-        }  # fmt: skip
+            "seed": self.seed,
+            "rank": rank,
+            "world_size": world_size,
+            "shuffle": self.shuffle,
+            "drop_last": self.drop_last,
+            "even_shards": self.even_shards,
+            "epochs": self.epochs,
+        }
 
     def build(self, rank: int = 0, world_size: int = 1) -> ShardedLoader:
         """The loader for data-parallel ``rank`` of ``world_size``."""
@@ -119,9 +124,13 @@ class TextLMConfig(_LoaderConfig):
         held = heldout_keys(keys, self.heldout_fraction, self.split_seed, unit=self.split_by)
         chosen_docs = [d for d, k in zip(docs, keys, strict=True) if (k in held) == (self.split == "heldout")]
         return TextLMLoader(
-            chosen_docs, make_tokenizer(self.tokenizer), self.seq_len, self.batch_size,
-            separator=self.separator, **self.loader_kwargs(rank, world_size),
-        )  # fmt: skip
+            chosen_docs,
+            make_tokenizer(self.tokenizer),
+            self.seq_len,
+            self.batch_size,
+            separator=self.separator,
+            **self.loader_kwargs(rank, world_size),
+        )
 
 
 class TextClassificationConfig(_LoaderConfig):
@@ -142,15 +151,21 @@ class TextClassificationConfig(_LoaderConfig):
     def passage_kwargs(self, rank: int, world_size: int) -> dict[str, Any]:
         split_by = self.split_by or ("passage" if self.task == "work" else "file")
         return {
-            "split": self.split, "split_by": split_by, "heldout_fraction": self.heldout_fraction,
-            "split_seed": self.split_seed, "balance": self.balance, **self.loader_kwargs(rank, world_size),
-        }  # fmt: skip
+            "split": self.split,
+            "split_by": split_by,
+            "heldout_fraction": self.heldout_fraction,
+            "split_seed": self.split_seed,
+            "balance": self.balance,
+            **self.loader_kwargs(rank, world_size),
+        }
 
     def build(self, rank: int = 0, world_size: int = 1) -> ShardedLoader:
         from .text_classification import PassageLoader, task_documents
 
         docs, names, labels = task_documents(self.task, self.path)
-        return PassageLoader(docs, labels, names, self.seq_len, self.batch_size, **self.passage_kwargs(rank, world_size))
+        return PassageLoader(
+            docs, labels, names, self.seq_len, self.batch_size, **self.passage_kwargs(rank, world_size)
+        )
 
 
 class GlueConfig(_LoaderConfig):
@@ -167,9 +182,15 @@ class GlueConfig(_LoaderConfig):
         from .glue import GlueLoader
 
         return GlueLoader(
-            self.path, self.seq_len, self.batch_size, split=self.split, text_column=self.text_column,
-            label_column=self.label_column, header=self.header, **self.loader_kwargs(rank, world_size),
-        )  # fmt: skip
+            self.path,
+            self.seq_len,
+            self.batch_size,
+            split=self.split,
+            text_column=self.text_column,
+            label_column=self.label_column,
+            header=self.header,
+            **self.loader_kwargs(rank, world_size),
+        )
 
 
 class DigitsConfig(_LoaderConfig):
@@ -183,9 +204,12 @@ class DigitsConfig(_LoaderConfig):
         from .images import digits_loader
 
         return digits_loader(
-            self.batch_size, split=self.split, heldout_fraction=self.heldout_fraction,
-            split_seed=self.split_seed, **self.loader_kwargs(rank, world_size),
-        )  # fmt: skip
+            self.batch_size,
+            split=self.split,
+            heldout_fraction=self.heldout_fraction,
+            split_seed=self.split_seed,
+            **self.loader_kwargs(rank, world_size),
+        )
 
 
 class ImageFolderConfig(_LoaderConfig):
@@ -200,9 +224,13 @@ class ImageFolderConfig(_LoaderConfig):
         from .images import ImageFolderLoader
 
         return ImageFolderLoader(
-            self.path, self.batch_size, split=self.split, heldout_fraction=self.heldout_fraction,
-            split_seed=self.split_seed, **self.loader_kwargs(rank, world_size),
-        )  # fmt: skip
+            self.path,
+            self.batch_size,
+            split=self.split,
+            heldout_fraction=self.heldout_fraction,
+            split_seed=self.split_seed,
+            **self.loader_kwargs(rank, world_size),
+        )
 
 
 class NowcastConfig(_LoaderConfig):
@@ -230,10 +258,16 @@ class NowcastConfig(_LoaderConfig):
         from .nowcast import NowcastLoader
 
         return NowcastLoader(
-            self.batch_size, size=self.size, input_frames=self.input_frames, output_frames=self.output_frames,
-            samples_per_epoch=self.samples_per_epoch, cells=(self.min_cells, self.max_cells),
-            speed=(self.min_speed, self.max_speed), split=self.split, **self.loader_kwargs(rank, world_size),
-        )  # fmt: skip
+            self.batch_size,
+            size=self.size,
+            input_frames=self.input_frames,
+            output_frames=self.output_frames,
+            samples_per_epoch=self.samples_per_epoch,
+            cells=(self.min_cells, self.max_cells),
+            speed=(self.min_speed, self.max_speed),
+            split=self.split,
+            **self.loader_kwargs(rank, world_size),
+        )
 
 
 class SparseFeaturesConfig(_LoaderConfig):
@@ -250,10 +284,15 @@ class SparseFeaturesConfig(_LoaderConfig):
         from .planted import SparseFeatureLoader
 
         return SparseFeatureLoader(
-            self.batch_size, num_features=self.num_features, input_dim=self.input_dim,
-            active_prob=self.active_prob, noise_std=self.noise_std, samples_per_epoch=self.samples_per_epoch,
-            split=self.split, **self.loader_kwargs(rank, world_size),
-        )  # fmt: skip
+            self.batch_size,
+            num_features=self.num_features,
+            input_dim=self.input_dim,
+            active_prob=self.active_prob,
+            noise_std=self.noise_std,
+            samples_per_epoch=self.samples_per_epoch,
+            split=self.split,
+            **self.loader_kwargs(rank, world_size),
+        )
 
 
 class PlantedTextConfig(_LoaderConfig):
@@ -273,24 +312,44 @@ class PlantedTextConfig(_LoaderConfig):
 
         docs, names, labels = task_documents("source")
         return PlantedTextLoader(
-            docs, labels, names, self.seq_len, self.batch_size, split=self.split, split_by=self.split_by,
-            heldout_fraction=self.heldout_fraction, split_seed=self.split_seed, balance=self.balance,
+            docs,
+            labels,
+            names,
+            self.seq_len,
+            self.batch_size,
+            split=self.split,
+            split_by=self.split_by,
+            heldout_fraction=self.heldout_fraction,
+            split_seed=self.split_seed,
+            balance=self.balance,
             **self.loader_kwargs(rank, world_size),
-        )  # fmt: skip
+        )
 
 
 CONFIGS: dict[str, type[_LoaderConfig]] = {
     cls.model_fields["kind"].default: cls
     for cls in (
-        TextLMConfig, TextClassificationConfig, GlueConfig, DigitsConfig, ImageFolderConfig,
-        NowcastConfig, SparseFeaturesConfig, PlantedTextConfig,
+        TextLMConfig,
+        TextClassificationConfig,
+        GlueConfig,
+        DigitsConfig,
+        ImageFolderConfig,
+        NowcastConfig,
+        SparseFeaturesConfig,
+        PlantedTextConfig,
     )
-}  # fmt: skip
+}
 
 DataConfig = (
-    TextLMConfig | TextClassificationConfig | GlueConfig | DigitsConfig | ImageFolderConfig
-    | NowcastConfig | SparseFeaturesConfig | PlantedTextConfig
-)  # fmt: skip
+    TextLMConfig
+    | TextClassificationConfig
+    | GlueConfig
+    | DigitsConfig
+    | ImageFolderConfig
+    | NowcastConfig
+    | SparseFeaturesConfig
+    | PlantedTextConfig
+)
 
 
 def parse(config: DataConfig | dict[str, Any]) -> DataConfig:

@@ -59,9 +59,10 @@ def stdlib_code_documents() -> list[Document]:
     """The standard library's own ``.py`` files (non-empty, tests and caches excluded)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(
-        p for p in root.rglob("*.py")
+        p
+        for p in root.rglob("*.py")
         if not _SKIP_PARTS.intersection(p.relative_to(root).parts) and p.stat().st_size > 0
-    )  # fmt: skip
+    )
     return file_documents(_local(files), "python-code")
 
 

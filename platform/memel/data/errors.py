@@ -14,4 +14,3 @@ class DataError(ConfigError):
 def field_error(owner: str, field: str, value: object, allowed: str) -> DataError:
     """A :class:`DataError` for ``owner.field=value`` with what is allowed instead."""
     return DataError(f"{owner}.{field}: got {shown(value)}; {allowed}")
-

@@ -39,7 +39,9 @@ class FileRef:
 
 def s3_filesystem() -> pafs.S3FileSystem:
     """An S3 filesystem configured from the standard AWS environment variables."""
-    kwargs: dict[str, object] = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
+    kwargs: dict[str, object] = {
+        "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    }
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         scheme, _, host = endpoint.partition("://")
@@ -77,13 +79,17 @@ def list_files(uri: str, suffixes: tuple[str, ...], field: str = "paths") -> lis
         if info.type == pafs.FileType.NotFound and uri.startswith("s3://"):
             bucket = path.split("/", 1)[0]
             if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
-                raise DataError(f"{field}: got {uri!r}; S3 bucket {bucket!r} does not exist (or is not visible with these credentials)")
+                raise DataError(
+                    f"{field}: got {uri!r}; S3 bucket {bucket!r} does not exist (or is not visible with these credentials)"
+                )
         if info.type == pafs.FileType.File:
             infos = [info]
         elif info.type == pafs.FileType.Directory:
             infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
         else:
-            raise DataError(f"{field}: got {uri!r}; no such file or folder (allowed: an existing local path or s3://bucket/prefix)")
+            raise DataError(
+                f"{field}: got {uri!r}; no such file or folder (allowed: an existing local path or s3://bucket/prefix)"
+            )
     except OSError as error:
         raise DataError(f"{field}: got {uri!r}; cannot be read: {error}") from None
     prefix = "s3://" if uri.startswith("s3://") else ""

@@ -23,9 +23,7 @@ from .text_classification import ClassBatch
 SPLIT_FILES = {"train": "train.tsv", "heldout": "dev.tsv"}
 
 
-def read_tsv(
-    uri: str, text_column: str | int, label_column: str | int, header: bool
-) -> tuple[list[str], list[str]]:
+def read_tsv(uri: str, text_column: str | int, label_column: str | int, header: bool) -> tuple[list[str], list[str]]:
     """Texts and raw label strings of one GLUE TSV file."""
     ref = list_files(uri, (".tsv",), field="path")[0]
     rows = list(csv.reader(io.StringIO(ref.read().decode("utf-8")), delimiter="\t", quoting=csv.QUOTE_NONE))

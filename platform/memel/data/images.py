@@ -79,7 +79,9 @@ def read_image(path: Path) -> np.ndarray:
         try:
             from PIL import Image
         except ImportError:
-            raise DataError(f"path: {path} is a {path.suffix} image; reading PNG/JPEG needs Pillow (pip install pillow), or use .npy arrays") from None
+            raise DataError(
+                f"path: {path} is a {path.suffix} image; reading PNG/JPEG needs Pillow (pip install pillow), or use .npy arrays"
+            ) from None
         with Image.open(io.BytesIO(path.read_bytes())) as image:
             array = np.asarray(image)
     scale = 255.0 if array.dtype == np.uint8 else 1.0
@@ -119,7 +121,9 @@ class ImageFolderLoader(ShardedLoader[ClassBatch]):
                     files.append(file)
                     labels.append(cls)
         if not files:
-            raise DataError(f"path: got {path!r}; no {', '.join(IMAGE_SUFFIXES)} files in class sub-folders (empty corpus)")
+            raise DataError(
+                f"path: got {path!r}; no {', '.join(IMAGE_SUFFIXES)} files in class sub-folders (empty corpus)"
+            )
         label_array = np.array(labels, np.int64)
         held = stratified_heldout(label_array, heldout_fraction, split_seed)
         keep = held if split == "heldout" else ~held
@@ -136,6 +140,8 @@ class ImageFolderLoader(ShardedLoader[ClassBatch]):
         for i in indices:
             image = read_image(self.files[int(i)])
             if image.shape != self.shape:
-                raise DataError(f"path: {self.files[int(i)]} has shape {image.shape}, others {self.shape}; all images must match")
+                raise DataError(
+                    f"path: {self.files[int(i)]} has shape {image.shape}, others {self.shape}; all images must match"
+                )
             images.append(image)
         return ClassBatch(torch.from_numpy(np.stack(images)), torch.from_numpy(self.labels[indices]))

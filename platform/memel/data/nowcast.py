@@ -85,12 +85,15 @@ def make_cells(
     y0 = rng.uniform(0.15, 0.85, n) * size - vy * frames / 2
     scale = size / 64.0
     return Cells(
-        x0=x0, y0=y0, vx=vx, vy=vy,
+        x0=x0,
+        y0=y0,
+        vx=vx,
+        vy=vy,
         peak=np.exp(rng.uniform(np.log(2.0), np.log(100.0), n)),
         t_peak=rng.uniform(-0.25, 1.25, n) * frames,
         tau=rng.uniform(0.4, 1.2, n) * frames,
         sigma=rng.uniform(3.0, 9.0, n) * scale,
-    )  # fmt: skip
+    )
 
 
 class NowcastLoader(ShardedLoader[NowcastBatch]):
@@ -111,8 +114,12 @@ class NowcastLoader(ShardedLoader[NowcastBatch]):
     ) -> None:
         super().__init__(batch_size, **loader)  # type: ignore[arg-type]
         check_split(split)
-        for field, value in (("size", size), ("input_frames", input_frames), ("output_frames", output_frames),
-                             ("samples_per_epoch", samples_per_epoch)):  # fmt: skip
+        for field, value in (
+            ("size", size),
+            ("input_frames", input_frames),
+            ("output_frames", output_frames),
+            ("samples_per_epoch", samples_per_epoch),
+        ):
             if value < 1:
                 raise DataError(f"{field}: got {value!r}; must be an integer >= 1")
         self.size, self.input_frames, self.output_frames = size, input_frames, output_frames

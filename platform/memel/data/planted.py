@@ -49,7 +49,11 @@ class SparseFeatureLoader(ShardedLoader[PlantedBatch]):
     ) -> None:
         super().__init__(batch_size, **loader)  # type: ignore[arg-type]
         check_split(split)
-        for field, value in (("num_features", num_features), ("input_dim", input_dim), ("samples_per_epoch", samples_per_epoch)):
+        for field, value in (
+            ("num_features", num_features),
+            ("input_dim", input_dim),
+            ("samples_per_epoch", samples_per_epoch),
+        ):
             if value < 1:
                 raise DataError(f"{field}: got {value!r}; must be an integer >= 1")
         if not 0.0 < active_prob <= 1.0:

@@ -129,7 +129,9 @@ class PassageLoader(ShardedLoader[ClassBatch]):
             groups = [d.group for d in self.docs]
             held: set[str] = set()
             for cls in range(self.num_classes):
-                members = [g for g, cid in zip(groups, _doc_classes(doc_id, label, len(self.docs)), strict=True) if cid == cls]
+                members = [
+                    g for g, cid in zip(groups, _doc_classes(doc_id, label, len(self.docs)), strict=True) if cid == cls
+                ]
                 if members:
                     held |= heldout_keys(members, fraction, seed + cls, unit=f"file of class {self.class_names[cls]!r}")
             held_doc = np.array([g in held for g in groups], dtype=bool)

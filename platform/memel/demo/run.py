@@ -83,7 +83,14 @@ def run_demo(
         losses = _StepLosses(mode, on_step)
         start = time.perf_counter()
         # statistics merge at each call (stats_update "call"), so the loop does not sync them per step
-        trainer = Trainer(TorchEngine(model, optimizer), loader, "text_lm", Schedule(steps=steps), callbacks=[losses], sync_statistics=False)
+        trainer = Trainer(
+            TorchEngine(model, optimizer),
+            loader,
+            "text_lm",
+            Schedule(steps=steps),
+            callbacks=[losses],
+            sync_statistics=False,
+        )
         trainer.fit()
         seconds = time.perf_counter() - start
         snaps = [m.snapshot() for m in inserted.values()]

@@ -24,9 +24,19 @@ _EXPORTS = {
     ),
 }
 __all__ = [
-    "ConfigError", "ExecutionConfig", "InhibitionConfig", "Inhibitor", "Snapshot", "auxiliary_loss", "inhibit", "inhibitors", "match_targets",
-    "remove", "snapshot", "sync",
-]  # fmt: skip
+    "ConfigError",
+    "ExecutionConfig",
+    "InhibitionConfig",
+    "Inhibitor",
+    "Snapshot",
+    "auxiliary_loss",
+    "inhibit",
+    "inhibitors",
+    "match_targets",
+    "remove",
+    "snapshot",
+    "sync",
+]
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:

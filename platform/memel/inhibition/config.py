@@ -149,7 +149,9 @@ class InhibitionConfig(BaseModel):
         try:
             super().__init__(**_nest_execution(data))
         except ValidationError as error:
-            named = ValidationError.from_exception_data(error.title, [_named_flat(item, flat) for item in error.errors()])
+            named = ValidationError.from_exception_data(
+                error.title, [_named_flat(item, flat) for item in error.errors()]
+            )
             raise ConfigError(describe_validation_error(type(self).__name__, named, _ERROR_FIELDS)) from None
 
     @model_validator(mode="before")

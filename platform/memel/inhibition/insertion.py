@@ -32,7 +32,9 @@ def match_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
     missing = [p for p in patterns if not any(fnmatch.fnmatchcase(name, p) for name in names)]
     if missing:
         shown = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
-        raise ConfigError(f"targets: pattern(s) {missing} match no submodule of {type(model).__name__}; its submodules are: {shown}")
+        raise ConfigError(
+            f"targets: pattern(s) {missing} match no submodule of {type(model).__name__}; its submodules are: {shown}"
+        )
     return matched
 
 
@@ -176,4 +178,3 @@ def auxiliary_loss(model: nn.Module) -> torch.Tensor:
     if total is None:
         return torch.zeros((), device=device)
     return total
-

@@ -67,7 +67,9 @@ class Measurement:
         return self.selected.remainder(neurons) if self.flat else self.selected.reshape(-1)
 
 
-def column_pass(values: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, sqrt_threshold: float, track: bool) -> tuple:
+def column_pass(
+    values: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, sqrt_threshold: float, track: bool
+) -> tuple:
     """Per-neuron reductions over samples."""
     d = values.float() - mean
     sum_d = d.sum(0)
@@ -177,9 +179,16 @@ def measure(
         from .native import native_measure
 
         fused = native_measure(
-            values, mean, scale, top_n, sqrt_threshold, track, copy,
-            select_threshold=float(select_threshold) if flat else None, sorted_rows=sorted_rows,
-        )  # fmt: skip
+            values,
+            mean,
+            scale,
+            top_n,
+            sqrt_threshold,
+            track,
+            copy,
+            select_threshold=float(select_threshold) if flat else None,
+            sorted_rows=sorted_rows,
+        )
         if fused is not None:
             sum_d, sum_d2, max_scaled, above, selected, copied = fused
             return Measurement(sum_d, sum_d2, selected, max_scaled, above, copied, flat)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -60,7 +61,9 @@ def _dist_initialized() -> bool:
     return _DIST_AVAILABLE and dist.is_initialized()
 
 
-def threshold_update(tau: torch.Tensor, above: torch.Tensor, judged: torch.Tensor, fraction: float, rate: float) -> torch.Tensor:
+def threshold_update(
+    tau: torch.Tensor, above: torch.Tensor, judged: torch.Tensor, fraction: float, rate: float
+) -> torch.Tensor:
     """The next tau after one merged batch in which ``above`` of ``judged`` values had phi >= tau:
     log tau += clip(rate * (above/judged - fraction) / fraction, -1, 1) (unchanged if judged == 0).
 
@@ -100,18 +103,31 @@ class Snapshot:
     neuron_shape: tuple[int, ...]
 
     def as_numpy(self) -> dict[str, Any]:
-        return {key: value.cpu().numpy() if isinstance(value, torch.Tensor) else value for key, value in vars(self).items()}
+        return {
+            key: value.cpu().numpy() if isinstance(value, torch.Tensor) else value for key, value in vars(self).items()
+        }
 
 
 #: Plain Python attributes the hot path sets on every call: set directly, not through
 #: ``nn.Module.__setattr__`` (which checks parameters, submodules and buffers first).
 _PLAIN_STATE = frozenset(
     {
-        "_calls", "_batches", "_has_pending", "_scale", "_select_above", "_loss_sum", "_loss_count",
-        "_lazy_count", "_lazy_ms_n", "_lazy_tracked", "_compensation", "_prev_mean", "_all_counted",
+        "_calls",
+        "_batches",
+        "_has_pending",
+        "_scale",
+        "_select_above",
+        "_loss_sum",
+        "_loss_count",
+        "_lazy_count",
+        "_lazy_ms_n",
+        "_lazy_tracked",
+        "_compensation",
+        "_prev_mean",
+        "_all_counted",
         "_shape",
     }
-)  # fmt: skip
+)
 
 
 class Inhibitor(nn.Module):
@@ -332,9 +348,17 @@ class Inhibitor(nn.Module):
                 self._scale = inverse_sqrt_denominator(self.var, config.eps)
             with torch.no_grad():
                 measured = measure(
-                    values.detach(), self.mean, self._scale, config.top_n, math.sqrt(config.ms_threshold), track,
-                    rewrite, config.execution.kernel, select_above, sorted_rows=l2e,
-                )  # fmt: skip
+                    values.detach(),
+                    self.mean,
+                    self._scale,
+                    config.top_n,
+                    math.sqrt(config.ms_threshold),
+                    track,
+                    rewrite,
+                    config.execution.kernel,
+                    select_above,
+                    sorted_rows=l2e,
+                )
             self._record(values.shape[0], measured)
         # the history the call was judged against (a folded call has already merged itself)
         judged_mean = self._prev_mean if folded else self.mean
@@ -355,9 +379,14 @@ class Inhibitor(nn.Module):
         replacement = judged_mean.index_select(0, neuron_index)
         native = self._native_cpu(activation)
         output = ReverseDeactivation.apply(
-            values, measured.copy, flat_index, replacement, config.effective_strength,
-            self._grad_slot if native and config.execution.reuse_buffers else None, native and OWNERSHIP.calibrate(),
-        )  # fmt: skip
+            values,
+            measured.copy,
+            flat_index,
+            replacement,
+            config.effective_strength,
+            self._grad_slot if native and config.execution.reuse_buffers else None,
+            native and OWNERSHIP.calibrate(),
+        )
         return output.view(activation.shape)
 
     def _native_cpu(self, activation: torch.Tensor) -> bool:
@@ -475,18 +504,29 @@ class Inhibitor(nn.Module):
         samples = values.shape[0]
         fused = native_fold(
             FoldCall(
-                values=values.detach(), mean=mean, var=var, count=buffers["count"], window=buffers["window"],
-                prev_mean=self._prev_mean, compensation=self._compensation, top_n=config.top_n,
-                sqrt_threshold=math.sqrt(config.ms_threshold), track=track, copy=rewrite,
+                values=values.detach(),
+                mean=mean,
+                var=var,
+                count=buffers["count"],
+                window=buffers["window"],
+                prev_mean=self._prev_mean,
+                compensation=self._compensation,
+                top_n=config.top_n,
+                sqrt_threshold=math.sqrt(config.ms_threshold),
+                track=track,
+                copy=rewrite,
                 select_threshold=None if select_above is None else float(select_above),
-                capped=self._batches >= config.forget_steps, forget_steps=config.forget_steps,
-                count_offset=self._lazy_count, all_counted=self._all_counted, window_rows=_FOLD_WINDOW_ROWS,
+                capped=self._batches >= config.forget_steps,
+                forget_steps=config.forget_steps,
+                count_offset=self._lazy_count,
+                all_counted=self._all_counted,
+                window_rows=_FOLD_WINDOW_ROWS,
                 count_rows=(W_SELECTED, W_INHIBITED if inhibiting else -1),
                 reuse=self._copy_slot.tensor if config.execution.reuse_buffers else None,
                 delta=config.delta if inhibiting and config.mode == "l2e" else None,
                 counters=(buffers["calls"], self._calls, buffers["batches"]),
             )
-        )  # fmt: skip
+        )
         if fused is None:
             return None
         neuron_index, flat_index, copied, buffer, var_sum, merged, terms = fused
@@ -527,9 +567,20 @@ class Inhibitor(nn.Module):
         native = bookkeeping(self.pending, self.config.execution.kernel)
         if native is not None and measured.sum_d.dtype == measured.sum_d2.dtype == torch.float32:
             native.record_moments(
-                self.pending, window, measured.sum_d, measured.sum_d2, self._scale, samples, W_MS_SUM, W_MS_N,
-                measured.max_scaled, measured.above, W_ABOVE, W_TRACKED, W_MS_MAX,
-            )  # fmt: skip
+                self.pending,
+                window,
+                measured.sum_d,
+                measured.sum_d2,
+                self._scale,
+                samples,
+                W_MS_SUM,
+                W_MS_N,
+                measured.max_scaled,
+                measured.above,
+                W_ABOVE,
+                W_TRACKED,
+                W_MS_MAX,
+            )
             self._has_pending = True
             return
         self._add_moments(samples, measured.sum_d, measured.sum_d2)
@@ -581,13 +632,17 @@ class Inhibitor(nn.Module):
         if self.config.by_threshold:
             counts = flat[PAYLOAD_ROWS * self.neurons :]
             config = self.config
-            self.tau.copy_(threshold_update(self.tau, counts[T_ABOVE], counts[T_JUDGED], config.fraction, config.threshold_rate))
+            self.tau.copy_(
+                threshold_update(self.tau, counts[T_ABOVE], counts[T_JUDGED], config.fraction, config.threshold_rate)
+            )
             self._select_above = None
         if bool((payload[P_COUNT] > 0).any()):
             capped = self._batches >= self.config.forget_steps
             native = bookkeeping(self.mean, self.config.execution.kernel)
             if native is not None:
-                native.merge_moments(self.mean, self.var, self.count, payload.contiguous(), capped, self.config.forget_steps)
+                native.merge_moments(
+                    self.mean, self.var, self.count, payload.contiguous(), capped, self.config.forget_steps
+                )
             else:
                 merge = maybe_compiled(merge_payload, self.config.execution.kernel)
                 mean, var, count = merge(self.mean, self.var, self.count, payload, capped, self.config.forget_steps)
@@ -648,7 +703,9 @@ class Inhibitor(nn.Module):
         tau = self.tau
         if self.config.by_threshold and self._has_pending:
             c = self.config
-            tau = threshold_update(tau, self.tau_pending[T_ABOVE], self.tau_pending[T_JUDGED], c.fraction, c.threshold_rate)
+            tau = threshold_update(
+                tau, self.tau_pending[T_ABOVE], self.tau_pending[T_JUDGED], c.fraction, c.threshold_rate
+            )
         return float(tau)
 
     @torch.no_grad()
@@ -659,7 +716,9 @@ class Inhibitor(nn.Module):
             return self.mean, self.var, self.count, self._batches
         pending = self.pending
         batch = Moments.from_shifted_sums(pending[P_COUNT], pending[P_SUM_D], pending[P_SUM_D2], self.mean.double())
-        mean, var, count = merge_history(self.mean, self.var, self.count, self._batches, batch, self.config.forget_steps)
+        mean, var, count = merge_history(
+            self.mean, self.var, self.count, self._batches, batch, self.config.forget_steps
+        )
         return mean, var, count, self._batches + 1
 
     def statistics(self) -> dict[str, Any]:
@@ -737,4 +796,3 @@ class Inhibitor(nn.Module):
         c = self.config
         selection = f"top_n={c.top_n}" if not c.by_threshold else f"select=threshold, fraction={c.fraction:g}"
         return f"mode={c.mode}, strength={c.strength:g}, {selection}, layout={c.layout}, neurons={self.neurons}"
-

@@ -227,13 +227,38 @@ def native_fold(call: FoldCall) -> FoldResult | None:
     selected_row, inhibited_row = call.count_rows
     calls, calls_value, batches = call.counters if call.counters is not None else (None, 0, None)
     neuron_index, flat_index, copied, buffer, var_sum, merged, terms, local = module.measure_fold(
-        values.contiguous(), call.mean, call.var, call.count, call.window, call.prev_mean, float(call.compensation),
-        int(top_n), float(call.sqrt_threshold), bool(call.track), bool(call.copy), int(call.threads),
-        -1.0 if select_threshold is None else float(select_threshold), bool(call.capped), int(call.forget_steps),
-        int(call.count_offset), bool(call.all_counted), ms_sum_row, ms_n_row, above_row, max_row, selected_row,
-        inhibited_row, call.reuse, -1.0 if call.delta is None else float(call.delta), calls, int(calls_value), batches,
-    )  # fmt: skip
-    return FoldResult(neuron_index, flat_index, copied, buffer, var_sum, merged, None if terms is None else (terms, local))
+        values.contiguous(),
+        call.mean,
+        call.var,
+        call.count,
+        call.window,
+        call.prev_mean,
+        float(call.compensation),
+        int(top_n),
+        float(call.sqrt_threshold),
+        bool(call.track),
+        bool(call.copy),
+        int(call.threads),
+        -1.0 if select_threshold is None else float(select_threshold),
+        bool(call.capped),
+        int(call.forget_steps),
+        int(call.count_offset),
+        bool(call.all_counted),
+        ms_sum_row,
+        ms_n_row,
+        above_row,
+        max_row,
+        selected_row,
+        inhibited_row,
+        call.reuse,
+        -1.0 if call.delta is None else float(call.delta),
+        calls,
+        int(calls_value),
+        batches,
+    )
+    return FoldResult(
+        neuron_index, flat_index, copied, buffer, var_sum, merged, None if terms is None else (terms, local)
+    )
 
 
 def native_reversed_gradient(

@@ -45,7 +45,12 @@ class CNNClassifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         factor = 2 ** (len(self.config.widths) - 1)
-        check_images(images, self.config.in_channels, self.config.image_size, f"{len(self.config.widths)} stages, divisible by {factor}")
+        check_images(
+            images,
+            self.config.in_channels,
+            self.config.image_size,
+            f"{len(self.config.widths)} stages, divisible by {factor}",
+        )
         x = images
         for stage in self.stages:
             x = stage(x)

@@ -33,7 +33,9 @@ class ConvGRUCell(nn.Module):
         super().__init__()
         self.hidden_channels = hidden_channels
         pad = kernel_size // 2
-        self.conv_x = nn.Conv2d(input_channels, 3 * hidden_channels, kernel_size, padding=pad) if input_channels else None
+        self.conv_x = (
+            nn.Conv2d(input_channels, 3 * hidden_channels, kernel_size, padding=pad) if input_channels else None
+        )
         self.conv_h = nn.Conv2d(hidden_channels, 3 * hidden_channels, kernel_size, padding=pad, bias=False)
 
     def forward(self, x: torch.Tensor | None, h: torch.Tensor | None) -> torch.Tensor:

@@ -121,7 +121,9 @@ class EncoderClassifier(nn.Module):
         check_ids(input_ids)
         check_seq_len(input_ids.shape[1], self.config.max_positions, "max_positions")
         if token_type_ids is not None and self.embeddings.token_type_embeddings is None:
-            raise InputError("token_type_ids: this model has type_vocab_size=0; pass None or build with type_vocab_size>=1")
+            raise InputError(
+                "token_type_ids: this model has type_vocab_size=0; pass None or build with type_vocab_size>=1"
+            )
         mask = None
         if attention_mask is not None:
             if attention_mask.shape != input_ids.shape:

@@ -183,6 +183,8 @@ class ConvGRUConfig(ModelConfig):
         encoder = [f"encoder.cells.{i}" for i in range(3)]
         forecaster = [f"forecaster.cells.{i}" for i in range(3)]
         return {
-            "hidden": encoder + forecaster, "encoder_hidden": encoder, "forecaster_hidden": forecaster,
+            "hidden": encoder + forecaster,
+            "encoder_hidden": encoder,
+            "forecaster_hidden": forecaster,
             PAPER_PRESET: encoder + forecaster,  # the authors' insertion: after each of the 6 cells' hidden state
-        }  # fmt: skip
+        }

@@ -24,9 +24,18 @@ from .ladder import LADDER, get_config, preset_targets, presets
 from .vit import ViTClassifier, ViTConfig
 
 __all__ = [
-    "FAMILIES", "LADDER", "Family", "ModelInfo", "build", "build_from_config", "count_parameters", "get_config",
-    "list_models", "preset_targets", "presets",
-]  # fmt: skip
+    "FAMILIES",
+    "LADDER",
+    "Family",
+    "ModelInfo",
+    "build",
+    "build_from_config",
+    "count_parameters",
+    "get_config",
+    "list_models",
+    "preset_targets",
+    "presets",
+]
 
 
 @dataclass(frozen=True)
@@ -71,7 +80,9 @@ def build_from_config(config: ModelConfig, *, device: torch.device | str | None 
         if type(config) is family.config_type:
             with torch.device(device) if device is not None else contextlib.nullcontext():
                 return family.model_type(config)
-    raise ConfigError(f"config: {type(config).__name__} is not a model config; allowed: {', '.join(f.config_type.__name__ for f in FAMILIES.values())}")
+    raise ConfigError(
+        f"config: {type(config).__name__} is not a model config; allowed: {', '.join(f.config_type.__name__ for f in FAMILIES.values())}"
+    )
 
 
 def count_parameters(name: str, **overrides: Any) -> int:

@@ -101,7 +101,9 @@ def check_images(images: torch.Tensor, channels: int, size: int, extra: str) -> 
     """Raise InputError unless ``images`` is [B, channels, size, size] floating point."""
     expected = f"[batch, {channels}, {size}, {size}]"
     if images.dim() != 4 or not images.is_floating_point():
-        raise InputError(f"images: expected a float tensor of shape {expected}, got {images.dtype} {tuple(images.shape)}")
+        raise InputError(
+            f"images: expected a float tensor of shape {expected}, got {images.dtype} {tuple(images.shape)}"
+        )
     if images.shape[1] != channels:
         raise InputError(f"images: got {images.shape[1]} channels but the model has in_channels={channels}")
     if tuple(images.shape[2:]) != (size, size):

@@ -88,7 +88,11 @@ class SweepSection(_Section):
         if isinstance(first, Rung):
             keys, what, fix = [rung.model for rung in value], "a model", "give each rung once"
         elif isinstance(first, Variant):
-            keys, what, fix = [v.label for v in value], "a value", "give each mode once, or name the variants apart (name: ...)"
+            keys, what, fix = (
+                [v.label for v in value],
+                "a value",
+                "give each mode once, or name the variants apart (name: ...)",
+            )
         else:
             keys, what, fix = list(value), "a value", "give each value once"
         if len(set(keys)) != len(keys):
@@ -175,7 +179,15 @@ class TuneSection(_Section):
     @field_validator("storage")
     @classmethod
     def _storage_scheme(cls, value: str | None) -> str | None:
-        allowed = ("sqlite:///", "postgresql://", "postgresql+psycopg://", "postgresql+psycopg2://", "mysql://", "mysql+pymysql://", "journal:///")
+        allowed = (
+            "sqlite:///",
+            "postgresql://",
+            "postgresql+psycopg://",
+            "postgresql+psycopg2://",
+            "mysql://",
+            "mysql+pymysql://",
+            "journal:///",
+        )
         if value is not None and not value.startswith(allowed):
             raise ValueError(f"unsupported storage URL {value!r}; allowed schemes: {', '.join(allowed)}")
         return value
@@ -233,7 +245,9 @@ def _slug(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", str(value)).strip("-")
 
 
-def member_spec(job: JobSpec, key: str, overrides: dict[str, Any], where: str, folder: str = run_record.MEMBERS_DIR) -> TrainSpec:
+def member_spec(
+    job: JobSpec, key: str, overrides: dict[str, Any], where: str, folder: str = run_record.MEMBERS_DIR
+) -> TrainSpec:
     """The job's base with dotted overrides applied, named ``<job>-<key>``, in ``<out>/<folder>/<key>``."""
     tree = job.base_tree()
     for dotted, value in overrides.items():
@@ -250,7 +264,9 @@ def member_spec(job: JobSpec, key: str, overrides: dict[str, Any], where: str, f
         raise ConfigError(f"{where}: {message}") from None
 
 
-def attach(spec: TrainSpec, tracking_uri: str, parent_run_id: str, stats_root: str | None, tags: dict[str, str]) -> TrainSpec:
+def attach(
+    spec: TrainSpec, tracking_uri: str, parent_run_id: str, stats_root: str | None, tags: dict[str, str]
+) -> TrainSpec:
     """A member or trial wired into its job: the job's tracking store and Parquet root, its parent run, tags."""
     tracking = spec.tracking.model_copy(
         update={"uri": tracking_uri, "parent_run_id": parent_run_id, "tags": {**spec.tracking.tags, **tags}}
@@ -295,7 +311,15 @@ def expand_sweep(job: JobSpec) -> list[Member]:
         shown_strength = spec.inhibition.strength if spec.inhibition else 0.0
         shown_top_n = spec.inhibition.top_n if spec.inhibition else 0
         members.append(
-            Member(key=key, rung=rung.model, mode=shown_mode, strength=shown_strength, top_n=shown_top_n, seed=seed, spec=spec)
+            Member(
+                key=key,
+                rung=rung.model,
+                mode=shown_mode,
+                strength=shown_strength,
+                top_n=shown_top_n,
+                seed=seed,
+                spec=spec,
+            )
         )
     return members
 

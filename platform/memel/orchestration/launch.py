@@ -104,9 +104,11 @@ class Launcher:
             return Finished(key, None, redact(f"{type(cause).__name__}: {cause}"))
 
     def run_all(
-        self, items: Iterable[tuple[str, TrainSpec]], on_finished: Callable[[Finished], None],
+        self,
+        items: Iterable[tuple[str, TrainSpec]],
+        on_finished: Callable[[Finished], None],
         on_launch: Callable[[str], None] | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """Launch every item as room allows; call ``on_finished`` as each ends."""
         pending = list(items)
         while pending or self._running:

@@ -84,7 +84,9 @@ def suggest(trial: Any, job: JobSpec, tune: TuneSection) -> dict[str, Any]:
     mode = trial.suggest_categorical("mode", space.mode) if space.mode else base.mode
     overrides["inhibition.mode"] = mode
     if mode == "rd" and space.strength is not None:
-        overrides["inhibition.strength"] = trial.suggest_float("strength", space.strength.low, space.strength.high, log=space.strength.log)
+        overrides["inhibition.strength"] = trial.suggest_float(
+            "strength", space.strength.low, space.strength.high, log=space.strength.log
+        )
     elif mode != "rd":
         overrides["inhibition.strength"] = 1.0
     if space.top_n:
@@ -92,9 +94,13 @@ def suggest(trial: Any, job: JobSpec, tune: TuneSection) -> dict[str, Any]:
     if space.preset:
         overrides["model.preset"] = trial.suggest_categorical("preset", space.preset)
     if space.forget_steps is not None:
-        overrides["inhibition.forget_steps"] = trial.suggest_int("forget_steps", space.forget_steps.low, space.forget_steps.high)
+        overrides["inhibition.forget_steps"] = trial.suggest_int(
+            "forget_steps", space.forget_steps.low, space.forget_steps.high
+        )
     if space.late_start is not None:
-        overrides["inhibition.late_start"] = trial.suggest_int("late_start", space.late_start.low, space.late_start.high)
+        overrides["inhibition.late_start"] = trial.suggest_int(
+            "late_start", space.late_start.low, space.late_start.high
+        )
     return overrides
 
 
@@ -109,7 +115,9 @@ def check_study(job: JobSpec, address: str | None) -> TuneSection:
     if job.tune is None:
         raise ConfigError("tune: the job has no tune section; add `tune: {trials: 20}` (see jobs/tune_memel.yaml)")
     if job.inhibition is None:
-        raise ConfigError("inhibition: a study tunes inhibition; the job has `inhibition: null`, give it an inhibition section")
+        raise ConfigError(
+            "inhibition: a study tunes inhibition; the job has `inhibition: null`, give it an inhibition section"
+        )
     on_cluster = bool(address or os.environ.get("RAY_ADDRESS"))
     storage = job.tune.storage or ""
     if on_cluster and not storage.startswith(("postgresql", "mysql")):
@@ -124,16 +132,29 @@ def _parent_run(job: JobSpec, tune: TuneSection, out: Path, tracking_uri: str, s
     from memel.tracking import flatten, start_recorded_run
 
     tracker, new = start_recorded_run(
-        out / run_record.STUDY_FILE, "parent_run_id",
-        lambda run_id: {"study": study_name, "parent_run_id": run_id, "storage": redact(storage), "tracking_uri": redact(tracking_uri)},
-        tracking_uri, job.tracking.experiment, study_name,
-    )  # fmt: skip
+        out / run_record.STUDY_FILE,
+        "parent_run_id",
+        lambda run_id: {
+            "study": study_name,
+            "parent_run_id": run_id,
+            "storage": redact(storage),
+            "tracking_uri": redact(tracking_uri),
+        },
+        tracking_uri,
+        job.tracking.experiment,
+        study_name,
+    )
     if new:
         tracker.log_params(flatten({"tune": tune.model_dump(mode="json")}))
-        tracker.set_tags({
-            run_record.TAG_KIND: run_record.KIND_STUDY, run_record.TAG_STUDY: study_name,
-            run_record.TAG_OPTUNA_STORAGE: redact(storage), run_record.TAG_RUNG: job.model.name, **job.tracking.tags,
-        })  # fmt: skip
+        tracker.set_tags(
+            {
+                run_record.TAG_KIND: run_record.KIND_STUDY,
+                run_record.TAG_STUDY: study_name,
+                run_record.TAG_OPTUNA_STORAGE: redact(storage),
+                run_record.TAG_RUNG: job.model.name,
+                **job.tracking.tags,
+            }
+        )
         tracker.log_dict(job.model_dump(mode="json"), run_record.JOB_FILE)
     return tracker
 
@@ -171,10 +192,16 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
     for t in study.get_trials(deepcopy=False):
         if t.user_attrs.get(INTERRUPTED):
             continue
-        rows.append({
-            "trial": t.number, "state": t.state.name, "value": t.value, **{f"param_{k}": v for k, v in t.params.items()},
-            "run_id": t.user_attrs.get(run_record.ATTR_MLFLOW_RUN_ID), "member": t.user_attrs.get(run_record.ATTR_MEMBER),
-        })  # fmt: skip
+        rows.append(
+            {
+                "trial": t.number,
+                "state": t.state.name,
+                "value": t.value,
+                **{f"param_{k}": v for k, v in t.params.items()},
+                "run_id": t.user_attrs.get(run_record.ATTR_MLFLOW_RUN_ID),
+                "member": t.user_attrs.get(run_record.ATTR_MEMBER),
+            }
+        )
     return rows
 
 
@@ -188,28 +215,36 @@ def _rows_csv(rows: list[dict[str, Any]]) -> str:
 
 
 def run_study(
-    job: JobSpec, address: str | None = None, trials: int | None = None, parallel: int | None = None,
+    job: JobSpec,
+    address: str | None = None,
+    trials: int | None = None,
+    parallel: int | None = None,
     progress: Any = None,
-) -> StudyResult:  # fmt: skip
+) -> StudyResult:
     """Run the job's study until it holds ``trials`` finished trials; blocks until then."""
     import optuna
     from optuna.trial import TrialState
-
 
     started = time.perf_counter()
     tune = check_study(job, address)
     tune = tune.model_copy(update={k: v for k, v in {"trials": trials, "parallel": parallel}.items() if v is not None})
     if tune.storage and tune.storage.startswith("sqlite:") and tune.parallel > 1:
-        raise ConfigError(f"--parallel {tune.parallel}: the study's storage is SQLite, which is not safe for parallel writers; use a journal or PostgreSQL storage")
+        raise ConfigError(
+            f"--parallel {tune.parallel}: the study's storage is SQLite, which is not safe for parallel writers; use a journal or PostgreSQL storage"
+        )
     notify = progress or (lambda *_: None)
     out, tracking_uri, stats_root, _ = resolve_outputs(job)
     storage_url = tune.storage or default_storage(out, tune.parallel)
     study_name = tune.study_name or job.name
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
-        study_name=study_name, storage=open_storage(storage_url), sampler=make_sampler(tune), pruner=make_pruner(tune.pruner),
-        direction=tune.direction, load_if_exists=True,
-    )  # fmt: skip
+        study_name=study_name,
+        storage=open_storage(storage_url),
+        sampler=make_sampler(tune),
+        pruner=make_pruner(tune.pruner),
+        direction=tune.direction,
+        load_if_exists=True,
+    )
     if held := len(study.get_trials(deepcopy=False)):
         study.sampler = make_sampler(tune, held)
     requeued = _requeue_interrupted(study)
@@ -252,12 +287,24 @@ def run_study(
                 trial = study.ask()
                 overrides = suggest(trial, job, tune)
                 key = trial_key(overrides)
-                tags = {run_record.TAG_STUDY: study_name, run_record.TAG_TRIAL: str(trial.number), run_record.TAG_KIND: run_record.KIND_TRIAL}
-                spec = attach(member_spec(job, key, overrides, f"trial {trial.number}", folder=run_record.TRIALS_DIR), tracking_uri, parent.run_id, stats_root, tags)
+                tags = {
+                    run_record.TAG_STUDY: study_name,
+                    run_record.TAG_TRIAL: str(trial.number),
+                    run_record.TAG_KIND: run_record.KIND_TRIAL,
+                }
+                spec = attach(
+                    member_spec(job, key, overrides, f"trial {trial.number}", folder=run_record.TRIALS_DIR),
+                    tracking_uri,
+                    parent.run_id,
+                    stats_root,
+                    tags,
+                )
                 trial.set_user_attr(run_record.ATTR_MEMBER, key)
                 name = str(trial.number)
                 trials_in_flight[name] = trial
-                launcher.launch(name, spec, TrialConfig(storage_url, study_name, trial.number, tune.metric, tune.pruner))
+                launcher.launch(
+                    name, spec, TrialConfig(storage_url, study_name, trial.number, tune.metric, tune.pruner)
+                )
                 notify("started", name, trial.params)
                 remaining -= 1
             else:
@@ -275,16 +322,26 @@ def run_study(
         best_trial = study.best_trial
         best = {"trial": best_trial.number, "value": best_trial.value, "params": best_trial.params}
         parent.log_metrics({f"best/{tune.metric}": float(best_trial.value)}, best_trial.number)
-        parent.set_tags({run_record.TAG_BEST_TRIAL: str(best_trial.number), run_record.TAG_BEST_PARAMS: json.dumps(best_trial.params)})
+        parent.set_tags(
+            {
+                run_record.TAG_BEST_TRIAL: str(best_trial.number),
+                run_record.TAG_BEST_PARAMS: json.dumps(best_trial.params),
+            }
+        )
     text = _rows_csv(rows)
     write_text(out / run_record.TRIALS_FILE, text)
     parent.log_text(text, run_record.TRIALS_FILE)
     result = StudyResult(
-        study_name=study_name, storage=redact(storage_url), parent_run_id=parent.run_id,
-        tracking_uri=redact(tracking_uri), output_dir=str(out), dashboard=dashboard_command(storage_url), rows=rows,
-        best=best, wall_seconds=time.perf_counter() - started,
-    )  # fmt: skip
+        study_name=study_name,
+        storage=redact(storage_url),
+        parent_run_id=parent.run_id,
+        tracking_uri=redact(tracking_uri),
+        output_dir=str(out),
+        dashboard=dashboard_command(storage_url),
+        rows=rows,
+        best=best,
+        wall_seconds=time.perf_counter() - started,
+    )
     parent.log_dict(asdict(result), run_record.STUDY_SUMMARY_FILE)
     parent.end("FINISHED" if completed else "FAILED")
     return result
-

@@ -32,9 +32,23 @@ from .launch import Finished, Launcher
 
 #: The columns of the sweep table, in order.
 COLUMNS = (
-    "member", "rung", "params", "mode", "strength", "top_n", "seed", "status", "eval_loss", "eval_metric",
-    "ms_mean", "mono_ratio", "mono_p", "inhibited", "wall_s", "run_id",
-)  # fmt: skip
+    "member",
+    "rung",
+    "params",
+    "mode",
+    "strength",
+    "top_n",
+    "seed",
+    "status",
+    "eval_loss",
+    "eval_metric",
+    "ms_mean",
+    "mono_ratio",
+    "mono_p",
+    "inhibited",
+    "wall_s",
+    "run_id",
+)
 
 
 @dataclass
@@ -76,12 +90,23 @@ def table_row(member: Member, result: TrainResult | None, status: str, n_params:
     metrics = result.metrics if result else {}
     eval_metric = metrics.get("eval/perplexity", metrics.get("eval/accuracy"))
     return {
-        "member": member.key, "rung": member.rung, "params": n_params, "mode": member.mode,
-        "strength": member.strength, "top_n": member.top_n, "seed": member.seed, "status": status,
-        "eval_loss": metrics.get("eval/loss"), "eval_metric": eval_metric, "ms_mean": metrics.get("ms/mean"),
-        "mono_ratio": None, "mono_p": None, "inhibited": metrics.get("inhibited/total"),
-        "wall_s": round(result.wall_seconds, 1) if result else None, "run_id": result.run_id if result else None,
-    }  # fmt: skip
+        "member": member.key,
+        "rung": member.rung,
+        "params": n_params,
+        "mode": member.mode,
+        "strength": member.strength,
+        "top_n": member.top_n,
+        "seed": member.seed,
+        "status": status,
+        "eval_loss": metrics.get("eval/loss"),
+        "eval_metric": eval_metric,
+        "ms_mean": metrics.get("ms/mean"),
+        "mono_ratio": None,
+        "mono_p": None,
+        "inhibited": metrics.get("inhibited/total"),
+        "wall_s": round(result.wall_seconds, 1) if result else None,
+        "run_id": result.run_id if result else None,
+    }
 
 
 def add_mono_ratios(rows: list[dict[str, Any]], members: list[Member], stats_root: str | None) -> str | None:
@@ -122,18 +147,26 @@ def _parent_run(job: JobSpec, out: Path, tracking_uri: str, members: list[Member
     from memel.tracking import flatten, start_recorded_run
 
     tracker, new = start_recorded_run(
-        out / run_record.SWEEP_FILE, "parent_run_id",
+        out / run_record.SWEEP_FILE,
+        "parent_run_id",
         lambda run_id: {"job": job.name, "parent_run_id": run_id, "tracking_uri": redact(tracking_uri)},
-        tracking_uri, job.tracking.experiment, job.name,
-    )  # fmt: skip
+        tracking_uri,
+        job.tracking.experiment,
+        job.name,
+    )
     if new:
         sweep = job.sweep.model_dump(mode="json") if job.sweep else {}
         tracker.log_params(flatten({"sweep": sweep, "base": job.base_tree()}))
-        tracker.set_tags({
-            run_record.TAG_KIND: run_record.KIND_SWEEP, run_record.TAG_SWEEP: job.name, run_record.TAG_MEMBERS: str(len(members)),
-            run_record.TAG_RUNGS: ",".join(dict.fromkeys(m.rung for m in members)),
-            run_record.TAG_MODES: ",".join(dict.fromkeys(m.mode for m in members)), **job.tracking.tags,
-        })  # fmt: skip
+        tracker.set_tags(
+            {
+                run_record.TAG_KIND: run_record.KIND_SWEEP,
+                run_record.TAG_SWEEP: job.name,
+                run_record.TAG_MEMBERS: str(len(members)),
+                run_record.TAG_RUNGS: ",".join(dict.fromkeys(m.rung for m in members)),
+                run_record.TAG_MODES: ",".join(dict.fromkeys(m.mode for m in members)),
+                **job.tracking.tags,
+            }
+        )
         tracker.log_dict(job.model_dump(mode="json"), run_record.JOB_FILE)
     return tracker
 
@@ -157,7 +190,16 @@ def _run_sweep(job: JobSpec, address: str | None, progress: Any) -> SweepResult:
     notify = progress or (lambda *_: None)
     parent = _parent_run(job, out, tracking_uri, members)
     tags = {run_record.TAG_SWEEP: job.name, run_record.TAG_KIND: run_record.KIND_SWEEP_MEMBER}
-    specs = {m.key: attach(m.spec, tracking_uri, parent.run_id, stats_root, {**tags, run_record.TAG_MEMBER: m.key, run_record.TAG_VARIANT: m.mode}) for m in members}
+    specs = {
+        m.key: attach(
+            m.spec,
+            tracking_uri,
+            parent.run_id,
+            stats_root,
+            {**tags, run_record.TAG_MEMBER: m.key, run_record.TAG_VARIANT: m.mode},
+        )
+        for m in members
+    }
     by_key = {m.key: m for m in members}
     params = {m.rung: count_parameters(m.spec.model.name, **m.spec.model.overrides) for m in members}
     rows: dict[str, dict[str, Any]] = {}
@@ -201,14 +243,23 @@ def _run_sweep(job: JobSpec, address: str | None, progress: Any) -> SweepResult:
     text = table_csv(ordered)
     write_text(out / run_record.SWEEP_TABLE_CSV, text)
     parent.log_text(text, run_record.SWEEP_TABLE_CSV)
-    parent.log_dict({"columns": list(COLUMNS), "data": [[row[c] for c in COLUMNS] for row in ordered]}, run_record.SWEEP_TABLE_JSON)
+    parent.log_dict(
+        {"columns": list(COLUMNS), "data": [[row[c] for c in COLUMNS] for row in ordered]}, run_record.SWEEP_TABLE_JSON
+    )
     for row in ordered:
         if row["eval_loss"] is not None:
             parent.log_metrics({f"eval_loss/{row['member']}": float(row["eval_loss"])}, 0)
     result = SweepResult(
-        job=job.name, parent_run_id=parent.run_id, tracking_uri=redact(tracking_uri), stats_root=stats_root,
-        output_dir=str(out), rows=ordered, failed=failed, wall_seconds=time.perf_counter() - started, mono_criterion=criterion,
-    )  # fmt: skip
+        job=job.name,
+        parent_run_id=parent.run_id,
+        tracking_uri=redact(tracking_uri),
+        stats_root=stats_root,
+        output_dir=str(out),
+        rows=ordered,
+        failed=failed,
+        wall_seconds=time.perf_counter() - started,
+        mono_criterion=criterion,
+    )
     parent.log_dict(asdict(result), run_record.SWEEP_SUMMARY_FILE)
     parent.end("FAILED" if failed else "FINISHED")
     return result

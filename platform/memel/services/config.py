@@ -146,10 +146,14 @@ class ServicesConfig:
             if not 1 <= port <= 65535:
                 raise ConfigError(f"{PORT_OPTIONS[name]}: got {port}; allowed: 1-65535")
         if not BUCKET_NAME.fullmatch(self.bucket):
-            raise ConfigError(f"--bucket: got {self.bucket!r}; allowed: 3-63 lowercase letters, digits, dots and hyphens")
+            raise ConfigError(
+                f"--bucket: got {self.bucket!r}; allowed: 3-63 lowercase letters, digits, dots and hyphens"
+            )
         chosen = {name: self.ports[name] for name in only}
         if len(set(chosen.values())) != len(chosen):
-            raise ConfigError(f"ports must differ: got {', '.join(f'{PORT_OPTIONS[n]} {p}' for n, p in chosen.items())}")
+            raise ConfigError(
+                f"ports must differ: got {', '.join(f'{PORT_OPTIONS[n]} {p}' for n, p in chosen.items())}"
+            )
 
     @property
     def paths(self) -> StatePaths:

@@ -71,12 +71,18 @@ def s3_spec(config: ServicesConfig, credentials: S3Credentials) -> ServiceSpec:
     paths = config.paths
     ports = WeedPorts(s3=config.ports["s3"], **_internal_ports(config, paths))
     url = config.url("s3")
-    argv = weed_command(weed, paths.s3_data, paths.s3_identities, ports, config.host, WEED_VOLUME_SIZE_MB, WEED_PRE_STOP_S)
+    argv = weed_command(
+        weed, paths.s3_data, paths.s3_identities, ports, config.host, WEED_VOLUME_SIZE_MB, WEED_PRE_STOP_S
+    )
     return ServiceSpec(
-        "s3", url, argv, _base_env(), functools.partial(health.s3_ready, url, credentials, config.bucket),
+        "s3",
+        url,
+        argv,
+        _base_env(),
+        functools.partial(health.s3_ready, url, credentials, config.bucket),
         {PORT_OPTIONS["s3"]: ports.s3},
         {paths.s3_identities: identities_json(credentials.access_key, credentials.secret_key)},
-    )  # fmt: skip
+    )
 
 
 def _internal_ports(config: ServicesConfig, paths: StatePaths) -> dict[str, int]:
@@ -104,23 +110,40 @@ def mlflow_spec(config: ServicesConfig, s3_endpoint: str | None, credentials: S3
     env = _base_env()
     if s3_endpoint is not None and credentials is not None:
         destination = f"s3://{config.bucket}"
-        env.update({
-            "MLFLOW_S3_ENDPOINT_URL": s3_endpoint,
-            "AWS_ACCESS_KEY_ID": credentials.access_key,
-            "AWS_SECRET_ACCESS_KEY": credentials.secret_key,
-            "AWS_DEFAULT_REGION": REGION,
-        })  # fmt: skip
+        env.update(
+            {
+                "MLFLOW_S3_ENDPOINT_URL": s3_endpoint,
+                "AWS_ACCESS_KEY_ID": credentials.access_key,
+                "AWS_SECRET_ACCESS_KEY": credentials.secret_key,
+                "AWS_DEFAULT_REGION": REGION,
+            }
+        )
     else:
         folder = (config.artifacts_dir or paths.mlflow_artifacts).expanduser().resolve()
         folder.mkdir(parents=True, exist_ok=True)
         destination = str(folder)
     port = config.ports["mlflow"]
     argv = [
-        sys.executable, "-m", "mlflow", "server", "--host", config.host, "--port", str(port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{paths.mlflow_db}", "--serve-artifacts", "--artifacts-destination", destination,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        config.host,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{paths.mlflow_db}",
+        "--serve-artifacts",
+        "--artifacts-destination",
+        destination,
+    ]
     url = config.url("mlflow")
-    return ServiceSpec("mlflow", url, argv, env, functools.partial(health.http_ok, f"{url}/health"), {PORT_OPTIONS["mlflow"]: port})
+    return ServiceSpec(
+        "mlflow", url, argv, env, functools.partial(health.http_ok, f"{url}/health"), {PORT_OPTIONS["mlflow"]: port}
+    )
 
 
 def dashboard_spec(config: ServicesConfig) -> ServiceSpec:
@@ -133,10 +156,15 @@ def dashboard_spec(config: ServicesConfig) -> ServiceSpec:
     argv = [binary, "--from-config", str(settings), "--host", config.host, "--port", str(port)]
     url = f"{config.url('dashboard')}/dashboard"
     return ServiceSpec(
-        "dashboard", url, argv, _base_env(), functools.partial(health.http_ok, url), {PORT_OPTIONS["dashboard"]: port},
+        "dashboard",
+        url,
+        argv,
+        _base_env(),
+        functools.partial(health.http_ok, url),
+        {PORT_OPTIONS["dashboard"]: port},
         {settings: f"[optuna_dashboard]\nstorage = {json.dumps(config.dashboard_storage)}\n"},
         functools.partial(create_optuna_tables, config.dashboard_storage),
-    )  # fmt: skip
+    )
 
 
 def create_optuna_tables(storage: str) -> None:
@@ -152,4 +180,6 @@ def create_optuna_tables(storage: str) -> None:
     except Exception as error:  # noqa: BLE001 - driver missing, server down: say which storage
         from memel.redaction import redact
 
-        raise ConfigError(f"--optuna-storage: cannot open {redact(storage)!r}: {type(error).__name__}: {error}") from None
+        raise ConfigError(
+            f"--optuna-storage: cannot open {redact(storage)!r}: {type(error).__name__}: {error}"
+        ) from None

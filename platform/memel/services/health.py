@@ -47,10 +47,13 @@ def s3_client(endpoint: str, credentials: S3Credentials):  # -> a boto3 S3 clien
     from botocore.config import Config
 
     return boto3.client(
-        "s3", endpoint_url=endpoint, region_name=REGION,
-        aws_access_key_id=credentials.access_key, aws_secret_access_key=credentials.secret_key,
+        "s3",
+        endpoint_url=endpoint,
+        region_name=REGION,
+        aws_access_key_id=credentials.access_key,
+        aws_secret_access_key=credentials.secret_key,
         config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}, connect_timeout=3, read_timeout=10),
-    )  # fmt: skip
+    )
 
 
 def s3_ready(endpoint: str, credentials: S3Credentials, bucket: str) -> None:
@@ -63,7 +66,9 @@ def s3_ready(endpoint: str, credentials: S3Credentials, bucket: str) -> None:
     client.delete_object(Bucket=bucket, Key=PROBE_KEY)
 
 
-def wait_ready(service: str, check: Callable[[], None], process: subprocess.Popen | None, log: Path, timeout_s: float) -> None:
+def wait_ready(
+    service: str, check: Callable[[], None], process: subprocess.Popen | None, log: Path, timeout_s: float
+) -> None:
     """Call ``check`` until it returns; raise :class:`ServiceError` with the log tail when the
     process exits or ``timeout_s`` passes first."""
     deadline = time.monotonic() + timeout_s

@@ -87,13 +87,19 @@ def status(paths: StatePaths) -> list[ServiceStatus]:
     for service in SERVICES:
         record = ProcessRecord.load(paths.pid_file(service))
         state = state_of(record)
-        rows.append(ServiceStatus(service, state, record.pid if record else None, record.url if record else None, paths.log_file(service)))
+        rows.append(
+            ServiceStatus(
+                service, state, record.pid if record else None, record.url if record else None, paths.log_file(service)
+            )
+        )
     return rows
 
 
 def _running(paths: StatePaths) -> dict[str, ProcessRecord]:
     records = {service: ProcessRecord.load(paths.pid_file(service)) for service in SERVICES}
-    return {service: record for service, record in records.items() if record is not None and state_of(record) == "running"}
+    return {
+        service: record for service, record in records.items() if record is not None and state_of(record) == "running"
+    }
 
 
 def up(config: ServicesConfig, notify: Notify = lambda _: None) -> list[UpResult]:
@@ -120,12 +126,16 @@ def up(config: ServicesConfig, notify: Notify = lambda _: None) -> list[UpResult
             for spec in specs:
                 for path, text in spec.private_files.items():
                     write_private(path, text)
-                process, record = start_detached(spec.name, spec.argv, spec.env, paths.root, paths.log_file(spec.name), spec.url)
+                process, record = start_detached(
+                    spec.name, spec.argv, spec.env, paths.root, paths.log_file(spec.name), spec.url
+                )
                 record.save(paths.pid_file(spec.name))
                 started[spec.name] = (process, record)
                 notify(f"{spec.name}: started (pid {record.pid}), waiting for {spec.url}")
             for spec in specs:
-                wait_ready(spec.name, spec.check, started[spec.name][0], paths.log_file(spec.name), config.start_timeout_s)
+                wait_ready(
+                    spec.name, spec.check, started[spec.name][0], paths.log_file(spec.name), config.start_timeout_s
+                )
                 notify(f"{spec.name}: answering at {spec.url}")
         except BaseException:
             _stop_all({name: record for name, (_, record) in started.items()}, timeout_s=10)
@@ -194,7 +204,9 @@ def _stop_all(records: dict[str, ProcessRecord], timeout_s: float) -> dict[str, 
     return {service: future.result() for service, future in futures.items()}
 
 
-def down(paths: StatePaths, only: tuple[str, ...] = SERVICES, timeout_s: float = 30.0, notify: Notify = lambda _: None) -> list[DownResult]:
+def down(
+    paths: StatePaths, only: tuple[str, ...] = SERVICES, timeout_s: float = 30.0, notify: Notify = lambda _: None
+) -> list[DownResult]:
     """Stop the services ``up`` started from this state dir (all at once) and remove their PID
     files. A record whose PID is no longer that process is removed without signalling anything."""
     with state_lock(paths):
@@ -209,6 +221,10 @@ def down(paths: StatePaths, only: tuple[str, ...] = SERVICES, timeout_s: float =
             if record is None:
                 results.append(DownResult(service, "not running", None))
             else:
-                leftover = tuple(group_members(record.pid)) if actions[service] == "stale" and start_time(record.pid) is None else ()
+                leftover = (
+                    tuple(group_members(record.pid))
+                    if actions[service] == "stale" and start_time(record.pid) is None
+                    else ()
+                )
                 results.append(DownResult(service, actions[service], record.pid, leftover))
     return results

@@ -111,9 +111,15 @@ def start_detached(
         out.write(f"\n=== memel services: {service} starting at {stamp}: {' '.join(argv)}\n".encode())
         out.flush()
         process = subprocess.Popen(
-            list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            cwd=cwd, env=dict(env), start_new_session=True, close_fds=True,
-        )  # fmt: skip
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env=dict(env),
+            start_new_session=True,
+            close_fds=True,
+        )
     token = start_time(process.pid)
     if token is None:  # exited at once: record nothing, the caller reads the log
         process.wait()

@@ -56,8 +56,13 @@ class WeedPorts:
 
 
 def weed_command(
-    weed: str, data_dir: Path, identities: Path, ports: WeedPorts, bind: str = "127.0.0.1",
-    volume_size_mb: int = 64, pre_stop_s: int | None = None,
+    weed: str,
+    data_dir: Path,
+    identities: Path,
+    ports: WeedPorts,
+    bind: str = "127.0.0.1",
+    volume_size_mb: int = 64,
+    pre_stop_s: int | None = None,
 ) -> list[str]:
     """``weed server -s3`` with every port explicit and the data in ``data_dir``.
 
@@ -66,15 +71,26 @@ def weed_command(
     """
     advertised = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(bind, bind)
     command = [
-        weed, "server",
-        f"-dir={data_dir}", f"-ip={advertised}", f"-ip.bind={bind}",
-        f"-master.port={ports.master}", f"-master.port.grpc={ports.master_grpc}",
-        f"-volume.port={ports.volume}", f"-volume.port.grpc={ports.volume_grpc}",
-        f"-filer.port={ports.filer}", f"-filer.port.grpc={ports.filer_grpc}",
-        f"-master.volumeSizeLimitMB={volume_size_mb}", "-volume.max=0",
-        "-s3", f"-s3.port={ports.s3}", f"-s3.port.grpc={ports.s3_grpc}", f"-s3.config={identities}",
-        "-s3.port.iceberg=0", "-s3.port.lance=0",
-    ]  # fmt: skip
+        weed,
+        "server",
+        f"-dir={data_dir}",
+        f"-ip={advertised}",
+        f"-ip.bind={bind}",
+        f"-master.port={ports.master}",
+        f"-master.port.grpc={ports.master_grpc}",
+        f"-volume.port={ports.volume}",
+        f"-volume.port.grpc={ports.volume_grpc}",
+        f"-filer.port={ports.filer}",
+        f"-filer.port.grpc={ports.filer_grpc}",
+        f"-master.volumeSizeLimitMB={volume_size_mb}",
+        "-volume.max=0",
+        "-s3",
+        f"-s3.port={ports.s3}",
+        f"-s3.port.grpc={ports.s3_grpc}",
+        f"-s3.config={identities}",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+    ]
     if pre_stop_s is not None:
         command.append(f"-volume.preStopSeconds={pre_stop_s}")
     return command

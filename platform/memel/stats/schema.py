@@ -86,9 +86,23 @@ FILE_SCHEMA = pa.schema([field for field in STATS_SCHEMA if field.name not in PA
 #: Columns worth dictionary-encoding (constant per table, or few distinct values); the
 #: float columns are unique per neuron, so trying a dictionary on them halves write speed.
 DICTIONARY_COLUMNS = [
-    "model", "n_params", "mode", "strength", "top_n", "seed", "step", "tokens_seen", "depth",
-    "count", "batches", "selected_count", "inhibited_count", "layout", "preset", "select",
-]  # fmt: skip
+    "model",
+    "n_params",
+    "mode",
+    "strength",
+    "top_n",
+    "seed",
+    "step",
+    "tokens_seen",
+    "depth",
+    "count",
+    "batches",
+    "selected_count",
+    "inhibited_count",
+    "layout",
+    "preset",
+    "select",
+]
 
 #: Explicit hive partitioning (both keys strings) for readers that want exact types.
 PARTITIONING = pa.schema([("run_id", pa.string()), ("module", pa.string())])
@@ -126,16 +140,33 @@ def snapshot_table(
     (``layout``/``preset``/``select`` left out are written as nulls: unknown)."""
     rows = int(snapshot.mean.numel())
     constants = {
-        "run_id": run_id, "model": model, "n_params": n_params, "mode": mode, "strength": strength,
-        "top_n": top_n, "seed": seed, "step": step, "tokens_seen": tokens_seen, "module": module,
-        "depth": depth, "batches": snapshot.batches, "layout": layout, "preset": preset, "select": select,
-    }  # fmt: skip
+        "run_id": run_id,
+        "model": model,
+        "n_params": n_params,
+        "mode": mode,
+        "strength": strength,
+        "top_n": top_n,
+        "seed": seed,
+        "step": step,
+        "tokens_seen": tokens_seen,
+        "module": module,
+        "depth": depth,
+        "batches": snapshot.batches,
+        "layout": layout,
+        "preset": preset,
+        "select": select,
+    }
     per_neuron = {
         "neuron": np.arange(rows, dtype=np.int32),
-        "mean": snapshot.mean, "var": snapshot.var, "count": snapshot.count,
-        "selected_count": snapshot.selected_count, "inhibited_count": snapshot.inhibited_count,
-        "max_ms": snapshot.max_ms, "mean_ms": snapshot.mean_ms, "frac_above": snapshot.frac_above,
-    }  # fmt: skip
+        "mean": snapshot.mean,
+        "var": snapshot.var,
+        "count": snapshot.count,
+        "selected_count": snapshot.selected_count,
+        "inhibited_count": snapshot.inhibited_count,
+        "max_ms": snapshot.max_ms,
+        "mean_ms": snapshot.mean_ms,
+        "frac_above": snapshot.frac_above,
+    }
     columns = []
     for field in STATS_SCHEMA:
         if field.name in constants:

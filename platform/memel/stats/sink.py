@@ -125,7 +125,9 @@ class ParquetStatsSink:
             if not table.schema.equals(FILE_SCHEMA):
                 table = table.select(FILE_SCHEMA.names).cast(FILE_SCHEMA)
         except (KeyError, pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
-            raise ValueError(f"table: does not match memel.stats.STATS_SCHEMA ({error}); build it with snapshot_table") from None
+            raise ValueError(
+                f"table: does not match memel.stats.STATS_SCHEMA ({error}); build it with snapshot_table"
+            ) from None
         dropped_rows = dropped_tables = 0
         with self._cond:
             self._seq += 1
@@ -143,8 +145,10 @@ class ParquetStatsSink:
             self._last_drop_warning = time.monotonic()
             log.warning(
                 "stats buffer full (%.1f MiB, storage too slow or unreachable): dropping the oldest tables to keep "
-                "the newest data; %d neuron rows dropped so far", self.max_buffer_bytes / 2**20, self.rows_dropped,
-            )  # fmt: skip
+                "the newest data; %d neuron rows dropped so far",
+                self.max_buffer_bytes / 2**20,
+                self.rows_dropped,
+            )
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything submitted so far is written (or dropped); False on timeout."""
@@ -176,7 +180,9 @@ class ParquetStatsSink:
         if self.rows_dropped:
             log.warning("stats sink closed: %d neuron rows were dropped while the buffer was full", self.rows_dropped)
         if left:
-            log.warning("stats sink closed with %d neuron rows not written to %s (storage unreachable)", left, self.root.uri)
+            log.warning(
+                "stats sink closed with %d neuron rows not written to %s (storage unreachable)", left, self.root.uri
+            )
         return not left
 
     def __enter__(self) -> Self:
@@ -236,8 +242,11 @@ class ParquetStatsSink:
                 if failures == 1 or failures % 10 == 0:
                     log.warning(
                         "stats: writing to %s failed (attempt %d, retrying in %.1fs; data kept in memory): %s",
-                        self.root.uri, failures, delay, redact(f"{type(error).__name__}: {error}"),
-                    )  # fmt: skip
+                        self.root.uri,
+                        failures,
+                        delay,
+                        redact(f"{type(error).__name__}: {error}"),
+                    )
                 with self._cond:
                     self._cond.wait_for(lambda: self._abandon, timeout=delay)
                     if self._abandon:

@@ -80,7 +80,10 @@ def _boto3_client():
     from botocore.config import Config
 
     config = Config(
-        s3={"addressing_style": "path"}, connect_timeout=3, read_timeout=10, retries={"max_attempts": 1, "mode": "standard"}
+        s3={"addressing_style": "path"},
+        connect_timeout=3,
+        read_timeout=10,
+        retries={"max_attempts": 1, "mode": "standard"},
     )
     return boto3.client("s3", endpoint_url=s3_endpoint(), config=config)
 
@@ -102,7 +105,9 @@ def ensure_bucket(bucket: str, field: str = "stats.root") -> None:
                 "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
             ) from None
         if code not in ("404", "NoSuchBucket", "NotFound"):
-            raise ConfigError(f"{field}: bucket {bucket!r} at {where} cannot be checked: {redact(str(error))}") from None
+            raise ConfigError(
+                f"{field}: bucket {bucket!r} at {where} cannot be checked: {redact(str(error))}"
+            ) from None
     except (EndpointConnectionError, BotoCoreError) as error:
         raise ConfigError(
             f"{field}: {where} is unreachable ({type(error).__name__}: {redact(str(error))}); "

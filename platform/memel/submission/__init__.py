@@ -26,7 +26,22 @@ from .runtime_env import (
 )
 
 __all__ = [
-    "COMMANDS", "DEFAULT_EXCLUDES", "FORWARDED_ENV", "ClusterAuthError", "ClusterError", "ClusterToken",
-    "JobNotFound", "JobPlan", "SubmissionError", "SubmitRequest", "build_runtime_env", "entrypoint",
-    "find_project_root", "find_token", "pinned_requirements", "plan_job", "submission_id", "validate_job",
-]  # fmt: skip
+    "COMMANDS",
+    "DEFAULT_EXCLUDES",
+    "FORWARDED_ENV",
+    "ClusterAuthError",
+    "ClusterError",
+    "ClusterToken",
+    "JobNotFound",
+    "JobPlan",
+    "SubmissionError",
+    "SubmitRequest",
+    "build_runtime_env",
+    "entrypoint",
+    "find_project_root",
+    "find_token",
+    "pinned_requirements",
+    "plan_job",
+    "submission_id",
+    "validate_job",
+]

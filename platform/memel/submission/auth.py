@@ -20,7 +20,9 @@ from .errors import SubmissionError
 TOKEN_ENV = "RAY_AUTH_TOKEN"
 TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
 DEFAULT_TOKEN_FILE = "~/.ray/auth_token"
-LOOKUP_ORDER = f"--token-file PATH, then ${TOKEN_ENV}, then the file named by ${TOKEN_PATH_ENV}, then {DEFAULT_TOKEN_FILE}"
+LOOKUP_ORDER = (
+    f"--token-file PATH, then ${TOKEN_ENV}, then the file named by ${TOKEN_PATH_ENV}, then {DEFAULT_TOKEN_FILE}"
+)
 HOW_TO_PROVIDE = (
     "get the cluster's token on its head node with `ray get-auth-token` (Ray keeps it in ~/.ray/auth_token "
     f"there, or in ${TOKEN_ENV}), save it in a file readable only by you and pass --token-file FILE "
@@ -44,7 +46,9 @@ def _read(path: Path, what: str) -> str:
     try:
         token = path.expanduser().read_text().strip()
     except OSError as error:
-        raise SubmissionError(f"{what}: cannot read {str(path)!r} ({error.strerror or error}); {HOW_TO_PROVIDE}") from None
+        raise SubmissionError(
+            f"{what}: cannot read {str(path)!r} ({error.strerror or error}); {HOW_TO_PROVIDE}"
+        ) from None
     if not token:
         raise SubmissionError(f"{what}: {str(path)!r} is empty; {HOW_TO_PROVIDE}")
     return token

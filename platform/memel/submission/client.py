@@ -47,7 +47,12 @@ def check_address(address: str, source: str = "--address") -> str:
         port = parts.port
     except ValueError:
         port = -1
-    if parts.scheme not in ("http", "https", "ray") or not parts.hostname or port == -1 or (port is None and "://" not in address):
+    if (
+        parts.scheme not in ("http", "https", "ray")
+        or not parts.hostname
+        or port == -1
+        or (port is None and "://" not in address)
+    ):
         raise SubmissionError(
             f"{source}: {shown(redact(address))} is not a cluster address; give the Ray dashboard of the head node, "
             "e.g. http://HEAD:8265"
@@ -68,9 +73,11 @@ def auth_error(address: str, token: ClusterToken, ray_message: str) -> ClusterAu
 
 #: Ray loggers whose INFO lines (each file left out, each package uploaded) would drown memel's output.
 _CHATTY_LOGGERS = (
-    "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk",
-    "ray._private.runtime_env.packaging", "ray._private.runtime_env.working_dir",
-)  # fmt: skip
+    "ray.dashboard.modules.dashboard_sdk",
+    "ray.dashboard.modules.job.sdk",
+    "ray._private.runtime_env.packaging",
+    "ray._private.runtime_env.working_dir",
+)
 
 
 class _DropDefaultExcludeNotice(logging.Filter):
@@ -158,9 +165,11 @@ class Cluster:
         try:
             with self._errors():
                 self.sdk.submit_job(
-                    entrypoint=plan.entrypoint, submission_id=plan.submission_id,
-                    runtime_env=plan.runtime_env, metadata=plan.metadata,
-                )  # fmt: skip
+                    entrypoint=plan.entrypoint,
+                    submission_id=plan.submission_id,
+                    runtime_env=plan.runtime_env,
+                    metadata=plan.metadata,
+                )
         except ValueError as error:  # the runtime_env itself (e.g. the upload is too large)
             raise SubmissionError(f"runtime_env: {self._redact(str(error))}") from None
         except ClusterError as error:

@@ -114,12 +114,16 @@ def plan_job(request: SubmitRequest, environ: Mapping[str, str] | None = None) -
     try:
         job_path = job_file.resolve().relative_to(root).as_posix()
     except ValueError:
-        raise SubmissionError(f"{str(job_file)!r} is outside the project root {root}, so it would not be shipped; move it under {root / 'jobs'}") from None
+        raise SubmissionError(
+            f"{str(job_file)!r} is outside the project root {root}, so it would not be shipped; move it under {root / 'jobs'}"
+        ) from None
     left, reason = left_out(root, keep=[job_path], includes=request.includes)
     runtime_env = build_runtime_env(
-        root, forwarded_env(request.env_names, environ), pinned_requirements() if request.pip else None,
+        root,
+        forwarded_env(request.env_names, environ),
+        pinned_requirements() if request.pip else None,
         excludes=[*DEFAULT_EXCLUDES, *as_excludes(left)],
-    )  # fmt: skip
+    )
     return JobPlan(
         submission_id=submission_id(name, request.command, job_file.read_bytes(), request.overrides),
         job_name=name,
@@ -128,5 +132,6 @@ def plan_job(request: SubmitRequest, environ: Mapping[str, str] | None = None) -
         job_path=job_path,
         runtime_env=runtime_env,
         metadata={"memel_job": name, "memel_command": request.command, "memel_file": job_path},
-        left_out=tuple(left), left_out_reason=reason,
+        left_out=tuple(left),
+        left_out_reason=reason,
     )

@@ -13,18 +13,41 @@ from .errors import SubmissionError
 
 #: Tracking and S3 settings forwarded from the submitter's environment when set (values never printed).
 FORWARDED_ENV = (
-    "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-    "AWS_REGION", "AWS_DEFAULT_REGION",
-)  # fmt: skip
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+)
 
 #: gitwildmatch patterns left out of the upload (Ray also honours the project's .gitignore);
 #: a leading "/" anchors a pattern at the project root.
 DEFAULT_EXCLUDES = (
-    ".git", "/runs", "/mlruns", "/.benchmarks", "/checkpoints", "__pycache__", "*.py[cod]", "*.egg-info",
-    ".pytest_cache", ".ruff_cache", ".mypy_cache", ".ipynb_checkpoints", ".venv", "/venv", "/build", "/dist",
-    "/.gl", "/.whl",
-)  # fmt: skip
+    ".git",
+    "/runs",
+    "/mlruns",
+    "/.benchmarks",
+    "/checkpoints",
+    "__pycache__",
+    "*.py[cod]",
+    "*.egg-info",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".mypy_cache",
+    ".ipynb_checkpoints",
+    ".venv",
+    "/venv",
+    "/build",
+    "/dist",
+    "/.gl",
+    "/.whl",
+)
 
 #: Requirements kept exactly as memel declares them (a local build such as 2.13.0+cpu is not on PyPI).
 KEEP_AS_DECLARED = ("torch",)
@@ -50,7 +73,9 @@ def forwarded_env(extra: Iterable[str] = (), environ: Mapping[str, str] | None =
     env = os.environ if environ is None else environ
     missing = [name for name in extra if name not in env]
     if missing:
-        raise SubmissionError(f"--env {', '.join(missing)}: not set in this environment, so there is nothing to forward")
+        raise SubmissionError(
+            f"--env {', '.join(missing)}: not set in this environment, so there is nothing to forward"
+        )
     names = dict.fromkeys([*FORWARDED_ENV, *extra])
     return {name: env[name] for name in names if name in env}
 
@@ -71,7 +96,9 @@ def pinned_requirements(distribution: str = "memel") -> list[str]:
         try:
             installed = metadata.version(requirement.name)
         except metadata.PackageNotFoundError:
-            raise SubmissionError(f"--pip: {requirement.name} is a requirement of {distribution} but is not installed here") from None
+            raise SubmissionError(
+                f"--pip: {requirement.name} is a requirement of {distribution} but is not installed here"
+            ) from None
         pinned.append(f"{requirement.name}{extras}=={installed}")
     return pinned
 

@@ -25,7 +25,7 @@ def _git_files(root: Path, *args: str) -> list[str] | None:
     try:
         found = subprocess.run(
             ["git", "-C", str(root), "ls-files", "-z", *args], capture_output=True, check=False, timeout=60
-        )  # fmt: skip
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if found.returncode != 0:

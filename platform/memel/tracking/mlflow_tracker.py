@@ -78,7 +78,9 @@ def check_tracking_uri(uri: str, field: str = "tracking.uri", timeout: float = 3
     """Preflight before any worker starts: an http(s) server answers ``GET /health`` within
     ``timeout`` seconds, or a local store's folder is writable. Raises ConfigError naming ``field``."""
     if not isinstance(uri, str) or not uri:
-        raise ConfigError(f"{field}: got {uri!r}; allowed: http(s)://host:port, sqlite:///path/mlflow.db or a local folder")
+        raise ConfigError(
+            f"{field}: got {uri!r}; allowed: http(s)://host:port, sqlite:///path/mlflow.db or a local folder"
+        )
     shown = redact(uri)
     if uri.startswith(("http://", "https://")):
         import requests
@@ -91,11 +93,15 @@ def check_tracking_uri(uri: str, field: str = "tracking.uri", timeout: float = 3
                 "(mlflow server ...) or leave tracking.uri empty for a local store in the output folder"
             ) from None
         if response.status_code != 200:
-            raise ConfigError(f"{field}: {shown}/health answered HTTP {response.status_code}; is this an MLflow server?")
+            raise ConfigError(
+                f"{field}: {shown}/health answered HTTP {response.status_code}; is this an MLflow server?"
+            )
         return
     folder = _local_dir(uri)
     if folder is None:
-        raise ConfigError(f"{field}: got {shown!r}; allowed: http(s)://host:port, sqlite:///path/mlflow.db or a local folder")
+        raise ConfigError(
+            f"{field}: got {shown!r}; allowed: http(s)://host:port, sqlite:///path/mlflow.db or a local folder"
+        )
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".memel-preflight-{uuid.uuid4().hex[:8]}"
@@ -174,7 +180,9 @@ class MlflowTracker:
         if self.run_id:
             run = self.client.get_run(self.run_id)
             self._was_finished = run.info.status == "FINISHED"
-            self._delivered = {m.key: m.step for m in getattr(run.data, "_metric_objs", [])}  # the latest = highest step
+            self._delivered = {
+                m.key: m.step for m in getattr(run.data, "_metric_objs", [])
+            }  # the latest = highest step
             if run.info.status != "RUNNING":
                 self.client.update_run(self.run_id, status="RUNNING")
         else:
@@ -209,7 +217,12 @@ class MlflowTracker:
             raise ValueError(f"status: got {status!r}; allowed: FINISHED, FAILED, KILLED")
         run_id = self._run_id()
         if not self.flush(timeout):
-            log.warning("MLflow run %s ends with %d metric values not delivered to %s", run_id, len(self._metrics), redact(self.tracking_uri))
+            log.warning(
+                "MLflow run %s ends with %d metric values not delivered to %s",
+                run_id,
+                len(self._metrics),
+                redact(self.tracking_uri),
+            )
         with self._cond:
             self._stop = True
             self._cond.notify_all()
@@ -227,7 +240,9 @@ class MlflowTracker:
         from mlflow.exceptions import MlflowException
 
         run_id = self._run_id()
-        items = [Param(k[:MAX_KEY], redact(v)[:MAX_PARAM_VALUE]) for k, v in flatten(params).items() if not is_secret_key(k)]
+        items = [
+            Param(k[:MAX_KEY], redact(v)[:MAX_PARAM_VALUE]) for k, v in flatten(params).items() if not is_secret_key(k)
+        ]
         for i in range(0, len(items), PARAMS_PER_BATCH):
             try:
                 self.client.log_batch(run_id, params=items[i : i + PARAMS_PER_BATCH], synchronous=True)
@@ -242,7 +257,11 @@ class MlflowTracker:
         from mlflow.entities import RunTag
 
         run_id = self._run_id()
-        items = [RunTag(str(k)[:MAX_KEY], redact(str(v))[:MAX_TAG_VALUE]) for k, v in tags.items() if not is_secret_key(str(k))]
+        items = [
+            RunTag(str(k)[:MAX_KEY], redact(str(v))[:MAX_TAG_VALUE])
+            for k, v in tags.items()
+            if not is_secret_key(str(k))
+        ]
         for i in range(0, len(items), PARAMS_PER_BATCH):
             self.client.log_batch(run_id, tags=items[i : i + PARAMS_PER_BATCH], synchronous=True)
 
@@ -315,8 +334,12 @@ class MlflowTracker:
                     if failures == 1 or failures % 10 == 0:
                         log.warning(
                             "MLflow server %s unreachable (attempt %d; %d metric values buffered, retrying in %.1fs): %s",
-                            redact(self.tracking_uri), failures, len(batch) + len(self._metrics), delay, type(error).__name__,
-                        )  # fmt: skip
+                            redact(self.tracking_uri),
+                            failures,
+                            len(batch) + len(self._metrics),
+                            delay,
+                            type(error).__name__,
+                        )
                 with self._cond:
                     self._metrics.extendleft(reversed(batch))
                     self._inflight = 0
@@ -329,7 +352,9 @@ class MlflowTracker:
                     delay = min(delay * 2, 30.0)
                 continue
             if failures:
-                log.warning("MLflow server %s reachable again after %d failed attempts", redact(self.tracking_uri), failures)
+                log.warning(
+                    "MLflow server %s reachable again after %d failed attempts", redact(self.tracking_uri), failures
+                )
             delay, failures = 0.5, 0
             with self._cond:
                 self._inflight = 0

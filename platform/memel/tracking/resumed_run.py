@@ -12,10 +12,16 @@ from .mlflow_tracker import MlflowTracker
 
 
 def start_recorded_run(
-    state_file: Path, id_key: str, record: Callable[[str], Mapping[str, Any]], tracking_uri: str, experiment: str,
-    run_name: str, *, resumable: Callable[[Mapping[str, Any]], bool] = lambda previous: True,
+    state_file: Path,
+    id_key: str,
+    record: Callable[[str], Mapping[str, Any]],
+    tracking_uri: str,
+    experiment: str,
+    run_name: str,
+    *,
+    resumable: Callable[[Mapping[str, Any]], bool] = lambda previous: True,
     parent_run_id: str | None = None,
-) -> tuple[MlflowTracker, bool]:  # fmt: skip
+) -> tuple[MlflowTracker, bool]:
     """Start (or resume) the run whose id is ``state_file``'s ``id_key`` when ``resumable(previous
     state)`` holds, then write ``record(run_id)`` to ``state_file``. Returns the tracker and whether
     the run is new (its id differs from the recorded one): a new run still needs its params and tags."""

@@ -20,9 +20,14 @@ class Checkpointing:
     """Saves and restores one rank's part of a checkpoint."""
 
     def __init__(
-        self, engine: Any, inserted: dict[str, Any], loader: Any, rank: int, run_id: str | None = None,
+        self,
+        engine: Any,
+        inserted: dict[str, Any],
+        loader: Any,
+        rank: int,
+        run_id: str | None = None,
         heldout: Any | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.engine, self.inserted, self.loader, self.rank, self.run_id = engine, inserted, loader, rank, run_id
         self.heldout = heldout  # the periodic evaluation's loader: its position is part of the run's state
 
@@ -32,7 +37,9 @@ class Checkpointing:
         state = run_record.checkpoint_state(directory)
         state.mkdir(parents=True, exist_ok=True)
         if self.rank == 0:
-            torch.save({name: m.state_dict() for name, m in self.inserted.items()}, run_record.inhibition_path(directory))
+            torch.save(
+                {name: m.state_dict() for name, m in self.inserted.items()}, run_record.inhibition_path(directory)
+            )
             progress = {"step": step, "tokens_seen": tokens_seen, "run_id": self.run_id, "tag": tag}
             run_record.progress_path(directory).write_text(json.dumps(progress))
         (state / run_record.loader_file(self.rank)).write_text(json.dumps(self.loader.state_dict()))

@@ -33,7 +33,7 @@ class TorchEngine:
 
     def __init__(
         self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None, accumulation: int = 1
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.module, self.optimizer, self.scheduler, self.accumulation = module, optimizer, scheduler, accumulation
         self._micro_batches = 0
 

@@ -19,7 +19,9 @@ from .objective import compute
 from .spec import TrainSpec
 
 
-def evaluate(engine: Any, loader: Any, batches: int, kind: str, device: torch.device, count: bool = False) -> dict[str, float]:
+def evaluate(
+    engine: Any, loader: Any, batches: int, kind: str, device: torch.device, count: bool = False
+) -> dict[str, float]:
     """``eval/loss`` (plus perplexity or accuracy by kind) over ``batches`` batches of ``loader``;
     ``count`` adds ``eval/items`` and, for nowcasting, the paper's B-MSE / B-MAE."""
     engine.module.eval()
@@ -62,7 +64,14 @@ class HeldoutEvaluation:
     """A spec's periodic and final evaluations on this rank's share of the held-out set."""
 
     def __init__(self, spec: TrainSpec, heldout: Any, kind: str, device: torch.device, rank: int, world: int) -> None:
-        self.spec, self.heldout, self.kind, self.device, self.rank, self.world = spec, heldout, kind, device, rank, world
+        self.spec, self.heldout, self.kind, self.device, self.rank, self.world = (
+            spec,
+            heldout,
+            kind,
+            device,
+            rank,
+            world,
+        )
 
     def periodic(self, engine: Any) -> dict[str, float]:
         """``eval.batches`` batches of the running held-out loader."""
@@ -75,8 +84,16 @@ class HeldoutEvaluation:
         spec = self.spec
         final = spec.eval.final if spec.eval.final is not None else spec.eval.batches
         # seed 0: the same held-out set for every run (generated data, e.g. radar echoes, depends on the seed)
-        data = {**spec.data, "batch_size": spec.train.micro_batch_size, "seed": 0, "split": "heldout",
-                "shuffle": False, "epochs": 1, "drop_last": False, "even_shards": False}  # fmt: skip
+        data = {
+            **spec.data,
+            "batch_size": spec.train.micro_batch_size,
+            "seed": 0,
+            "split": "heldout",
+            "shuffle": False,
+            "epochs": 1,
+            "drop_last": False,
+            "even_shards": False,
+        }
         loader = build_loader(data, self.rank, self.world)
         batches = len(loader) if final == "all" else int(final)
         evaluation = evaluate(engine, loader, batches, self.kind, self.device, count=True)

@@ -43,7 +43,9 @@ def resolve_init_from(value: str) -> Path:
             raise ConfigError(f"{FIELD}: {summary} names no checkpoint; did the run finish? (rerun it, then fine-tune)")
         found = Path(checkpoint)
         if not run_record.progress_path(found).is_file():
-            raise ConfigError(f"{FIELD}: the checkpoint {checkpoint} named by {summary} is not a local checkpoint folder")
+            raise ConfigError(
+                f"{FIELD}: the checkpoint {checkpoint} named by {summary} is not a local checkpoint folder"
+            )
         return found
     if (path / run_record.SWEEP_FILE).is_file():
         members = sorted(p.name for p in (path / "members").glob("*"))
@@ -61,7 +63,9 @@ def load_init_weights(model: torch.nn.Module, value: str) -> int:
 
     checkpoint = resolve_init_from(value)
     progress = load_host_weights(
-        model, checkpoint, f"{FIELD}: the weights of {checkpoint} do not fit this model",
+        model,
+        checkpoint,
+        f"{FIELD}: the weights of {checkpoint} do not fit this model",
         "; fine-tune the same model.name and model.overrides as the pretrained run",
     )
     return int(progress["step"])

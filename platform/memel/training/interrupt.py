@@ -30,8 +30,9 @@ def end_after_error(tracker: Any, error: BaseException) -> None:
         print(
             f"[memel] warning: could not mark MLflow run {tracker.run_id} {status} "
             f"({type(end_error).__name__}: {end_error}); it stays RUNNING",
-            file=sys.stderr, flush=True,
-        )  # fmt: skip
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def root_cause(error: BaseException) -> BaseException:
@@ -83,4 +84,6 @@ def mark_killed(tracking_uri: str, run_ids: list[str]) -> None:
             if client.get_run(run_id).info.status == "RUNNING":
                 client.set_terminated(run_id, status="KILLED")
         except Exception as error:  # noqa: BLE001 - best effort while stopping
-            print(f"[memel] warning: could not mark MLflow run {run_id} KILLED ({type(error).__name__})", file=sys.stderr)
+            print(
+                f"[memel] warning: could not mark MLflow run {run_id} KILLED ({type(error).__name__})", file=sys.stderr
+            )

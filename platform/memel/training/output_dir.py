@@ -11,7 +11,19 @@ from memel.errors import ConfigError
 #: A file memel writes first into every output folder it owns: a single run's or a sweep's record.
 RECORDS = (run_record.RUN_FILE, run_record.SWEEP_FILE, run_record.STUDY_FILE)
 #: What memel may have written before its record (an invocation stopped early leaves only these).
-MEMEL_ENTRIES = frozenset({".memel.lock", "mlflow.db", "mlartifacts", "checkpoints", "stats", "members", "trials", "optuna.db", "optuna.journal"})
+MEMEL_ENTRIES = frozenset(
+    {
+        ".memel.lock",
+        "mlflow.db",
+        "mlartifacts",
+        "checkpoints",
+        "stats",
+        "members",
+        "trials",
+        "optuna.db",
+        "optuna.journal",
+    }
+)
 
 
 def _owner(folder: Path) -> str | None:

@@ -94,7 +94,10 @@ def check_deepspeed(spec: TrainSpec) -> None:
                 f"train.deepspeed.{key}: {shown(merged.get(key))} disagrees with the spec's {generated[key]} "
                 f"(from {owner}); leave it out of train.deepspeed and set {owner}"
             )
-    one_worker = {**merged, "train_batch_size": merged["train_micro_batch_size_per_gpu"] * merged["gradient_accumulation_steps"]}
+    one_worker = {
+        **merged,
+        "train_batch_size": merged["train_micro_batch_size_per_gpu"] * merged["gradient_accumulation_steps"],
+    }
     try:
         import logging
 
@@ -111,7 +114,9 @@ def check_deepspeed(spec: TrainSpec) -> None:
             detail = f"{getattr(error, 'title', 'config')}: {'; '.join(parts)}"
         else:
             detail = str(error) or type(error).__name__
-        raise ConfigError(f"train.deepspeed: DeepSpeed refuses it ({detail}); see https://www.deepspeed.ai/docs/config-json/") from None
+        raise ConfigError(
+            f"train.deepspeed: DeepSpeed refuses it ({detail}); see https://www.deepspeed.ai/docs/config-json/"
+        ) from None
 
 
 def _data_paths(data: dict[str, Any]) -> list[tuple[str, str]]:
@@ -131,7 +136,9 @@ def check_data_paths(spec: TrainSpec) -> None:
     """Every local path of ``data`` exists on this machine (remote ``s3://`` paths are checked by the loader)."""
     for field_name, path in _data_paths(spec.data):
         if not Path(path).expanduser().exists():
-            raise ConfigError(f"{field_name}: {shown(path)} does not exist on this machine; give an existing file or folder, or an s3:// URI")
+            raise ConfigError(
+                f"{field_name}: {shown(path)} does not exist on this machine; give an existing file or folder, or an s3:// URI"
+            )
 
 
 @dataclass(frozen=True)
@@ -173,7 +180,10 @@ def count_parameters(spec: TrainSpec, config: Any) -> int:
     layers, width = getattr(config, "n_layers", None), getattr(config, "d_model", None)
     if layers and width:
         d_ff = getattr(config, "d_ff", None) or int(width * getattr(config, "mlp_ratio", 4))
-        positions = getattr(config, "max_positions", 0) or (int(getattr(config, "image_size", 0)) // max(1, int(getattr(config, "patch_size", 1)))) ** 2
+        positions = (
+            getattr(config, "max_positions", 0)
+            or (int(getattr(config, "image_size", 0)) // max(1, int(getattr(config, "patch_size", 1)))) ** 2
+        )
         vocab = int(getattr(config, "vocab_size", 0))
         head = vocab if hasattr(config, "context_length") else 0  # a decoder's untied output layer
         embeddings = (vocab + int(positions) + head) * width
@@ -195,7 +205,9 @@ def estimate_memory(spec: TrainSpec, config: Any) -> MemoryEstimate:
     layers, width, heads = (getattr(config, name, None) for name in ("n_layers", "d_model", "n_heads"))
     if seq_len and layers and width and heads:
         tokens = train.micro_batch_size * seq_len
-        per_worker = tokens * layers * (68 * width + 10 * heads * seq_len) + tokens * int(getattr(config, "vocab_size", 0)) * 12
+        per_worker = (
+            tokens * layers * (68 * width + 10 * heads * seq_len) + tokens * int(getattr(config, "vocab_size", 0)) * 12
+        )
         activations = workers * per_worker
     return MemoryEstimate(parameters, weights + gradients + moments, activations, workers * WORKER_OVERHEAD_BYTES)
 
@@ -218,7 +230,10 @@ def check_memory(spec: TrainSpec, config: Any, available: int | None = None) -> 
     if spec.train.use_gpu or estimate.total <= available:
         return estimate
     if estimate.activations >= estimate.model_state:
-        field_name, fix = "train.micro_batch_size", "lower train.micro_batch_size (raise the accumulation), data.seq_len or train.workers"
+        field_name, fix = (
+            "train.micro_batch_size",
+            "lower train.micro_batch_size (raise the accumulation), data.seq_len or train.workers",
+        )
     else:
         field_name, fix = "model.name", "use a smaller model, a higher train.zero_stage or fewer train.workers"
     raise ConfigError(
@@ -284,7 +299,9 @@ def check_cluster(spec: TrainSpec, address: str | None, wait_s: float = CLUSTER_
         from memel.redaction import redact
 
         message = " ".join(str(error).split())[:200]
-        raise ConfigError(f"--address: cannot connect to the Ray cluster at {shown(redact(str(target)))} ({message}); give a running cluster's address, e.g. ray://HEAD:10001 or auto on a node of it") from None
+        raise ConfigError(
+            f"--address: cannot connect to the Ray cluster at {shown(redact(str(target)))} ({message}); give a running cluster's address, e.g. ray://HEAD:10001 or auto on a node of it"
+        ) from None
     wanted = {"CPU": spec.train.workers}  # one CPU per worker, as the runner's ScalingConfig asks
     if spec.train.use_gpu:
         wanted["GPU"] = spec.train.workers
@@ -332,7 +349,9 @@ def check_spec(spec: TrainSpec, address: str | None = None, connect: bool = True
         check_cluster(spec, address)
 
 
-def preflight(job: TrainSpec, address: str | None = None, connect: bool = True, members: list[TrainSpec] | None = None) -> None:
+def preflight(
+    job: TrainSpec, address: str | None = None, connect: bool = True, members: list[TrainSpec] | None = None
+) -> None:
     """:func:`check_spec` on a job's base run, or on each of ``members`` (a sweep's member specs,
     which the caller expands: each rung differs)."""
     specs: list[TrainSpec] = members if members is not None else [job]

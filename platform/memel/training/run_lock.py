@@ -38,7 +38,9 @@ def hold_lock(folder: Path, field: str = "output_dir") -> Iterator[None]:
         folder.mkdir(parents=True, exist_ok=True)
         handle = open(path, "a+")  # noqa: SIM115 - held open for the block
     except OSError as error:
-        raise ConfigError(f"{field}: cannot write to {folder} ({error.strerror or error}); choose a writable folder") from None
+        raise ConfigError(
+            f"{field}: cannot write to {folder} ({error.strerror or error}); choose a writable folder"
+        ) from None
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -51,7 +53,11 @@ def hold_lock(folder: Path, field: str = "output_dir") -> Iterator[None]:
             ) from None
         handle.seek(0)
         handle.truncate()
-        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+        handle.write(
+            json.dumps(
+                {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            )
+        )
         handle.flush()
         try:
             yield

@@ -87,26 +87,38 @@ def _start_tracking(spec: TrainSpec, out: Path, tracking_uri: str, n_params: int
     from memel.tracking import flatten, start_recorded_run
 
     tracker, new = start_recorded_run(
-        out / run_record.RUN_FILE, "run_id",
+        out / run_record.RUN_FILE,
+        "run_id",
         lambda run_id: {"run_name": spec.run_name, "run_id": run_id, "tracking_uri": redact(tracking_uri)},
-        tracking_uri, spec.tracking.experiment, spec.tracking.run_name or spec.run_name,
-        resumable=lambda previous: previous.get("run_name") == spec.run_name, parent_run_id=spec.tracking.parent_run_id,
-    )  # fmt: skip
+        tracking_uri,
+        spec.tracking.experiment,
+        spec.tracking.run_name or spec.run_name,
+        resumable=lambda previous: previous.get("run_name") == spec.run_name,
+        parent_run_id=spec.tracking.parent_run_id,
+    )
     run_id = tracker.run_id
     public_spec = redact_tree(spec.model_dump(mode="json"))
     write_json(out / run_record.SPEC_FILE, public_spec)  # what offline analysis rebuilds the model from
     if new:
         tracker.log_params(flatten(public_spec))
         inhibition = spec.inhibition
-        tracker.set_tags({
-            run_record.TAG_MODEL: spec.model.name, run_record.TAG_RUNG: spec.model.name, run_record.TAG_N_PARAMS: str(n_params),
-            run_record.TAG_MODE: inhibition.mode if inhibition else "none",
-            run_record.TAG_STRENGTH: str(inhibition.strength) if inhibition else "",
-            run_record.TAG_TOP_N: str(inhibition.top_n) if inhibition else "", run_record.TAG_SEED: str(spec.train.seed),
-            run_record.TAG_SELECT: inhibition.select if inhibition else "",
-            run_record.TAG_LAYOUT: inhibition.layout if inhibition else "", run_record.TAG_PRESET: spec.inserted_preset,
-            run_record.TAG_GIT_COMMIT: _git_commit(), run_record.TAG_RUN_NAME: spec.run_name, **spec.tracking.tags,
-        })  # fmt: skip
+        tracker.set_tags(
+            {
+                run_record.TAG_MODEL: spec.model.name,
+                run_record.TAG_RUNG: spec.model.name,
+                run_record.TAG_N_PARAMS: str(n_params),
+                run_record.TAG_MODE: inhibition.mode if inhibition else "none",
+                run_record.TAG_STRENGTH: str(inhibition.strength) if inhibition else "",
+                run_record.TAG_TOP_N: str(inhibition.top_n) if inhibition else "",
+                run_record.TAG_SEED: str(spec.train.seed),
+                run_record.TAG_SELECT: inhibition.select if inhibition else "",
+                run_record.TAG_LAYOUT: inhibition.layout if inhibition else "",
+                run_record.TAG_PRESET: spec.inserted_preset,
+                run_record.TAG_GIT_COMMIT: _git_commit(),
+                run_record.TAG_RUN_NAME: spec.run_name,
+                **spec.tracking.tags,
+            }
+        )
         tracker.log_dict(public_spec, run_record.SPEC_FILE)
         tracker.log_dict(deepspeed_config(spec), run_record.DEEPSPEED_CONFIG_FILE)
     return tracker, run_id
@@ -117,7 +129,9 @@ def _git_commit() -> str:
 
     try:
         here = Path(__file__).resolve().parent
-        found = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=here, capture_output=True, text=True, timeout=5)
+        found = subprocess.run(
+            ["git", "rev-parse", "HEAD"], check=False, cwd=here, capture_output=True, text=True, timeout=5
+        )
         return found.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -152,9 +166,13 @@ def start_embedded_ray(num_cpus: int) -> None:
     os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"  # for the processes started now
     try:
         ray.init(  # address "local": a new instance, never a cluster `ray start` left on this machine
-            address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host=LOOPBACK, _node_ip_address=LOOPBACK,
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=True,
+            dashboard_host=LOOPBACK,
+            _node_ip_address=LOOPBACK,
             log_to_driver=True,
-        )  # fmt: skip
+        )
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved_flag
         if saved_env is None:
@@ -177,9 +195,15 @@ def run_training(spec: TrainSpec, address: str | None = None, trial: TrialConfig
 
 
 def _run_locked(
-    spec: TrainSpec, address: str | None, trial: dict[str, Any] | None, started: float, out: Path, tracking_uri: str,
-    stats_root: str | None, storage: str,
-) -> TrainResult:  # fmt: skip
+    spec: TrainSpec,
+    address: str | None,
+    trial: dict[str, Any] | None,
+    started: float,
+    out: Path,
+    tracking_uri: str,
+    stats_root: str | None,
+    storage: str,
+) -> TrainResult:
     from memel.models import count_parameters
 
     from .worker import RunInfo
@@ -189,14 +213,21 @@ def _run_locked(
     tracker, run_id = _start_tracking(spec, out, tracking_uri, n_params)
     init_ray(address, spec.train.workers)
     with worker_env(tracking_uri) as (env, worker_tracking_uri):
-        info = RunInfo(run_id=run_id, tracking_uri=worker_tracking_uri, stats_root=stats_root, n_params=n_params, trial=trial)
+        info = RunInfo(
+            run_id=run_id, tracking_uri=worker_tracking_uri, stats_root=stats_root, n_params=n_params, trial=trial
+        )
         result = _fit(spec, info, storage, env, tracker)
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str))}
     outcome = TrainResult(
-        run_name=spec.run_name, run_id=run_id, tracking_uri=redact(tracking_uri), stats_root=stats_root,
-        checkpoint=result.checkpoint.path if result.checkpoint else None, output_dir=str(out), metrics=metrics,
+        run_name=spec.run_name,
+        run_id=run_id,
+        tracking_uri=redact(tracking_uri),
+        stats_root=stats_root,
+        checkpoint=result.checkpoint.path if result.checkpoint else None,
+        output_dir=str(out),
+        metrics=metrics,
         wall_seconds=time.perf_counter() - started,
-    )  # fmt: skip
+    )
     write_json(out / run_record.SUMMARY_FILE, asdict(outcome))
     tracker.log_dict(asdict(outcome), run_record.SUMMARY_FILE)
     if metrics.get("pruned"):
@@ -221,14 +252,16 @@ def _fit(spec: TrainSpec, info: RunInfo, storage: str, env: dict[str, str], trac
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
-            "spec": redact_tree(spec.model_dump(mode="json")), "info": asdict(info),
+            "spec": redact_tree(spec.model_dump(mode="json")),
+            "info": asdict(info),
             "checkpoints": str(run_folder) if run_folder is not None else None,
         },
         scaling_config=ScalingConfig(
-            num_workers=spec.train.workers, use_gpu=spec.train.use_gpu,
+            num_workers=spec.train.workers,
+            use_gpu=spec.train.use_gpu,
             resources_per_worker={"GPU": 1, "CPU": 1} if spec.train.use_gpu else {"CPU": 1},
             placement_strategy=spec.train.placement,
-        ),  # fmt: skip
+        ),
         torch_config=TorchConfig(backend="nccl" if spec.train.use_gpu else "gloo"),
         run_config=RunConfig(
             name=spec.run_name,

@@ -124,11 +124,20 @@ class Trainer:
     """Trains ``engine`` on ``loader`` (an iterator of batches) by ``schedule``."""
 
     def __init__(
-        self, engine: Engine, loader: Iterator[Any], kind: str, schedule: Schedule, *,
-        callbacks: Iterable[Callback] = (), evaluator: Evaluator | None = None, checkpointer: Checkpointer | None = None,
-        inserted: dict[str, memel.Inhibitor] | None = None, device: torch.device | None = None,
-        sync_statistics: bool = True, default_lr: float = 0.0,
-    ) -> None:  # fmt: skip
+        self,
+        engine: Engine,
+        loader: Iterator[Any],
+        kind: str,
+        schedule: Schedule,
+        *,
+        callbacks: Iterable[Callback] = (),
+        evaluator: Evaluator | None = None,
+        checkpointer: Checkpointer | None = None,
+        inserted: dict[str, memel.Inhibitor] | None = None,
+        device: torch.device | None = None,
+        sync_statistics: bool = True,
+        default_lr: float = 0.0,
+    ) -> None:
         self.engine, self.loader, self.kind, self.schedule = engine, loader, kind, schedule
         self.callbacks = CallbackList(callbacks)
         self.evaluator, self.checkpointer = evaluator, checkpointer

@@ -110,18 +110,30 @@ class RayReport(Callback):
 def schedule(spec: TrainSpec) -> Schedule:
     """The spec's steps, logging, evaluation, snapshot and checkpoint intervals."""
     return Schedule(
-        steps=spec.train.steps, accumulation=spec.train.accumulation, log_every=spec.train.log_every,
-        eval_every=spec.eval.every, stats_every=spec.stats.every, checkpoint_every=spec.checkpoint.every,
-        evaluate_initial=spec.model.init_from is not None, evaluate_final=spec.eval.final is not None,
-    )  # fmt: skip
+        steps=spec.train.steps,
+        accumulation=spec.train.accumulation,
+        log_every=spec.train.log_every,
+        eval_every=spec.eval.every,
+        stats_every=spec.stats.every,
+        checkpoint_every=spec.checkpoint.every,
+        evaluate_initial=spec.model.init_from is not None,
+        evaluate_final=spec.eval.final is not None,
+    )
 
 
 def callbacks(spec: TrainSpec, info: RunInfo, depths: dict[str, float], rank: int, world: int) -> list[Callback]:
     """Every rank: fault injection and Ray reports; rank 0 also progress, MLflow, Parquet and pruning."""
     found: list[Callback] = [FaultInjector(rank, world)]
     if rank == 0:
-        found.append(ConsoleProgress(spec.train.steps, "tokens" if spec.data.get("kind", "text_lm") == "text_lm" else "items"))
-        if spec.stats.enabled and info.stats_root is not None and info.run_id is not None and spec.inhibition is not None:
+        found.append(
+            ConsoleProgress(spec.train.steps, "tokens" if spec.data.get("kind", "text_lm") == "text_lm" else "items")
+        )
+        if (
+            spec.stats.enabled
+            and info.stats_root is not None
+            and info.run_id is not None
+            and spec.inhibition is not None
+        ):
             found.append(_stats_sink(spec, info, depths))  # before tracking: tables go out first, as before
         if info.run_id is not None and info.tracking_uri is not None:
             from memel.tracking import MlflowTracker
@@ -143,10 +155,17 @@ def _stats_sink(spec: TrainSpec, info: RunInfo, depths: dict[str, float]) -> Cal
     inhibition = spec.inhibition
     assert inhibition is not None
     columns = RunColumns(
-        run_id=info.run_id, model=spec.model.name, n_params=info.n_params, mode=inhibition.mode,
-        strength=inhibition.strength, top_n=inhibition.top_n, seed=spec.train.seed, layout=inhibition.layout,
-        preset=spec.inserted_preset, select=inhibition.select,
-    )  # fmt: skip
+        run_id=info.run_id,
+        model=spec.model.name,
+        n_params=info.n_params,
+        mode=inhibition.mode,
+        strength=inhibition.strength,
+        top_n=inhibition.top_n,
+        seed=spec.train.seed,
+        layout=inhibition.layout,
+        preset=spec.inserted_preset,
+        select=inhibition.select,
+    )
     return StatsSinkCallback(ParquetStatsSink(info.stats_root, info.run_id), columns, depths)
 
 
@@ -210,10 +229,17 @@ def train_loop(config: dict[str, Any]) -> None:
             say(f"resumed from step {state.step}")
 
     trainer = Trainer(
-        engine, loader, kind, schedule(spec), callbacks=callbacks(spec, info, depths, rank, world),
-        evaluator=HeldoutEvaluation(spec, heldout, kind, device, rank, world), checkpointer=checkpoints,
-        inserted=inserted, device=device, default_lr=spec.train.lr,
-    )  # fmt: skip
+        engine,
+        loader,
+        kind,
+        schedule(spec),
+        callbacks=callbacks(spec, info, depths, rank, world),
+        evaluator=HeldoutEvaluation(spec, heldout, kind, device, rank, world),
+        checkpointer=checkpoints,
+        inserted=inserted,
+        device=device,
+        default_lr=spec.train.lr,
+    )
     state = trainer.fit(state)  # a diverged run raises NonFiniteLossError on every rank: the driver fails it
     if state.stopped:  # every rank got the same decision; the driver tells the study
         if rank == 0:

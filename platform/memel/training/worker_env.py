@@ -30,10 +30,20 @@ log = logging.getLogger("memel.training")
 
 #: Environment variables forwarded to the workers (values never logged).
 FORWARDED_ENV = (
-    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-    "AWS_REGION", "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD", FAULT_STEP_ENV, FAULT_MARKER_ENV,
-)  # fmt: skip
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    FAULT_STEP_ENV,
+    FAULT_MARKER_ENV,
+)
 
 #: The variable (in ``runtime_env``) naming the workers' secrets file.
 SECRETS_FILE_ENV = "MEMEL_WORKER_SECRETS_FILE"
@@ -44,7 +54,9 @@ def is_secret(name: str, value: str) -> bool:
     return is_secret_key(name) or redact(value) != value
 
 
-def split_env(environ: Mapping[str, str], tracking_uri: str | None) -> tuple[dict[str, str], dict[str, str], str | None]:
+def split_env(
+    environ: Mapping[str, str], tracking_uri: str | None
+) -> tuple[dict[str, str], dict[str, str], str | None]:
     """(plain variables, secret variables, the tracking URI without credentials) for the workers."""
     plain: dict[str, str] = {}
     secret: dict[str, str] = {}
@@ -70,7 +82,9 @@ def _write_private(folder: Path, secret: Mapping[str, str]) -> Path:
 
 
 @contextlib.contextmanager
-def worker_env(tracking_uri: str | None, environ: Mapping[str, str] | None = None) -> Iterator[tuple[dict[str, str], str | None]]:
+def worker_env(
+    tracking_uri: str | None, environ: Mapping[str, str] | None = None
+) -> Iterator[tuple[dict[str, str], str | None]]:
     """(the workers' ``env_vars``, the tracking URI they use) for one run; the secrets file
     exists while the block runs and is deleted after it."""
     plain, secret, bare_uri = split_env(os.environ if environ is None else environ, tracking_uri)

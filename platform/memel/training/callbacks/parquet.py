@@ -31,17 +31,31 @@ class RunColumns:
 class StatsSinkCallback(Callback):
     """Submits each snapshot to a :class:`ParquetStatsSink`; on close, waits for its writes."""
 
-    def __init__(self, sink: ParquetStatsSink, columns: RunColumns, depths: Mapping[str, float], close_timeout: float = 120) -> None:
+    def __init__(
+        self, sink: ParquetStatsSink, columns: RunColumns, depths: Mapping[str, float], close_timeout: float = 120
+    ) -> None:
         self.sink, self.columns, self.depths, self.close_timeout = sink, columns, depths, close_timeout
 
     def on_snapshot(self, step: int, snapshots: Mapping[str, Any], tokens_seen: int) -> None:
         c = self.columns
         for name, snap in snapshots.items():
             table = snapshot_table(
-                snap, run_id=c.run_id, model=c.model, n_params=c.n_params, mode=c.mode, strength=c.strength,
-                top_n=c.top_n, seed=c.seed, step=step, tokens_seen=tokens_seen, module=name,
-                depth=self.depths[name], layout=c.layout, preset=c.preset, select=c.select,
-            )  # fmt: skip
+                snap,
+                run_id=c.run_id,
+                model=c.model,
+                n_params=c.n_params,
+                mode=c.mode,
+                strength=c.strength,
+                top_n=c.top_n,
+                seed=c.seed,
+                step=step,
+                tokens_seen=tokens_seen,
+                module=name,
+                depth=self.depths[name],
+                layout=c.layout,
+                preset=c.preset,
+                select=c.select,
+            )
             self.sink.submit(table, module=name, step=step)
 
     def on_checkpoint(self, step: int, directory: Path, metrics: Mapping[str, Any]) -> None:
