@@ -473,3 +473,22 @@ def test_named_sweep_variants_stay_apart(tmp_path: Path) -> None:
 def test_help_has_an_example(command: list[str]) -> None:
     result = RUNNER.invoke(app, [*command, "--help"])
     assert result.exit_code == 0 and "Example" in result.output
+
+
+def test_a_copied_sweep_folder_never_points_at_the_originals_tracking_store(sweep_stats, tmp_path: Path) -> None:
+    """sweep.json records the original folder's SQLite store; a copy uses its own, or none."""
+    root, _ = sweep_stats
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    _fake_sweep(copy, root)
+    recorded = f"sqlite:///{(original / 'mlflow.db').resolve()}"
+    state = {"job": "fake", "parent_run_id": "abc", "tracking_uri": recorded}
+    (copy / "sweep.json").write_text(json.dumps(state))
+    assert resolve(str(copy)).tracking_uri is None  # no store of its own: nothing is logged anywhere
+    (copy / "mlflow.db").write_bytes(b"")
+    assert resolve(str(copy)).tracking_uri == f"sqlite:///{(copy / 'mlflow.db').resolve()}"
+    own = f"sqlite:///{(copy / 'mlflow.db').resolve()}"
+    (copy / "sweep.json").write_text(json.dumps({**state, "tracking_uri": own}))
+    assert resolve(str(copy)).tracking_uri == own
+    server = "http://127.0.0.1:5000"
+    (copy / "sweep.json").write_text(json.dumps({**state, "tracking_uri": server}))
+    assert resolve(str(copy)).tracking_uri == server

@@ -197,9 +197,22 @@ def _from_sweep_dir(target: str, folder: Path, stats_root: str | None = None) ->
         stats_root=stats,
         members=_sweep_dir_members(folder),
         parent_run_id=state.get("parent_run_id"),
-        tracking_uri=state.get("tracking_uri"),
+        tracking_uri=_own_tracking_uri(folder, state.get("tracking_uri")),
         sweep_dir=folder,
     )
+
+
+def _own_tracking_uri(folder: Path, recorded: str | None) -> str | None:
+    """The sweep's tracking store, as recorded, unless it is a local SQLite store of another
+    folder (the sweep folder was copied or moved): then the copy's own ``mlflow.db``, or none,
+    so that analysing a copy never writes into the original's store."""
+    if not recorded or not recorded.startswith("sqlite:///"):
+        return recorded
+    database = Path(recorded.removeprefix("sqlite:///"))
+    if database.parent.resolve() == folder.resolve():
+        return recorded
+    own = folder / "mlflow.db"
+    return f"sqlite:///{own.resolve()}" if own.is_file() else None
 
 
 def _members_from_data(dataset: ds.Dataset) -> list[Member]:
