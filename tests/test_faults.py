@@ -62,8 +62,11 @@ def _command(out: Path) -> list[str]:
 
 def _env() -> dict[str, str]:
     src = str(Path(__file__).resolve().parents[1] / "platform")
+    # RAY_DEDUP_LOGS=0: Ray folds lines that differ only in numbers ("[repeated 2x across cluster]"),
+    # and the test counts every member's step lines
     return {
         **os.environ,
+        "RAY_DEDUP_LOGS": "0",
         "PYTHONUNBUFFERED": "1",
         "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
         "COLUMNS": "200",

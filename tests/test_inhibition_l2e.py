@@ -716,7 +716,7 @@ def test_two_ranks_share_tau_with_one_collective_per_step(tmp_path: Path) -> Non
         (r"l2e_weight=0\.1 is only used by mode 'l2e'.*set mode='l2e'", {"l2e_weight": 0.1}),
         (r"delta=0\.001 is only used by mode 'l2e'", {"mode": "rd", "delta": 1e-3}),
         (r"l2e_weight: Input should be greater than 0", {"mode": "l2e", "l2e_weight": 0.0}),
-        (r"l2e_weight: must be a finite number", {"mode": "l2e", "l2e_weight": float("inf")}),
+        (r"l2e_weight: .*finite number", {"mode": "l2e", "l2e_weight": float("inf")}),
         (r"delta: Input should be greater than 0", {"mode": "l2e", "delta": -1.0}),
         (r"fraction: Input should be less than 1", {"select": "threshold", "fraction": 1.0}),
         (r"fraction: Input should be greater than 0", {"select": "threshold", "fraction": 0.0}),

@@ -50,6 +50,13 @@ STATS_VALUES = [
     "frac_above",
 ]
 
+FRESH_ENV = "MEMEL_MULTINODE_FRESH"
+#: Ray keeps the first cluster token a process reads: run where no earlier test has read one
+#: (tests/test_multinode_fresh.py starts this file in a new interpreter).
+pytestmark = pytest.mark.skipif(
+    os.environ.get(FRESH_ENV) != "1", reason="runs in a fresh interpreter (test_multinode_fresh.py)"
+)
+
 
 def _why_no_cluster() -> str | None:
     """Why three Ray nodes and four training workers cannot run here, or None when they can."""
