@@ -9,12 +9,11 @@ from typing import Any
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from memel.commands.app import app
-from memel.commands.report import error_exit
+from memel.commands.report import error_exit, reported_run
 from memel.errors import ConfigError
 
 JOB_ARGUMENT = typer.Argument(..., metavar="JOB.yaml", help="Job spec (see jobs/).")
@@ -225,9 +224,7 @@ def run_command(
         raise error_exit(
             console, f"tune: {job_path} is a study (it has a tune section); run it with memel tune {job_path}"
         )
-    from memel.training.interrupt import INTERRUPTED_EXIT, describe, resume_command
-
-    try:
+    with reported_run(console, str(job_path)):
         if kind == "run":
             from memel.commands.train import print_result
             from memel.training import TrainSpec, run_training
@@ -248,16 +245,6 @@ def run_command(
         progress, notify = _sweep_progress(console, len(members))
         with embedded_ray(), progress:
             result = run_sweep(job, address, progress=notify)
-    except ConfigError as error:
-        raise error_exit(console, error) from None
-    except KeyboardInterrupt:
-        console.print(
-            f"[yellow]interrupted:[/yellow] {job_path} stopped; resume it with: [bold]{escape(resume_command())}[/bold]",
-            soft_wrap=True,
-        )
-        raise typer.Exit(INTERRUPTED_EXIT) from None
-    except Exception as error:  # the cause first, on one line; the traceback above it is Ray's and the workers'
-        raise error_exit(console, f"the run failed: {describe(error)}", code=1) from None
     print_sweep(console, result)
     if result.failed:
         console.print(

@@ -7,11 +7,10 @@ from typing import Any
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from memel.commands.app import app
-from memel.commands.report import error_exit
+from memel.commands.report import error_exit, reported_run
 from memel.errors import ConfigError
 
 
@@ -38,20 +37,8 @@ def train_command(
     console.print(
         f"[bold]memel train[/bold] {spec.run_name}: {spec.model.name}, {spec.train.workers} workers, ZeRO {spec.train.zero_stage}, {spec.train.steps} steps"
     )
-    from memel.training.interrupt import INTERRUPTED_EXIT, describe, resume_command
-
-    try:
+    with reported_run(console, spec.run_name):
         result = run_training(spec, address)
-    except ConfigError as error:
-        raise error_exit(console, error) from None
-    except KeyboardInterrupt:
-        console.print(
-            f"[yellow]interrupted:[/yellow] {spec.run_name} stopped; resume it with: [bold]{escape(resume_command())}[/bold]",
-            soft_wrap=True,
-        )
-        raise typer.Exit(INTERRUPTED_EXIT) from None
-    except Exception as error:  # the cause first, on one line; the traceback above it is Ray's and the workers'
-        raise error_exit(console, f"the run failed: {describe(error)}", code=1) from None
     print_result(console, result)
 
 
