@@ -176,6 +176,87 @@ def test_torch_engine_accumulates_micro_batches_like_one_large_batch() -> None:
     assert torch.allclose(weights[0], weights[1], atol=1e-6)
 
 
+class HostReads:
+    """Counts reads of tensor values into Python (``item``, ``float``, ``int``, ``bool``,
+    ``tolist``) by the step the loop is in: reads during step ``k`` count under ``k - 1``
+    (``post_step(k)`` ends it), reads after ``post_step(k)`` (logging etc.) under ``k``."""
+
+    NAMES = ("item", "__float__", "__int__", "__bool__", "tolist")
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.step, self.reads = 0, []
+        for name in self.NAMES:
+            original = getattr(torch.Tensor, name)
+
+            def counted(tensor: torch.Tensor, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
+                self.reads.append(self.step)
+                return _original(tensor, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+class StepMarker(Callback):
+    def __init__(self, reads: HostReads) -> None:
+        self.reads = reads
+
+    def post_step(self, step: int) -> None:
+        self.reads.step = step
+
+
+def _plain_trainer(schedule: Schedule, callbacks: list[Callback]) -> Trainer:
+    """A model without Inhibitors (whose kernels read their own values), on the classify kind."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3))
+    engine = TorchEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), accumulation=schedule.accumulation)
+    return Trainer(engine, _batches(0), "classify", schedule, callbacks=callbacks)
+
+
+def test_the_loop_reads_no_tensor_into_python_between_log_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU each read waits for the device: only log steps may read (the window's loss)."""
+    logged = Recorder("a", [])
+    reads = HostReads(monkeypatch)
+    _plain_trainer(Schedule(steps=8, accumulation=2, log_every=4), [StepMarker(reads), logged]).fit()
+    monkeypatch.undo()
+    assert set(reads.reads) == {4, 8}, f"reads at steps {sorted(set(reads.reads))}"
+    assert sorted(logged.metrics) == [4, 8]
+
+
+def test_the_logged_training_loss_is_the_item_weighted_mean_of_the_micro_batch_losses() -> None:
+    """Checked against the same training run by hand, each loss added as a Python float."""
+    logged = Recorder("a", [])
+    _plain_trainer(Schedule(steps=6, accumulation=2, log_every=3), [logged]).fit()
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches, expected = _batches(0), {}
+    loss_sum = items = 0.0
+    for step in range(1, 7):
+        for _ in range(2):
+            batch = next(batches)
+            loss = nn.functional.cross_entropy(model(batch.inputs), batch.targets)
+            (loss / 2).backward()
+            loss_sum, items = loss_sum + float(loss.detach()) * len(batch.targets), items + len(batch.targets)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 3 == 0:
+            expected[step], loss_sum, items = loss_sum / items, 0.0, 0.0
+    assert {step: m["train/loss"] for step, m in logged.metrics.items()} == expected
+
+
+def test_the_step_timer_writes_each_step_s_time_since_the_previous_step_end(tmp_path: Path) -> None:
+    from memel.training.callbacks import StepTimer
+    from memel.training.callbacks.timing import step_times
+
+    assert step_times([(1, 10.0), (2, 10.5), (3, 12.0)]) == {"steps": [2, 3], "seconds": [0.5, 1.5]}
+    timer = StepTimer(tmp_path / "steps.json")
+    _plain_trainer(Schedule(steps=5), [timer]).fit()
+    written = json.loads((tmp_path / "steps.json").read_text())
+    assert written["steps"] == [2, 3, 4, 5]
+    assert written["seconds"] == pytest.approx([b - a for (_, a), (_, b) in zip(timer.ends, timer.ends[1:])])
+    assert all(seconds > 0 for seconds in written["seconds"])
+
+
 def _reduce_worker(rank: int, world_size: int, out_dir: str) -> None:
     value = float(rank + 1)  # rank 0: 1, rank 1: 2
     with counting_all_reduce() as calls:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 
 from memel.errors import ConfigError
 from memel.training import load_spec, run_training
-from memel.training.callbacks import FAULT_MARKER_ENV, FAULT_STEP_ENV
+from memel.training.callbacks import FAULT_MARKER_ENV, FAULT_STEP_ENV, STEP_TIMES_ENV
 
 SMOKE = Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml"
 NEURONS, MODULES = 256, 4  # byte-0.2m: MLP width 4 x 64, 4 layers with the `mlp` preset
@@ -238,12 +239,36 @@ def test_each_progress_line_is_printed_once(tmp_path: Path) -> None:
     ]
     command = [sys.executable, "-m", "memel", "train", str(SMOKE), *(arg for o in overrides for arg in ("--set", o))]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "platform")}
+    env[STEP_TIMES_ENV] = str(tmp_path / "step-times.json")  # reaches rank 0 through Ray's runtime env
     env.pop("RAY_ADDRESS", None)
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     output = done.stdout + done.stderr
     for step in (2, 4):
         assert output.count(f"[memel] step {step}/4 loss") == 1, output[-3000:]
+    times = json.loads((tmp_path / "step-times.json").read_text())
+    assert times["steps"] == [2, 3, 4] and all(seconds > 0 for seconds in times["seconds"])
+
+
+def test_the_embedded_ray_runs_its_workers_at_the_driver_s_priority() -> None:
+    """Ray's default niceness of 15 would give every other process on the machine (Ray's own
+    daemons included) precedence over the training workers."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import os, ray\n"
+        "from memel.training.runner import start_embedded_ray\n"
+        "start_embedded_ray(1)\n"
+        "print('niceness', ray.get(ray.remote(lambda: os.nice(0)).remote()), os.nice(0))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "platform")}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    driver = os.nice(0)
+    assert f"niceness {driver} {driver}" in done.stdout, done.stdout[-3000:]
 
 
 def test_a_diverged_run_fails_with_one_error_line(tmp_path: Path) -> None:

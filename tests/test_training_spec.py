@@ -32,6 +32,14 @@ def test_smoke_spec_loads_and_overrides_apply() -> None:
     )
 
 
+def test_deepspeed_keeps_no_timer_that_waits_for_the_device_every_micro_batch() -> None:
+    from deepspeed.utils.config import get_timers_config
+
+    config = deepspeed_config(load_spec(SMOKE))
+    assert config["wall_clock_breakdown"] is False
+    assert get_timers_config(config).enabled is False, "DeepSpeed's throughput timer synchronizes the device"
+
+
 def test_user_deepspeed_keys_win() -> None:
     spec = TrainSpec(train={"deepspeed": {"zero_optimization": {"overlap_comm": True}, "gradient_clipping": 0.5}})
     config = deepspeed_config(spec)

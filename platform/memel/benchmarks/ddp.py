@@ -1,13 +1,19 @@
-"""Steps/s of the Ray Train + DeepSpeed path against a plain torchrun DDP loop, one after the other.
+"""Step time of the Ray Train + DeepSpeed path against a plain torchrun DDP loop, side by side.
 
-Both train the same spec (model, inhibition, data, batch sizes, workers) for the same
-number of steps; each side's figure is the median step time after the first fifth of the
-steps, so start-up (Ray, DeepSpeed, process groups) is not counted.
+Both train the same spec (model, inhibition, data, batch sizes, workers, torch threads) for
+the same number of steps, one after the other in this process; memel runs as ``memel
+train`` does, with tracking, statistics, evaluation and snapshots on. Each side records the
+wall time of every optimizer step on rank 0 (from the end of the previous step, so what
+memel does between steps counts), and both figures are taken over the same steps: every step
+after the first fifth, so start-up (Ray, DeepSpeed, process groups, the first allocations)
+is not counted. The median is the headline; the mean over the same steps also carries
+memel's periodic logging, evaluation and snapshots, which the DDP loop does not do.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -16,46 +22,77 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from memel.training import TrainSpec, run_training
+from memel.training.callbacks import STEP_TIMES_ENV
 
 
 @dataclass
-class DdpComparison:
-    memel_steps_per_s: float
-    ddp_steps_per_s: float
+class DdpRow:
+    """One model and ZeRO stage: step times in ms over the same steps, and memel's speed as a
+    fraction of DDP's (DDP step time / memel step time)."""
 
-    @property
-    def ratio(self) -> float:
-        return self.memel_steps_per_s / self.ddp_steps_per_s
-
-
-def _memel_step_time(spec: TrainSpec) -> float:
-    from mlflow import MlflowClient
-
-    result = run_training(spec)
-    history = MlflowClient(result.tracking_uri).get_metric_history(result.run_id, "train/step_time_s")
-    values = [m.value for m in sorted(history, key=lambda m: m.step)]
-    return statistics.median(values[len(values) // 5 :])
+    model: str
+    zero_stage: int
+    steps: int
+    memel_median_ms: float
+    ddp_median_ms: float
+    ratio: float
+    memel_mean_ms: float
+    ddp_mean_ms: float
+    mean_ratio: float
 
 
-def bench_ddp(spec: TrainSpec) -> DdpComparison:
+def compare(model: str, zero_stage: int, memel: dict[str, list], ddp: dict[str, list]) -> DdpRow:
+    """A row from each side's ``{"steps": [...], "seconds": [...]}``, over the steps both
+    timed after the first fifth of the run."""
+    memel_times, ddp_times = dict(zip(memel["steps"], memel["seconds"])), dict(zip(ddp["steps"], ddp["seconds"]))
+    last = max(max(memel_times), max(ddp_times))
+    steps = sorted(step for step in memel_times.keys() & ddp_times.keys() if step > last // 5)
+    if not steps:
+        raise ValueError("the two sides timed no common step after the first fifth of the run")
+    ours, theirs = [memel_times[s] for s in steps], [ddp_times[s] for s in steps]
+    median_ours, median_theirs = statistics.median(ours), statistics.median(theirs)
+    mean_ours, mean_theirs = statistics.fmean(ours), statistics.fmean(theirs)
+    return DdpRow(
+        model=model,
+        zero_stage=zero_stage,
+        steps=len(steps),
+        memel_median_ms=1000 * median_ours,
+        ddp_median_ms=1000 * median_theirs,
+        ratio=median_theirs / median_ours,
+        memel_mean_ms=1000 * mean_ours,
+        ddp_mean_ms=1000 * mean_theirs,
+        mean_ratio=mean_theirs / mean_ours,
+    )
+
+
+def _memel_times(spec: TrainSpec, folder: Path) -> dict[str, list]:
+    import ray
+
+    times_file = folder / "memel-steps.json"
+    saved = os.environ.get(STEP_TIMES_ENV)
+    os.environ[STEP_TIMES_ENV] = str(times_file)
+    try:
+        run_training(spec.model_copy(update={"output_dir": str(folder / "memel")}))
+    finally:
+        if saved is None:
+            os.environ.pop(STEP_TIMES_ENV, None)
+        else:
+            os.environ[STEP_TIMES_ENV] = saved
+        ray.shutdown()  # Ray's processes must not run beside the DDP side
+    return json.loads(times_file.read_text())
+
+
+def _ddp_times(spec: TrainSpec, folder: Path) -> dict[str, list]:
+    spec_file, times_file = folder / "spec.json", folder / "ddp-steps.json"
+    spec_file.write_text(json.dumps(spec.model_dump(mode="json")))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={spec.train.workers}"]
+    subprocess.run([*command, "-m", "memel.benchmarks.ddp_loop", str(spec_file), str(times_file)], check=True)
+    return json.loads(times_file.read_text())
+
+
+def bench_ddp(spec: TrainSpec) -> DdpRow:
+    """memel, then the DDP loop, on ``spec``; their step times over the same steps."""
     with tempfile.TemporaryDirectory(prefix="memel-bench-ddp-") as tmp:
-        spec = spec.model_copy(update={"output_dir": str(Path(tmp) / "memel")})
-        memel_step = _memel_step_time(spec)
-        spec_file, out_file = Path(tmp) / "spec.json", Path(tmp) / "ddp.json"
-        spec_file.write_text(json.dumps(spec.model_dump(mode="json")))
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                f"--nproc_per_node={spec.train.workers}",
-                "-m",
-                "memel.benchmarks.ddp_loop",
-                str(spec_file),
-                str(out_file),
-            ],
-            check=True,
-        )
-        ddp_step = json.loads(out_file.read_text())["median_step_s"]
-    return DdpComparison(1.0 / memel_step, 1.0 / ddp_step)
+        memel = _memel_times(spec, Path(tmp))
+        ddp = _ddp_times(spec, Path(tmp))
+    return compare(spec.model.name, spec.train.zero_stage, memel, ddp)

@@ -1,14 +1,17 @@
 """A plain torchrun + DistributedDataParallel loop over a memel spec's model and data.
 
 The baseline for ``memel bench ddp``: no Ray, no DeepSpeed, no tracking; the same model,
-inhibition, data shards, batch sizes and optimizer. Run under torchrun:
+inhibition, data shards, batch sizes, optimizer, gradient clipping and torch threads; gradients
+are all-reduced once per optimizer step (``no_sync`` for the other micro-batches). Rank 0
+writes each step's wall time (from the end of the previous step) as memel's step timer does.
+Run under torchrun:
 ``python -m torch.distributed.run --standalone --nproc_per_node 2 -m memel.benchmarks.ddp_loop SPEC.json OUT.json``
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -20,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 import memel
 from memel.data import build as build_loader
 from memel.models import build as build_model
+from memel.training.callbacks.timing import step_times
 from memel.training.objective import compute
 from memel.training.spec import TrainSpec
 from memel.training.worker import insert_inhibition
@@ -39,20 +43,20 @@ def main(spec_file: str, out_file: str) -> None:
         {**spec.data, "batch_size": spec.train.micro_batch_size, "seed": spec.train.seed}, rank, world
     )
     kind = spec.data.get("kind", "text_lm")
-    times = []
-    for _ in range(spec.train.steps):
-        start = time.perf_counter()
-        for _micro in range(spec.train.accumulation):
-            out = compute(ddp, next(loader), kind, torch.device("cpu"))
-            (out.loss / spec.train.accumulation).backward()
+    ends = []
+    for step in range(1, spec.train.steps + 1):
+        for micro in range(spec.train.accumulation):
+            # gradients are all-reduced once a step, in the last micro-batch's backward
+            with contextlib.nullcontext() if micro == spec.train.accumulation - 1 else ddp.no_sync():
+                out = compute(ddp, next(loader), kind, torch.device("cpu"))
+                (out.loss / spec.train.accumulation).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), spec.train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         memel.sync(model)
-        times.append(time.perf_counter() - start)
+        ends.append((step, time.perf_counter()))
     if rank == 0:
-        steady = times[len(times) // 5 :]
-        Path(out_file).write_text(json.dumps({"median_step_s": statistics.median(steady), "steps": len(times)}))
+        Path(out_file).write_text(json.dumps(step_times(ends)))
     dist.destroy_process_group()
 
 

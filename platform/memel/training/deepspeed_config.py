@@ -20,7 +20,9 @@ def deepspeed_config(spec: TrainSpec) -> dict[str, Any]:
     """ZeRO stage, batch sizes, clipping and precision from the spec, merged with ``train.deepspeed``.
 
     The optimizer is a torch AdamW passed to ``deepspeed.initialize`` (ZeRO shards its state
-    like any client optimizer), so no DeepSpeed op has to be compiled for it.
+    like any client optimizer), so no DeepSpeed op has to be compiled for it. DeepSpeed's own
+    throughput timer is off: memel times its steps itself, and the timer waits for the device
+    at every micro-batch's start and end.
     """
     train = spec.train
     config: dict[str, Any] = {
@@ -32,6 +34,7 @@ def deepspeed_config(spec: TrainSpec) -> dict[str, Any]:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        "timers": {"throughput": {"enabled": False}},
     }
     if train.precision == "bf16":
         config["bf16"] = {"enabled": True}

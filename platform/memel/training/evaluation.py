@@ -31,7 +31,7 @@ def evaluate(
             out = compute(engine, batch, kind, device)
             sums["loss"] += float(out.loss) * out.items
             sums["items"] += out.items
-            sums["correct"] += out.correct or 0.0
+            sums["correct"] += float(out.correct) if out.correct is not None else 0.0
             if count and kind == "nowcast":  # summed over frames, per sequence
                 batch_mse, batch_mae = _balanced_sums(engine, batch, device)
                 sums["b_mse"], sums["b_mae"] = sums["b_mse"] + batch_mse, sums["b_mae"] + batch_mae

@@ -12,9 +12,10 @@ import torch.nn.functional as F
 @dataclass
 class StepOutput:
     loss: torch.Tensor
-    #: items the loss averages over (tokens for LMs, examples otherwise) and how many were right.
+    #: items the loss averages over (tokens for LMs, examples otherwise) and how many were right
+    #: (a 0-dim tensor on the batch's device: read only by those who need it, as evaluation).
     items: int
-    correct: float | None = None
+    correct: torch.Tensor | None = None
 
 
 def compute(model: Any, batch: Any, kind: str, device: torch.device) -> StepOutput:
@@ -29,5 +30,5 @@ def compute(model: Any, batch: Any, kind: str, device: torch.device) -> StepOutp
         return StepOutput(F.mse_loss(prediction.float(), targets.float()), targets.shape[0])
     logits = model(inputs)
     loss = F.cross_entropy(logits.float(), targets)
-    correct = float((logits.argmax(-1) == targets).sum())
+    correct = (logits.detach().argmax(-1) == targets).sum()
     return StepOutput(loss, targets.shape[0], correct)

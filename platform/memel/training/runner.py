@@ -44,6 +44,11 @@ if TYPE_CHECKING:
 #: The embedded Ray's processes (GCS, raylet, dashboard, agents, workers) listen only here.
 LOOPBACK = "127.0.0.1"
 
+#: The embedded Ray's settings: its workers run at the training's own priority. Ray's default
+#: niceness of 15 gives every other process on the machine (Ray's own GCS, raylet, dashboard
+#: and agents, the driver, anything else running) precedence over the training workers.
+EMBEDDED_SYSTEM_CONFIG = {"worker_niceness": 0}
+
 
 @dataclass
 class TrainResult:
@@ -157,6 +162,8 @@ def start_embedded_ray(num_cpus: int) -> None:
     (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read once on import, so set here for the start);
     with the node on 127.0.0.1 the GCS, raylet, workers, dashboard, agents and metrics endpoint
     all bind to it. The dashboard serves the state API Ray Train's placement-group cleaner polls.
+    The workers run at niceness 0, as a process started from the shell would
+    (:data:`EMBEDDED_SYSTEM_CONFIG`).
     """
     import ray
     from ray._private import ray_constants
@@ -171,6 +178,7 @@ def start_embedded_ray(num_cpus: int) -> None:
             include_dashboard=True,
             dashboard_host=LOOPBACK,
             _node_ip_address=LOOPBACK,
+            _system_config=EMBEDDED_SYSTEM_CONFIG,
             log_to_driver=True,
         )
     finally:

@@ -81,12 +81,21 @@ class TrainState:
 
 @dataclass
 class _Window:
-    """Training loss and throughput since the last log, on this rank."""
+    """Training loss and throughput since the last log, on this rank.
 
-    loss_sum: float = 0.0
+    The loss sum stays a float64 tensor on the loss's device until the log step reads it, so
+    the steps between logs never wait for the device; float64 makes the sum the same number
+    as adding each micro-batch's loss as a Python float.
+    """
+
+    loss_sum: torch.Tensor | float = 0.0
     items: float = 0.0
     steps: int = 0
     started: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: torch.Tensor, items: int) -> None:
+        self.loss_sum = self.loss_sum + loss.detach().double() * items
+        self.items += items
 
     def reset(self) -> None:
         self.loss_sum = self.items = 0.0
@@ -169,8 +178,7 @@ class Trainer:
             # mode l2e: the inhibition is a loss term over this forward's selected values (zero otherwise)
             engine.backward(out.loss + memel.auxiliary_loss(engine.module))
             engine.step()
-            window.loss_sum += float(out.loss.detach()) * out.items
-            window.items += out.items
+            window.add(out.loss, out.items)
             state.tokens_seen += out.items * self.world
         if self.sync_statistics:
             memel.sync(engine.module)
@@ -203,7 +211,8 @@ class Trainer:
                 self.callbacks.on_checkpoint(step, Path(directory), state.report())
 
     def _window_metrics(self, window: _Window, tokens_seen: int) -> dict[str, float]:
-        total = reduce_metrics({"loss": (window.loss_sum, "sum"), "items": (window.items, "sum")}, self.device)
+        loss_sum = float(window.loss_sum)  # the window's one read from the device
+        total = reduce_metrics({"loss": (loss_sum, "sum"), "items": (window.items, "sum")}, self.device)
         elapsed = time.perf_counter() - window.started
         lrs = self.engine.get_lr()
         metrics = {

@@ -11,6 +11,7 @@ checkpoints to Ray Train.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +26,12 @@ from memel.models import build as build_model
 from memel.models import preset_targets
 
 from .callbacks import (
+    STEP_TIMES_ENV,
     Callback,
     ConsoleProgress,
     FaultInjector,
     PruningCallback,
+    StepTimer,
     TrackerCallback,
     say,
 )
@@ -122,8 +125,11 @@ def schedule(spec: TrainSpec) -> Schedule:
 
 
 def callbacks(spec: TrainSpec, info: RunInfo, depths: dict[str, float], rank: int, world: int) -> list[Callback]:
-    """Every rank: fault injection and Ray reports; rank 0 also progress, MLflow, Parquet and pruning."""
+    """Every rank: fault injection and Ray reports; rank 0 also progress, MLflow, Parquet, pruning
+    and, when ``MEMEL_STEP_TIMES_FILE`` is set, step timing."""
     found: list[Callback] = [FaultInjector(rank, world)]
+    if rank == 0 and os.environ.get(STEP_TIMES_ENV):
+        found.insert(0, StepTimer(os.environ[STEP_TIMES_ENV]))
     if rank == 0:
         found.append(
             ConsoleProgress(spec.train.steps, "tokens" if spec.data.get("kind", "text_lm") == "text_lm" else "items")

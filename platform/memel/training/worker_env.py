@@ -1,7 +1,7 @@
 """How the driver's settings and secrets reach the training workers, without Ray logging them.
 
 Ray writes every ``runtime_env`` it sets up (``env_vars`` included) to its session logs, so
-only settings that are not secret travel that way (S3 endpoint, region, fault injection).
+only settings that are not secret travel that way (S3 endpoint, region, fault injection, step timing).
 Secrets (any forwarded variable whose name marks it as one, and the ``user:password`` of a
 tracking URI, as ``MLFLOW_TRACKING_USERNAME``/``PASSWORD``) go into a file that only this
 user can read (mode 0600, in a private 0700 folder), which the driver deletes when the run
@@ -25,6 +25,7 @@ from memel.redaction import redact, split_userinfo
 from memel.tracking import is_secret_key
 
 from .callbacks.fault import FAULT_MARKER_ENV, FAULT_STEP_ENV
+from .callbacks.timing import STEP_TIMES_ENV
 
 log = logging.getLogger("memel.training")
 
@@ -43,6 +44,7 @@ FORWARDED_ENV = (
     "MLFLOW_TRACKING_PASSWORD",
     FAULT_STEP_ENV,
     FAULT_MARKER_ENV,
+    STEP_TIMES_ENV,
 )
 
 #: The variable (in ``runtime_env``) naming the workers' secrets file.
