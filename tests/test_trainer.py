@@ -244,6 +244,20 @@ def test_the_logged_training_loss_is_the_item_weighted_mean_of_the_micro_batch_l
     assert {step: m["train/loss"] for step, m in logged.metrics.items()} == expected
 
 
+def test_evaluation_accuracy_counts_the_right_predictions_of_every_batch() -> None:
+    from memel.training.evaluation import evaluate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3))
+    engine = TorchEngine(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    metrics = evaluate(engine, _batches(5), 3, "classify", torch.device("cpu"))
+    batches = [next(b) for b in [_batches(5)] for _ in range(3)]
+    with torch.no_grad():
+        right = sum(int((model(b.inputs).argmax(-1) == b.targets).sum()) for b in batches)
+    assert metrics["eval/accuracy"] == right / sum(len(b.targets) for b in batches)
+    assert 0 < right < 24
+
+
 def test_the_step_timer_writes_each_step_s_time_since_the_previous_step_end(tmp_path: Path) -> None:
     from memel.training.callbacks import StepTimer
     from memel.training.callbacks.timing import step_times
