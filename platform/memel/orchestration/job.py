@@ -228,6 +228,10 @@ class JobSpec(TrainSpec):
         """The base training run as a plain tree (what members and trials start from)."""
         return self.model_dump(mode="json", exclude={"sweep", "tune"})
 
+    def base_fingerprint(self) -> str:
+        """The base training run's fingerprint (what its members and trials start from)."""
+        return self.fingerprint(also_exclude=("sweep", "tune"))
+
 
 class Member(_Section):
     """One training run of a sweep: its axis values (``mode`` is the variant's label) and validated spec."""
