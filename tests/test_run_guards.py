@@ -96,7 +96,8 @@ def _refused_as_another_spec(result, folder: Path, before: list[str], root: Path
 
 
 def test_a_folder_holding_a_run_of_another_spec_is_refused(tmp_path: Path) -> None:
-    """`memel run` and `memel train` into the folder of the same job run with another learning rate."""
+    """`memel run` and `memel train` (and `memel validate`, which checks it first) into the folder of
+    the same job run with another learning rate."""
     from memel.training import load_spec
 
     out = tmp_path / "out"
@@ -104,7 +105,7 @@ def test_a_folder_holding_a_run_of_another_spec_is_refused(tmp_path: Path) -> No
     assert other != load_spec(JOBS / "smoke.yaml").run_name
     _record(out, "run.json", {"run_name": other, "run_id": "abc", "tracking_uri": "sqlite:///x"})
     before = _listing(tmp_path)
-    for command in ("run", "train"):
+    for command in ("validate", "run", "train"):
         result = RUNNER.invoke(app, [command, str(JOBS / "smoke.yaml"), "--set", f"output_dir={out}"])
         _refused_as_another_spec(result, out, before, tmp_path)
         assert other in result.output

@@ -235,12 +235,17 @@ def run_study(
         raise ConfigError(
             f"--parallel {tune.parallel}: the study's storage is SQLite, which is not safe for parallel writers; use a journal or PostgreSQL storage"
         )
-    claim = Claim(
-        run_record.STUDY_FILE, {"study": tune.study_name or job.name, "fingerprint": study_fingerprint(job, tune)}
-    )
+    claim = study_claim(job, tune)
     check_output_dir(job.out.resolve(), claim=claim)
     with hold_lock(job.out.resolve()):
         return _run_study(job, address, tune, claim, started, progress)
+
+
+def study_claim(job: JobSpec, tune: TuneSection) -> Claim:
+    """A study's claim on its folder: its name and fingerprint (``study.json``)."""
+    return Claim(
+        run_record.STUDY_FILE, {"study": tune.study_name or job.name, "fingerprint": study_fingerprint(job, tune)}
+    )
 
 
 def study_fingerprint(job: JobSpec, tune: TuneSection) -> str:
