@@ -68,6 +68,20 @@ def _corrupt_run_json(tmp: Path) -> None:
     (tmp / "out" / "run.json").write_text('{"run_name": "smoke-x", "run_id": ')
 
 
+def _another_specs_run(tmp: Path) -> None:
+    """``out`` holds the run of the case's spec with another learning rate (``spec.yaml`` exists)."""
+    from memel.training import load_spec
+
+    (tmp / "out").mkdir()
+    other = load_spec(tmp / "spec.yaml", ["train.lr=0.01"]).run_name
+    (tmp / "out" / "run.json").write_text(json.dumps({"run_name": other, "run_id": "r0"}))
+
+
+def _a_single_runs_folder(tmp: Path) -> None:
+    (tmp / "out").mkdir()
+    (tmp / "out" / "run.json").write_text(json.dumps({"run_name": "smoke-0123456789", "run_id": "r0"}))
+
+
 def _corrupt_sweep_json(tmp: Path) -> None:
     (tmp / "out").mkdir()
     (tmp / "out" / "sweep.json").write_text("[1, 2]")
@@ -487,6 +501,27 @@ CASES: list[Case] = [
         r"out/sweep\.json: this state file holds list",
         SWEEP,
         _corrupt_sweep_json,
+    ),
+    Case(
+        "output-dir-of-another-spec-run",
+        [R, "{spec}"],
+        r"output_dir: .*/out holds a run of a different spec .*--set output_dir=PATH.*remove",
+        SMOKE,
+        _another_specs_run,
+    ),
+    Case(
+        "output-dir-of-another-spec-train",
+        [T, "{spec}"],
+        r"output_dir: .*/out holds a run of a different spec",
+        SMOKE,
+        _another_specs_run,
+    ),
+    Case(
+        "output-dir-of-a-run-for-a-sweep",
+        [R, "{spec}"],
+        r"output_dir: .*/out holds a run of a different spec \(it holds run\.json; this is a sweep\)",
+        SWEEP,
+        _a_single_runs_folder,
     ),
     # 7. a refusal after the outputs are resolved leaves no folder behind
     Case(

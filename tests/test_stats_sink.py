@@ -184,6 +184,27 @@ def test_no_partial_part_file_is_ever_visible(
     assert set(seen.values()) == {NEURONS}
 
 
+def test_closing_with_unwritten_tables_names_them_and_the_last_error(
+    snap: memel.Snapshot, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Storage that refuses every write (as a folder that became unwritable does): the closing
+    warning names the run, the steps and the modules left, and why."""
+    sink = ParquetStatsSink(str(tmp_path), "run-a", retry_initial_s=0.01, retry_max_s=0.02)
+
+    def refuse(module: str, step: int, data: object) -> None:
+        raise PermissionError(13, "Permission denied", f"{tmp_path}/{module}")
+
+    sink._put = refuse  # type: ignore[method-assign]
+    for module in ("layers.0.mlp.act", "layers.1.mlp.act"):
+        for step in (5, 6, 7):
+            sink.submit(snapshot_table(snap, **CONTEXT, step=step, module=module, depth=0.0), module, step)
+    with caplog.at_level(logging.WARNING, logger="memel.stats"):
+        assert not sink.close(timeout=0.5)
+    assert "not written to" in caplog.text
+    assert "run run-a, steps 5-7 (3 steps), modules layers.0.mlp.act, layers.1.mlp.act" in caplog.text
+    assert "last error: PermissionError: [Errno 13] Permission denied" in caplog.text
+
+
 def test_full_buffer_keeps_the_newest_and_warns(
     snap: memel.Snapshot, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

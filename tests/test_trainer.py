@@ -67,8 +67,8 @@ class Recorder(Callback):
         self.calls.append((self.name, "on_checkpoint", step))
         assert (directory / "saved.json").is_file() and metrics["step"] == step
 
-    def close(self) -> None:
-        self.calls.append((self.name, "close", -1))
+    def close(self, failed: bool = False) -> None:
+        self.calls.append((self.name, "close failed" if failed else "close", -1))
 
 
 class Evaluation:
@@ -157,7 +157,7 @@ def test_callbacks_close_when_the_loop_fails() -> None:
     trainer, _ = _trainer(Schedule(steps=3), [Failing(), Recorder("a", calls)])
     with pytest.raises(RuntimeError, match="boom"):
         trainer.fit()
-    assert calls == [("a", "close", -1)]
+    assert calls == [("a", "close failed", -1)]  # told so: outputs give up on a broken store sooner
 
 
 def test_torch_engine_accumulates_micro_batches_like_one_large_batch() -> None:
@@ -340,7 +340,7 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_pat
             "lower train.lr" in result["raised"]["message"] and result["raised"]["again"] == result["raised"]["message"]
         )
         assert result["logged"] == [2], "the non-finite window is not logged"
-        assert result["closed"] == "close", "callbacks close when the run diverges"
+        assert result["closed"] == "close failed", "callbacks close (as failed) when the run diverges"
 
 
 def test_the_pruning_config_pickles_and_the_callback_prunes_through_sqlite_storage(tmp_path: Path) -> None:

@@ -273,9 +273,12 @@ def test_the_embedded_ray_runs_its_workers_at_the_driver_s_priority() -> None:
 
 def test_a_diverged_run_fails_with_one_error_line(tmp_path: Path) -> None:
     """``memel train`` with a learning rate that blows the loss up: every rank stops at the same
-    log step, the command exits 1 with one ``error:`` line, and the MLflow run ends FAILED."""
+    log step, the command exits 1 with one ``error:`` line, and the MLflow run ends FAILED. With
+    ``checkpoint.max_failures=2`` it is still one attempt: Ray Train restarts workers that raise,
+    and a diverged run must not be trained (and diverge) again."""
     import json
     import os
+    import re
     import subprocess
     import sys
 
@@ -289,9 +292,15 @@ def test_a_diverged_run_fails_with_one_error_line(tmp_path: Path) -> None:
         "eval.every=8",
         "stats.every=8",
         "checkpoint.every=8",
+        "checkpoint.max_failures=2",
     ]
     command = [sys.executable, "-m", "memel", "train", str(SMOKE), *(arg for o in overrides for arg in ("--set", o))]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "platform"), "COLUMNS": "300"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "platform"),
+        "COLUMNS": "300",
+        "RAY_DEDUP_LOGS": "0",
+    }
     env.pop("RAY_ADDRESS", None)
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, check=False)
     output = done.stdout + done.stderr
@@ -303,3 +312,7 @@ def test_a_diverged_run_fails_with_one_error_line(tmp_path: Path) -> None:
     run = json.loads((tmp_path / "run.json").read_text())
     assert MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run["run_id"]).info.status == "FAILED"
     assert not (tmp_path / "summary.json").exists(), "a failed run writes no summary"
+    # one attempt: one worker group of 2 (a restart starts new worker processes), no retry decision
+    workers = set(re.findall(r"\(RayTrainWorker pid=(\d+)", output))
+    assert len(workers) == 2, (workers, output[-3000:])
+    assert "RETRY" not in output and "Restarting" not in output, output[-3000:]

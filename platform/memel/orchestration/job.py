@@ -228,6 +228,10 @@ class JobSpec(TrainSpec):
         """The base training run as a plain tree (what members and trials start from)."""
         return self.model_dump(mode="json", exclude={"sweep", "tune"})
 
+    def base_fingerprint(self) -> str:
+        """The base training run's fingerprint (what its members and trials start from)."""
+        return self.fingerprint(also_exclude=("sweep", "tune"))
+
 
 class Member(_Section):
     """One training run of a sweep: its axis values (``mode`` is the variant's label) and validated spec."""
@@ -345,3 +349,21 @@ def preflight_job(job: JobSpec, address: str | None = None, connect: bool = True
 
     members = [member.spec for member in expand_sweep(job)] if job.sweep is not None else None
     preflight(job, address, connect, members)
+    check_job_folders(job)
+
+
+def check_job_folders(job: JobSpec) -> None:
+    """The job's output folder (and a sweep's member folders) hold nothing of another spec
+    (``memel.training.output_dir``); the run checks it again, under its lock."""
+    from memel.training.output_dir import check_output_dir, run_claim
+
+    if job.tune is not None:
+        from .study import study_claim
+
+        check_output_dir(job.out.resolve(), claim=study_claim(job, job.tune))
+    elif job.sweep is not None:
+        from .sweep import check_folders
+
+        check_folders(job)
+    else:
+        check_output_dir(job.out.resolve(), claim=run_claim(f"{job.name}-{job.base_fingerprint()}"))

@@ -24,6 +24,8 @@ from memel.atomic import write_text
 from memel.errors import ConfigError
 from memel.redaction import redact
 from memel.training import init_ray
+from memel.training.output_dir import Claim, check_output_dir
+from memel.training.run_lock import hold_lock
 from memel.training.runner import resolve_outputs
 from memel.training.trial import TrialConfig
 
@@ -136,6 +138,7 @@ def _parent_run(job: JobSpec, tune: TuneSection, out: Path, tracking_uri: str, s
         "parent_run_id",
         lambda run_id: {
             "study": study_name,
+            "fingerprint": study_fingerprint(job, tune),
             "parent_run_id": run_id,
             "storage": redact(storage),
             "tracking_uri": redact(tracking_uri),
@@ -221,10 +224,10 @@ def run_study(
     parallel: int | None = None,
     progress: Any = None,
 ) -> StudyResult:
-    """Run the job's study until it holds ``trials`` finished trials; blocks until then."""
-    import optuna
-    from optuna.trial import TrialState
+    """Run the job's study until it holds ``trials`` finished trials; blocks until then.
 
+    One invocation at a time per output dir: a second one raises RunLocked (a ConfigError), and a
+    folder that holds another study (or a run or sweep) is refused, both before anything is written."""
     started = time.perf_counter()
     tune = check_study(job, address)
     tune = tune.model_copy(update={k: v for k, v in {"trials": trials, "parallel": parallel}.items() if v is not None})
@@ -232,8 +235,35 @@ def run_study(
         raise ConfigError(
             f"--parallel {tune.parallel}: the study's storage is SQLite, which is not safe for parallel writers; use a journal or PostgreSQL storage"
         )
+    claim = study_claim(job, tune)
+    check_output_dir(job.out.resolve(), claim=claim)
+    with hold_lock(job.out.resolve()):
+        return _run_study(job, address, tune, claim, started, progress)
+
+
+def study_claim(job: JobSpec, tune: TuneSection) -> Claim:
+    """A study's claim on its folder: its name and fingerprint (``study.json``)."""
+    return Claim(
+        run_record.STUDY_FILE, {"study": tune.study_name or job.name, "fingerprint": study_fingerprint(job, tune)}
+    )
+
+
+def study_fingerprint(job: JobSpec, tune: TuneSection) -> str:
+    """What a study's trials share: the base run's fingerprint and the tune section, but not how many
+    trials to hold or run at once (``--trials``, ``--parallel``: a study continues with more)."""
+    settings = tune.model_dump(mode="json", exclude={"trials", "parallel"})
+    text = json.dumps({"base": job.base_fingerprint(), "tune": settings}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def _run_study(
+    job: JobSpec, address: str | None, tune: TuneSection, claim: Claim, started: float, progress: Any
+) -> StudyResult:
+    import optuna
+    from optuna.trial import TrialState
+
     notify = progress or (lambda *_: None)
-    out, tracking_uri, stats_root, _ = resolve_outputs(job)
+    out, tracking_uri, stats_root, _ = resolve_outputs(job, claim)
     storage_url = tune.storage or default_storage(out, tune.parallel)
     study_name = tune.study_name or job.name
     optuna.logging.set_verbosity(optuna.logging.WARNING)

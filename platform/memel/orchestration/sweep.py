@@ -23,7 +23,7 @@ from memel.models import count_parameters
 from memel.redaction import redact
 from memel.training import TrainResult, TrainSpec, init_ray
 from memel.training.interrupt import mark_killed
-from memel.training.output_dir import check_output_dir
+from memel.training.output_dir import Claim, check_output_dir, run_claim
 from memel.training.run_lock import hold_lock
 from memel.training.runner import resolve_outputs
 
@@ -149,7 +149,12 @@ def _parent_run(job: JobSpec, out: Path, tracking_uri: str, members: list[Member
     tracker, new = start_recorded_run(
         out / run_record.SWEEP_FILE,
         "parent_run_id",
-        lambda run_id: {"job": job.name, "parent_run_id": run_id, "tracking_uri": redact(tracking_uri)},
+        lambda run_id: {
+            "job": job.name,
+            "fingerprint": job.base_fingerprint(),
+            "parent_run_id": run_id,
+            "tracking_uri": redact(tracking_uri),
+        },
         tracking_uri,
         job.tracking.experiment,
         job.name,
@@ -176,17 +181,31 @@ def run_sweep(job: JobSpec, address: str | None = None, progress: Any = None) ->
 
     ``progress`` (optional) is called as ``progress(event, member_key, detail)`` with event
     ``skipped``, ``started`` or ``finished``/``failed``. One invocation at a time per output dir:
-    a second one raises RunLocked (a ConfigError) before writing anything.
+    a second one raises RunLocked (a ConfigError) before writing anything, and so does a folder
+    (the sweep's or a member's) that holds a run of another spec.
     """
-    check_output_dir(job.out.resolve())
+    check_folders(job)
     with hold_lock(job.out.resolve()):
         return _run_sweep(job, address, progress)
+
+
+def sweep_claim(job: JobSpec) -> Claim:
+    """A sweep's claim on its folder: the job's name and its base run's fingerprint (members may
+    be added, with more seeds or modes; a changed base would mix two specs in one sweep)."""
+    return Claim(run_record.SWEEP_FILE, {"job": job.name, "fingerprint": job.base_fingerprint()})
+
+
+def check_folders(job: JobSpec) -> None:
+    """The sweep's folder and every member's hold nothing of another spec (ConfigError otherwise)."""
+    check_output_dir(job.out.resolve(), claim=sweep_claim(job))
+    for member in expand_sweep(job):
+        check_output_dir(member.spec.out.resolve(), claim=run_claim(member.spec.run_name))
 
 
 def _run_sweep(job: JobSpec, address: str | None, progress: Any) -> SweepResult:
     started = time.perf_counter()
     members = expand_sweep(job)
-    out, tracking_uri, stats_root, _ = resolve_outputs(job)
+    out, tracking_uri, stats_root, _ = resolve_outputs(job, sweep_claim(job))
     notify = progress or (lambda *_: None)
     parent = _parent_run(job, out, tracking_uri, members)
     tags = {run_record.TAG_SWEEP: job.name, run_record.TAG_KIND: run_record.KIND_SWEEP_MEMBER}

@@ -100,6 +100,7 @@ class ParquetStatsSink:
         self.rows_written = 0
         self.rows_dropped = 0
         self.files_written = 0
+        self.last_error: str | None = None  # the latest failed write's error (redacted), for the closing warning
         self._queue: deque[_Item] = deque()
         self._inflight: list[_Item] = []
         self._queued_bytes = 0
@@ -181,7 +182,11 @@ class ParquetStatsSink:
             log.warning("stats sink closed: %d neuron rows were dropped while the buffer was full", self.rows_dropped)
         if left:
             log.warning(
-                "stats sink closed with %d neuron rows not written to %s (storage unreachable)", left, self.root.uri
+                "stats sink closed with %d neuron rows not written to %s: %s; last error: %s",
+                left,
+                self.root.uri,
+                self._pending_description(),
+                self.last_error or "none (the writer ran out of time)",
             )
         return not left
 
@@ -195,6 +200,16 @@ class ParquetStatsSink:
         if self._inflight:
             return self._inflight[0].seq
         return self._queue[0].seq if self._queue else self._seq + 1
+
+    def _pending_description(self) -> str:
+        """Which statistics are still unwritten: run, steps and modules (the first few named)."""
+        with self._cond:
+            items = [*self._inflight, *self._queue]
+        steps = sorted({item.step for item in items})
+        modules = sorted({item.module for item in items})
+        shown = ", ".join(modules[:4]) + (f" and {len(modules) - 4} more" if len(modules) > 4 else "")
+        span = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}-{steps[-1]} ({len(steps)} steps)"
+        return f"run {self.run_id}, {span}, modules {shown}"
 
     def _pending_rows(self) -> int:
         with self._cond:
@@ -239,6 +254,7 @@ class ParquetStatsSink:
                 self._put(module, step, data)
             except Exception as error:  # noqa: BLE001 - any storage failure is retried
                 failures += 1
+                self.last_error = redact(f"{type(error).__name__}: {error}")
                 if failures == 1 or failures % 10 == 0:
                     log.warning(
                         "stats: writing to %s failed (attempt %d, retrying in %.1fs; data kept in memory): %s",

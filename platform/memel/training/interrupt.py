@@ -20,12 +20,13 @@ def status_after(error: BaseException) -> str:
     return "KILLED" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "FAILED"
 
 
-def end_after_error(tracker: Any, error: BaseException) -> None:
-    """Mark ``tracker``'s run KILLED or FAILED; when that fails too (the store is in the broken
-    folder), say so on stderr and leave ``error`` as the one that propagates."""
+def end_after_error(tracker: Any, error: BaseException) -> bool:
+    """Mark ``tracker``'s run KILLED or FAILED (True when done); when that fails too (the store is in
+    the broken folder), say so on stderr and leave ``error`` as the one that propagates."""
     status = status_after(error)
     try:
         tracker.end(status, timeout=10.0)
+        return True
     except Exception as end_error:  # noqa: BLE001 - the original error is what the user must see
         print(
             f"[memel] warning: could not mark MLflow run {tracker.run_id} {status} "
@@ -33,6 +34,7 @@ def end_after_error(tracker: Any, error: BaseException) -> None:
             file=sys.stderr,
             flush=True,
         )
+        return False
 
 
 def root_cause(error: BaseException) -> BaseException:

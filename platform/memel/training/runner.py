@@ -7,7 +7,12 @@ anything Ray logs (``worker_env``).
 With no address a local Ray instance starts in-process, bound to 127.0.0.1 (the embedded default); with
 ``address`` (or RAY_ADDRESS) the same run goes to a cluster. The MLflow run id is created
 once and stored in the output dir, and Ray Train's run name is derived from the spec, so
-running the same spec again resumes it (from its last checkpoint) instead of starting over.
+running the same spec again resumes it (from its last checkpoint) instead of starting over; an
+output folder that holds a run of another spec is refused (``output_dir``).
+
+A run whose loss becomes non-finite fails at once: the workers return the divergence (Ray Train
+would restart workers that raise it, ``checkpoint.max_failures``) and the driver raises it. A
+failed run's statistics that never reached the statistics root are named in a warning.
 """
 
 from __future__ import annotations
@@ -32,8 +37,9 @@ from .checkpoint_scan import (
     scan_run,
 )
 from .deepspeed_config import deepspeed_config
-from .interrupt import end_after_error
-from .output_dir import check_output_dir
+from .interrupt import describe, end_after_error
+from .lost_statistics import warn_unwritten
+from .output_dir import Claim, check_output_dir, run_claim
 from .run_lock import hold_lock
 from .spec import TrainSpec
 
@@ -64,13 +70,14 @@ class TrainResult:
     wall_seconds: float = 0.0
 
 
-def resolve_outputs(spec: TrainSpec) -> tuple[Path, str | None, str | None, str]:
-    """Output dir, tracking URI, stats root and checkpoint storage, each checked before any worker starts."""
+def resolve_outputs(spec: TrainSpec, claim: Claim | None = None) -> tuple[Path, str | None, str | None, str]:
+    """Output dir, tracking URI, stats root and checkpoint storage, each checked before any worker
+    starts; ``claim``: what the output dir must hold if memel wrote there (see ``output_dir``)."""
     from memel.stats import check_stats_root
     from memel.tracking import check_tracking_uri, default_tracking_uri
 
     out = spec.out.resolve()
-    check_output_dir(out)
+    check_output_dir(out, claim=claim)
     created = next((folder for folder in [*reversed(out.parents), out] if not folder.exists()), None)
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -196,9 +203,10 @@ def run_training(spec: TrainSpec, address: str | None = None, trial: TrialConfig
     reported to it and the run stops early when the study prunes it (MLflow status KILLED).
     """
     started = time.perf_counter()
-    check_output_dir(spec.out.resolve())
+    claim = run_claim(spec.run_name)  # a folder that holds a run of another spec is refused
+    check_output_dir(spec.out.resolve(), claim=claim)
     with hold_lock(spec.out.resolve()):  # one invocation at a time; taken before anything is written
-        out, tracking_uri, stats_root, storage = resolve_outputs(spec)
+        out, tracking_uri, stats_root, storage = resolve_outputs(spec, claim)
         return _run_locked(spec, address, trial, started, out, tracking_uri, stats_root, storage)
 
 
@@ -249,7 +257,7 @@ def _fit(spec: TrainSpec, info: RunInfo, storage: str, env: dict[str, str], trac
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .worker import train_loop
+    from .worker import raise_if_diverged, train_loop
 
     run_folder = local_folder(storage)
     run_folder = run_folder / spec.run_name if run_folder is not None else None
@@ -280,9 +288,13 @@ def _fit(spec: TrainSpec, info: RunInfo, storage: str, env: dict[str, str], trac
         ),
     )
     try:
-        return trainer.fit()
+        result = trainer.fit()
+        raise_if_diverged(getattr(result, "return_value", None))  # rank 0 said the loss became non-finite
+        return result
     except BaseException as error:
-        end_after_error(tracker, error)
+        marked = end_after_error(tracker, error)
+        if marked and not isinstance(error, KeyboardInterrupt):  # the store answers: compare it with the stats
+            warn_unwritten(info.stats_root, info.run_id, getattr(tracker, "client", None), describe(error))
         raise
 
 

@@ -208,9 +208,11 @@ class TrainSpec(_Section):
         when ``model.targets`` gives explicit patterns."""
         return "custom" if self.model.targets else self.model.preset or "mlp"
 
-    def fingerprint(self) -> str:
-        """A short hash of what determines the training (not where results go, nor on which nodes)."""
+    def fingerprint(self, also_exclude: tuple[str, ...] = ()) -> str:
+        """A short hash of what determines the training (not where results go, nor on which nodes);
+        ``also_exclude``: top-level fields left out as well (a job's sweep or tune section)."""
         where = {"tracking": True, "stats": True, "output_dir": True, "checkpoint": True, "train": {"placement"}}
+        where |= dict.fromkeys(also_exclude, True)
         core = self.model_dump(mode="json", exclude=where)
         return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:10]
 

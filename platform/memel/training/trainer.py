@@ -159,6 +159,7 @@ class Trainer:
         """Train from ``state`` (a restored position, or the start) to the last step or a stop
         request; closes every callback when it ends, also on an error."""
         state = state or TrainState()
+        failed = True
         try:
             if self.schedule.evaluate_initial and state.step == 0 and self.evaluator is not None:
                 state.initial = self.evaluator.final(self.engine, prefix="init/")  # the starting model's score
@@ -167,9 +168,10 @@ class Trainer:
             while state.step < self.schedule.steps and not state.stopped:
                 self._step(state, window)
                 self._after_step(state, window)
+            failed = False
             return state
         finally:
-            self.callbacks.close()
+            self.callbacks.close(failed)
 
     def _step(self, state: TrainState, window: _Window) -> None:
         engine = self.engine

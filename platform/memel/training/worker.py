@@ -22,6 +22,7 @@ import torch
 import memel
 from memel import run_record
 from memel.data import build as build_loader
+from memel.errors import NonFiniteLossError
 from memel.models import build as build_model
 from memel.models import preset_targets
 
@@ -42,6 +43,9 @@ from .evaluation import HeldoutEvaluation
 from .spec import TrainSpec
 from .trainer import Schedule, Trainer, TrainState
 from .trial import TrialConfig
+
+#: The key of rank 0's return value that says the run diverged.
+DIVERGED = "diverged"
 
 
 @dataclass
@@ -185,8 +189,22 @@ def _device(spec: TrainSpec) -> torch.device:
     return device
 
 
-def train_loop(config: dict[str, Any]) -> None:
-    """Ray Train's ``train_loop_per_worker``: one data-parallel rank of the run."""
+def diverged(error: NonFiniteLossError) -> dict[str, Any]:
+    """What a rank returns when its loss became non-finite: Ray Train would restart a worker that
+    raises (``checkpoint.max_failures``) and diverge again, so the driver raises it instead."""
+    return {DIVERGED: {"step": error.step, "loss": error.loss, "lr": error.lr}}
+
+
+def raise_if_diverged(returned: Any) -> None:
+    """Raise the NonFiniteLossError a run's rank 0 returned (see :func:`diverged`), if any."""
+    found = returned.get(DIVERGED) if isinstance(returned, dict) else None
+    if found is not None:
+        raise NonFiniteLossError(found["step"], found["loss"], found["lr"])
+
+
+def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
+    """Ray Train's ``train_loop_per_worker``: one data-parallel rank of the run. Returns None, or
+    what :func:`diverged` says when the loss became non-finite."""
     import deepspeed  # imported here: a top-level import breaks on CPU-only controllers
     import ray.train
 
@@ -246,8 +264,12 @@ def train_loop(config: dict[str, Any]) -> None:
         device=device,
         default_lr=spec.train.lr,
     )
-    state = trainer.fit(state)  # a diverged run raises NonFiniteLossError on every rank: the driver fails it
+    try:
+        state = trainer.fit(state)
+    except NonFiniteLossError as error:  # on every rank at the same step; not a failure Ray Train retries
+        return diverged(error)
     if state.stopped:  # every rank got the same decision; the driver tells the study
         if rank == 0:
             say(f"pruned by the study at step {state.step}")
         ray.train.report({**state.metrics, "step": state.step, "tokens_seen": state.tokens_seen, "pruned": 1.0})
+    return None

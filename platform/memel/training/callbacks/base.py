@@ -12,6 +12,10 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+#: Seconds an output may take to deliver what it holds when the run failed (a broken folder or
+#: endpoint would otherwise be retried for minutes; a resume writes those steps again anyway).
+FAILED_CLOSE_TIMEOUT = 10.0
+
 
 class Callback:
     """Every hook does nothing; a callback overrides the ones it needs."""
@@ -35,8 +39,9 @@ class Callback:
     def on_checkpoint(self, step: int, directory: Path, metrics: Mapping[str, Any]) -> None:
         """A checkpoint was written to ``directory`` (deleted after the hook); ``metrics`` are the latest."""
 
-    def close(self) -> None:
-        """The run ended (or failed): deliver what is buffered."""
+    def close(self, failed: bool = False) -> None:
+        """The run ended (``failed``: by an error, so waiting long on a broken output helps no one):
+        deliver what is buffered."""
 
 
 class CallbackList(Callback):
@@ -69,12 +74,12 @@ class CallbackList(Callback):
         for callback in self.callbacks:
             callback.on_checkpoint(step, directory, metrics)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         """Close every callback, even when one raises (the first error is raised after)."""
         error: BaseException | None = None
         for callback in self.callbacks:
             try:
-                callback.close()
+                callback.close(failed)
             except BaseException as raised:  # noqa: BLE001 - close the rest first
                 error = error or raised
         if error is not None:

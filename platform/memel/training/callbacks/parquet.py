@@ -9,7 +9,7 @@ from typing import Any
 
 from memel.stats import ParquetStatsSink, snapshot_table
 
-from .base import Callback, stored_before_checkpoint
+from .base import FAILED_CLOSE_TIMEOUT, Callback, stored_before_checkpoint
 
 
 @dataclass(frozen=True)
@@ -61,5 +61,5 @@ class StatsSinkCallback(Callback):
     def on_checkpoint(self, step: int, directory: Path, metrics: Mapping[str, Any]) -> None:
         stored_before_checkpoint(self.sink, step)
 
-    def close(self) -> None:
-        self.sink.close(timeout=self.close_timeout)
+    def close(self, failed: bool = False) -> None:
+        self.sink.close(timeout=min(self.close_timeout, FAILED_CLOSE_TIMEOUT) if failed else self.close_timeout)

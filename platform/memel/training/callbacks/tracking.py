@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .base import Callback, stored_before_checkpoint
+from .base import FAILED_CLOSE_TIMEOUT, Callback, stored_before_checkpoint
 
 if TYPE_CHECKING:
     from memel.tracking import Tracker
@@ -46,5 +46,5 @@ class TrackerCallback(Callback):
     def on_checkpoint(self, step: int, directory: Path, metrics: Mapping[str, Any]) -> None:
         stored_before_checkpoint(self.tracker, step)
 
-    def close(self) -> None:
-        self.tracker.flush(timeout=self.flush_timeout)
+    def close(self, failed: bool = False) -> None:
+        self.tracker.flush(timeout=min(self.flush_timeout, FAILED_CLOSE_TIMEOUT) if failed else self.flush_timeout)
