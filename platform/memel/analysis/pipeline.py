@@ -16,6 +16,7 @@ from memel.errors import ConfigError
 
 from . import plots
 from .monosemantic_ratio import (
+    RECOMMENDED_THRESHOLD,
     RUN_LEVEL,
     VARIANT_KEYS,
     Criterion,
@@ -26,6 +27,7 @@ from .monosemantic_ratio import (
     ratio_notes,
     summarize,
 )
+from .probe_agreement import member_agreement, neuron_flags, summarize_agreement
 from .report import Section, render
 from .significance import member_table, significance
 from .source import Member, Source
@@ -55,6 +57,8 @@ class Options:
     case_own: bool = True
     sections: tuple[str, ...] = SECTIONS
     memory_limit: str = "1GB"
+    flat_tail: float = 0.25
+    flat_threshold: float = 0.05
 
     def __post_init__(self) -> None:
         unknown = set(self.sections) - set(SECTIONS)
@@ -71,6 +75,10 @@ class Options:
         ):
             if value < low:
                 raise ConfigError(f"{name}: got {value}; must be >= {low}")
+        if not 0 < self.flat_tail <= 1:
+            raise ConfigError(f"--flat-tail: got {self.flat_tail}; must be in (0, 1] (the last fraction of training)")
+        if not self.flat_threshold > 0:
+            raise ConfigError(f"--flat-threshold: got {self.flat_threshold}; must be > 0")
         if not self.case_lrs:
             raise ConfigError(
                 "--case-lr: give at least one: run (the member's last learning rate) or a number such as 2e-6"
@@ -107,6 +115,9 @@ class Analysis:
     case_member: str | None = None
     case_step: int | None = None
     significance: pd.DataFrame | None = None
+    convergence: pd.DataFrame | None = None
+    probe_agreement: pd.DataFrame | None = None
+    probe_agreement_summary: pd.DataFrame | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -142,12 +153,15 @@ def _with_members(frame: pd.DataFrame, member: Member) -> pd.DataFrame:
     return pd.concat([pd.DataFrame([context] * len(frame)), frame.reset_index(drop=True)], axis=1)
 
 
-def run_ablation(source: Source, options: Options, notify: Callable[[str], None]) -> tuple[pd.DataFrame, list[str]]:
-    """Figure 2 by probing (:mod:`.ablation`) on every text-LM member with a local checkpoint."""
+def run_ablation(
+    source: Source, options: Options, notify: Callable[[str], None]
+) -> tuple[pd.DataFrame, list[str], dict[str, pd.DataFrame]]:
+    """Figure 2 by probing (:mod:`.ablation`) on every text-LM member with a local checkpoint:
+    the per-member rows, notes, and each member's probe table (every neuron's AUROC) by run id."""
     from .ablation import ablate_member
     from .checkpoint import load_member
 
-    frames, notes = [], []
+    frames, notes, probes = [], [], {}
     for member in source.members:
         if not member.checkpoint:
             notes.append(f"ablation: {member.label} has no checkpoint; skipped")
@@ -175,7 +189,106 @@ def run_ablation(source: Source, options: Options, notify: Callable[[str], None]
         rows = result.rows
         rows.insert(0, "step", trained.step)
         frames.append(_with_members(rows, member))
-    return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()), notes
+        probes[member.run_id] = result.probe.table
+    return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()), notes, probes
+
+
+def run_probe_agreement(
+    source: Source, ratio: RatioResult, probes: dict[str, pd.DataFrame], con: Any
+) -> tuple[pd.DataFrame, list[str]]:
+    """Per member with a probe table: the ratio's flags against the probe's AUROCs (:mod:`.probe_agreement`)."""
+    rows, notes = [], []
+    for member in source.members:
+        if member.run_id not in probes:
+            continue
+        flags = neuron_flags(source.stats(), member.run_id, ratio.modules, ratio.criterion, con)
+        found = member_agreement(probes[member.run_id], flags)
+        if not found.get("matched"):
+            notes.append(
+                f"ratio vs probe: {member.label} has no tested statistics snapshot of the probed neurons; skipped"
+            )
+            continue
+        step = int(flags["step"].max())
+        rows.append(
+            {
+                "member": member.label,
+                "run_id": member.run_id,
+                "model": member.rung,
+                "n_params": member.n_params,
+                "seed": member.seed,
+                "snapshot_step": step,
+                **found,
+            }
+        )
+    return pd.DataFrame(rows), notes
+
+
+def member_curve(member: Member, options: Options, client: Any) -> tuple[str, list[int], list[float]]:
+    """The member's held-out loss curve: on one fixed held-out sample from its retained checkpoints
+    (:mod:`.checkpoint_curve`) where it kept at least :data:`.convergence.MIN_TAIL_POINTS`, else its
+    periodic ``eval/loss`` from the tracking store (``client``; None: none)."""
+    from .checkpoint_curve import checkpoint_losses
+    from .convergence import MIN_TAIL_POINTS
+
+    steps, losses = checkpoint_losses(member, options.ablation_batches, options.batch_size)
+    if len(steps) >= MIN_TAIL_POINTS:
+        return "checkpoints", steps, losses
+    if client is None:
+        return "", [], []
+    history = client.get_metric_history(member.run_id, "eval/loss")
+    return "eval/loss", [h.step for h in history], [h.value for h in history]
+
+
+def run_convergence(source: Source, options: Options) -> tuple[pd.DataFrame, list[str]]:
+    """Per member: whether its held-out loss flattened (:func:`member_curve`, then
+    :func:`.convergence.loss_flattened` with the options' tail and threshold)."""
+    from .convergence import loss_flattened
+
+    client = None
+    if source.tracking_uri:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=source.tracking_uri)
+    rows, notes = [], []
+    for member in source.members:
+        try:
+            curve, steps, losses = member_curve(member, options, client)
+            if not steps:
+                continue
+            result = loss_flattened(steps, losses, options.flat_tail, options.flat_threshold)
+        except (ConfigError, ValueError, OSError, KeyError) as error:
+            notes.append(f"convergence: {member.label}: {error}")
+            continue
+        except Exception as error:  # noqa: BLE001 - a member missing from the tracking store only means less to report
+            notes.append(f"convergence: {member.label}: no loss curve ({type(error).__name__}: {error})")
+            continue
+        rows.append(
+            {
+                "member": member.label,
+                "run_id": member.run_id,
+                "model": member.rung,
+                "n_params": member.n_params,
+                "seed": member.seed,
+                "curve": curve,
+                "points": len(steps),
+                "first_loss": float(losses[int(np.argmin(steps))]),
+                "last_loss": float(losses[int(np.argmax(steps))]),
+                **asdict(result),
+            }
+        )
+    frame = pd.DataFrame(rows)
+    if len(frame) and not frame["flattened"].all():
+        still = frame.loc[~frame["flattened"], "member"].tolist()
+        notes.append(
+            f"convergence: {len(still)} of {len(frame)} members' held-out loss has not flattened (the last "
+            f"{options.flat_tail:.0%} of training gained >= {options.flat_threshold:.0%} of the total drop): {', '.join(still[:6])}"
+        )
+    if len(frame) and (frame["curve"] == "eval/loss").any():
+        notes.append(
+            "convergence: members with fewer than 3 retained checkpoints are judged on their periodic eval/loss, which reads "
+            "other held-out files at each evaluation (keep more checkpoints, checkpoint.keep, for a fixed-sample curve)"
+        )
+    return frame, notes
 
 
 def summarize_ablation(per_member: pd.DataFrame) -> pd.DataFrame:
@@ -256,12 +369,28 @@ def analyze(source: Source, options: Options, notify: Callable[[str], None] | No
             f"{len(extra)} run(s) in the statistics are not members of this sweep: {', '.join(extra[:5])}"
         )
     result.members = member_table(source.members, result.ratio.finals)
+    say("convergence: reading the members' held-out loss curves")
+    convergence, convergence_notes = run_convergence(source, options)
+    result.notes += convergence_notes
+    result.convergence = convergence if len(convergence) else None
     if "ablation" in options.sections:
-        ablation, ablation_notes = run_ablation(source, options, say)
+        ablation, ablation_notes, probes = run_ablation(source, options, say)
         result.notes += ablation_notes
         if len(ablation):
             result.ablation = ablation
             result.ablation_summary = summarize_ablation(ablation)
+        if probes and criterion.calibrated:
+            say("ratio vs probe: the ratio's flags against the probe's AUROCs")
+            agreement, agreement_notes = run_probe_agreement(source, result.ratio, probes, con)
+            result.notes += agreement_notes
+            if len(agreement):
+                result.probe_agreement = agreement
+                result.probe_agreement_summary = summarize_agreement(agreement)
+        elif probes:
+            result.notes.append(
+                "ratio vs probe: skipped, the monosemantic ratio is not measurable at this threshold "
+                f"(record inhibition.ms_threshold: {RECOMMENDED_THRESHOLD:g})"
+            )
     if "case_study" in options.sections:
         say("case study: one optimizer step per mode")
         try:
@@ -296,6 +425,9 @@ OUTPUT_TABLES = (
     "case_study_summary",
     "case_study_verdicts",
     "significance",
+    "convergence",
+    "probe_agreement",
+    "probe_agreement_summary",
 )
 OUTPUT_FIGURES = ("ratio_vs_scale", "ratio_over_steps", "depth_heatmap", "ablation_vs_size", "case_study")
 
@@ -320,6 +452,9 @@ def tables(analysis: Analysis) -> dict[str, pd.DataFrame]:
         "case_study_summary": analysis.case_summary,
         "case_study_verdicts": analysis.case_verdicts,
         "significance": analysis.significance,
+        "convergence": analysis.convergence,
+        "probe_agreement": analysis.probe_agreement,
+        "probe_agreement_summary": analysis.probe_agreement_summary,
     }
     return {name: frame for name, frame in found.items() if frame is not None}
 
@@ -443,6 +578,24 @@ def sections(analysis: Analysis, images: dict[str, bytes]) -> list[Section]:
         if analysis.ablation is not None:
             section.collapsed.append(("Per member (CI: bootstrap over evaluation windows)", analysis.ablation))
         out.append(section)
+    if analysis.probe_agreement_summary is not None:
+        out.append(
+            Section(
+                "2b. The ratio's flag against the probe",
+                [
+                    (
+                        "Per member, every probed MLP neuron's AUROC (section 2's probe) against whether the monosemantic ratio flags "
+                        "it at the last statistics snapshot (tested modules only). flag_auc: the probability that a flagged neuron has "
+                        "the higher AUROC (selectivity: |AUROC - 0.5| x 2) than an unflagged one (0.5: no relation), Mann-Whitney "
+                        "p-value; enrichment: the flagged fraction among the 10% highest-AUROC neurons minus that of the rest, "
+                        "Fisher's exact p-value; best_flagged: whether the probe's best neuron is flagged. Across members: means and "
+                        "95% Student-t CIs; agrees: the CI lies above the no-relation value."
+                    ),
+                ],
+                tables=[("Over members", analysis.probe_agreement_summary)],
+                collapsed=[("Per member", analysis.probe_agreement)] if analysis.probe_agreement is not None else [],
+            )
+        )
     if analysis.case_summary is not None:
         optimizer = (
             "its own AdamW (moments, step count, hyperparameters) from the checkpoint"
@@ -505,6 +658,22 @@ def sections(analysis: Analysis, images: dict[str, bytes]) -> list[Section]:
                     ),
                 ],
                 tables=[("Paired t-tests", analysis.significance)],
+            )
+        )
+    if analysis.convergence is not None:
+        options = analysis.options
+        out.append(
+            Section(
+                "Convergence",
+                [
+                    (
+                        f"Per member, whether the held-out loss flattened. Curve 'checkpoints': every retained checkpoint scored on the "
+                        f"same {options.ablation_batches} held-out batches spread over the held-out set; 'eval/loss': the run's periodic "
+                        f"evaluations (other held-out files each time). A least-squares line through the points of the last {options.flat_tail:.0%} of the steps falls by tail_drop; relative = tail_drop / "
+                        f"total_drop (first evaluation minus the line's end); flattened when relative < {options.flat_threshold:g}."
+                    ),
+                ],
+                tables=[("Per member", analysis.convergence)],
             )
         )
     if analysis.members is not None:

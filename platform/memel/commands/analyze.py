@@ -33,7 +33,8 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 
 def _ci(row: dict[str, Any], column: str) -> str:
-    low, high = row.get(f"{column}_ci_low"), row.get(f"{column}_ci_high")
+    prefix = f"{column}_" if column else ""
+    low, high = row.get(f"{prefix}ci_low"), row.get(f"{prefix}ci_high")
     if low is None or (isinstance(low, float) and math.isnan(low)):
         return "-"
     return f"[{low:.3g}, {high:.3g}]"
@@ -197,8 +198,48 @@ def print_summary(console: Any, analysis: Any) -> None:
                 _fmt(row["power_at_paper"], 2),
             )
         console.print(table)
+    print_agreement(console, analysis)
+    print_convergence(console, analysis)
     for note in analysis.notes:
         console.print(f"[yellow]note:[/yellow] {note}")
+
+
+def print_agreement(console: Any, analysis: Any) -> None:
+    """The ratio's flag against the probe's AUROC, over members."""
+    summary = analysis.probe_agreement_summary
+    if summary is None:
+        return
+    per_member = analysis.probe_agreement
+    table = Table(title="The monosemantic ratio's flag against the probe's AUROC (0.5 / 0: no relation; over members)")
+    for column in ("measure", "members", "mean", "95% CI", "members p < 0.05", "agrees"):
+        table.add_column(column, justify="left" if column == "measure" else "right")
+    for row in summary.to_dict("records"):
+        table.add_row(
+            row["measure"],
+            str(row["members"]),
+            _fmt(row["mean"], 3),
+            _ci(row, ""),
+            str(row["members_significant"]),
+            "yes" if row["agrees"] else "no",
+        )
+    console.print(table)
+    console.print(
+        f"  flagged neurons: {int(per_member['flagged'].sum())} of {int(per_member['matched'].sum())}; "
+        f"the probe's best neuron flagged in {int(per_member['best_flagged'].sum())} of {len(per_member)} members"
+    )
+
+
+def print_convergence(console: Any, analysis: Any) -> None:
+    """One line: how many members' held-out loss flattened, and the largest relative tail drop."""
+    frame = analysis.convergence
+    if frame is None:
+        return
+    options = analysis.options
+    console.print(
+        f"convergence: held-out loss flattened in {int(frame['flattened'].sum())} of {len(frame)} members (the last "
+        f"{options.flat_tail:.0%} of training gained < {options.flat_threshold:.0%} of the total drop; largest: "
+        f"{_fmt(float(frame['relative'].max()), 3)})"
+    )
 
 
 def unreadable_statistics() -> tuple[type[BaseException], ...]:
@@ -269,6 +310,12 @@ def analyze_command(
         True, "--mlflow/--no-mlflow", help="Log the outputs as artifacts of the sweep's parent run."
     ),
     memory_limit: str = typer.Option("1GB", help="DuckDB memory limit of the aggregation (it spills beyond)."),
+    flat_tail: float = typer.Option(
+        0.25, help="Convergence: the last fraction of the steps whose held-out loss drop is compared with the total."
+    ),
+    flat_threshold: float = typer.Option(
+        0.05, help="Convergence: flattened when that tail drop is below this share of the total drop."
+    ),
 ) -> None:
     """Offline emergence analysis of a sweep: monosemantic ratio vs scale (over steps, by depth),
     mean-ablation of a probed feature neuron (Figure 2), inhibition case study (Table 4) and paired t-tests (Table 9).
@@ -304,6 +351,8 @@ def analyze_command(
             case_own=case_own,
             sections=tuple(s for s in SECTIONS if s not in skipped),
             memory_limit=memory_limit,
+            flat_tail=flat_tail,
+            flat_threshold=flat_threshold,
         )
         source = resolve(target, tracking_uri)
         console.print(
