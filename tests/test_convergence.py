@@ -113,7 +113,9 @@ def test_checkpoint_curve_scores_every_retained_checkpoint_on_one_fixed_sample(t
         torch.manual_seed(seed)
         models.append((step, build("byte-2l-d16")))
         _save_checkpoint(tmp_path / f"checkpoint_{step}", models[-1][1], step)
-    member = member_from_spec("run-c", spec.model_dump(mode="json"), "m", {"checkpoint": str(tmp_path / "checkpoint_600")})
+    member = member_from_spec(
+        "run-c", spec.model_dump(mode="json"), "m", {"checkpoint": str(tmp_path / "checkpoint_600")}
+    )
     steps, losses = checkpoint_losses(member, batches=3)
     assert steps == [200, 400, 600]
     sample = spread_batches(spec.data, 4, 3)

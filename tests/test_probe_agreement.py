@@ -16,7 +16,7 @@ import torch
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
-from memel.analysis.monosemantic_ratio import Criterion, module_steps
+from memel.analysis.monosemantic_ratio import Criterion, analyze_ratio, module_steps
 from memel.analysis.pipeline import run_probe_agreement
 from memel.analysis.probe_agreement import agreement, member_agreement, neuron_flags, summarize_agreement
 from memel.analysis.probing import auroc
@@ -87,9 +87,7 @@ def test_planted_code_neurons_are_flagged_top_the_auroc_and_agree(tmp_path: Path
     assert found["best_flagged"] and found["top_neurons"] == SPARSE and found["flagged_in_top"] == SPARSE
     assert found["enrichment"] == 1.0 and found["enrichment_p"] < 1e-4
     source = Source("t", "parquet", str(root), [Member("run-code", "m", 100, "original", 1.0, 1, 0)])
-    modules = module_steps(str(root), CRITERION)
-    ratio = type("R", (), {"modules": modules, "criterion": CRITERION})()
-    frame, notes = run_probe_agreement(source, ratio, {"run-code": probe}, None)
+    frame, notes = run_probe_agreement(source, analyze_ratio(str(root), CRITERION), {"run-code": probe}, None)
     assert not notes and frame.loc[0, "auroc_flag_auc"] == 1.0 and frame.loc[0, "snapshot_step"] == BATCHES
 
 

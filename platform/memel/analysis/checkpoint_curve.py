@@ -54,7 +54,9 @@ def mean_loss(model: torch.nn.Module, batches: list[Any], kind: str) -> float:
     return total / items
 
 
-def checkpoint_losses(member: Member, batches: int = 16, batch_size: int | None = None) -> tuple[list[int], list[float]]:
+def checkpoint_losses(
+    member: Member, batches: int = 16, batch_size: int | None = None
+) -> tuple[list[int], list[float]]:
     """Steps and held-out losses of every retained checkpoint of ``member`` on one fixed held-out sample."""
     from memel.models import build
     from memel.training.checkpoint_weights import load_host_weights
@@ -67,7 +69,9 @@ def checkpoint_losses(member: Member, batches: int = 16, batch_size: int | None 
     model = build(spec.model.name, **spec.model.overrides)
     steps, losses = [], []
     for step, folder in retained_checkpoints(Path(member.checkpoint)):
-        load_host_weights(model, folder, f"member {member.label}: checkpoint {folder.name} does not fit {spec.model.name}")
+        load_host_weights(
+            model, folder, f"member {member.label}: checkpoint {folder.name} does not fit {spec.model.name}"
+        )
         model.eval()
         steps.append(step)
         losses.append(mean_loss(model, sample, kind))
