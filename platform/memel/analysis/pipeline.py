@@ -32,6 +32,9 @@ from .report import Section, render
 from .significance import member_table, significance
 from .source import Member, Source
 
+#: Held-out batches each retained checkpoint is scored on for the convergence curve.
+CURVE_BATCHES = 8
+
 #: Sections that can be left out (the monosemantic ratio, one streaming pass, always runs).
 SECTIONS = ("ablation", "case_study", "significance")
 
@@ -230,7 +233,7 @@ def member_curve(member: Member, options: Options, client: Any) -> tuple[str, li
     from .checkpoint_curve import checkpoint_losses
     from .convergence import MIN_TAIL_POINTS
 
-    steps, losses = checkpoint_losses(member, options.ablation_batches, options.batch_size)
+    steps, losses = checkpoint_losses(member, CURVE_BATCHES, options.batch_size)
     if len(steps) >= MIN_TAIL_POINTS:
         return "checkpoints", steps, losses
     if client is None:
@@ -668,7 +671,7 @@ def sections(analysis: Analysis, images: dict[str, bytes]) -> list[Section]:
                 [
                     (
                         f"Per member, whether the held-out loss flattened. Curve 'checkpoints': every retained checkpoint scored on the "
-                        f"same {options.ablation_batches} held-out batches spread over the held-out set; 'eval/loss': the run's periodic "
+                        f"same {CURVE_BATCHES} held-out batches spread over the held-out set; 'eval/loss': the run's periodic "
                         f"evaluations (other held-out files each time). A least-squares line through the points of the last {options.flat_tail:.0%} of the steps falls by tail_drop; relative = tail_drop / "
                         f"total_drop (first evaluation minus the line's end); flattened when relative < {options.flat_threshold:g}."
                     ),
