@@ -202,3 +202,38 @@ def test_a_finished_run_stays_finished_when_a_rerun_fails(tmp_path: Path) -> Non
     again.start()
     again.end("KILLED")  # ... may end KILLED
     assert MlflowClient(uri).get_run(other).info.status == "KILLED"
+
+
+def test_a_checkpoint_during_an_outage_waits_only_output_wait_s_and_loses_nothing(
+    mlflow_server: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With the MLflow server down, the wait before a checkpoint ends after ``checkpoint.output_wait_s``
+    with a warning; the metrics stay queued and all reach the server once it is back."""
+    from memel.training.callbacks import TrackerCallback
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    proxy = TcpProxy(int(mlflow_server.rsplit(":", 1)[1])).start()
+    try:
+        tracker = MlflowTracker(proxy.url, "memel-checkpoint-wait")
+        run_id = tracker.start()
+        callback = TrackerCallback(tracker, checkpoint_wait=1.5)
+        callback.on_log(1, {"loss": 1.0})
+        callback.on_checkpoint(1, Path("unused"), {})
+        assert "warning" not in capsys.readouterr().out, "delivered: no warning"
+        proxy.stop()
+        for step in range(2, 5):
+            callback.on_log(step, {"loss": float(step)})
+        start = time.perf_counter()
+        callback.on_checkpoint(4, Path("unused"), {})
+        waited = time.perf_counter() - start
+        assert 1.5 <= waited < 5, waited
+        shown = capsys.readouterr().out
+        assert "step 4 checkpointed before its metrics were stored" in shown and "checkpoint.output_wait_s" in shown
+        proxy.start()
+        assert tracker.flush(timeout=60)
+        tracker.end()
+    finally:
+        proxy.stop()
+    history = MlflowClient(mlflow_server).get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4]

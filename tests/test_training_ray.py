@@ -316,3 +316,65 @@ def test_a_diverged_run_fails_with_one_error_line(tmp_path: Path) -> None:
     workers = set(re.findall(r"\(RayTrainWorker pid=(\d+)", output))
     assert len(workers) == 2, (workers, output[-3000:])
     assert "RETRY" not in output and "Restarting" not in output, output[-3000:]
+
+
+def _lag_ray_record(storage: str, run_name: str) -> str:
+    """Rewrite Ray's record of a run on ``storage`` as it was before its newest checkpoint was
+    registered (its oldest checkpoint only); returns that checkpoint's folder name."""
+    import json
+
+    from memel.training.checkpoint_scan import SNAPSHOT_FILE, run_folder
+
+    run = run_folder(storage, run_name)
+    record = json.loads(run.read_text(SNAPSHOT_FILE))
+    results = record["checkpoint_results"]
+    steps = [json.loads(run.read_text(r["checkpoint_dir_name"], "memel", "progress.json"))["step"] for r in results]
+    oldest = steps.index(min(steps))
+    record["checkpoint_results"] = [results[oldest]]
+    record["checkpoint_report_indices"] = [record["checkpoint_report_indices"][oldest]]
+    record["latest_checkpoint_result"] = results[oldest]
+    with run.fs.open_output_stream(run.join(SNAPSHOT_FILE)) as handle:
+        handle.write(json.dumps(record).encode())
+    return results[oldest]["checkpoint_dir_name"]
+
+
+def test_on_s3_a_run_resumes_from_its_newest_checkpoint_and_keeps_only_checkpoint_keep(
+    local_ray, tmp_path: Path, monkeypatch, s3_server, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Checkpoints in S3: a run killed after its step-4 checkpoint, whose Ray record still ends at
+    step 2, resumes from step 4 (no step replayed), and the checkpoints Ray does not track are
+    pruned to ``checkpoint.keep``."""
+    import pyarrow.fs as pafs
+
+    from memel.training.checkpoint_scan import SNAPSHOT_FILE, run_folder, scan_run
+
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    if "memel-train" not in {bucket["Name"] for bucket in s3_server.client().list_buckets()["Buckets"]}:
+        s3_server.client().create_bucket(Bucket="memel-train")
+    storage = f"s3://memel-train/{tmp_path.name}-checkpoints"
+    settings = ("checkpoint.every=2", f"checkpoint.storage={storage}", "checkpoint.max_failures=0")
+    monkeypatch.setenv(FAULT_STEP_ENV, "5")
+    monkeypatch.setenv(FAULT_MARKER_ENV, str(tmp_path / "killed.txt"))
+    spec = _spec(tmp_path / "run", *settings, "checkpoint.keep=5", steps=6)
+    with pytest.raises(Exception):  # noqa: B017 - killed at step 5, no retries allowed
+        run_training(spec)
+    assert (tmp_path / "killed.txt").exists(), "the fault was never injected"
+    lagging = _lag_ray_record(storage, spec.run_name)
+    run = run_folder(storage, spec.run_name)
+    assert [found.step for found in scan_run(run, 2).complete] == [4, 2]
+    capfd.readouterr()
+
+    result = run_training(_spec(tmp_path / "run", *settings, "checkpoint.keep=2", steps=6))
+    time.sleep(2)  # the workers' output reaches the driver asynchronously
+    shown = capfd.readouterr().out
+    assert "resuming from the checkpoint of step 4" in shown and "[memel] resumed from step 4" in shown, shown[-3000:]
+    assert f"its latest: {lagging}" in shown
+    assert result.metrics["step"] == 6
+    steps = [s for s, _ in _metric_history(result.tracking_uri, result.run_id, "train/loss")]
+    assert sorted(steps) == [2, 4, 6]
+    kept = scan_run(run, 2)
+    assert [found.step for found in kept.complete] == [6, 4], "checkpoint.keep=2, the step-2 one pruned"
+    assert not kept.skipped
+    listed = run.fs.get_file_info(pafs.FileSelector(run.path))
+    assert any(info.base_name.startswith(f"{SNAPSHOT_FILE}.stale-") for info in listed)

@@ -13,7 +13,8 @@ Build: compiled on first use with ``torch.utils.cpp_extension.load`` (``-O3 -fop
 hot loop is cloned for x86-64-v4/v3/baseline and picked at run time, so one build works on
 any x86-64 CPU) and cached in torch's extensions directory (``$TORCH_EXTENSIONS_DIR``,
 default ``~/.cache/torch_extensions``), so later processes only load it; a changed source
-rebuilds it. If it cannot be built (no C++ compiler, no ninja, ...) a warning is issued once
+rebuilds it. One process builds at a time, and a lock left by a killed build is broken
+(:mod:`memel.inhibition.native_build`). If it cannot be built (no C++ compiler, no ninja, ...) a warning is issued once
 and every call falls back to the eager kernel: training never fails because of it.
 
 The copy (the caller's output) is allocated by the kernel. With ``MEMEL_NATIVE_HUGEPAGES=1``
@@ -35,6 +36,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+
+from .native_build import build_directory, exclusive_build
 
 SOURCE = Path(__file__).with_name("native_kernel.cpp")
 EXTENSION_NAME = "memel_inhibition_native"
@@ -74,13 +77,16 @@ def load() -> Any:
             try:
                 from torch.utils.cpp_extension import load as load_extension
 
-                _module = load_extension(
-                    name=EXTENSION_NAME,
-                    sources=[str(SOURCE)],
-                    extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],
-                    extra_ldflags=["-fopenmp"],
-                    verbose=False,
-                )
+                folder = build_directory(EXTENSION_NAME)
+                with exclusive_build(folder):  # waits for a live build, breaks a dead one's lock
+                    _module = load_extension(
+                        name=EXTENSION_NAME,
+                        sources=[str(SOURCE)],
+                        extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],
+                        extra_ldflags=["-fopenmp"],
+                        build_directory=str(folder),
+                        verbose=False,
+                    )
             except Exception as error:  # noqa: BLE001  (no compiler, no ninja, a failed build: never crash training)
                 _failed = f"{type(error).__name__}: {error}".strip()
     if _module is None:

@@ -29,13 +29,8 @@ from memel.atomic import write_json
 from memel.errors import ConfigError
 from memel.redaction import redact, redact_tree
 
-from .checkpoint_scan import (
-    FoundCheckpoint,
-    finished_on_disk,
-    local_folder,
-    repair_snapshot,
-    scan_run,
-)
+from .checkpoint_pruning import prune, unrecorded
+from .checkpoint_scan import FoundCheckpoint, RunFolder, finished_on_disk, repair_snapshot, run_folder, scan_run
 from .deepspeed_config import deepspeed_config
 from .interrupt import describe, end_after_error
 from .lost_statistics import warn_unwritten
@@ -259,10 +254,11 @@ def _fit(spec: TrainSpec, info: RunInfo, storage: str, env: dict[str, str], trac
 
     from .worker import raise_if_diverged, train_loop
 
-    run_folder = local_folder(storage)
-    run_folder = run_folder / spec.run_name if run_folder is not None else None
-    if run_folder is not None:
-        done = finished_on_disk(_report_resume_point(run_folder, spec.train.workers), spec.train.steps)
+    run = run_folder(storage, spec.run_name)
+    untracked: list[str] = []
+    if run is not None:
+        found, untracked = _report_resume_point(run, spec.train.workers, spec.checkpoint.keep)
+        done = finished_on_disk(found, spec.train.steps)
         if done is not None:  # stopped after its last checkpoint, before Ray recorded it
             return done
     trainer = TorchTrainer(
@@ -270,7 +266,9 @@ def _fit(spec: TrainSpec, info: RunInfo, storage: str, env: dict[str, str], trac
         train_loop_config={
             "spec": redact_tree(spec.model_dump(mode="json")),
             "info": asdict(info),
-            "checkpoints": str(run_folder) if run_folder is not None else None,
+            "checkpoint_storage": storage if run is not None else None,
+            "run_name": spec.run_name,
+            "unrecorded": untracked,  # checkpoints Ray does not track: rank 0 prunes them beyond keep
         },
         scaling_config=ScalingConfig(
             num_workers=spec.train.workers,
@@ -298,17 +296,23 @@ def _fit(spec: TrainSpec, info: RunInfo, storage: str, env: dict[str, str], trac
         raise
 
 
-def _report_resume_point(run_folder: Path, workers: int) -> FoundCheckpoint | None:
-    """Repair Ray's record of the run's checkpoints if it is unreadable, and say where the run resumes."""
-    repaired = repair_snapshot(run_folder)
-    if repaired:
-        print(f"[memel] warning: {repaired}", flush=True)
-    scan = scan_run(run_folder, workers)
+def _report_resume_point(run: RunFolder, workers: int, keep: int) -> tuple[FoundCheckpoint | None, list[str]]:
+    """Say where the run resumes, set aside Ray's record of its checkpoints when it is unreadable or
+    behind, and prune the checkpoints Ray does not track beyond ``keep``; returns the resume point
+    and the untracked checkpoints left."""
+    scan = scan_run(run, workers)
     for name, reason in scan.skipped.items():
         print(f"[memel] warning: checkpoint {name} is incomplete ({reason}); skipped", flush=True)
+    repaired = repair_snapshot(run, scan.newest)
+    if repaired:
+        print(f"[memel] warning: {repaired}", flush=True)
+    untracked = unrecorded(run, scan)
+    deleted = prune(run, scan, keep, untracked)
+    for name in deleted:
+        print(f"[memel] deleted checkpoint {name} (checkpoint.keep={keep})", flush=True)
     if scan.newest is not None:
-        print(f"[memel] resuming from the checkpoint of step {scan.newest.step} ({scan.newest.path.name})", flush=True)
-    return scan.newest
+        print(f"[memel] resuming from the checkpoint of step {scan.newest.step} ({scan.newest.name})", flush=True)
+    return scan.newest, [name for name in untracked if name not in deleted]
 
 
 def check_address_outputs(spec: TrainSpec, address: str | None) -> None:

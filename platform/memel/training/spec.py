@@ -135,6 +135,9 @@ class CheckpointSection(_Section):
     keep: int = Field(2, ge=1)
     max_failures: int = Field(1, ge=0)
     storage: str | None = None
+    #: Before each checkpoint, rank 0 waits up to this long for each output (statistics, metrics)
+    #: to store what the checkpoint covers; past it the checkpoint is taken with a warning.
+    output_wait_s: float = Field(60.0, ge=0)
 
 
 class TrainSpec(_Section):

@@ -36,7 +36,8 @@ from .callbacks import (
     TrackerCallback,
     say,
 )
-from .checkpoint_scan import newest_checkpoint
+from .checkpoint_pruning import PruneUnrecorded
+from .checkpoint_scan import RunFolder, newest_checkpoint, run_folder
 from .checkpointing import Checkpointing
 from .deepspeed_config import deepspeed_config
 from .evaluation import HeldoutEvaluation
@@ -128,9 +129,17 @@ def schedule(spec: TrainSpec) -> Schedule:
     )
 
 
-def callbacks(spec: TrainSpec, info: RunInfo, depths: dict[str, float], rank: int, world: int) -> list[Callback]:
-    """Every rank: fault injection and Ray reports; rank 0 also progress, MLflow, Parquet, pruning
-    and, when ``MEMEL_STEP_TIMES_FILE`` is set, step timing."""
+def callbacks(
+    spec: TrainSpec,
+    info: RunInfo,
+    depths: dict[str, float],
+    rank: int,
+    world: int,
+    after_report: Callback | None = None,
+) -> list[Callback]:
+    """Every rank: fault injection and Ray reports; rank 0 also progress, MLflow, Parquet, Optuna
+    pruning, ``after_report`` (after each checkpoint is reported) and, when ``MEMEL_STEP_TIMES_FILE``
+    is set, step timing."""
     found: list[Callback] = [FaultInjector(rank, world)]
     if rank == 0 and os.environ.get(STEP_TIMES_ENV):
         found.insert(0, StepTimer(os.environ[STEP_TIMES_ENV]))
@@ -150,11 +159,21 @@ def callbacks(spec: TrainSpec, info: RunInfo, depths: dict[str, float], rank: in
 
             tracker = MlflowTracker(info.tracking_uri, spec.tracking.experiment, run_id=info.run_id)
             tracker.start()
-            found.append(TrackerCallback(tracker))  # the driver ends the run; this rank only sends what it logged
+            # the driver ends the run; this rank only sends what it logged
+            found.append(TrackerCallback(tracker, checkpoint_wait=spec.checkpoint.output_wait_s))
         if info.trial is not None:
             found.append(PruningCallback(info.trial))
-    found.append(RayReport(rank))  # last: what a checkpoint covers is stored before Ray records it
+    found.append(RayReport(rank))  # what a checkpoint covers is stored before Ray records it
+    if after_report is not None:
+        found.append(after_report)
     return found
+
+
+def _pruning(spec: TrainSpec, run: RunFolder | None, untracked: list[str] | None, rank: int) -> Callback | None:
+    """Rank 0's pruning of the checkpoints Ray does not track (``checkpoint.keep``), when there are any."""
+    if rank != 0 or run is None or not untracked:
+        return None
+    return PruneUnrecorded(run, spec.train.workers, spec.checkpoint.keep, untracked)
 
 
 def _stats_sink(spec: TrainSpec, info: RunInfo, depths: dict[str, float]) -> Callback:
@@ -176,7 +195,8 @@ def _stats_sink(spec: TrainSpec, info: RunInfo, depths: dict[str, float]) -> Cal
         preset=spec.inserted_preset,
         select=inhibition.select,
     )
-    return StatsSinkCallback(ParquetStatsSink(info.stats_root, info.run_id), columns, depths)
+    sink = ParquetStatsSink(info.stats_root, info.run_id)
+    return StatsSinkCallback(sink, columns, depths, checkpoint_wait=spec.checkpoint.output_wait_s)
 
 
 def _device(spec: TrainSpec) -> torch.device:
@@ -244,7 +264,9 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     checkpoints = Checkpointing(engine, inserted, loader, rank, info.run_id, heldout=heldout)
     state = TrainState()
     # the newest complete checkpoint on disk, even where Ray's record of them lags behind
-    restored = newest_checkpoint(config.get("checkpoints"), world, ray.train.get_checkpoint())
+    storage = config.get("checkpoint_storage")
+    run = run_folder(storage, config["run_name"]) if storage else None
+    restored = newest_checkpoint(run, world, ray.train.get_checkpoint())
     if restored is not None:
         with restored.as_directory() as directory:
             progress = checkpoints.restore(Path(directory))
@@ -257,7 +279,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
         loader,
         kind,
         schedule(spec),
-        callbacks=callbacks(spec, info, depths, rank, world),
+        callbacks=callbacks(spec, info, depths, rank, world, _pruning(spec, run, config.get("unrecorded"), rank)),
         evaluator=HeldoutEvaluation(spec, heldout, kind, device, rank, world),
         checkpointer=checkpoints,
         inserted=inserted,

@@ -86,8 +86,17 @@ class CallbackList(Callback):
             raise error
 
 
-def stored_before_checkpoint(output: Any, step: int, timeout: float = 60) -> None:
-    """Wait for ``output`` (a tracker or sink with ``flush(timeout)``) to store what it was given,
-    so that a checkpoint never covers outputs a resume would miss; warn if it cannot."""
-    if not output.flush(timeout=timeout):
-        print(f"[memel] warning: step {step} checkpointed before all its outputs were stored", flush=True)
+def stored_before_checkpoint(output: Any, step: int, timeout: float, what: str) -> bool:
+    """Wait up to ``timeout`` s for ``output`` (a tracker or sink with ``flush(timeout)``) to store
+    what it was given, so that a checkpoint never covers outputs a resume would miss. Past it, warn
+    and go on: what is not stored stays queued and is retried (nothing is dropped here), but a crash
+    before it is stored loses it. True when everything was stored."""
+    if output.flush(timeout=timeout):
+        return True
+    print(
+        f"[memel] warning: step {step} checkpointed before its {what} were stored (waited {timeout:g} s, "
+        "checkpoint.output_wait_s); they stay queued and are retried, but a crash before they are "
+        "stored loses them",
+        flush=True,
+    )
+    return False

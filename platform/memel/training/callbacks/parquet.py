@@ -32,9 +32,15 @@ class StatsSinkCallback(Callback):
     """Submits each snapshot to a :class:`ParquetStatsSink`; on close, waits for its writes."""
 
     def __init__(
-        self, sink: ParquetStatsSink, columns: RunColumns, depths: Mapping[str, float], close_timeout: float = 120
+        self,
+        sink: ParquetStatsSink,
+        columns: RunColumns,
+        depths: Mapping[str, float],
+        close_timeout: float = 120,
+        checkpoint_wait: float = 60,
     ) -> None:
         self.sink, self.columns, self.depths, self.close_timeout = sink, columns, depths, close_timeout
+        self.checkpoint_wait = checkpoint_wait
 
     def on_snapshot(self, step: int, snapshots: Mapping[str, Any], tokens_seen: int) -> None:
         c = self.columns
@@ -59,7 +65,7 @@ class StatsSinkCallback(Callback):
             self.sink.submit(table, module=name, step=step)
 
     def on_checkpoint(self, step: int, directory: Path, metrics: Mapping[str, Any]) -> None:
-        stored_before_checkpoint(self.sink, step)
+        stored_before_checkpoint(self.sink, step, self.checkpoint_wait, "statistics")
 
     def close(self, failed: bool = False) -> None:
         self.sink.close(timeout=min(self.close_timeout, FAILED_CLOSE_TIMEOUT) if failed else self.close_timeout)

@@ -27,8 +27,8 @@ def module_metrics(snapshots: Mapping[str, Any]) -> dict[str, float]:
 class TrackerCallback(Callback):
     """Logs to a :class:`memel.tracking.Tracker`; on close, waits for delivery (the driver ends the run)."""
 
-    def __init__(self, tracker: Tracker, flush_timeout: float = 60) -> None:
-        self.tracker, self.flush_timeout = tracker, flush_timeout
+    def __init__(self, tracker: Tracker, flush_timeout: float = 60, checkpoint_wait: float = 60) -> None:
+        self.tracker, self.flush_timeout, self.checkpoint_wait = tracker, flush_timeout, checkpoint_wait
 
     def on_log(self, step: int, metrics: Mapping[str, float]) -> None:
         self.tracker.log_metrics(metrics, step)
@@ -44,7 +44,7 @@ class TrackerCallback(Callback):
         self.tracker.log_metrics(module_metrics(snapshots), step)
 
     def on_checkpoint(self, step: int, directory: Path, metrics: Mapping[str, Any]) -> None:
-        stored_before_checkpoint(self.tracker, step)
+        stored_before_checkpoint(self.tracker, step, self.checkpoint_wait, "metrics")
 
     def close(self, failed: bool = False) -> None:
         self.tracker.flush(timeout=min(self.flush_timeout, FAILED_CLOSE_TIMEOUT) if failed else self.flush_timeout)
