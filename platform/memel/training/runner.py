@@ -248,7 +248,20 @@ def _run_locked(
 
 
 def _fit(spec: TrainSpec, info: RunInfo, storage: str, env: dict[str, str], tracker: Any) -> Any:
-    """Ray Train's run of the workers; the MLflow run ends FAILED when it raises."""
+    """Ray Train's run of the workers; the MLflow run ends FAILED when it (or reading the checkpoint
+    storage before it) raises."""
+    try:
+        return _resume_and_train(spec, info, storage, env)
+    except BaseException as error:
+        marked = end_after_error(tracker, error)
+        if marked and not isinstance(error, KeyboardInterrupt):  # the store answers: compare it with the stats
+            warn_unwritten(info.stats_root, info.run_id, getattr(tracker, "client", None), describe(error))
+        raise
+
+
+def _resume_and_train(spec: TrainSpec, info: RunInfo, storage: str, env: dict[str, str]) -> Any:
+    """The run's result on disk when its last checkpoint is complete, else Ray Train's run from its
+    newest complete checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -285,15 +298,9 @@ def _fit(spec: TrainSpec, info: RunInfo, storage: str, env: dict[str, str], trac
             worker_runtime_env={"env_vars": env} if env else None,
         ),
     )
-    try:
-        result = trainer.fit()
-        raise_if_diverged(getattr(result, "return_value", None))  # rank 0 said the loss became non-finite
-        return result
-    except BaseException as error:
-        marked = end_after_error(tracker, error)
-        if marked and not isinstance(error, KeyboardInterrupt):  # the store answers: compare it with the stats
-            warn_unwritten(info.stats_root, info.run_id, getattr(tracker, "client", None), describe(error))
-        raise
+    result = trainer.fit()
+    raise_if_diverged(getattr(result, "return_value", None))  # rank 0 said the loss became non-finite
+    return result
 
 
 def _report_resume_point(run: RunFolder, workers: int, keep: int) -> tuple[FoundCheckpoint | None, list[str]]:
