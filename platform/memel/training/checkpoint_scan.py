@@ -76,11 +76,6 @@ def run_folder(storage: str, run_name: str) -> RunFolder | None:
     return RunFolder(fs, posixpath.join(path, run_name))
 
 
-def from_fs_path(fs: pafs.FileSystem, path: str) -> RunFolder:
-    """A folder given as Ray gives checkpoints: a filesystem and a path there."""
-    return RunFolder(fs, path.rstrip("/"))
-
-
 @dataclass(frozen=True)
 class FoundCheckpoint:
     """A complete checkpoint: its folder and the step it holds."""
