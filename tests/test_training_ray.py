@@ -338,43 +338,60 @@ def _lag_ray_record(storage: str, run_name: str) -> str:
     return results[oldest]["checkpoint_dir_name"]
 
 
+def _memel_train(out: Path, env: dict[str, str], *overrides: str):
+    """``memel train`` of the smoke job in a fresh interpreter (its embedded Ray inherits ``env``)."""
+    import os
+    import subprocess
+    import sys
+
+    settings = [f"output_dir={out}", "train.log_every=2", "eval.every=6", "eval.batches=1", "stats.every=2"]
+    command = [sys.executable, "-m", "memel", "train", str(SMOKE)]
+    command += [arg for setting in [*settings, *overrides] for arg in ("--set", setting)]
+    full_env = {**os.environ, **env, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "platform")}
+    full_env.pop("RAY_ADDRESS", None)
+    return subprocess.run(command, capture_output=True, text=True, timeout=900, env=full_env, check=False)
+
+
 def test_on_s3_a_run_resumes_from_its_newest_checkpoint_and_keeps_only_checkpoint_keep(
-    local_ray, tmp_path: Path, monkeypatch, s3_server, capfd: pytest.CaptureFixture[str]
+    tmp_path: Path, s3_server
 ) -> None:
     """Checkpoints in S3: a run killed after its step-4 checkpoint, whose Ray record still ends at
     step 2, resumes from step 4 (no step replayed), and the checkpoints Ray does not track are
     pruned to ``checkpoint.keep``."""
+    import json
+
     import pyarrow.fs as pafs
+    from s3_server import s3_env
 
     from memel.training.checkpoint_scan import SNAPSHOT_FILE, run_folder, scan_run
 
-    for key, value in s3_server.env().items():
-        monkeypatch.setenv(key, value)
     if "memel-train" not in {bucket["Name"] for bucket in s3_server.client().list_buckets()["Buckets"]}:
         s3_server.client().create_bucket(Bucket="memel-train")
     storage = f"s3://memel-train/{tmp_path.name}-checkpoints"
-    settings = ("checkpoint.every=2", f"checkpoint.storage={storage}", "checkpoint.max_failures=0")
-    monkeypatch.setenv(FAULT_STEP_ENV, "5")
-    monkeypatch.setenv(FAULT_MARKER_ENV, str(tmp_path / "killed.txt"))
-    spec = _spec(tmp_path / "run", *settings, "checkpoint.keep=5", steps=6)
-    with pytest.raises(Exception):  # noqa: B017 - killed at step 5, no retries allowed
-        run_training(spec)
-    assert (tmp_path / "killed.txt").exists(), "the fault was never injected"
-    lagging = _lag_ray_record(storage, spec.run_name)
-    run = run_folder(storage, spec.run_name)
-    assert [found.step for found in scan_run(run, 2).complete] == [4, 2]
-    capfd.readouterr()
+    settings = ("train.steps=6", "checkpoint.every=2", f"checkpoint.storage={storage}", "checkpoint.max_failures=0")
+    fault = {FAULT_STEP_ENV: "5", FAULT_MARKER_ENV: str(tmp_path / "killed.txt")}
+    out = tmp_path / "run"
+    first = _memel_train(out, {**s3_server.env(), **fault}, *settings, "checkpoint.keep=5")
+    assert first.returncode != 0 and (tmp_path / "killed.txt").exists(), first.stdout[-3000:] + first.stderr[-3000:]
+    run_name = json.loads((out / "run.json").read_text())["run_name"]
+    with s3_env(s3_server):
+        lagging = _lag_ray_record(storage, run_name)
+        run = run_folder(storage, run_name)
+        assert [found.step for found in scan_run(run, 2).complete] == [4, 2]
 
-    result = run_training(_spec(tmp_path / "run", *settings, "checkpoint.keep=2", steps=6))
-    time.sleep(2)  # the workers' output reaches the driver asynchronously
-    shown = capfd.readouterr().out
+    again = _memel_train(out, s3_server.env(), *settings, "checkpoint.keep=2")
+    shown = again.stdout + again.stderr
+    assert again.returncode == 0, shown[-5000:]
     assert "resuming from the checkpoint of step 4" in shown and "[memel] resumed from step 4" in shown, shown[-3000:]
     assert f"its latest: {lagging}" in shown
-    assert result.metrics["step"] == 6
-    steps = [s for s, _ in _metric_history(result.tracking_uri, result.run_id, "train/loss")]
-    assert sorted(steps) == [2, 4, 6]
-    kept = scan_run(run, 2)
-    assert [found.step for found in kept.complete] == [6, 4], "checkpoint.keep=2, the step-2 one pruned"
-    assert not kept.skipped
-    listed = run.fs.get_file_info(pafs.FileSelector(run.path))
-    assert any(info.base_name.startswith(f"{SNAPSHOT_FILE}.stale-") for info in listed)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metrics"]["step"] == 6
+    steps = [s for s, _ in _metric_history(summary["tracking_uri"], summary["run_id"], "train/loss")]
+    assert sorted(steps) == [2, 4, 6], "no step trained twice"
+    with s3_env(s3_server):
+        run = run_folder(storage, run_name)
+        kept = scan_run(run, 2)
+        assert [found.step for found in kept.complete] == [6, 4], "checkpoint.keep=2, the step-2 one pruned"
+        assert not kept.skipped
+        listed = run.fs.get_file_info(pafs.FileSelector(run.path))
+        assert any(info.base_name.startswith(f"{SNAPSHOT_FILE}.stale-") for info in listed)
