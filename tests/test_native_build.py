@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from memel.inhibition.native import EXTENSION_NAME
-from memel.inhibition.native_build import MEMEL_LOCK, STALE_AFTER_S, TORCH_LOCK
+from memel.inhibition.native import EXTENSION_NAME, SOURCE
+from memel.inhibition.native_build import MEMEL_LOCK, STALE_AFTER_S, TORCH_LOCK, build_directory, folder_name
 
 PLATFORM = Path(__file__).resolve().parents[1] / "platform"
 LOAD = "from memel.inhibition import native; print('loaded', native.load() is not None, flush=True)"
@@ -45,7 +45,7 @@ def _old(path: Path) -> None:
 
 
 def test_a_lock_left_by_a_killed_build_is_broken(extensions: Path) -> None:
-    folder = extensions / EXTENSION_NAME
+    folder = extensions / folder_name(EXTENSION_NAME, SOURCE)
     folder.mkdir(parents=True)
     (folder / TORCH_LOCK).write_text("")
     _old(folder / TORCH_LOCK)
@@ -88,7 +88,7 @@ while not os.path.exists(release):
 @pytest.fixture(params=["torch", "memel"])
 def live_holder(request: pytest.FixtureRequest, extensions: Path, tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     """A live process holding the build folder's torch lock (an old, open file) or memel lock."""
-    folder = extensions / EXTENSION_NAME
+    folder = extensions / folder_name(EXTENSION_NAME, SOURCE)
     folder.mkdir(parents=True, exist_ok=True)
     script, lock = (
         (HOLD_TORCH_LOCK, folder / TORCH_LOCK) if request.param == "torch" else (HOLD_MEMEL_LOCK, folder / MEMEL_LOCK)
@@ -122,3 +122,13 @@ def test_a_live_build_is_waited_for(live_holder: tuple[Path, Path], extensions: 
             loader.kill()
     assert loader.returncode == 0 and "loaded True" in out, err[-3000:]
     assert "removed a stale build lock" not in err
+
+
+def test_each_source_location_builds_in_its_own_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Two installs sharing torch's cache never rebuild each other's kernel; one install keeps one folder."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    here, copy = SOURCE, tmp_path / "elsewhere" / SOURCE.name
+    assert build_directory(EXTENSION_NAME, here) == build_directory(EXTENSION_NAME, here)
+    assert build_directory(EXTENSION_NAME, here) != build_directory(EXTENSION_NAME, copy)
+    assert build_directory(EXTENSION_NAME, here).parent == tmp_path
+    assert build_directory(EXTENSION_NAME, here).name.startswith(f"{EXTENSION_NAME}-")

@@ -77,7 +77,7 @@ def load() -> Any:
             try:
                 from torch.utils.cpp_extension import load as load_extension
 
-                folder = build_directory(EXTENSION_NAME)
+                folder = build_directory(EXTENSION_NAME, SOURCE)
                 with exclusive_build(folder):  # waits for a live build, breaks a dead one's lock
                     _module = load_extension(
                         name=EXTENSION_NAME,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import time
 import warnings
@@ -27,11 +28,22 @@ STALE_AFTER_S = 10.0
 POLL_S = 0.5
 
 
-def build_directory(name: str) -> Path:
-    """The folder torch builds extension ``name`` in (``$TORCH_EXTENSIONS_DIR`` or torch's cache)."""
+def build_directory(name: str, source: Path) -> Path:
+    """The folder extension ``name`` is built in: one per source file location, under torch's cache.
+
+    torch's cache (``$TORCH_EXTENSIONS_DIR``) keys a build by name alone and its build file records
+    the source's path, so two installs of memel (two checkouts, two environments) sharing a cache
+    would rebuild each other's kernel on every load. The folder's suffix, a hash of the source's
+    resolved path, gives each install its own build.
+    """
     from torch.utils.cpp_extension import _get_build_directory
 
-    return Path(_get_build_directory(name, verbose=False))
+    return Path(_get_build_directory(name, verbose=False)).with_name(folder_name(name, source))
+
+
+def folder_name(name: str, source: Path) -> str:
+    """``name`` and a hash of ``source``'s resolved path: the build folder's name."""
+    return f"{name}-{hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:12]}"
 
 
 @contextlib.contextmanager
