@@ -1,12 +1,16 @@
-"""A sweep on a real 3-node Ray cluster (a head and two worker nodes on this machine, each its own
-raylet, object store and temp dir): the members' workers are spread over both worker nodes, every
-result lands in S3 (SeaweedFS) and on the MLflow server, and losing a worker node mid-run ends with
-the same result as the uninterrupted sweep, resumed from the last S3 checkpoint on the node left,
-with no metric step or statistics row twice."""
+"""A sweep sent with ``memel submit`` to a real 3-node Ray cluster (a head and two worker nodes on
+this machine, each its own raylet, object store and temp dir; the job goes through the head's Job
+Submission API with the project as its working_dir): the members' workers are spread over both
+worker nodes, every result lands in S3 (SeaweedFS) and on the MLflow server, and losing a worker
+node mid-run ends with the same result as the uninterrupted sweep, resumed from the last S3
+checkpoint on the node left, with no metric step or statistics row twice. The S3 secrets live in
+the nodes' own environment only: they never reach the job's runtime_env or Ray's session folders."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,9 +22,9 @@ from typing import Any
 
 import pyarrow.dataset as ds
 import pytest
-import yaml
 from ray_cluster import OBJECT_STORE_BYTES, LocalCluster, local_cluster
 
+from memel.redaction import is_secret_key
 from memel.training.checkpoint_scan import SNAPSHOT_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +39,7 @@ NODES = {
     "node_a": {"num_cpus": 4, "resources": {"node_a": 1}},
     "node_b": {"num_cpus": 2, "resources": {"node_b": 1}},
 }
-RUN_TIMEOUT_S = 300
+RUN_TIMEOUT_S = 400  # the upload and the runtime_env set-up on each node included
 MIN_MEMORY_GIB = 4
 STATS_KEY = ["module", "step", "neuron"]
 STATS_VALUES = [
@@ -83,17 +87,13 @@ def cluster(s3_server) -> Iterator[LocalCluster]:
         yield handle
 
 
-def _job(tmp_path: Path) -> Path:
-    """jobs/smoke.yaml as a 2-member sweep (original and rd), its workers spread over the nodes."""
-    tree = yaml.safe_load(SMOKE.read_text())
-    tree.update(name="multinode", sweep={"rungs": ["byte-0.2m"], "modes": ["original", "rd"]})
-    path = tmp_path / "multinode.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    return path
-
-
-def _args(job: Path, out: Path, prefix: str, mlflow_server: str) -> list[str]:
+def _args(cluster: LocalCluster, out: Path, prefix: str, mlflow_server: str) -> list[str]:
+    """``memel submit --wait`` of jobs/smoke.yaml as a 2-member sweep (original and rd), its
+    workers spread over the nodes, to the head's dashboard."""
     overrides = [
+        "name=multinode",
+        "sweep.rungs=[byte-0.2m]",
+        "sweep.modes=[original, rd]",
         f"train.steps={STEPS}",
         "train.log_every=2",
         f"eval.every={STEPS}",
@@ -110,32 +110,70 @@ def _args(job: Path, out: Path, prefix: str, mlflow_server: str) -> list[str]:
         "tracking.experiment=multinode",
         f"output_dir={out}",
     ]
-    return [sys.executable, "-m", "memel", "run", str(job), *(f"--set={o}" for o in overrides)]
+    return [
+        sys.executable,
+        "-m",
+        "memel",
+        "submit",
+        str(SMOKE),
+        "--address",
+        cluster.dashboard,
+        "--token-file",
+        str(cluster.token_file),
+        *(f"--set={o}" for o in overrides),
+        "--wait",
+    ]
 
 
-def _start(cluster: LocalCluster, args: list[str], log: Path, s3_server) -> subprocess.Popen:
-    """``memel run`` against the cluster's address (RAY_ADDRESS), from its own working folder."""
+def _submitter_env() -> dict[str, str]:
+    """This process's environment without a secret (S3 keys, the cluster token) or RAY_ADDRESS: the
+    S3 secrets are the nodes' own, and the token comes from --token-file."""
+    env = {key: value for key, value in os.environ.items() if not is_secret_key(key) and key != "RAY_ADDRESS"}
+    return {**env, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+
+
+def _start(args: list[str], log: Path) -> subprocess.Popen:
+    """``memel submit --wait`` from its own working folder."""
     work = log.parent / f"{log.stem}-cwd"
     work.mkdir()
     return subprocess.Popen(
-        args,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        cwd=work,
-        start_new_session=True,
-        env=cluster.driver_env(**s3_server.env(), PYTHONUNBUFFERED="1", COLUMNS="200"),
+        args, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=work, start_new_session=True, env=_submitter_env()
     )
 
 
-def _finish(process: subprocess.Popen, log: Path) -> str:
+def _finish(process: subprocess.Popen, log: Path) -> tuple[str, str]:
+    """(the submitter's output, the submission id) once the job SUCCEEDED."""
     try:
         process.wait(timeout=RUN_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         process.kill()
-        pytest.fail(f"memel run did not end in {RUN_TIMEOUT_S}s: {log.read_text()[-4000:]}")
+        pytest.fail(f"memel submit --wait did not end in {RUN_TIMEOUT_S}s: {log.read_text()[-4000:]}")
     text = log.read_text()
     assert process.returncode == 0, text[-6000:]
-    return text
+    found = re.search(r"submitted (memel-multinode-[0-9a-f]{10})", " ".join(text.split()))
+    assert found, text[-4000:]
+    assert f"{found.group(1)} SUCCEEDED" in " ".join(text.split()), text[-4000:]
+    return text, found.group(1)
+
+
+def _check_job(cluster: LocalCluster, submission_id: str, secret: str) -> None:
+    """The job ran its entrypoint on the head from the uploaded project, without a secret in its runtime_env."""
+    from ray.job_submission import JobSubmissionClient
+
+    sdk = JobSubmissionClient(cluster.dashboard, headers={"Authorization": f"Bearer {cluster.token}"})
+    job = sdk.get_job_info(submission_id)
+    assert str(job.status) == "SUCCEEDED" and job.entrypoint.startswith(
+        "memel run jobs/smoke.yaml --set name=multinode"
+    )
+    assert job.runtime_env["working_dir"].startswith("gcs://"), "the project was uploaded"
+    assert not [name for name in job.runtime_env.get("env_vars", {}) if is_secret_key(name)]
+    assert secret not in json.dumps(job.runtime_env)
+    assert list(cluster.node_folder("head").glob(f"ray/session_*/logs/job-driver-{submission_id}.log"))
+
+
+def _secret_left_in_sessions(cluster: LocalCluster, secret: str) -> list[Path]:
+    """The files Ray wrote in any node's session folders (its logs above all) that hold ``secret``."""
+    return [path for name in NODES for path in cluster.session_files(name) if secret.encode() in path.read_bytes()]
 
 
 def _checkpoints(s3_server, prefix: str) -> set[str]:
@@ -173,8 +211,6 @@ def _stats(s3_server, prefix: str):
 
 def _members(mlflow_server: str, out: Path) -> dict[str, Any]:
     """The sweep's child runs on the MLflow server, by member key."""
-    import json
-
     from mlflow import MlflowClient
 
     client = MlflowClient(mlflow_server)
@@ -218,13 +254,15 @@ def test_sweep_spreads_over_nodes_and_survives_losing_one(
 ) -> None:
     if BUCKET not in {bucket["Name"] for bucket in s3_server.client().list_buckets()["Buckets"]}:
         s3_server.client().create_bucket(Bucket=BUCKET)
-    job, tag = _job(tmp_path), uuid.uuid4().hex[:8]
+    tag, secret = uuid.uuid4().hex[:8], s3_server.secret_key
+    assert os.environ.get("AWS_SECRET_ACCESS_KEY") == secret, "the nodes (started from this process) hold the secret"
 
     # the whole sweep on three nodes: the reference
     whole_log = tmp_path / "whole.log"
-    _finish(
-        _start(cluster, _args(job, tmp_path / "whole", f"{tag}/whole", mlflow_server), whole_log, s3_server), whole_log
+    whole_text, whole_id = _finish(
+        _start(_args(cluster, tmp_path / "whole", f"{tag}/whole", mlflow_server), whole_log), whole_log
     )
+    _check_job(cluster, whole_id, secret)
     assert _ran_train_workers(cluster, "node_a") and _ran_train_workers(cluster, "node_b"), (
         "workers on both worker nodes"
     )
@@ -233,7 +271,7 @@ def test_sweep_spreads_over_nodes_and_survives_losing_one(
 
     # the same sweep again; node_b is taken away once a checkpoint is in S3
     lost_log = tmp_path / "lost.log"
-    process = _start(cluster, _args(job, tmp_path / "lost", f"{tag}/lost", mlflow_server), lost_log, s3_server)
+    process = _start(_args(cluster, tmp_path / "lost", f"{tag}/lost", mlflow_server), lost_log)
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while not _recorded(s3_server, f"{tag}/lost"):
         assert process.poll() is None, lost_log.read_text()[-4000:]
@@ -241,11 +279,14 @@ def test_sweep_spreads_over_nodes_and_survives_losing_one(
         time.sleep(0.2)
     assert process.poll() is None, "the run ended before the node could be lost"
     cluster.lose("node_b")
-    shown = _finish(process, lost_log)
+    shown, lost_id = _finish(process, lost_log)
+    _check_job(cluster, lost_id, secret)
     assert "The actor died because its node has died" in shown, "the lost node failed the runs"
     resumed = cluster.worker_lines("node_a", "[memel] resumed from step")
     assert resumed, "the restarted workers resumed from the checkpoint in S3 (on the node left)"
     lost, lost_stats = _check_complete(mlflow_server, s3_server, tmp_path / "lost", f"{tag}/lost")
+    assert secret not in whole_text + shown, "the submitter never shows the secret"
+    assert not _secret_left_in_sessions(cluster, secret), "the S3 secret is in Ray's session folders"
 
     # the same result: final loss and every statistics snapshot of every member
     from mlflow import MlflowClient
