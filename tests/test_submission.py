@@ -79,12 +79,9 @@ def test_runtime_env_ships_the_project_and_forwards_only_what_is_set() -> None:
     assert env["excludes"][: len(DEFAULT_EXCLUDES)] == list(DEFAULT_EXCLUDES)  # then files git does not track
     assert {".git", "/runs", "__pycache__"} <= set(env["excludes"])
     assert env["py_modules"] == [str(ROOT / "platform" / "memel")], "the submitted memel code runs on the cluster"
-    assert env["env_vars"] == {
-        "MLFLOW_TRACKING_URI": "http://mlflow:5000",
-        "AWS_SECRET_ACCESS_KEY": "s3cr3t",
-        "MY_FLAG": "1",
-    }
-    assert plan.env_names == ["AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_URI", "MY_FLAG"]
+    assert env["env_vars"] == {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "MY_FLAG": "1"}, "no secret travels"
+    assert plan.env_names == ["MLFLOW_TRACKING_URI", "MY_FLAG"]
+    assert plan.withheld_env == ("AWS_SECRET_ACCESS_KEY",)
     assert "pip" not in env
     assert (
         plan.entrypoint
@@ -258,11 +255,11 @@ def test_submit_sends_the_plan_and_never_prints_secret_values(monkeypatch, tmp_p
     first = RUNNER.invoke(app, args)
     assert first.exit_code == 0, first.output
     (plan,) = _FakeCluster.submitted
-    assert plan.runtime_env["env_vars"]["AWS_SECRET_ACCESS_KEY"] == "very-secret-value-123"
+    assert plan.runtime_env["env_vars"] == {"EXTRA_SETTING": "extra-value-789"}, "secrets never travel in runtime_env"
     assert plan.entrypoint.startswith("memel train jobs/smoke.yaml --set tracking.uri=")
     out = _flat(first.output)
     assert f"submitted {plan.submission_id}" in out
-    assert "AWS_SECRET_ACCESS_KEY" in out and "MLFLOW_TRACKING_PASSWORD" in out and "EXTRA_SETTING" in out
+    assert "not sent: MLFLOW_TRACKING_PASSWORD, AWS_SECRET_ACCESS_KEY" in out and "EXTRA_SETTING" in out
     assert f"--token-file {token_file}" in out
     for secret in ("very-secret-value-123", "another-secret-456", "extra-value-789", "tok-999"):
         assert secret not in first.output
@@ -270,6 +267,34 @@ def test_submit_sends_the_plan_and_never_prints_secret_values(monkeypatch, tmp_p
     assert again.exit_code == 0, again.output
     assert f"already on the cluster: {plan.submission_id} RUNNING" in _flat(again.output)
     assert len(_FakeCluster.submitted) == 1
+
+
+def test_a_uri_travels_without_its_credentials_and_a_secret_is_never_forwarded() -> None:
+    environ = {"MLFLOW_TRACKING_URI": "http://alice:pw-123@mlflow:5000", "AWS_SESSION_TOKEN": "tok-456", "MY": "1"}
+    plan = plan_job(SubmitRequest(SMOKE, "http://head:8265", "train", tuple(CLUSTER_OUTPUTS), ("MY",)), environ)
+    assert plan.runtime_env["env_vars"] == {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "MY": "1"}
+    assert plan.withheld_env == ("MLFLOW_TRACKING_URI credentials", "AWS_SESSION_TOKEN")
+    with pytest.raises(SubmissionError, match=r"--env AWS_SESSION_TOKEN: a secret"):
+        plan_job(
+            SubmitRequest(SMOKE, "http://head:8265", "train", tuple(CLUSTER_OUTPUTS), ("AWS_SESSION_TOKEN",)), environ
+        )
+
+
+def test_credentials_in_an_override_or_the_job_file_are_refused(tmp_path: Path) -> None:
+    with_password = [o for o in CLUSTER_OUTPUTS if not o.startswith("tracking.uri=")]
+    with_password.append("tracking.uri=http://alice:pw-123@mlflow.example:5000")
+    with pytest.raises(SubmissionError, match=r"--set tracking.uri: holds credentials") as raised:
+        plan_job(SubmitRequest(SMOKE, "http://head:8265", "train", tuple(with_password)), {})
+    assert "pw-123" not in str(raised.value)
+    job = ROOT / "jobs" / f"test-credentials-{uuid.uuid4().hex[:8]}.yaml"
+    text = SMOKE.read_text() + "\n# tracking at http://alice:pw-123@mlflow.example:5000\n"
+    job.write_text(text)
+    try:
+        with pytest.raises(SubmissionError, match=r"holds credentials") as raised:
+            plan_job(SubmitRequest(job, "http://head:8265", "train", tuple(CLUSTER_OUTPUTS)), {})
+        assert "pw-123" not in str(raised.value)
+    finally:
+        job.unlink()
 
 
 def test_cluster_errors_never_echo_the_token_or_forwarded_values() -> None:
@@ -317,6 +342,7 @@ class Head:
     token: str
     token_file: Path
     home: Path  # an empty HOME for CLI runs, so no ~/.ray/auth_token of this machine is found
+    secret: str  # the S3 secret key, which the head holds in its own environment (memel submit never sends it)
 
     def sdk(self):
         from ray.job_submission import JobSubmissionClient
@@ -364,10 +390,10 @@ def _kill_leftovers(token: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def ray_head() -> Iterator[Head]:
+def ray_head(s3_server) -> Iterator[Head]:
     """``ray start --head --block`` in its own process group, temp dir and free ports, with
     ``RAY_AUTH_MODE=token`` and its own ``RAY_AUTH_TOKEN`` (this machine's ~/.ray/auth_token is
-    neither read nor written). Stopped by signalling that process group only, never ``ray stop``."""
+    neither read nor written), and the S3 keys in its own environment, as a cluster holds its secrets. Stopped by signalling that process group only, never ``ray stop``."""
     workdir = Path(tempfile.mkdtemp(prefix="mr-", dir="/tmp"))  # short: Ray's socket paths live under it
     token = secrets.token_hex(32)
     token_file = workdir / "token"
@@ -409,7 +435,9 @@ def ray_head() -> Iterator[Head]:
         str(workdir / "ray"),
         "--disable-usage-stats",
     ]
+    keys = {name: value for name, value in s3_server.env().items() if name.startswith("AWS_") and "KEY" in name}
     env = _clean_env(
+        **keys,
         RAY_AUTH_MODE="token",
         RAY_AUTH_TOKEN=token,
         RAY_USAGE_STATS_ENABLED="0",
@@ -424,7 +452,7 @@ def ray_head() -> Iterator[Head]:
     address = f"http://127.0.0.1:{dashboard}"
     try:
         _wait_for_dashboard(address, token, process, log_path)
-        yield Head(address, token, token_file, home)
+        yield Head(address, token, token_file, home, s3_server.secret_key)
     finally:
         if process.poll() is None:  # `ray start --block` stops its processes on SIGTERM
             process.send_signal(signal.SIGTERM)
@@ -439,6 +467,14 @@ def ray_head() -> Iterator[Head]:
         _kill_leftovers(token)
         log.close()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _holds(path: Path, text: str) -> bool:
+    """Whether the file at ``path`` contains ``text`` (unreadable files hold nothing)."""
+    try:
+        return text.encode() in path.read_bytes()
+    except OSError:
+        return False
 
 
 def _memel(head: Head, *args: str, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
@@ -527,7 +563,11 @@ def test_submit_wait_runs_the_smoke_job_to_success(smoke_job, ray_head: Head) ->
     assert str(job.status) == "SUCCEEDED"
     assert job.entrypoint.startswith("memel run jobs/smoke.yaml --set train.steps=4")
     assert job.metadata["memel_job"] == "smoke"
-    assert set(job.runtime_env["env_vars"]) >= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"}
+    assert "AWS_ENDPOINT_URL" in job.runtime_env["env_vars"]
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(job.runtime_env["env_vars"]), "the head has them"
+    assert "not sent: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY" in _flat(out)
+    leaked = [p for p in (ray_head.home.parent / "ray").rglob("*") if p.is_file() and _holds(p, ray_head.secret)]
+    assert not leaked, f"the S3 secret key is in the head's Ray files: {leaked[:5]}"
 
 
 @pytest.mark.timeout(900)

@@ -147,7 +147,8 @@ def submit_command(
     cluster runs [bold]memel <command> JOB.yaml --set ...[/bold] there. The spec is validated here
     first. The submission id is derived from the command, the job file and the overrides, so
     submitting the same thing again reports the existing job instead of starting a duplicate.
-    MLflow and S3 settings (MLFLOW_TRACKING_*, AWS_*) are forwarded when set; values are never shown.
+    MLflow and S3 settings (MLFLOW_TRACKING_*, AWS_*) are forwarded when set, except secrets, which the
+    cluster's nodes must hold themselves (Ray logs a job's environment); values are never shown.
     Files git does not track stay behind (they are listed); --include PATH uploads one on purpose.
 
     Example: [bold]memel submit jobs/smoke.yaml --address http://HEAD:8265 --token-file ~/.ray/cluster_token --set train.steps=40 --wait[/bold]
@@ -157,7 +158,6 @@ def submit_command(
     from memel.submission import SubmissionError, SubmitRequest, plan_job
     from memel.submission.client import resolve_address
     from memel.submission.follow import status_of
-    from memel.training.worker_env import is_secret
 
     console = Console()
     try:
@@ -177,15 +177,13 @@ def submit_command(
         shown = ", ".join(plan.left_out[:8]) + (f", ... ({len(plan.left_out)} files)" if len(plan.left_out) > 8 else "")
         table.add_row("left out", escape(f"{shown} ({plan.left_out_reason}; add one with --include PATH)"))
     table.add_row("forwarded env", ", ".join(plan.env_names) or "-")
-    secret_names = [name for name in plan.env_names if is_secret(name, plan.runtime_env["env_vars"][name])]
     if "pip" in plan.runtime_env:
         table.add_row("pip", f"{len(plan.runtime_env['pip'])} pinned requirements")
     console.print(table)
-    if secret_names:
+    if plan.withheld_env:
         console.print(
-            f"note: {', '.join(secret_names)} travel in the job's runtime_env, which Ray keeps in the cluster's job "
-            "records and logs; to keep them out, set them in the cluster's own environment (e.g. a Kubernetes Secret) "
-            "and unset them here"
+            f"note: not sent: {', '.join(plan.withheld_env)} (secrets: Ray writes a job's environment to the cluster's "
+            "logs); the cluster's nodes must have them in their own environment (e.g. a Kubernetes Secret)"
         )
 
     cluster = _connect(console, resolved, token_file)

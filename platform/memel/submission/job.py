@@ -54,6 +54,7 @@ class JobPlan:
     metadata: dict[str, str] = field(default_factory=dict)
     left_out: tuple[str, ...] = ()  # project files not uploaded (see ``upload``)
     left_out_reason: str = ""
+    withheld_env: tuple[str, ...] = ()  # secrets set here that the job does not carry (see ``forwarded_env``)
 
     @property
     def env_names(self) -> list[str]:
@@ -117,10 +118,12 @@ def plan_job(request: SubmitRequest, environ: Mapping[str, str] | None = None) -
         raise SubmissionError(
             f"{str(job_file)!r} is outside the project root {root}, so it would not be shipped; move it under {root / 'jobs'}"
         ) from None
+    _refuse_credentials(job_file, request.overrides)
     left, reason = left_out(root, keep=[job_path], includes=request.includes)
+    forwarded, withheld = forwarded_env(request.env_names, environ)
     runtime_env = build_runtime_env(
         root,
-        forwarded_env(request.env_names, environ),
+        forwarded,
         pinned_requirements() if request.pip else None,
         excludes=[*DEFAULT_EXCLUDES, *as_excludes(left)],
     )
@@ -134,4 +137,25 @@ def plan_job(request: SubmitRequest, environ: Mapping[str, str] | None = None) -
         metadata={"memel_job": name, "memel_command": request.command, "memel_file": job_path},
         left_out=tuple(left),
         left_out_reason=reason,
+        withheld_env=tuple(withheld),
     )
+
+
+def _refuse_credentials(job_file: Path, overrides: tuple[str, ...]) -> None:
+    """Refuse credentials in the job file or an override: the file is uploaded, the overrides are the
+    job's entrypoint, and Ray keeps both in the cluster's records and logs."""
+    from memel.redaction import redact
+
+    for item in overrides:
+        if redact(item) != item:
+            key = item.partition("=")[0]
+            raise SubmissionError(
+                f"--set {key}: holds credentials, which would travel in the job's entrypoint (Ray logs it); "
+                "give the cluster MLFLOW_TRACKING_USERNAME/PASSWORD or AWS keys in its own environment instead"
+            )
+    text = job_file.read_text(errors="replace")
+    if redact(text) != text:
+        raise SubmissionError(
+            f"{str(job_file)!r}: holds credentials (a user:password@ URI or a secret value), and the job file is "
+            "uploaded to the cluster; move them to the cluster's own environment"
+        )

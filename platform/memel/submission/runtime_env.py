@@ -11,7 +11,8 @@ from typing import Any
 
 from .errors import SubmissionError
 
-#: Tracking and S3 settings forwarded from the submitter's environment when set (values never printed).
+#: Tracking and S3 settings forwarded from the submitter's environment when set; the secret ones among them
+#: are withheld (see ``forwarded_env``).
 FORWARDED_ENV = (
     "MLFLOW_TRACKING_URI",
     "MLFLOW_TRACKING_TOKEN",
@@ -68,16 +69,49 @@ def find_project_root(job_file: Path, cwd: Path | None = None) -> Path:
     )
 
 
-def forwarded_env(extra: Iterable[str] = (), environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """``FORWARDED_ENV`` variables that are set, plus every ``extra`` name (which must be set)."""
+def forwarded_env(
+    extra: Iterable[str] = (), environ: Mapping[str, str] | None = None
+) -> tuple[dict[str, str], list[str]]:
+    """(the ``FORWARDED_ENV`` variables that are set, plus every ``extra`` name, the secrets withheld).
+
+    Ray writes a job's ``runtime_env`` to the cluster's job records and its runtime-env agent's log,
+    so a secret (a variable whose name marks it as one, or the ``user:password@`` of a URI) never
+    travels that way: a secret ``FORWARDED_ENV`` variable is withheld and named in the second item,
+    a URI travels without its credentials, and an ``extra`` name that is a secret is refused.
+    """
+    from memel.redaction import redact, split_userinfo
+    from memel.tracking import is_secret_key
+
     env = os.environ if environ is None else environ
     missing = [name for name in extra if name not in env]
     if missing:
         raise SubmissionError(
             f"--env {', '.join(missing)}: not set in this environment, so there is nothing to forward"
         )
-    names = dict.fromkeys([*FORWARDED_ENV, *extra])
-    return {name: env[name] for name in names if name in env}
+    secret_extra = [name for name in extra if is_secret_key(name)]
+    if secret_extra:
+        raise SubmissionError(
+            f"--env {', '.join(secret_extra)}: a secret, and Ray writes a job's environment to the cluster's logs; "
+            "set it in the cluster's own environment instead (docs/operations.md, 'How secrets reach workers')"
+        )
+    forwarded: dict[str, str] = {}
+    withheld: list[str] = []
+    for name in dict.fromkeys([*FORWARDED_ENV, *extra]):
+        if name not in env:
+            continue
+        value = env[name]
+        if is_secret_key(name):
+            withheld.append(name)
+            continue
+        if redact(value) != value:
+            bare, _, _ = split_userinfo(value)
+            if redact(bare) != bare:  # a secret elsewhere in it (a token in the query): withhold it all
+                withheld.append(name)
+                continue
+            withheld.append(f"{name} credentials")
+            value = bare
+        forwarded[name] = value
+    return forwarded, withheld
 
 
 def pinned_requirements(distribution: str = "memel") -> list[str]:
