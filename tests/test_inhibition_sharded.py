@@ -137,24 +137,70 @@ def _compare(ranks: list[dict]) -> None:
                 assert record["held"][name] == sharded_neurons(neurons, 2) * per_neuron, (case, rank, name)
 
 
-def _refused_state_dict(rank: int, world_size: int, out_dir: str) -> None:
+def _model(config: dict) -> Host:
+    torch.manual_seed(0)
     model = Host()
-    memel.inhibit(model, "blocks.*.1", memel.InhibitionConfig(**COMMON))
-    model(torch.randn(4, POSITIONS, WIDTH))
-    state = model.state_dict()
-    fresh = Host()
-    memel.inhibit(fresh, "blocks.*.1", memel.InhibitionConfig(**COMMON))
-    try:
-        fresh.load_state_dict(state)
-    except RuntimeError as error:
-        (Path(out_dir) / f"refused{rank}.txt").write_text(str(error))
+    memel.inhibit(model, "blocks.*.1", memel.InhibitionConfig(**COMMON, **config))
+    return model
 
 
-def test_sharded_statistics_refuse_to_load_from_a_state_dict(tmp_path: Path) -> None:
-    """A rank's state_dict holds its shard only: loading it is refused, with the key named."""
-    run_distributed(_refused_state_dict, 2, str(tmp_path))
+def _steps(model: Host, batches: list[torch.Tensor]) -> None:
+    for batch in batches:
+        (model(batch) * 1.5).sum()
+        memel.sync(model)
+
+
+def _resume(rank: int, world_size: int, out_dir: str) -> None:
+    """Train 3 steps, save each rank's state_dict, train 3 more; a fresh model that loads the
+    rank's own state_dict and trains the same 3 steps must end in the same state."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    out = Path(out_dir)
+    half = [batch.chunk(world_size)[rank] for batch in _data()]
+    config = CASES["rd-top_n-step"]
+    model = _model(config)
+    _steps(model, half[:3])
+    torch.save(model.state_dict(), out / f"state{rank}.pt")
+    dist.barrier()
+    _steps(model, half[3:])
+    resumed = _model(config)
+    resumed.load_state_dict(torch.load(out / "state0.pt"))  # as DeepSpeed restores rank 0's module state
+    refused = ""
+    if rank == 1:  # (rank 0 holds its own shard: a forward there would wait for rank 1's collectives)
+        try:
+            resumed(half[3])
+        except RuntimeError as error:
+            refused = str(error)
+    resumed.load_state_dict(torch.load(out / f"state{rank}.pt"))
+    _steps(resumed, half[3:])
+    record = {
+        "refused": refused,
+        "stats": [{n: m.statistics() for n, m in memel.inhibitors(x).items()} for x in (model, resumed)],
+        "snapshots": [{n: s.as_numpy() for n, s in memel.snapshot(x).items()} for x in (model, resumed)],
+    }
+    torch.save(record, out / f"resume{rank}.pt")
+
+
+def test_each_rank_resumes_from_its_own_shard(tmp_path: Path) -> None:
+    """A rank's state_dict holds its shard: loaded back on the same 2 ranks, training goes on
+    exactly as without the interruption; another rank's shard loads (as DeepSpeed restores
+    rank 0's module state everywhere) but refuses to train; 1 process refuses a shard."""
+    run_distributed(_resume, 2, str(tmp_path))
     for rank in range(2):
-        assert "execution.shard_statistics" in (tmp_path / f"refused{rank}.txt").read_text()
+        record = torch.load(tmp_path / f"resume{rank}.pt", weights_only=False)
+        assert ("another rank's shard" in record["refused"]) == (rank == 1), record["refused"]
+        uninterrupted, resumed = record["stats"]
+        for name, expected in uninterrupted.items():
+            for key in ("mean", "var", "count"):
+                assert torch.equal(resumed[name][key], expected[key]), (rank, name, key)
+            assert resumed[name]["batches"] == expected["batches"] == STEPS
+        for name, expected in record["snapshots"][0].items():
+            for key, value in expected.items():
+                assert np.array_equal(record["snapshots"][1][name][key], value), (rank, name, key)
+    alone = _model(CASES["rd-top_n-step"])  # no process group here: not sharded
+    with pytest.raises(RuntimeError, match="sharded over 2 ranks"):
+        alone.load_state_dict(torch.load(tmp_path / "state0.pt"))
 
 
 def test_the_key_defaults_off_and_is_written_only_when_on() -> None:

@@ -64,7 +64,7 @@ class ExecutionConfig(BaseModel):
             them: each training call reduce-scatters its moments and window counters into the
             shards and all-gathers the module's mean and variance for that call only. For the
             ``element`` layout of large models (``docs/scaling.md``); one process: no effect.
-            Its state cannot be saved in or loaded from a state_dict.
+            A rank's state_dict holds its shard: each rank saves and loads its own.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")

@@ -144,7 +144,7 @@ _PLAIN_STATE = frozenset(
         "_prev_mean",
         "_all_counted",
         "_shape",
-        "_pending_counted",
+        "_foreign_shard",
     }
 )
 
@@ -238,7 +238,7 @@ class Inhibitor(nn.Module):
         self.register_buffer("tau_pending", torch.zeros(TAU_PENDING, dtype=torch.float64, device=device))
         self._select_above = None
         self._shape: tuple[int, ...] | None = None  # neuron_shape as a tuple (cached: read every call)
-        self._pending_counted = 0.0  # sharded: samples counted over all neurons since the last merge
+        self._foreign_shard = False  # sharded: holds another rank's shard (loaded from its state_dict)
         self._clear_fold_state()
 
     def _register_shard_window(self, padded: int, device: torch.device | str) -> None:
@@ -251,6 +251,12 @@ class Inhibitor(nn.Module):
         self.register_buffer("window_ms_sum", torch.zeros(padded, dtype=torch.float64, device=device))
         self.register_buffer("window_ms_max", torch.zeros(padded, dtype=torch.float32, device=device))
         self.register_buffer("window_tracked", torch.zeros((), dtype=torch.int64, device=device))
+        # samples counted over all neurons since the last merge (whether the pending batch counts)
+        self.register_buffer("pending_counted", torch.zeros((), dtype=torch.float64, device=device))
+        shard = self._shard
+        assert shard is not None
+        layout = torch.tensor([shard.neurons, shard.world, shard.rank], dtype=torch.int64, device=device)
+        self.register_buffer("shard", layout)  # which shard it is: neurons, ranks, rank
 
     def _shard_for(self, neurons: int) -> Shard | None:
         """This rank's shard of ``neurons`` where ``execution.shard_statistics`` is on and the
@@ -344,14 +350,12 @@ class Inhibitor(nn.Module):
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         self.settle()
-        if self._shard is not None or prefix + "window_counts" in state_dict:
-            raise RuntimeError(
-                f"{prefix or 'Inhibitor'}: statistics sharded across ranks (execution.shard_statistics) cannot be "
-                "loaded from a state_dict: each rank holds only its shard; train without shard_statistics to resume"
-            )
         incoming = state_dict.get(prefix + "mean")
         shape_key = prefix + "neuron_shape"
-        if incoming is not None and incoming.numel() != self.neurons and shape_key in state_dict:
+        incoming_shard = state_dict.get(prefix + "shard")
+        if incoming_shard is not None or (self._shard is not None and incoming is not None):
+            self._load_shard_layout(incoming_shard, state_dict.get(shape_key), prefix)
+        elif incoming is not None and incoming.numel() != self.neurons and shape_key in state_dict:
             shape = tuple(int(v) for v in state_dict[shape_key].tolist())
             self._register_state(incoming.numel(), shape, self.mean.device)
         if incoming is not None:  # a checkpoint from before threshold selection: start tau afresh
@@ -365,9 +369,36 @@ class Inhibitor(nn.Module):
         self._compensation = None
         self._all_counted = False
         self._calls = int(self.calls.item())
-        self._has_pending = bool(self.neurons) and (
-            bool((self.pending[P_COUNT] > 0).any().item()) or bool(self.tau_pending[T_JUDGED].item() > 0)
-        )
+        if self._shard is not None:
+            shard = self._shard
+            self.shard.copy_(torch.tensor([shard.neurons, shard.world, shard.rank]))  # its own, not the file's
+            counted = bool(self.pending_counted.item() > 0)
+        else:
+            counted = bool(self.neurons) and bool((self.pending[P_COUNT] > 0).any().item())
+        self._has_pending = counted or bool(self.tau_pending[T_JUDGED].item() > 0)
+
+    def _load_shard_layout(self, incoming: torch.Tensor | None, shape: torch.Tensor | None, prefix: str) -> None:
+        """Set up this rank's shard for a sharded state_dict (``incoming``: its ``shard`` buffer),
+        refusing a replicated one, or one sharded over another number of ranks. A shard of
+        another rank loads (DeepSpeed restores rank 0's module state on every rank) but marks
+        the module: it refuses to run until this rank's own shard is loaded."""
+        where = prefix.removesuffix(".") or "Inhibitor"
+        if incoming is None or shape is None:
+            raise RuntimeError(
+                f"{where}: its statistics are sharded (execution.shard_statistics); a replicated state_dict does "
+                "not load into it: load one saved with shard_statistics on the same ranks"
+            )
+        neurons, world, rank = (int(v) for v in incoming.tolist())
+        shard = self._shard_for(neurons)
+        if shard is None or shard.world != world:
+            ranks = 1 if shard is None else shard.world
+            raise RuntimeError(
+                f"{where}: this state_dict holds statistics sharded over {world} ranks (execution.shard_statistics); "
+                f"here they would be sharded over {ranks}: load it with {world} ranks and shard_statistics on"
+            )
+        if self._shard != shard:
+            self._register_state(neurons, tuple(int(v) for v in shape.tolist()), self.mean.device, shard)
+        self._foreign_shard = rank != shard.rank
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -398,6 +429,11 @@ class Inhibitor(nn.Module):
             self._register_state(values.shape[1], shape, activation.device, self._shard_for(values.shape[1]))
         self._calls += 1
         if self._shard is not None:
+            if self._foreign_shard:
+                raise RuntimeError(
+                    "Inhibitor: it holds another rank's shard of its statistics (loaded from that rank's "
+                    "state_dict); load this rank's own state_dict before training"
+                )
             return self._forward_sharded(activation, values)
         if self._batches == 0:
             self.calls.fill_(self._calls)
@@ -551,7 +587,7 @@ class Inhibitor(nn.Module):
             extras[E_TAU_JUDGED] = samples * self.neurons
         rows, totals = reduce_scatter_rows(moments, extras, shard.padded, dist.ReduceOp.SUM, group)
         self.pending[P_COUNT : P_SUM_D2 + 1] += rows
-        self._pending_counted += float(totals[E_COUNTED])
+        self.pending_counted += totals[E_COUNTED]
         self.window_tracked += int(totals[E_TRACKED])
         self.tau_pending[T_ABOVE] += totals[E_TAU_ABOVE]
         self.tau_pending[T_JUDGED] += totals[E_TAU_JUDGED]
@@ -850,7 +886,7 @@ class Inhibitor(nn.Module):
             )
             self._select_above = None
         # a sharded rank holds part of the counts: whether the batch counts is known from all of them
-        counted = self._pending_counted > 0 if self._shard is not None else bool((payload[P_COUNT] > 0).any())
+        counted = bool(self.pending_counted > 0) if self._shard is not None else bool((payload[P_COUNT] > 0).any())
         if counted:
             capped = self._batches >= self.config.forget_steps
             native = bookkeeping(self.mean, self.config.execution.kernel)
@@ -869,7 +905,8 @@ class Inhibitor(nn.Module):
             self._scale = None
         self.pending.zero_()
         self.tau_pending.zero_()
-        self._pending_counted = 0.0
+        if self._shard is not None:
+            self.pending_counted.zero_()
         self._has_pending = False
 
     def attach_reduction(self, reduction: PendingReduction | None) -> None:
