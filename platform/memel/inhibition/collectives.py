@@ -56,10 +56,11 @@ def reduce_scatter_rows(rows: torch.Tensor, extras: torch.Tensor, padded: int, o
     [r x padded, (r+1) x padded) of every row, then the extras. Returns ([k, padded], [e])."""
     world = dist.get_world_size(group)
     k, neurons = rows.shape
-    full = torch.zeros(k, world * padded, dtype=rows.dtype, device=rows.device)
-    full[:, :neurons] = rows
-    chunks = torch.empty(world, k * padded + extras.numel(), dtype=rows.dtype, device=rows.device)
-    chunks[:, : k * padded].view(world, k, padded).copy_(full.view(k, world, padded).permute(1, 0, 2))
+    chunks = torch.zeros(world, k * padded + extras.numel(), dtype=rows.dtype, device=rows.device)
+    for rank in range(world):  # (copied chunk by chunk: no second copy of the rows)
+        start, stop = rank * padded, min((rank + 1) * padded, neurons)
+        if stop > start:
+            chunks[rank, : k * padded].view(k, padded)[:, : stop - start] = rows[:, start:stop]
     chunks[:, k * padded :] = extras
     out = torch.empty(k * padded + extras.numel(), dtype=rows.dtype, device=rows.device)
     _REDUCE_SCATTER(out, chunks.view(-1), op=op, group=group)
