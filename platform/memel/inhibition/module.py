@@ -588,7 +588,7 @@ class Inhibitor(nn.Module):
         rows, totals = reduce_scatter_rows(moments, extras, shard.padded, dist.ReduceOp.SUM, group)
         self.pending[P_COUNT : P_SUM_D2 + 1] += rows
         self.pending_counted += totals[E_COUNTED]
-        self.window_tracked += int(totals[E_TRACKED])
+        self.window_tracked += totals[E_TRACKED].to(torch.int64)  # (no host sync)
         self.tau_pending[T_ABOVE] += totals[E_TAU_ABOVE]
         self.tau_pending[T_JUDGED] += totals[E_TAU_JUDGED]
         self._has_pending = True
