@@ -52,3 +52,12 @@ def test_train_refuses_bad_specs_before_starting(args: list[str], message: str, 
 
     assert re.search(message, " ".join(result.output.split())), result.output
     assert not (tmp_path / "out").exists(), "nothing may be written for a refused spec"
+
+
+@pytest.mark.parametrize("key", ["inhibition.shard_statistics", "inhibition.execution.shard_statistics"])
+def test_validate_accepts_sharded_statistics_and_names_a_bad_value(key: str) -> None:
+    accepted = RUNNER.invoke(app, ["validate", SMOKE, "--set", f"{key}=true"])
+    assert accepted.exit_code == 0, accepted.output
+    refused = RUNNER.invoke(app, ["validate", SMOKE, "--set", f"{key}=maybe"])
+    assert refused.exit_code == 2, refused.output
+    assert "shard_statistics" in refused.output and "valid boolean" in refused.output

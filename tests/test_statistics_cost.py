@@ -15,7 +15,9 @@ import torch.distributed as dist
 import memel
 from memel.benchmarks.statistics_cost import (
     PAYLOAD_BYTES,
+    SHARDED_CALL_BYTES,
     STATE_BYTES,
+    TOKENS_PER_STEP,
     measured_state_bytes,
     statistics_cost,
 )
@@ -117,3 +119,84 @@ def test_memel_models_shows_the_cost_per_model() -> None:
     cells = [cell.strip() for cell in row.strip("│ ").split("│")]
     # positions, neurons (4 modules x 2,560 channels), 104 B each, % of 2 x 2.78B bytes, 24 B each
     assert cells[4:] == ["2048", "10.2K", "1.06 MB", "0.0", "246 KB"]
+
+
+LADDER_BOUNDS = ["pythia-410m", "pythia-1b", "pythia-1.4b", "pythia-2.8b"]
+
+
+@pytest.mark.parametrize("name", LADDER_BOUNDS)
+def test_sharded_statistics_meet_the_bounds_at_the_middle_rungs(name: str) -> None:
+    """Sharded over 8 ranks, the element layout's state per rank is at most 10% of the bf16
+    parameters and its communication at most 1% of the modelled step, at both batch sizes;
+    replicated it is not."""
+    replicated = statistics_cost(name, "element", "paper", 2048)
+    sharded = statistics_cost(name, "element", "paper", 2048, shard_ranks=8)
+    assert replicated.state_fraction > 0.1
+    assert sharded.state_fraction <= 0.1
+    assert sharded.state_bytes == sum(-(-n // 8) for n in sharded.module_neurons.values()) * 68
+    assert sharded.payload_bytes == sharded.neurons * sum(size for _, size in SHARDED_CALL_BYTES)
+    for tokens in (TOKENS_PER_STEP, 8 * 8 * 2048):
+        assert sharded.reduce_fraction(8, tokens) <= 0.01
+    # one reduce-scatter and one all-gather per call: 7/8 of the payload per GPU each call,
+    # 16 calls of 8 x 8 sequences in Pythia's step of 1,024 sequences
+    assert sharded.reduce_seconds(8, 450e9) == pytest.approx(7 / 8 * sharded.payload_bytes / 450e9)
+    assert sharded.calls_per_step(8, TOKENS_PER_STEP, 8) == 16
+
+
+def _count_sharded_call(rank: int, world: int, out: Path) -> None:
+    from memel.inhibition import collectives
+
+    torch.manual_seed(rank)
+    model = build("byte-0.2m")
+    config = memel.InhibitionConfig(mode="rd", layout="element", shard_statistics=True, late_start=0)
+    inserted = memel.inhibit(model, preset_targets("byte-0.2m", "paper"), config)
+    _train_step(model, "byte-0.2m", 48)  # the first call: moments only
+    moved = 0
+    scatter, gather = collectives._REDUCE_SCATTER, collectives._ALL_GATHER
+
+    def counting_scatter(output: torch.Tensor, input_: torch.Tensor, **kwargs: object) -> object:
+        nonlocal moved
+        moved += input_.numel() * input_.element_size()
+        return scatter(output, input_, **kwargs)
+
+    def counting_gather(output: torch.Tensor, input_: torch.Tensor, **kwargs: object) -> object:
+        nonlocal moved
+        moved += output.numel() * output.element_size()
+        return gather(output, input_, **kwargs)
+
+    collectives._REDUCE_SCATTER, collectives._ALL_GATHER = counting_scatter, counting_gather
+    try:
+        out_ = model(_inputs("byte-0.2m", 48))  # a measured, tracked call of every module
+    finally:
+        collectives._REDUCE_SCATTER, collectives._ALL_GATHER = scatter, gather
+    out_.float().pow(2).mean().backward()
+    memel.sync(model)
+    held = sum(measured_state_bytes(module) for module in inserted.values())
+    (out / f"rank{rank}.json").write_text(json.dumps({"moved": moved, "held": held, "modules": len(inserted)}))
+
+
+def test_modelled_sharded_state_and_payload_are_what_two_ranks_hold_and_move(tmp_path: Path) -> None:
+    """byte-0.2m in the element layout on 2 gloo ranks with sharded statistics: each rank holds
+    exactly the modelled sharded state, and one training call moves the modelled payload (plus
+    the 4 float64 numbers each rank adds per module for the numbers every rank needs)."""
+    run_distributed(_count_sharded_call, 2, tmp_path)
+    cost = statistics_cost("byte-0.2m", "element", "paper", 48, shard_ranks=2)
+    for rank in range(2):
+        measured = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert measured["held"] == cost.state_bytes
+        assert measured["moved"] == cost.payload_bytes + measured["modules"] * 2 * 4 * 8
+
+
+def test_memel_models_shows_the_sharded_cost() -> None:
+    shown = subprocess.run(
+        [sys.executable, "-m", "memel", "models", "--family", "decoder", "--stats", "--shard-ranks", "8"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+        check=True,
+    ).stdout
+    assert "moved/call" in shown
+    row = next(line for line in shown.splitlines() if "pythia-410m" in line)
+    cells = [cell.strip() for cell in row.strip("│ ").split("│")]
+    # 4 x 2,048 x 1,024 neurons, 68 B per neuron of an eighth, 52 B per neuron per call
+    assert cells[4:] == ["2048", "8.39M", "71.3 MB", "8.8", "436 MB"]

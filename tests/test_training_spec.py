@@ -40,6 +40,18 @@ def test_deepspeed_keeps_no_timer_that_waits_for_the_device_every_micro_batch() 
     assert get_timers_config(config).enabled is False, "DeepSpeed's throughput timer synchronizes the device"
 
 
+def test_sharded_statistics_leave_the_fingerprints_of_specs_without_them_alone() -> None:
+    """``inhibition.shard_statistics`` defaults off and is fingerprinted only when on: a spec
+    without it (or with it off, flat or nested) keeps the run name it had before the key existed."""
+    plain = load_spec(SMOKE)
+    assert "shard_statistics" not in plain.model_dump(mode="json")["inhibition"]  # what the fingerprint hashes
+    for off in ("inhibition.shard_statistics=false", "inhibition.execution.shard_statistics=false"):
+        assert load_spec(SMOKE, [off]).run_name == plain.run_name
+    on = load_spec(SMOKE, ["inhibition.shard_statistics=true"])
+    assert on.inhibition.shard_statistics and on.run_name != plain.run_name
+    assert load_spec(SMOKE, ["inhibition.execution.shard_statistics=true"]).run_name == on.run_name
+
+
 def test_user_deepspeed_keys_win() -> None:
     spec = TrainSpec(train={"deepspeed": {"zero_optimization": {"overlap_comm": True}, "gradient_clipping": 0.5}})
     config = deepspeed_config(spec)

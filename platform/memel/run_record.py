@@ -76,6 +76,11 @@ def inhibition_path(checkpoint: Path) -> Path:
     return checkpoint_state(checkpoint) / INHIBITION_FILE
 
 
+def inhibition_shard_path(checkpoint: Path, rank: int) -> Path:
+    """A checkpoint's Inhibitor states of ``rank`` where their statistics are sharded across ranks."""
+    return checkpoint_state(checkpoint) / f"inhibition-rank{rank}.pt"
+
+
 # Run kinds (the ``memel.kind`` tag).
 KIND_SWEEP = "sweep"
 KIND_SWEEP_MEMBER = "sweep-member"

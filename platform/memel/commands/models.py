@@ -33,6 +33,14 @@ def models(
     layout: Annotated[str, typer.Option("--layout", help="With --stats: the layout, element or channel.")] = "element",
     preset: Annotated[str, typer.Option("--preset", help="With --stats: the inhibition preset.")] = "paper",
     seq_len: Annotated[int, typer.Option("--seq-len", min=1, help="With --stats: tokens per sequence.")] = 2048,
+    shard_ranks: Annotated[
+        int,
+        typer.Option(
+            "--shard-ranks",
+            min=1,
+            help="With --stats: ranks the statistics are sharded over (execution.shard_statistics); 1: replicated.",
+        ),
+    ] = 1,
 ) -> None:
     """List the model ladder: name, family, exact parameter count and inhibition presets.
 
@@ -42,9 +50,10 @@ def models(
 
     With --stats, each model with the preset also shows what its inhibitors' statistics cost
     (a model, see docs/scaling.md): neurons, memory per rank against the bf16 parameters, and
-    bytes all-reduced per optimizer step.
+    bytes all-reduced per optimizer step; with --shard-ranks W, sharded over W ranks: memory per
+    rank and bytes reduce-scattered and all-gathered per training call.
 
-    Example: [bold]memel models --family decoder --stats --layout element[/bold]
+    Example: [bold]memel models --family decoder --stats --layout element --shard-ranks 8[/bold]
     """
     from memel.errors import ConfigError
     from memel.models import list_models
@@ -63,22 +72,28 @@ def models(
     else:
         if layout not in ("element", "channel"):
             raise typer.BadParameter(f"unknown layout {layout!r}; allowed: element, channel", param_hint="--layout")
-        for column in ("positions", "neurons", "state/rank", "% of bf16", "all-reduce/step"):
+        moved = "moved/call" if shard_ranks > 1 else "all-reduce/step"
+        for column in ("positions", "neurons", "state/rank", "% of bf16", moved):
             table.add_column(column, justify="right")
     for row in rows:
         cells = [row.name, row.family, f"{row.parameters:,}", _human(row.parameters)]
-        cells += _stats_cells(row.name, row.presets, layout, preset, seq_len) if stats else [", ".join(row.presets)]
+        if stats:
+            cells += _stats_cells(row.name, row.presets, layout, preset, seq_len, shard_ranks)
+        else:
+            cells.append(", ".join(row.presets))
         table.add_row(*cells)
     Console().print(table)
 
 
-def _stats_cells(name: str, presets: tuple[str, ...], layout: str, preset: str, seq_len: int) -> list[str]:
+def _stats_cells(
+    name: str, presets: tuple[str, ...], layout: str, preset: str, seq_len: int, shard_ranks: int
+) -> list[str]:
     from memel.benchmarks.statistics_cost import statistics_cost
 
     if preset not in presets:
         return ["-"] * 5
     try:
-        cost = statistics_cost(name, layout, preset, seq_len)
+        cost = statistics_cost(name, layout, preset, seq_len, shard_ranks)
     except ValueError:  # a model family the cost model does not cover
         return ["-"] * 5
     return [

@@ -1,5 +1,6 @@
 """The collectives of the inhibition core: the data-parallel world, one flat all-reduce over
-several tensors, and the reduction of snapshot windows. Plain tensors in, nothing else known."""
+several tensors, the reduction of snapshot windows, and the reduce-scatter / all-gather of
+neuron rows that sharded statistics use. Plain tensors in, nothing else known."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ import torch
 import torch.distributed as dist
 
 from .layout import SUMMED_WINDOW_ROWS, W_MS_MAX
+
+#: The flat-tensor forms of reduce-scatter and all-gather (renamed ``*_single`` in newer torch).
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def distributed_world(group: Any = None) -> int | None:
@@ -42,3 +47,31 @@ def reduce_windows(windows: Sequence[torch.Tensor], group: Any = None) -> None:
     the max MS maximised; two collectives whatever the number of modules (none in one process)."""
     all_reduce_in_place([w[SUMMED_WINDOW_ROWS] for w in windows], dist.ReduceOp.SUM, group)
     all_reduce_in_place([w[W_MS_MAX] for w in windows], dist.ReduceOp.MAX, group)
+
+
+def reduce_scatter_rows(rows: torch.Tensor, extras: torch.Tensor, padded: int, op: Any, group: Any = None) -> tuple:
+    """Reduce ``rows`` ([k, N], N <= W x ``padded``) across the ranks of ``group`` and keep this
+    rank's ``padded`` columns of the result, with ``extras`` ([e] numbers every rank needs)
+    reduced in the same collective: one ``reduce_scatter_tensor`` whose chunk r holds columns
+    [r x padded, (r+1) x padded) of every row, then the extras. Returns ([k, padded], [e])."""
+    world = dist.get_world_size(group)
+    k, neurons = rows.shape
+    chunks = torch.zeros(world, k * padded + extras.numel(), dtype=rows.dtype, device=rows.device)
+    for rank in range(world):  # (copied chunk by chunk: no second copy of the rows)
+        start, stop = rank * padded, min((rank + 1) * padded, neurons)
+        if stop > start:
+            chunks[rank, : k * padded].view(k, padded)[:, : stop - start] = rows[:, start:stop]
+    chunks[:, k * padded :] = extras
+    out = torch.empty(k * padded + extras.numel(), dtype=rows.dtype, device=rows.device)
+    _REDUCE_SCATTER(out, chunks.view(-1), op=op, group=group)
+    return out[: k * padded].view(k, padded), out[k * padded :]
+
+
+def all_gather_rows(shard: torch.Tensor, neurons: int, group: Any = None) -> torch.Tensor:
+    """Every rank's ``shard`` ([k, padded], its columns of a [k, N] tensor, padded alike on
+    every rank) put together in rank order: the [k, N] tensor, on every rank of ``group``."""
+    world = dist.get_world_size(group)
+    k, padded = shard.shape
+    gathered = torch.empty(world * k * padded, dtype=shard.dtype, device=shard.device)
+    _ALL_GATHER(gathered, shard.reshape(-1).contiguous(), group=group)
+    return gathered.view(world, k, padded).permute(1, 0, 2).reshape(k, world * padded)[:, :neurons]

@@ -59,6 +59,12 @@ class ExecutionConfig(BaseModel):
             instead of fresh memory, whose page faults are most of the cost of writing an
             activation-sized tensor on CPU. Holds up to two activation-sized buffers per module
             between steps (during a step they are alive anyway); False frees them each time.
+        shard_statistics: each of the W data-parallel ranks holds 1/W of every module's
+            per-neuron statistics (history, pending moments, snapshot window) instead of all of
+            them: each training call reduce-scatters its moments and window counters into the
+            shards and all-gathers the module's mean and variance for that call only. For the
+            ``element`` layout of large models (``docs/scaling.md``); one process: no effect.
+            A rank's state_dict holds its shard: each rank saves and loads its own.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -66,6 +72,7 @@ class ExecutionConfig(BaseModel):
     track_every: int = Field(1, ge=1)
     kernel: Kernel = "auto"
     reuse_buffers: bool = True
+    shard_statistics: bool = False
 
     def __init__(self, **data: object) -> None:
         try:
@@ -167,6 +174,8 @@ class InhibitionConfig(BaseModel):
         execution = dumped.pop("execution", None)
         if isinstance(execution, dict):
             dumped.update(execution)
+            if not dumped.get("shard_statistics", True):  # written only when on (keeps earlier specs' fingerprints)
+                del dumped["shard_statistics"]
         return dumped
 
     def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> InhibitionConfig:
@@ -193,6 +202,11 @@ class InhibitionConfig(BaseModel):
     def reuse_buffers(self) -> bool:
         """``execution.reuse_buffers``."""
         return self.execution.reuse_buffers
+
+    @property
+    def shard_statistics(self) -> bool:
+        """``execution.shard_statistics``."""
+        return self.execution.shard_statistics
 
     @field_validator("strength", "eps", "ms_threshold", "l2e_weight", "delta")
     @classmethod

@@ -134,8 +134,17 @@ def snapshot(model: nn.Module, reset: bool = True, process_group: Any = None) ->
     """Snapshots of every initialised Inhibitor; in a distributed run every rank must call it
     (after ``sync``): the trackers of all modules are reduced across the ranks of their
     ``process_group`` (as ``sync``: the module's own unless ``process_group`` overrides it)
-    with two collectives per group."""
-    found = {name: m for name, m in inhibitors(model).items() if m.initialized}
+    with two collectives per group. A module with sharded statistics already holds every rank's
+    trackers: its shards are gathered (two collectives of its own) and ``process_group`` must
+    be None."""
+    every = {name: m for name, m in inhibitors(model).items() if m.initialized}
+    sharded = [name for name, m in every.items() if m.sharded]
+    if sharded and process_group is not None:
+        raise ValueError(
+            f"process_group: the statistics of {sharded[0]!r} are sharded over its own process group "
+            "(execution.shard_statistics); snapshot them without process_group"
+        )
+    found = {name: m for name, m in every.items() if not m.sharded}
     windows: dict[str, torch.Tensor] = {}
     for name, module in found.items():
         module.settle()
@@ -151,7 +160,9 @@ def snapshot(model: nn.Module, reset: bool = True, process_group: Any = None) ->
     for group, grouped in groups:
         if distributed_world(group) is not None:
             reduce_windows(grouped, group)
-    return {name: module.snapshot_from(windows[name], reset) for name, module in found.items()}
+    snapshots = {name: module.snapshot_from(windows[name], reset) for name, module in found.items()}
+    snapshots.update({name: every[name].snapshot(reset) for name in sharded})
+    return {name: snapshots[name] for name in every}
 
 
 def auxiliary_loss(model: nn.Module) -> torch.Tensor:

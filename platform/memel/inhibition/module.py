@@ -13,7 +13,7 @@ from torch import nn
 
 from memel.errors import ConfigError
 
-from .collectives import distributed_world, reduce_windows
+from .collectives import all_gather_rows, distributed_world, reduce_scatter_rows, reduce_windows
 from .config import InhibitionConfig, initial_threshold
 from .kernels import (
     OWNERSHIP,
@@ -45,6 +45,24 @@ from .layout import (
     WINDOW_ROWS,
 )
 from .native import FoldCall, bookkeeping, native_fold
+from .sharding import (
+    C_ABOVE,
+    C_MS_N,
+    C_MS_SUM,
+    C_SELECTED,
+    COUNTER_ROWS,
+    E_COUNTED,
+    E_TAU_ABOVE,
+    E_TAU_JUDGED,
+    E_TRACKED,
+    EXTRAS,
+    S_ABOVE,
+    S_INHIBITED,
+    S_MS_N,
+    S_SELECTED,
+    SHARD_COUNT_ROWS,
+    Shard,
+)
 from .statistics import Moments, inverse_sqrt_denominator, merge_history, variance_denominator
 from .sync import InhibitorGroup, PendingReduction, sync_inhibitors
 
@@ -126,6 +144,7 @@ _PLAIN_STATE = frozenset(
         "_prev_mean",
         "_all_counted",
         "_shape",
+        "_foreign_shard",
     }
 )
 
@@ -191,7 +210,15 @@ class Inhibitor(nn.Module):
 
     # ----------------------------------------------------------------------------------
     # state
-    def _register_state(self, neurons: int, shape: tuple[int, ...], device: torch.device | str = "cpu") -> None:
+    def _register_state(
+        self, neurons: int, shape: tuple[int, ...], device: torch.device | str = "cpu", shard: Shard | None = None
+    ) -> None:
+        """Buffers for ``neurons`` neurons of ``shape``; with ``shard`` only the shard's columns
+        (``shard.padded`` of them) and a compact window (``_register_shard_window``)."""
+        self._shard = shard
+        if shard is not None:
+            neurons = shard.padded
+
         def f32() -> torch.Tensor:
             return torch.zeros(neurons, dtype=torch.float32, device=device)
 
@@ -202,13 +229,42 @@ class Inhibitor(nn.Module):
         self.register_buffer("calls", torch.zeros((), dtype=torch.int64, device=device))
         self.register_buffer("neuron_shape", torch.tensor(shape, dtype=torch.int64, device=device))
         self.register_buffer("pending", torch.zeros(PENDING_ROWS, neurons, dtype=torch.float64, device=device))
-        self.register_buffer("window", torch.zeros(WINDOW_ROWS, neurons, dtype=torch.float64, device=device))
+        if shard is None:
+            self.register_buffer("window", torch.zeros(WINDOW_ROWS, neurons, dtype=torch.float64, device=device))
+        else:
+            self._register_shard_window(neurons, device)
         tau = initial_threshold(self.config.fraction)
         self.register_buffer("tau", torch.tensor(tau, dtype=torch.float64, device=device))
         self.register_buffer("tau_pending", torch.zeros(TAU_PENDING, dtype=torch.float64, device=device))
         self._select_above = None
         self._shape: tuple[int, ...] | None = None  # neuron_shape as a tuple (cached: read every call)
+        self._foreign_shard = False  # sharded: holds another rank's shard (loaded from its state_dict)
         self._clear_fold_state()
+
+    def _register_shard_window(self, padded: int, device: torch.device | str) -> None:
+        """A shard's snapshot window: the counters as int32 rows (``S_*``), the MS sum in float64,
+        the max MS in float32 (what a snapshot reports), the samples tracked as one number
+        (every neuron shares it); 28 bytes a neuron instead of the replicated window's 56."""
+        self._buffers.pop("window", None)
+        counts = torch.zeros(SHARD_COUNT_ROWS, padded, dtype=torch.int32, device=device)
+        self.register_buffer("window_counts", counts)
+        self.register_buffer("window_ms_sum", torch.zeros(padded, dtype=torch.float64, device=device))
+        self.register_buffer("window_ms_max", torch.zeros(padded, dtype=torch.float32, device=device))
+        self.register_buffer("window_tracked", torch.zeros((), dtype=torch.int64, device=device))
+        # samples counted over all neurons since the last merge (whether the pending batch counts)
+        self.register_buffer("pending_counted", torch.zeros((), dtype=torch.float64, device=device))
+        shard = self._shard
+        assert shard is not None
+        layout = torch.tensor([shard.neurons, shard.world, shard.rank], dtype=torch.int64, device=device)
+        self.register_buffer("shard", layout)  # which shard it is: neurons, ranks, rank
+
+    def _shard_for(self, neurons: int) -> Shard | None:
+        """This rank's shard of ``neurons`` where ``execution.shard_statistics`` is on and the
+        module's process group has more than one rank (None: the whole, replicated)."""
+        world = distributed_world(self.process_group)
+        if not self.config.execution.shard_statistics or world is None:
+            return None
+        return Shard(neurons, world, dist.get_rank(self.process_group))
 
     def _clear_fold_state(self) -> None:
         # The local fused path (``_fold``) adds the increments that every neuron shares (count,
@@ -244,7 +300,18 @@ class Inhibitor(nn.Module):
 
     @property
     def neurons(self) -> int:
+        """Neurons of the module (all of them, also where this rank holds a shard)."""
+        return self._shard.neurons if self._shard is not None else self.mean.numel()
+
+    @property
+    def held_neurons(self) -> int:
+        """Neurons whose state this rank holds: all, or its shard's ``padded`` columns."""
         return self.mean.numel()
+
+    @property
+    def sharded(self) -> bool:
+        """Whether this rank holds only its shard of the statistics (``execution.shard_statistics``)."""
+        return self._shard is not None
 
     @property
     def device(self) -> torch.device:
@@ -285,7 +352,10 @@ class Inhibitor(nn.Module):
         self.settle()
         incoming = state_dict.get(prefix + "mean")
         shape_key = prefix + "neuron_shape"
-        if incoming is not None and incoming.numel() != self.neurons and shape_key in state_dict:
+        incoming_shard = state_dict.get(prefix + "shard")
+        if incoming_shard is not None or (self._shard is not None and incoming is not None):
+            self._load_shard_layout(incoming_shard, state_dict.get(shape_key), prefix)
+        elif incoming is not None and incoming.numel() != self.neurons and shape_key in state_dict:
             shape = tuple(int(v) for v in state_dict[shape_key].tolist())
             self._register_state(incoming.numel(), shape, self.mean.device)
         if incoming is not None:  # a checkpoint from before threshold selection: start tau afresh
@@ -299,9 +369,36 @@ class Inhibitor(nn.Module):
         self._compensation = None
         self._all_counted = False
         self._calls = int(self.calls.item())
-        self._has_pending = bool(self.neurons) and (
-            bool((self.pending[P_COUNT] > 0).any().item()) or bool(self.tau_pending[T_JUDGED].item() > 0)
-        )
+        if self._shard is not None:
+            shard = self._shard
+            self.shard.copy_(torch.tensor([shard.neurons, shard.world, shard.rank]))  # its own, not the file's
+            counted = bool(self.pending_counted.item() > 0)
+        else:
+            counted = bool(self.neurons) and bool((self.pending[P_COUNT] > 0).any().item())
+        self._has_pending = counted or bool(self.tau_pending[T_JUDGED].item() > 0)
+
+    def _load_shard_layout(self, incoming: torch.Tensor | None, shape: torch.Tensor | None, prefix: str) -> None:
+        """Set up this rank's shard for a sharded state_dict (``incoming``: its ``shard`` buffer),
+        refusing a replicated one, or one sharded over another number of ranks. A shard of
+        another rank loads (DeepSpeed restores rank 0's module state on every rank) but marks
+        the module: it refuses to run until this rank's own shard is loaded."""
+        where = prefix.removesuffix(".") or "Inhibitor"
+        if incoming is None or shape is None:
+            raise RuntimeError(
+                f"{where}: its statistics are sharded (execution.shard_statistics); a replicated state_dict does "
+                "not load into it: load one saved with shard_statistics on the same ranks"
+            )
+        neurons, world, rank = (int(v) for v in incoming.tolist())
+        shard = self._shard_for(neurons)
+        if shard is None or shard.world != world:
+            ranks = 1 if shard is None else shard.world
+            raise RuntimeError(
+                f"{where}: this state_dict holds statistics sharded over {world} ranks (execution.shard_statistics); "
+                f"here they would be sharded over {ranks}: load it with {world} ranks and shard_statistics on"
+            )
+        if self._shard != shard:
+            self._register_state(neurons, tuple(int(v) for v in shape.tolist()), self.mean.device, shard)
+        self._foreign_shard = rank != shard.rank
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -328,8 +425,16 @@ class Inhibitor(nn.Module):
                 sync_inhibitors([self])
         values = self._as_samples(activation)
         if not self.initialized:
-            self._register_state(values.shape[1], self._neuron_shape_of(activation), activation.device)
+            shape = self._neuron_shape_of(activation)
+            self._register_state(values.shape[1], shape, activation.device, self._shard_for(values.shape[1]))
         self._calls += 1
+        if self._shard is not None:
+            if self._foreign_shard:
+                raise RuntimeError(
+                    "Inhibitor: it holds another rank's shard of its statistics (loaded from that rank's "
+                    "state_dict); load this rank's own state_dict before training"
+                )
+            return self._forward_sharded(activation, values)
         if self._batches == 0:
             self.calls.fill_(self._calls)
             self._record_first(values)
@@ -368,6 +473,19 @@ class Inhibitor(nn.Module):
             self._count_selections(neuron_index, inhibiting)
         if not inhibiting:
             return activation
+        return self._inhibit(activation, values, measured, judged_mean, neuron_index)
+
+    def _inhibit(
+        self,
+        activation: torch.Tensor,
+        values: torch.Tensor,
+        measured: Measurement,
+        judged_mean: torch.Tensor,
+        neuron_index: torch.Tensor,
+    ) -> torch.Tensor:
+        """The call's output with its selected values inhibited (``mode``) against ``judged_mean``."""
+        config = self.config
+        l2e = config.mode == "l2e"
         flat_index = measured.flat_index(values.shape[1])
         if l2e:
             terms = measured.terms
@@ -388,6 +506,136 @@ class Inhibitor(nn.Module):
             native and OWNERSHIP.calibrate(),
         )
         return output.view(activation.shape)
+
+    # ----------------------------------------------------------------------------------
+    # sharded statistics (execution.shard_statistics): see sharding.py
+    def _forward_sharded(self, activation: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """A training call whose history is sharded: the module's mean and variance gathered for
+        this call only, the call measured against them as in one process, its contributions
+        reduce-scattered into the shards."""
+        config = self.config
+        self.calls.fill_(self._calls)
+        samples = values.shape[0]
+        if self._batches == 0:  # no history yet (mu = 0): exact float64 sums, nothing judged
+            x = values.detach().double()
+            self._reduce_call(samples, x.sum(0), x.square().sum(0))
+            return activation
+        inhibiting = config.modifies and self._batches >= config.late_start
+        track = (self._calls - 1) % config.execution.track_every == 0
+        select_above = self._threshold_operand() if config.by_threshold else None
+        l2e = config.mode == "l2e"
+        mean, scale = self._gathered_history()
+        with torch.no_grad():
+            measured = measure(
+                values.detach(),
+                mean,
+                scale,
+                config.top_n,
+                math.sqrt(config.ms_threshold),
+                track,
+                inhibiting and not l2e,
+                config.execution.kernel,
+                select_above,
+                sorted_rows=l2e,
+            )
+        neuron_index = measured.neuron_index(values.shape[1])
+        assert measured.sum_d is not None and measured.sum_d2 is not None
+        self._reduce_call(samples, measured.sum_d, measured.sum_d2, measured, scale, neuron_index, inhibiting)
+        if not inhibiting:
+            return activation
+        return self._inhibit(activation, values, measured, mean, neuron_index)
+
+    @torch.no_grad()
+    def _gathered_history(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The module's history mean and MS scale (1/sqrt(var + eps*mean(var))) for all its
+        neurons, from every rank's shard (one all-gather; the caller's to free)."""
+        full = all_gather_rows(torch.stack([self.mean, self.var]), self.neurons, self.process_group)
+        return full[0].contiguous(), inverse_sqrt_denominator(full[1], self.config.eps)
+
+    @torch.no_grad()
+    def _reduce_call(
+        self,
+        samples: int,
+        sum_d: torch.Tensor,
+        sum_d2: torch.Tensor,
+        measured: Measurement | None = None,
+        scale: torch.Tensor | None = None,
+        neuron_index: torch.Tensor | None = None,
+        inhibiting: bool = False,
+    ) -> None:
+        """Add one call's contributions of every rank into this rank's shard: the moments (as
+        ``_add_moments``) with the numbers every rank needs, then (a measured call) the window
+        counters and, on tracked calls, the max MS. Two or three collectives."""
+        shard, group = self._shard, self.process_group
+        assert shard is not None
+        finite = torch.isfinite(sum_d) & torch.isfinite(sum_d2)
+        zero = torch.zeros((), dtype=torch.float64, device=sum_d.device)
+        moments = torch.stack(
+            [
+                finite.double() * samples,
+                torch.where(finite, sum_d.double(), zero),
+                torch.where(finite, sum_d2.double(), zero),
+            ]
+        )
+        extras = torch.zeros(EXTRAS, dtype=torch.float64, device=sum_d.device)
+        extras[E_COUNTED] = moments[P_COUNT].sum()
+        tracked = measured is not None and measured.max_scaled is not None and measured.above is not None
+        if tracked:
+            extras[E_TRACKED] = samples
+        if measured is not None and measured.flat:
+            extras[E_TAU_ABOVE] = measured.selected.numel()
+            extras[E_TAU_JUDGED] = samples * self.neurons
+        rows, totals = reduce_scatter_rows(moments, extras, shard.padded, dist.ReduceOp.SUM, group)
+        self.pending[P_COUNT : P_SUM_D2 + 1] += rows
+        self.pending_counted += totals[E_COUNTED]
+        self.window_tracked += totals[E_TRACKED].to(torch.int64)  # (no host sync)
+        self.tau_pending[T_ABOVE] += totals[E_TAU_ABOVE]
+        self.tau_pending[T_JUDGED] += totals[E_TAU_JUDGED]
+        self._has_pending = True
+        if measured is None:
+            return
+        assert scale is not None and neuron_index is not None
+        self._reduce_counters(samples, sum_d2, measured, scale, neuron_index, inhibiting)
+        if tracked:
+            assert measured.max_scaled is not None
+            squared = torch.nan_to_num(measured.max_scaled.double().square(), nan=0.0)
+            top = squared.clamp_max(torch.finfo(torch.float32).max).float().unsqueeze(0)
+            empty = torch.zeros(0, dtype=torch.float32, device=top.device)
+            largest, _ = reduce_scatter_rows(top, empty, shard.padded, dist.ReduceOp.MAX, group)
+            torch.maximum(self.window_ms_max, largest[0], out=self.window_ms_max)
+
+    def _reduce_counters(
+        self,
+        samples: int,
+        sum_d2: torch.Tensor,
+        measured: Measurement,
+        scale: torch.Tensor,
+        neuron_index: torch.Tensor,
+        inhibiting: bool,
+    ) -> None:
+        """The window's summed rows of one call (MS sum, its samples, samples above, times
+        selected) of every rank into this rank's shard: one float32 reduce-scatter (counts
+        per call are exact integers in float32)."""
+        shard = self._shard
+        assert shard is not None
+        finite = torch.isfinite(sum_d2)
+        counters = torch.zeros(COUNTER_ROWS, self.neurons, dtype=torch.float32, device=sum_d2.device)
+        phi_sum = torch.where(finite, sum_d2.double(), 0.0) * scale.square().double()
+        counters[C_MS_SUM] = phi_sum.float()
+        counters[C_MS_N] = finite.float() * samples
+        if measured.above is not None:
+            counters[C_ABOVE] = measured.above.float()
+        ones = torch.ones(neuron_index.numel(), dtype=torch.float32, device=neuron_index.device)
+        counters[C_SELECTED].index_add_(0, neuron_index, ones)
+        empty = torch.zeros(0, dtype=torch.float32, device=counters.device)
+        rows, _ = reduce_scatter_rows(counters, empty, shard.padded, dist.ReduceOp.SUM, self.process_group)
+        counts = rows.round().to(torch.int32)
+        self.window_ms_sum += rows[C_MS_SUM].double()
+        self.window_counts[S_MS_N] += counts[C_MS_N]
+        self.window_counts[S_ABOVE] += counts[C_ABOVE]
+        self.window_counts[S_SELECTED] += counts[C_SELECTED]
+        if inhibiting:
+            self.window_counts[S_INHIBITED] += counts[C_SELECTED]
 
     def _native_cpu(self, activation: torch.Tensor) -> bool:
         """Whether the native kernel may handle this call's gradient (configured, CPU)."""
@@ -600,7 +848,7 @@ class Inhibitor(nn.Module):
     def payload_size(self) -> int:
         """Float64 numbers this module adds to the sync collective: count, sum d and sum d^2
         per neuron, then (threshold selection) the values above tau and the values judged."""
-        return PAYLOAD_ROWS * self.neurons + (TAU_PENDING if self.config.by_threshold else 0)
+        return PAYLOAD_ROWS * self.held_neurons + (TAU_PENDING if self.config.by_threshold else 0)
 
     def _payload(self) -> torch.Tensor:
         """This rank's pending numbers that add up across ranks, flat (``payload_size`` of them;
@@ -612,7 +860,7 @@ class Inhibitor(nn.Module):
     def write_payload(self, out: torch.Tensor) -> None:
         """Copy this rank's pending numbers into ``out`` (flat float64, ``payload_size`` long),
         the module's part of the buffer that sync all-reduces."""
-        moments = PAYLOAD_ROWS * self.neurons
+        moments = PAYLOAD_ROWS * self.held_neurons
         out[:moments].copy_(self.pending[:PAYLOAD_ROWS].reshape(-1))
         if self.config.by_threshold:
             out[moments:].copy_(self.tau_pending)
@@ -627,16 +875,19 @@ class Inhibitor(nn.Module):
         """Merge a flat payload (this rank's, or the sum over the ranks of its group, laid out as
         ``write_payload`` writes it) into the history as one batch (moments, then the threshold
         update) and clear pending."""
-        payload = flat[: PAYLOAD_ROWS * self.neurons].view(PAYLOAD_ROWS, self.neurons)
+        held = self.held_neurons
+        payload = flat[: PAYLOAD_ROWS * held].view(PAYLOAD_ROWS, held)
         self._flush_lazy()  # the merge weighs the history by its true count
         if self.config.by_threshold:
-            counts = flat[PAYLOAD_ROWS * self.neurons :]
+            counts = flat[PAYLOAD_ROWS * held :]
             config = self.config
             self.tau.copy_(
                 threshold_update(self.tau, counts[T_ABOVE], counts[T_JUDGED], config.fraction, config.threshold_rate)
             )
             self._select_above = None
-        if bool((payload[P_COUNT] > 0).any()):
+        # a sharded rank holds part of the counts: whether the batch counts is known from all of them
+        counted = bool(self.pending_counted > 0) if self._shard is not None else bool((payload[P_COUNT] > 0).any())
+        if counted:
             capped = self._batches >= self.config.forget_steps
             native = bookkeeping(self.mean, self.config.execution.kernel)
             if native is not None:
@@ -654,6 +905,8 @@ class Inhibitor(nn.Module):
             self._scale = None
         self.pending.zero_()
         self.tau_pending.zero_()
+        if self._shard is not None:
+            self.pending_counted.zero_()
         self._has_pending = False
 
     def attach_reduction(self, reduction: PendingReduction | None) -> None:
@@ -721,15 +974,55 @@ class Inhibitor(nn.Module):
         )
         return mean, var, count, self._batches + 1
 
+    def _whole_effective(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """``_effective()`` for all the module's neurons: a sharded rank gathers the shards
+        (every rank of the group must call it)."""
+        mean, var, count, batches = self._effective()
+        if self._shard is None:
+            return mean, var, count, batches
+        rows = torch.stack([mean.double(), var.double(), count.double()])
+        whole = all_gather_rows(rows, self.neurons, self.process_group)
+        return whole[0].float(), whole[1].float(), whole[2].to(torch.int64), batches
+
+    def _whole_window(self) -> torch.Tensor:
+        """A sharded module's snapshot window for all its neurons, laid out as the replicated
+        ``window`` (float64 rows ``W_*``), gathered from every rank's shard (one collective)."""
+        counts = self.window_counts.double()
+        rows = torch.stack(
+            [
+                counts[S_SELECTED],
+                counts[S_INHIBITED],
+                self.window_ms_sum,
+                counts[S_MS_N],
+                counts[S_ABOVE],
+                self.window_ms_max.double(),
+            ]
+        )
+        whole = all_gather_rows(rows, self.neurons, self.process_group)
+        window = torch.empty(WINDOW_ROWS, self.neurons, dtype=torch.float64, device=rows.device)
+        for row, source in zip((W_SELECTED, W_INHIBITED, W_MS_SUM, W_MS_N, W_ABOVE, W_MS_MAX), whole, strict=True):
+            window[row] = source
+        window[W_TRACKED] = float(self.window_tracked)
+        return window
+
+    def _reset_window(self) -> None:
+        if self._shard is None:
+            self.window.zero_()
+            return
+        for tensor in (self.window_counts, self.window_ms_sum, self.window_ms_max, self.window_tracked):
+            tensor.zero_()
+
     def statistics(self) -> dict[str, Any]:
         """Per-neuron ``mean``, unbiased ``var`` and ``count`` (neuron-shaped), and ``batches``.
 
         Covers every training batch seen so far. In a distributed run, call
-        ``memel.sync(model)`` first: batches not yet synced are this rank's own.
+        ``memel.sync(model)`` first: batches not yet synced are this rank's own. Sharded
+        (``execution.shard_statistics``), every rank of the module's group must call it: the
+        shards are gathered (one collective).
         """
         if not self.initialized:
             raise RuntimeError("Inhibitor has no statistics yet: it has not seen a training batch")
-        mean, var, count, batches = self._effective()
+        mean, var, count, batches = self._whole_effective()
         shape = tuple(self.neuron_shape.tolist())
         return {
             "mean": mean.reshape(shape).clone(),
@@ -742,7 +1035,7 @@ class Inhibitor(nn.Module):
     def monosemantic_scale(self, activation: torch.Tensor) -> torch.Tensor:
         """phi(z) = (z-mu)^2 / (var + eps*mean(var)) of every value against the current
         statistics, in float64 (finite for any finite input), shaped like ``activation``."""
-        mean, var, _, _ = self._effective()
+        mean, var, _, _ = self._whole_effective()
         if self.config.layout == "element":
             values = activation.reshape(-1, self.neurons).double()
         else:
@@ -760,11 +1053,14 @@ class Inhibitor(nn.Module):
         Mean, var and count cover every batch seen (as ``statistics()``). In a distributed run
         every rank of its ``process_group`` must call it: the trackers are reduced across the
         ranks of that group (two collectives; ``memel.snapshot(model)`` does it for all modules
-        at once); call ``memel.sync(model)`` first.
+        at once); call ``memel.sync(model)`` first. Sharded, the window already holds every
+        rank's trackers: the shards are gathered (two collectives) and ``reduce`` changes nothing.
         """
         if not self.initialized:
             raise RuntimeError("Inhibitor has no statistics yet: it has not seen a training batch")
         self.settle()
+        if self._shard is not None:
+            return self.snapshot_from(self._whole_window(), reset)
         window = self.window.clone()
         if reduce:
             reduce_windows([window], self.process_group)
@@ -773,7 +1069,7 @@ class Inhibitor(nn.Module):
     def snapshot_from(self, window: torch.Tensor, reset: bool) -> Snapshot:
         """The snapshot with ``window`` (a copy of ``window``, reduced or not) as its trackers;
         ``reset`` clears this rank's window. Call ``settle()`` before copying the window."""
-        mean, var, count, batches = self._effective()
+        mean, var, count, batches = self._whole_effective()
         ms_n = window[W_MS_N]
         tracked = window[W_TRACKED]
         snap = Snapshot(
@@ -789,7 +1085,7 @@ class Inhibitor(nn.Module):
             neuron_shape=tuple(self.neuron_shape.tolist()),
         )
         if reset:
-            self.window.zero_()
+            self._reset_window()
         return snap
 
     def extra_repr(self) -> str:

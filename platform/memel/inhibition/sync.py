@@ -34,6 +34,9 @@ class PayloadMember(Protocol):
     def has_pending(self) -> bool: ...
 
     @property
+    def sharded(self) -> bool: ...
+
+    @property
     def payload_size(self) -> int: ...
 
     @property
@@ -102,10 +105,15 @@ def sync_inhibitors(
     ``process_group`` is given, which then overrides it for this call. With ``async_op`` it
     returns at once and the result is applied before the next call of any member (or its next
     read). Every rank of a group must call it at the same point, with the same modules.
+    Members with sharded statistics (reduced as each call ran) merge without a collective.
     """
     members = [m for m in inhibitors if m.initialized]
     for member in members:
         member.finish_reduction()
+    for member in members:  # a sharded member's pending moments are every rank's already
+        if member.sharded and member.has_pending:
+            member.merge_pending()
+    members = [m for m in members if not m.sharded]
     handle = None
     for group, grouped in _by_group(members, process_group):
         if distributed_world(group) is None:

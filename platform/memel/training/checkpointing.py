@@ -2,7 +2,9 @@
 held-out data positions, RNG, run id) in the checkpoint's ``memel/`` folder (names: :mod:`memel.run_record`).
 
 Every rank saves its own data positions and RNG state; rank 0 saves the Inhibitors (identical
-on every rank after each sync) and the progress file that restoring starts from.
+on every rank after each sync) and the progress file that restoring starts from. Inhibitors
+whose statistics are sharded across ranks (``execution.shard_statistics``) are saved by every
+rank, each its own shard, and each rank restores its own.
 """
 
 from __future__ import annotations
@@ -36,10 +38,12 @@ class Checkpointing:
         self.engine.save_checkpoint(str(directory), tag=tag, client_state={"step": step, "tokens_seen": tokens_seen})
         state = run_record.checkpoint_state(directory)
         state.mkdir(parents=True, exist_ok=True)
+        sharded = any(m.sharded for m in self.inserted.values())
+        if sharded or self.rank == 0:
+            inhibitors = {name: m.state_dict() for name, m in self.inserted.items()}
+            path = run_record.inhibition_shard_path(directory, self.rank) if sharded else None
+            torch.save(inhibitors, path or run_record.inhibition_path(directory))
         if self.rank == 0:
-            torch.save(
-                {name: m.state_dict() for name, m in self.inserted.items()}, run_record.inhibition_path(directory)
-            )
             progress = {"step": step, "tokens_seen": tokens_seen, "run_id": self.run_id, "tag": tag}
             run_record.progress_path(directory).write_text(json.dumps(progress))
         (state / run_record.loader_file(self.rank)).write_text(json.dumps(self.loader.state_dict()))
@@ -52,7 +56,10 @@ class Checkpointing:
         state = run_record.checkpoint_state(directory)
         progress = json.loads(run_record.progress_path(directory).read_text())
         self.engine.load_checkpoint(str(directory), tag=progress["tag"])
-        saved = torch.load(run_record.inhibition_path(directory), weights_only=False)
+        shard_file = run_record.inhibition_shard_path(directory, self.rank)
+        saved = torch.load(
+            shard_file if shard_file.exists() else run_record.inhibition_path(directory), weights_only=False
+        )
         for name, module in self.inserted.items():
             module.load_state_dict(saved[name])
         loader_file = state / run_record.loader_file(self.rank)

@@ -116,10 +116,12 @@ def snapshot_summary(snapshots: dict[str, memel.Snapshot]) -> dict[str, float]:
 
 
 def rank_divergence(inserted: dict[str, memel.Inhibitor], device: torch.device) -> float:
-    """Largest difference between ranks of any neuron's mean, var or count (0: all ranks agree)."""
+    """Largest difference between ranks of any neuron's mean, var or count (0: all ranks agree).
+    Sharded statistics hold each neuron on one rank only: they cannot diverge and are skipped."""
     if distributed_world() == 1:
         return 0.0
-    parts = [torch.cat([m.mean.double(), m.var.double(), m.count.double()]) for m in inserted.values() if m.initialized]
+    replicated = [m for m in inserted.values() if m.initialized and not m.sharded]
+    parts = [torch.cat([m.mean.double(), m.var.double(), m.count.double()]) for m in replicated]
     if not parts:
         return 0.0
     high = torch.cat(parts).to(device)
