@@ -308,3 +308,8 @@ def test_lm_pretrain_jobs_pair_original_and_rd_on_matched_tokens(name: str) -> N
             1.0,
         )
         assert member.spec.eval.final == "all" and member.spec.data["kind"] == "text_lm"
+    from memel.models import preset_targets
+
+    inserted = {"byte-2l-d16": 2, "byte-2l-d32": 2, "byte-1m": 4, "byte-4m": 4}  # all of 2 blocks; 0-3 of 5
+    for rung in rungs:
+        assert preset_targets(rung, "paper") == [f"layers.{i}" for i in range(inserted[rung])]
