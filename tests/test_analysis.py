@@ -492,4 +492,3 @@ def test_a_copied_sweep_folder_never_points_at_the_originals_tracking_store(swee
     server = "http://127.0.0.1:5000"
     (copy / "sweep.json").write_text(json.dumps({**state, "tracking_uri": server}))
     assert resolve(str(copy)).tracking_uri == server
-
