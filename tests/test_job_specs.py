@@ -282,3 +282,34 @@ def test_paper_jobs_insert_as_the_paper_does(name: str) -> None:
             1,
         )
         assert member.spec.train.zero_stage <= 2  # the case study reads the optimizer state of ZeRO 0-2
+
+
+@pytest.mark.parametrize("name", ["gain_lm_pretrain.yaml", "gain_lm_pretrain-gpu.yaml"])
+def test_lm_pretrain_jobs_pair_original_and_rd_on_matched_tokens(name: str) -> None:
+    members = expand_sweep(load_job(JOBS / "paper" / name))
+    rungs = {m.spec.model.name for m in members}
+    assert len(rungs) == 2 and {m.spec.inhibition.mode for m in members} == {"original", "rd"}
+    for rung in rungs:  # every seed has one member per mode on each rung: the pairs of the t-test
+        seeds = {
+            mode: sorted(
+                m.spec.train.seed for m in members if (m.spec.model.name, m.spec.inhibition.mode) == (rung, mode)
+            )
+            for mode in ("original", "rd")
+        }
+        assert seeds["original"] == seeds["rd"] and len(seeds["rd"]) >= 3
+    tokens = {m.spec.train.steps * m.spec.train.global_batch_size * m.spec.data["seq_len"] for m in members}
+    assert len(tokens) == 1  # matched tokens across rungs and modes
+    for member in members:
+        inhibition = member.spec.inhibition
+        assert (member.spec.model.preset, inhibition.layout, inhibition.top_n, inhibition.strength) == (
+            "paper",
+            "element",
+            1,
+            1.0,
+        )
+        assert member.spec.eval.final == "all" and member.spec.data["kind"] == "text_lm"
+    from memel.models import preset_targets
+
+    inserted = {"byte-2l-d16": 2, "byte-2l-d32": 2, "byte-1m": 4, "byte-4m": 4}  # all of 2 blocks; 0-3 of 5
+    for rung in rungs:
+        assert preset_targets(rung, "paper") == [f"layers.{i}" for i in range(inserted[rung])]

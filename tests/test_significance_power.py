@@ -9,6 +9,7 @@ import pytest
 from scipy import stats as st
 
 from memel.analysis.significance import (
+    LM_LOSS_RELATIVE,
     PAPER_RELATIVE,
     detectable_effect,
     member_table,
@@ -109,3 +110,21 @@ def test_a_tuned_variant_with_its_own_top_n_pairs_with_the_original_of_its_seed(
     assert math.isnan(
         result.loc[("heldout_loss", "original vs naive_b n=1")]["power_at_paper"]
     )  # the paper gives no loss
+
+
+def test_a_language_model_loss_is_powered_against_the_lm_effect_and_other_kinds_are_not() -> None:
+    rng = np.random.default_rng(17)
+    base = rng.normal(2.0, 0.02, 6)
+    members = [_member("original", s, 1 - base[s]) for s in range(6)]
+    members += [_member("rd", s, 1 - base[s] - rng.normal(0, 0.004)) for s in range(6)]
+    for member in members:
+        member.spec = {"data": {"kind": "text_lm"}}
+    row = (
+        significance(member_table(members)).set_index(["metric", "comparison"]).loc[("heldout_loss", "original vs rd")]
+    )
+    sd = float(row["sd_difference"])
+    assert row["paper_relative"] == LM_LOSS_RELATIVE == -0.005
+    assert row["power_at_paper"] == pytest.approx(power(-0.005 * row["mean_original"], sd, 6))
+    members[0].spec = {"data": {"kind": "text_classification"}}  # mixed kinds: no one effect applies
+    mixed = significance(member_table(members)).set_index(["metric", "comparison"])
+    assert math.isnan(mixed.loc[("heldout_loss", "original vs rd")]["power_at_paper"])

@@ -8,7 +8,8 @@ FULL held-out set, the periodic evaluation's loss, the final monosemantic ratio)
 inhibited variant: ``t, p = scipy.stats.ttest_rel(inhibited, original)``, so ``t < 0`` means the
 inhibited runs have the lower value, with the mean difference's 95% CI and the test's power:
 the smallest difference it detects with 80% power (two-sided, alpha 0.05, the observed spread
-of the differences), and its power to detect the paper's relative effect (``PAPER_RELATIVE``).
+of the differences), and its power to detect the paper's relative effect (``PAPER_RELATIVE``; for a
+language model's loss, which the paper does not report, ``LM_LOSS_RELATIVE``).
 """
 
 from __future__ import annotations
@@ -36,12 +37,17 @@ PAIR_KEYS = ["model", "seed", "top_n"]
 #: The paper's relative effects, per metric: GLUE average, MEmeL-Tune against Original (79.6 -> 80.5);
 #: HKO-7 with MEmeL from pre-training, P-MEmeL against P-Original (B-MSE 311.54 -> 306.67, B-MAE 1004.25 -> 1000.98).
 PAPER_RELATIVE = {"heldout_accuracy": 80.5 / 79.6 - 1, "b_mse": 306.67 / 311.54 - 1, "b_mae": 1000.98 / 1004.25 - 1}
+#: The paper reports no language-model loss. For a language model's held-out loss (nats per token) the
+#: effect powered against is -0.5%: between HKO-7's pre-training B-MAE gain (-0.33%) and the B-MSE gain on
+#: the error's own scale (-1.6% of a squared error, about -0.8% of its root).
+LM_LOSS_RELATIVE = -0.005
+PAPER_RELATIVE_BY_KIND = {"text_lm": {"heldout_loss": LM_LOSS_RELATIVE, "eval_loss": LM_LOSS_RELATIVE}}
 ALPHA, POWER = 0.05, 0.80
 
 
 def member_table(members: list[Any], finals: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per member: rung, size, mode, strength, top_n, seed, run id, final eval loss (and
-    perplexity or accuracy) and final monosemantic ratio (from ``finals``, by run id)."""
+    """One row per member: rung, size, data kind, mode, strength, top_n, seed, run id, final eval loss
+    (and perplexity or accuracy) and final monosemantic ratio (from ``finals``, by run id)."""
     ratio = dict(zip(finals["run_id"], finals["ratio"], strict=True)) if finals is not None and len(finals) else {}
     rows = []
     for m in members:
@@ -51,6 +57,7 @@ def member_table(members: list[Any], finals: pd.DataFrame | None = None) -> pd.D
                 "member": m.label,
                 "model": m.rung,
                 "n_params": m.n_params,
+                "kind": ((m.spec or {}).get("data") or {}).get("kind"),
                 "label": m.variant or m.mode,
                 "mode": m.mode,
                 "strength": m.strength,
@@ -70,6 +77,7 @@ def member_table(members: list[Any], finals: pd.DataFrame | None = None) -> pd.D
         "member",
         "model",
         "n_params",
+        "kind",
         "label",
         "mode",
         "strength",
@@ -149,6 +157,16 @@ def paired_summary(
     }
 
 
+def paper_relative(metric: str, kinds: set[str]) -> float | None:
+    """The relative effect ``metric`` is powered against: the paper's, or for members of one data
+    kind that has its own (:data:`PAPER_RELATIVE_BY_KIND`), that kind's."""
+    if len(kinds) == 1:
+        (kind,) = kinds
+        if metric in PAPER_RELATIVE_BY_KIND.get(kind, {}):
+            return PAPER_RELATIVE_BY_KIND[kind][metric]
+    return PAPER_RELATIVE.get(metric)
+
+
 def pairs(table: pd.DataFrame, metric: str, variant: str) -> pd.DataFrame:
     """Matched (original, inhibited) values of ``metric`` for one inhibited ``variant``: by rung,
     seed and top_n, or by rung and seed when the originals have one top_n per rung and seed."""
@@ -165,6 +183,7 @@ def significance(table: pd.DataFrame, metrics: dict[str, str] | None = None) -> 
     means, mean difference (inhibited - original) with its 95% CI, t, two-sided p and power."""
     rows = []
     variants = sorted(set(table.loc[table["mode"] != "original", "variant"]))
+    kinds = set(table["kind"].dropna()) if "kind" in table else set()
     for metric, description in (metrics or METRICS).items():
         if metric not in table or table[metric].isna().all():
             continue
@@ -175,7 +194,7 @@ def significance(table: pd.DataFrame, metrics: dict[str, str] | None = None) -> 
                 if scope != "all" and matched["model"].nunique() < 2:
                     continue  # one rung: its row would repeat "all"
                 summary = paired_summary(
-                    part["original"].tolist(), part["inhibited"].tolist(), PAPER_RELATIVE.get(metric)
+                    part["original"].tolist(), part["inhibited"].tolist(), paper_relative(metric, kinds)
                 )
                 comparison = f"original vs {variant}"
                 rows.append(
