@@ -144,8 +144,8 @@ def test_killed_worker_resumes_to_the_same_result(local_ray, tmp_path: Path, mon
 
 
 def test_a_resumed_run_evaluates_on_the_same_heldout_batches(local_ray, tmp_path: Path, monkeypatch) -> None:
-    """The held-out loader's position is part of a checkpoint: killed after step 6 and resumed from
-    step 4, the run's eval metrics equal the uninterrupted run's at every step."""
+    """Every periodic evaluation scores the same fixed held-out batches: killed after step 6 and
+    resumed from step 4, the run's eval metrics equal the uninterrupted run's at every step."""
     extra = ("eval.every=2", "eval.batches=1")
     reference = run_training(_spec(tmp_path / "whole", *extra, steps=10))
     monkeypatch.setenv(FAULT_STEP_ENV, "6")

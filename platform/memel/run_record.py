@@ -46,11 +46,6 @@ def loader_file(rank: int) -> str:
     return f"loader-rank{rank}.json"
 
 
-def heldout_loader_file(rank: int) -> str:
-    """The held-out loader's position of ``rank`` in a checkpoint (older checkpoints lack it)."""
-    return f"heldout-loader-rank{rank}.json"
-
-
 def rng_file(rank: int) -> str:
     """The torch RNG state of ``rank`` in a checkpoint."""
     return f"rng-rank{rank}.pt"

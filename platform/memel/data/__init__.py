@@ -34,6 +34,7 @@ _EXPORTS = {
         ".configs",
     ),
     "DataError": ".errors",
+    "FixedBatches": ".fixed_batches",
     "GlueLoader": ".glue",
     "ImageFolderLoader": ".images",
     "ShardedLoader": ".loader",
@@ -48,6 +49,7 @@ __all__ = [
     "DataConfig",
     "DataError",
     "DigitsConfig",
+    "FixedBatches",
     "GlueConfig",
     "GlueLoader",
     "ImageFolderConfig",
@@ -88,6 +90,7 @@ if TYPE_CHECKING:
         parse,
     )
     from .errors import DataError
+    from .fixed_batches import FixedBatches
     from .glue import GlueLoader
     from .images import ImageFolderLoader
     from .loader import ShardedLoader

@@ -1,10 +1,11 @@
-"""A run's checkpoint: DeepSpeed's shards plus memel's own state (Inhibitors, training and
-held-out data positions, RNG, run id) in the checkpoint's ``memel/`` folder (names: :mod:`memel.run_record`).
+"""A run's checkpoint: DeepSpeed's shards plus memel's own state (Inhibitors, training data
+position, RNG, run id) in the checkpoint's ``memel/`` folder (names: :mod:`memel.run_record`).
 
-Every rank saves its own data positions and RNG state; rank 0 saves the Inhibitors (identical
+Every rank saves its own data position and RNG state; rank 0 saves the Inhibitors (identical
 on every rank after each sync) and the progress file that restoring starts from. Inhibitors
 whose statistics are sharded across ranks (``execution.shard_statistics``) are saved by every
-rank, each its own shard, and each rank restores its own.
+rank, each its own shard, and each rank restores its own. The periodic evaluation's held-out
+batches are fixed for a run, so they need no position (one saved in an older checkpoint is ignored).
 """
 
 from __future__ import annotations
@@ -28,10 +29,8 @@ class Checkpointing:
         loader: Any,
         rank: int,
         run_id: str | None = None,
-        heldout: Any | None = None,
     ) -> None:
         self.engine, self.inserted, self.loader, self.rank, self.run_id = engine, inserted, loader, rank, run_id
-        self.heldout = heldout  # the periodic evaluation's loader: its position is part of the run's state
 
     def save(self, directory: Path, step: int, tokens_seen: int) -> None:
         tag = run_record.checkpoint_tag(step)
@@ -47,8 +46,6 @@ class Checkpointing:
             progress = {"step": step, "tokens_seen": tokens_seen, "run_id": self.run_id, "tag": tag}
             run_record.progress_path(directory).write_text(json.dumps(progress))
         (state / run_record.loader_file(self.rank)).write_text(json.dumps(self.loader.state_dict()))
-        if self.heldout is not None:
-            (state / run_record.heldout_loader_file(self.rank)).write_text(json.dumps(self.heldout.state_dict()))
         torch.save(torch.get_rng_state(), state / run_record.rng_file(self.rank))
 
     def restore(self, directory: Path) -> dict[str, Any]:
@@ -65,9 +62,6 @@ class Checkpointing:
         loader_file = state / run_record.loader_file(self.rank)
         if loader_file.exists():
             self.loader.load_state_dict(json.loads(loader_file.read_text()))
-        heldout_file = state / run_record.heldout_loader_file(self.rank)
-        if self.heldout is not None and heldout_file.exists():  # checkpoints from before it was saved lack it
-            self.heldout.load_state_dict(json.loads(heldout_file.read_text()))
         rng_file = state / run_record.rng_file(self.rank)
         if rng_file.exists():
             torch.set_rng_state(torch.load(rng_file, weights_only=False))

@@ -1,5 +1,6 @@
-"""Held-out evaluation of a run: periodic (``eval.batches`` batches) and final (``eval.final``
-batches from the held-out set's start, or ``all`` of it once, split across ranks).
+"""Held-out evaluation of a run: periodic (the same ``eval.batches`` batches per rank every time,
+spread evenly over the held-out set) and final (``eval.final`` batches from the held-out set's
+start, or ``all`` of it once, split across ranks).
 
 Per-rank sums are reduced across ranks by :func:`memel.training.metrics.reduce_metrics`, so
 every rank gets the same numbers; every rank must evaluate at the same step.
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 
+from memel.data import FixedBatches
 from memel.data import build as build_loader
 
 from .metrics import reduce_metrics
@@ -63,19 +65,15 @@ def _balanced_sums(engine: Any, batch: Any, device: torch.device) -> tuple[float
 class HeldoutEvaluation:
     """A spec's periodic and final evaluations on this rank's share of the held-out set."""
 
-    def __init__(self, spec: TrainSpec, heldout: Any, kind: str, device: torch.device, rank: int, world: int) -> None:
-        self.spec, self.heldout, self.kind, self.device, self.rank, self.world = (
-            spec,
-            heldout,
-            kind,
-            device,
-            rank,
-            world,
-        )
+    def __init__(self, spec: TrainSpec, kind: str, device: torch.device, rank: int, world: int) -> None:
+        self.spec, self.kind, self.device, self.rank, self.world = spec, kind, device, rank, world
+        data = {**spec.data, "batch_size": spec.train.micro_batch_size, "seed": spec.train.seed, "split": "heldout"}
+        #: the periodic evaluation's batches: fixed for the run, so eval/loss changes only with the model
+        self.fixed = FixedBatches(build_loader(data, rank, world), spec.eval.batches)
 
     def periodic(self, engine: Any) -> dict[str, float]:
-        """``eval.batches`` batches of the running held-out loader."""
-        return evaluate(engine, self.heldout, self.spec.eval.batches, self.kind, self.device)
+        """``eval.batches`` batches per rank: the same held-out examples at every evaluation of the run."""
+        return evaluate(engine, self.fixed, len(self.fixed), self.kind, self.device)
 
     def final(self, engine: Any, prefix: str) -> dict[str, float]:
         """``eval.final`` batches of the held-out set from its start (``all``: every sample once,

@@ -94,11 +94,12 @@ class TrainSection(_Section):
 
 
 class EvalSection(_Section):
-    """Held-out evaluation: ``batches`` batches every ``every`` steps (each evaluation continues
-    where the last one stopped); ``final`` batches from the start of the held-out set at the end
-    of the run (``all``: every held-out sample once), logged as ``heldout/loss``,
-    ``heldout/accuracy`` (classification) and ``heldout/items``. A fine-tune (``model.init_from``)
-    also scores the pretrained weights the same way at step 0, as ``init/...``."""
+    """Held-out evaluation: ``batches`` batches every ``every`` steps (the same batches every time,
+    spread evenly over the held-out set, so ``eval/loss`` changes only with the model); ``final``
+    batches from the start of the held-out set at the end of the run (``all``: every held-out
+    sample once), logged as ``heldout/loss``, ``heldout/accuracy`` (classification) and
+    ``heldout/items``. A fine-tune (``model.init_from``) also scores the pretrained weights the
+    same way at step 0, as ``init/...``."""
 
     every: int = Field(50, ge=1)
     batches: int = Field(4, ge=1)

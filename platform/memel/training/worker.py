@@ -251,7 +251,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     kind = spec.data.get("kind", "text_lm")
     data = {**spec.data, "batch_size": spec.train.micro_batch_size, "seed": spec.train.seed}
     loader = build_loader(data, rank, world)
-    heldout = build_loader({**data, "split": "heldout", "shuffle": False}, rank, world)
+    evaluator = HeldoutEvaluation(spec, kind, device, rank, world)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.train.lr, weight_decay=spec.train.weight_decay)
     scheduler = None
     if spec.train.warmup_steps:
@@ -261,7 +261,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(spec)
     )
-    checkpoints = Checkpointing(engine, inserted, loader, rank, info.run_id, heldout=heldout)
+    checkpoints = Checkpointing(engine, inserted, loader, rank, info.run_id)
     state = TrainState()
     # the newest complete checkpoint on disk, even where Ray's record of them lags behind
     storage = config.get("checkpoint_storage")
@@ -280,7 +280,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
         kind,
         schedule(spec),
         callbacks=callbacks(spec, info, depths, rank, world, _pruning(spec, run, config.get("unrecorded"), rank)),
-        evaluator=HeldoutEvaluation(spec, heldout, kind, device, rank, world),
+        evaluator=evaluator,
         checkpointer=checkpoints,
         inserted=inserted,
         device=device,
