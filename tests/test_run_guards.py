@@ -115,7 +115,7 @@ def test_a_sweep_folder_of_another_spec_or_kind_is_refused(tmp_path: Path) -> No
     """The sweep's folder records its job and base fingerprint; each member folder its run's name;
     a single run's folder is not a sweep's."""
     from memel.orchestration import expand_sweep, load_job
-    from memel.orchestration.sweep import sweep_claim
+    from memel.orchestration.sweep_folders import sweep_claim
 
     out = tmp_path / "sweep"
     job = load_job(JOBS / "quickstart.yaml", [f"output_dir={out}"])
@@ -154,7 +154,7 @@ def test_the_same_spec_is_accepted_and_more_trials_or_members_are_the_same_spec(
     """What resumes: the same run name; a study asked for more trials; a sweep with more seeds."""
     from memel.orchestration import load_job
     from memel.orchestration.study import study_fingerprint
-    from memel.orchestration.sweep import check_folders, sweep_claim
+    from memel.orchestration.sweep_folders import check_folders, sweep_claim
     from memel.training import load_spec
     from memel.training.output_dir import check_output_dir, run_claim
 

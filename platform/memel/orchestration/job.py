@@ -362,7 +362,7 @@ def check_job_folders(job: JobSpec) -> None:
 
         check_output_dir(job.out.resolve(), claim=study_claim(job, job.tune))
     elif job.sweep is not None:
-        from .sweep import check_folders
+        from .sweep_folders import check_folders
 
         check_folders(job)
     else:

@@ -23,12 +23,12 @@ from memel.models import count_parameters
 from memel.redaction import redact
 from memel.training import TrainResult, TrainSpec, init_ray
 from memel.training.interrupt import mark_killed
-from memel.training.output_dir import Claim, check_output_dir, run_claim
 from memel.training.run_lock import hold_lock
 from memel.training.runner import resolve_outputs
 
 from .job import JobSpec, Member, attach, expand_sweep
 from .launch import Finished, Launcher
+from .sweep_folders import check_folders, sweep_claim
 
 #: The columns of the sweep table, in order.
 COLUMNS = (
@@ -187,19 +187,6 @@ def run_sweep(job: JobSpec, address: str | None = None, progress: Any = None) ->
     check_folders(job)
     with hold_lock(job.out.resolve()):
         return _run_sweep(job, address, progress)
-
-
-def sweep_claim(job: JobSpec) -> Claim:
-    """A sweep's claim on its folder: the job's name and its base run's fingerprint (members may
-    be added, with more seeds or modes; a changed base would mix two specs in one sweep)."""
-    return Claim(run_record.SWEEP_FILE, {"job": job.name, "fingerprint": job.base_fingerprint()})
-
-
-def check_folders(job: JobSpec) -> None:
-    """The sweep's folder and every member's hold nothing of another spec (ConfigError otherwise)."""
-    check_output_dir(job.out.resolve(), claim=sweep_claim(job))
-    for member in expand_sweep(job):
-        check_output_dir(member.spec.out.resolve(), claim=run_claim(member.spec.run_name))
 
 
 def _run_sweep(job: JobSpec, address: str | None, progress: Any) -> SweepResult:

@@ -29,8 +29,6 @@ from memel.atomic import write_json
 from memel.errors import ConfigError
 from memel.redaction import redact, redact_tree
 
-from .checkpoint_pruning import prune, unrecorded
-from .checkpoint_scan import FoundCheckpoint, RunFolder, finished_on_disk, repair_snapshot, run_folder, scan_run
 from .deepspeed_config import deepspeed_config
 from .interrupt import describe, end_after_error
 from .lost_statistics import warn_unwritten
@@ -39,6 +37,7 @@ from .run_lock import hold_lock
 from .spec import TrainSpec
 
 if TYPE_CHECKING:
+    from .checkpoint_scan import FoundCheckpoint, RunFolder
     from .trial import TrialConfig
     from .worker import RunInfo
 
@@ -265,6 +264,7 @@ def _resume_and_train(spec: TrainSpec, info: RunInfo, storage: str, env: dict[st
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from .checkpoint_scan import finished_on_disk, run_folder
     from .worker import raise_if_diverged, train_loop
 
     run = run_folder(storage, spec.run_name)
@@ -306,7 +306,10 @@ def _resume_and_train(spec: TrainSpec, info: RunInfo, storage: str, env: dict[st
 def _report_resume_point(run: RunFolder, workers: int, keep: int) -> tuple[FoundCheckpoint | None, list[str]]:
     """Say where the run resumes, set aside Ray's record of its checkpoints when it is unreadable or
     behind, and prune the checkpoints Ray does not track beyond ``keep``; returns the resume point
-    and the untracked checkpoints left."""
+    and the untracked checkpoints left (pyarrow loads here, not when ``memel validate`` imports this module)."""
+    from .checkpoint_pruning import prune, unrecorded
+    from .checkpoint_scan import repair_snapshot, scan_run
+
     scan = scan_run(run, workers)
     for name, reason in scan.skipped.items():
         print(f"[memel] warning: checkpoint {name} is incomplete ({reason}); skipped", flush=True)
