@@ -212,18 +212,19 @@ def run_probe_agreement(
             )
             continue
         step = int(flags["step"].max())
-        rows.append(
-            {
-                "member": member.label,
-                "run_id": member.run_id,
-                "model": member.rung,
-                "n_params": member.n_params,
-                "seed": member.seed,
-                "snapshot_step": step,
-                **found,
-            }
-        )
+        rows.append({**_member_columns(member), "snapshot_step": step, **found})
     return pd.DataFrame(rows), notes
+
+
+def _member_columns(member: Member) -> dict[str, Any]:
+    """The columns that name a member in a per-member table."""
+    return {
+        "member": member.label,
+        "run_id": member.run_id,
+        "model": member.rung,
+        "n_params": member.n_params,
+        "seed": member.seed,
+    }
 
 
 def member_curve(member: Member, options: Options, client: Any) -> tuple[str, list[int], list[float]]:
@@ -267,11 +268,7 @@ def run_convergence(source: Source, options: Options) -> tuple[pd.DataFrame, lis
             continue
         rows.append(
             {
-                "member": member.label,
-                "run_id": member.run_id,
-                "model": member.rung,
-                "n_params": member.n_params,
-                "seed": member.seed,
+                **_member_columns(member),
                 "curve": curve,
                 "points": len(steps),
                 "first_loss": float(losses[int(np.argmin(steps))]),
