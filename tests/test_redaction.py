@@ -160,13 +160,19 @@ def test_submit_never_shows_credentials_of_the_address_or_the_overrides(monkeypa
         "--set",
         "stats.root=s3://bucket/prefix",
     ]
-    result = CliRunner(env={"COLUMNS": "300"}).invoke(app, args)
+    runner = CliRunner(env={"COLUMNS": "300"})
+    refused = runner.invoke(app, args)  # credentials in an override would travel in the entrypoint
+    assert refused.exit_code == 2, refused.output
+    assert "error: --set tracking.uri: holds credentials" in " ".join(refused.output.split()), refused.output
+    args[args.index("tracking.uri=http://memel:uri-sentinel-4711@mlflow.example:5000")] = (
+        "tracking.uri=http://mlflow.example:5000"
+    )
+    result = runner.invoke(app, args)
     assert result.exit_code == 1, result.output  # nothing listens on port 9
     assert "cannot reach the Ray dashboard at http://ops:***@127.0.0.1:9" in result.output
-    assert "tracking.uri=http://memel:***@mlflow.example:5000" in result.output
-    assert "AWS_SECRET_ACCESS_KEY travel in the job's runtime_env" in " ".join(result.output.split()), result.output
+    assert "not sent: AWS_SECRET_ACCESS_KEY" in " ".join(result.output.split()), result.output
     for sentinel in ("addr-sentinel-4711", "uri-sentinel-4711", "aws-sentinel-4711"):
-        assert sentinel not in result.output
+        assert sentinel not in refused.output + result.output
 
 
 def _project(root: Path) -> Path:
