@@ -31,5 +31,5 @@ class StepTimer(Callback):
     def post_step(self, step: int) -> None:
         self.ends.append((step, time.perf_counter()))
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.path.write_text(json.dumps(step_times(self.ends)))
