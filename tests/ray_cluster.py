@@ -119,6 +119,8 @@ def local_cluster(nodes: dict[str, dict[str, Any]], env: dict[str, str] | None =
             folder = root / name
             (folder / "tmp" / "ray").mkdir(parents=True)  # where Ray writes the address of the cluster it started
             os.environ["TMPDIR"] = str(folder / "tmp")  # what the node's processes (and their workers) inherit
+            # one draw for the node's ports: two separate draws can return the same, just-freed port
+            agent_port, dashboard_port = free_ports(LOOPBACK, 2)
             args = {
                 "node_ip_address": LOOPBACK,
                 "temp_dir": str(folder / "ray"),
@@ -127,13 +129,13 @@ def local_cluster(nodes: dict[str, dict[str, Any]], env: dict[str, str] | None =
                 "resources": settings.get("resources", {}),
                 # Ray's fixed default (52365) may be taken by another Ray on this machine; the head's
                 # agent must listen for jobs to be submitted
-                "dashboard_agent_listen_port": free_ports(LOOPBACK, 1)[0],
+                "dashboard_agent_listen_port": agent_port,
             }
             if index == 0:
                 dashboard = {
                     "include_dashboard": True,
                     "dashboard_host": LOOPBACK,
-                    "dashboard_port": free_ports(LOOPBACK, 1)[0],
+                    "dashboard_port": dashboard_port,
                 }
                 handle.dashboard = f"http://{LOOPBACK}:{dashboard['dashboard_port']}"
                 cluster = Cluster(
