@@ -102,6 +102,7 @@ def local_cluster(nodes: dict[str, dict[str, Any]], env: dict[str, str] | None =
     """Start a head (``nodes``' first entry) and worker nodes; each value holds ``num_cpus`` and
     ``resources``; ``env`` is every node's own environment (e.g. its S3 credentials). Every
     node's processes are killed on exit."""
+    from ray._private.utils import write_ray_address
     from ray.cluster_utils import Cluster
 
     root = Path(tempfile.mkdtemp(prefix="mn-", dir="/tmp"))  # short: Ray's socket paths live under it
@@ -143,6 +144,9 @@ def local_cluster(nodes: dict[str, dict[str, Any]], env: dict[str, str] | None =
                 )
                 handle.cluster, handle.address = cluster, cluster.gcs_address
                 handle.nodes[name] = cluster.head_node
+                # where `ray start --head` records the address and a job's supervisor looks for it: without
+                # it the supervisor gives the job any GCS it finds running here (another Ray's, too)
+                write_ray_address(cluster.gcs_address, args["temp_dir"])
             else:
                 handle.nodes[name] = cluster.add_node(**args)
         cluster.wait_for_nodes()

@@ -3,7 +3,9 @@
 Ray deletes the checkpoints in its own record beyond ``keep``; checkpoints written before its
 record was set aside (a resumed run, :mod:`memel.training.checkpoint_scan`) are not in it and
 would stay forever. The driver lists those when the run starts (``unrecorded``) and prunes them
-then; rank 0 prunes them again after every checkpoint it reports. A checkpoint is deleted only
+then; rank 0 prunes them again after every checkpoint, once every rank has reported it (each
+rank uploads its own files, so before that barrier the newest checkpoint can look incomplete
+and nothing older would be pruned). A checkpoint is deleted only
 when it is one of ``unrecorded`` and not among the ``keep`` newest complete checkpoints of the
 folder, so the newest one, and the one a run resumes from, always stay; Ray's own checkpoints are
 never touched (the two never delete the same folder). Local and S3 storage alike.
@@ -50,14 +52,19 @@ def prune(run: RunFolder, scan: Scan, keep: int, candidates: Collection[str]) ->
 
 
 class PruneUnrecorded(Callback):
-    """Rank 0, after each reported checkpoint: delete ``unrecorded`` checkpoints beyond ``keep``."""
+    """Every rank, after each reported checkpoint: wait until all ranks have reported (uploaded) it;
+    then rank 0 deletes the ``unrecorded`` checkpoints beyond ``keep``."""
 
-    def __init__(self, run: RunFolder, workers: int, keep: int, candidates: Collection[str]) -> None:
-        self.run, self.workers, self.keep = run, workers, keep
+    def __init__(self, run: RunFolder, workers: int, keep: int, candidates: Collection[str], rank: int = 0) -> None:
+        self.run, self.workers, self.keep, self.rank = run, workers, keep, rank
         self.candidates = set(candidates)
 
     def on_checkpoint(self, step: int, directory: Path, metrics: Mapping[str, Any]) -> None:
-        if not self.candidates:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()  # every rank's files of this checkpoint are in storage
+        if self.rank != 0 or not self.candidates:
             return
         try:
             deleted = prune(self.run, scan_run(self.run, self.workers), self.keep, self.candidates)

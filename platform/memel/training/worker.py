@@ -137,8 +137,8 @@ def callbacks(
     world: int,
     after_report: Callback | None = None,
 ) -> list[Callback]:
-    """Every rank: fault injection and Ray reports; rank 0 also progress, MLflow, Parquet, Optuna
-    pruning, ``after_report`` (after each checkpoint is reported) and, when ``MEMEL_STEP_TIMES_FILE``
+    """Every rank: fault injection, Ray reports and ``after_report`` (after each checkpoint is reported);
+    rank 0 also progress, MLflow, Parquet, Optuna pruning and, when ``MEMEL_STEP_TIMES_FILE``
     is set, step timing."""
     found: list[Callback] = [FaultInjector(rank, world)]
     if rank == 0 and os.environ.get(STEP_TIMES_ENV):
@@ -170,10 +170,11 @@ def callbacks(
 
 
 def _pruning(spec: TrainSpec, run: RunFolder | None, untracked: list[str] | None, rank: int) -> Callback | None:
-    """Rank 0's pruning of the checkpoints Ray does not track (``checkpoint.keep``), when there are any."""
-    if rank != 0 or run is None or not untracked:
+    """The pruning of the checkpoints Ray does not track (``checkpoint.keep``), when there are any: on every
+    rank, which all wait for each checkpoint to be reported before rank 0 prunes."""
+    if run is None or not untracked:
         return None
-    return PruneUnrecorded(run, spec.train.workers, spec.checkpoint.keep, untracked)
+    return PruneUnrecorded(run, spec.train.workers, spec.checkpoint.keep, untracked, rank)
 
 
 def _stats_sink(spec: TrainSpec, info: RunInfo, depths: dict[str, float]) -> Callback:
