@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import io
 import json
+import time
 import uuid
 from collections.abc import Iterator
-
-import time
 
 import pyarrow.fs as pafs
 import pytest
@@ -168,11 +167,11 @@ def test_checkpoints_ray_does_not_track_are_pruned_beyond_keep(run: RunFolder, c
     assert list(scan_run(run, WORKERS).skipped) == [c8], "a deleted checkpoint is gone, not incomplete"
 
 
-def _report_with_a_late_rank(rank: int, world: int, storage: str, newest: str, shard: str) -> None:
+def _report_with_a_late_rank(rank: int, world: int, storage: str, newest: str, shard: str, untracked: list) -> None:
     """Rank 1 uploads its optimizer shard of the newest checkpoint a second after rank 0 reported it."""
     run = run_folder(storage, RUN)
     assert run is not None
-    pruning = PruneUnrecorded(run, WORKERS, 2, [newest.replace("-06.", "-02."), newest.replace("-06.", "-04.")], rank)
+    pruning = PruneUnrecorded(run, WORKERS, 2, untracked, rank)
     if rank == 1:
         time.sleep(1.0)
         _put(run, f"{newest}/{shard}", _archive({"rank": 1}))
@@ -188,7 +187,7 @@ def test_pruning_waits_for_every_rank_to_upload_the_newest_checkpoint(tmp_path) 
     c2, c4 = checkpoint(run, 2), checkpoint(run, 4)
     shard = f"{run_record.checkpoint_tag(6)}/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
     c6 = checkpoint(run, 6, drop=shard)
-    run_distributed(_report_with_a_late_rank, WORKERS, storage, c6, shard)
+    run_distributed(_report_with_a_late_rank, WORKERS, storage, c6, shard, [c4, c2])
     assert [found.name for found in scan_run(run, WORKERS).complete] == [c6, c4]
     assert _names(run, "checkpoint_2") == {c4, c6}, "c2 beyond keep=2 once c6 was complete"
 
