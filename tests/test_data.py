@@ -384,3 +384,25 @@ def test_planted_text_features_are_source_one_hot():
     for x, y, index in zip(batch.inputs, batch.targets, loader.indices()[:32], strict=True):
         assert loader.docs[int(loader.doc_id[index])].label == loader.class_names[int(y)]
         assert torch.equal(x, torch.from_numpy(loader.passage(int(index))))
+
+
+def test_sparse_features_of_every_seed_share_the_task_the_heldout_set_is_scored_on():
+    """The feature directions come from ``feature_seed``, not the sampling seed: a linear decoder fit on
+    a seed-7 run's training batches reads the features of the held-out set memel scores runs on
+    (seed 0); with another task (``feature_seed``) it reads nothing."""
+    base = dict(kind="sparse_features", num_features=8, input_dim=32, active_prob=0.3, samples_per_epoch=512)
+    train = data.build(dict(base, seed=7, batch_size=512))
+    heldout = data.build(dict(base, seed=0, split="heldout", shuffle=False, batch_size=512))
+    other_task = data.build(dict(base, seed=0, split="heldout", shuffle=False, batch_size=512, feature_seed=3))
+    assert np.array_equal(train.directions, heldout.directions)
+    assert not np.array_equal(train.directions, other_task.directions)
+    fit = next(train)
+    decoder = torch.linalg.lstsq(fit.inputs, fit.targets).solution
+
+    def accuracy(batch) -> float:
+        return float(((batch.inputs @ decoder > 0.5) == batch.features.bool()).float().mean())
+
+    same, other = next(heldout), next(other_task)
+    assert not torch.equal(same.inputs, fit.inputs), "other samples"
+    assert accuracy(same) > 0.95
+    assert accuracy(other) < 0.85  # about the rate of always answering "off" (0.7)

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,17 +152,60 @@ def _listening(process) -> list[tuple[str, int]]:
         return []
 
 
-def test_embedded_ray_listens_on_loopback_only() -> None:
-    """Run in a fresh interpreter: the embedded Ray of this process (if an earlier test started
-    one) must neither hide nor join the check."""
-    check = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import {Path(__file__).stem} as t; t.check_loopback()"
-    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=600, cwd=ROOT)
+def check_private_token(home: Path) -> None:
+    """The embedded Ray runs with token authentication on, its token in ``home``/.ray/auth_token
+    readable by this user only, and its dashboard refuses a request without that token."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    import ray
+
+    token_file = home / ".ray" / "auth_token"
+    assert (token_file.stat().st_mode & 0o777) == 0o600, oct(token_file.stat().st_mode)
+    assert (token_file.parent.stat().st_mode & 0o077) == 0, oct(token_file.parent.stat().st_mode)
+    token = token_file.read_text().strip()
+    assert len(token) == 64, "256 bits, as Ray generates"
+    dashboard = ray.get_runtime_context().worker.node.address_info["webui_url"]
+    url = f"http://{dashboard}/api/version"
+    with urllib.request.urlopen(urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})) as answer:
+        assert "ray_version" in json.loads(answer.read())
+    try:
+        urllib.request.urlopen(url, timeout=10)
+    except urllib.error.HTTPError as refused:
+        assert refused.code in (401, 403), refused.code
+    else:
+        raise AssertionError("the dashboard answered without the token")
+    print("token private")
+
+
+def test_embedded_ray_listens_on_loopback_only_and_keeps_its_token_private(tmp_path: Path) -> None:
+    """Run in a fresh interpreter with an empty HOME and no token settings: the embedded Ray of this
+    process (if an earlier test started one) must neither hide nor join the check, and Ray would
+    otherwise write the token it generates readable by every user (mode 0644)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    here = str(Path(__file__).parent)
+    check = (
+        f"import sys; sys.path.insert(0, {here!r}); import {Path(__file__).stem} as t; "
+        f"from pathlib import Path; t.check_loopback(after=lambda: t.check_private_token(Path({str(home)!r})))"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    result = subprocess.run(
+        [sys.executable, "-c", check],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env={**env, "HOME": str(home)},
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "loopback only" in result.stdout
+    assert "loopback only" in result.stdout and "token private" in result.stdout
 
 
-def check_loopback() -> None:
-    """Start the embedded Ray, then assert every listening socket of this process tree is on loopback."""
+def check_loopback(after: Callable[[], None] | None = None) -> None:
+    """Start the embedded Ray, then assert every listening socket of this process tree is on loopback
+    (and run ``after`` while Ray is up)."""
     import psutil
     import ray
 
@@ -187,5 +231,7 @@ def check_loopback() -> None:
         }
         assert not any(exposed.values()), f"listening beyond loopback: { {k: v for k, v in exposed.items() if v} }"
         print(f"loopback only: {sum(len(found) for found in sockets.values())} listening sockets checked")
+        if after is not None:
+            after()
     finally:
         ray.shutdown()

@@ -143,6 +143,33 @@ def test_killed_worker_resumes_to_the_same_result(local_ray, tmp_path: Path, mon
     assert len(_metric_history(again.tracking_uri, again.run_id, "train/loss")) == 5
 
 
+def test_a_run_with_sharded_statistics_resumes_each_rank_from_its_own_shard(
+    local_ray, tmp_path: Path, monkeypatch
+) -> None:
+    """``inhibition.shard_statistics``: 2 workers each hold half of every module's statistics;
+    killed and resumed, each rank reloads its own shard and the run ends as the uninterrupted
+    one (loss, every shard's statistics); the snapshots hold every neuron once."""
+    sharded = ("inhibition.shard_statistics=true",)
+    reference = run_training(_spec(tmp_path / "whole", *sharded, steps=10))
+    monkeypatch.setenv(FAULT_STEP_ENV, "6")
+    monkeypatch.setenv(FAULT_MARKER_ENV, str(tmp_path / "killed.txt"))
+    resumed = run_training(_spec(tmp_path / "faulted", *sharded, steps=10))
+    assert (tmp_path / "killed.txt").exists(), "the fault was never injected"
+    assert resumed.metrics["train/loss"] == pytest.approx(reference.metrics["train/loss"], rel=1e-6)
+    for rank in range(2):
+        name = f"inhibition-rank{rank}.pt"
+        a = torch.load(Path(reference.checkpoint) / "memel" / name, weights_only=False)
+        b = torch.load(Path(resumed.checkpoint) / "memel" / name, weights_only=False)
+        for module in a:
+            assert a[module]["mean"].numel() == NEURONS // 2  # a shard, not the whole
+            assert a[module]["shard"].tolist() == [NEURONS, 2, rank]
+            for key in ("mean", "var", "count", "batches", "window_counts"):
+                assert torch.equal(a[module][key], b[module][key]), (rank, module, key)
+    table = _read_stats(reference.stats_root).to_pandas()
+    last = table[table["step"] == table["step"].max()]
+    assert len(last) == MODULES * NEURONS and not last.duplicated(["module", "neuron"]).any()
+
+
 def test_a_resumed_run_evaluates_on_the_same_heldout_batches(local_ray, tmp_path: Path, monkeypatch) -> None:
     """Every periodic evaluation scores the same fixed held-out batches: killed after step 6 and
     resumed from step 4, the run's eval metrics equal the uninterrupted run's at every step."""

@@ -327,7 +327,15 @@ class MetricResult:
 
 
 def _data_config(seed: int, batch_size: int, split: str, data: dict, **extra: object) -> dict:
-    return {"kind": "sparse_features", "seed": seed, "batch_size": batch_size, "split": split, **data, **extra}
+    return {
+        "kind": "sparse_features",
+        "seed": seed,
+        "feature_seed": seed,  # each seed its own task
+        "batch_size": batch_size,
+        "split": split,
+        **data,
+        **extra,
+    }
 
 
 def bench_metric(

@@ -279,6 +279,9 @@ class SparseFeaturesConfig(_LoaderConfig):
     active_prob: float = Field(0.1, gt=0.0, le=1.0)
     noise_std: float = Field(0.05, ge=0.0)
     samples_per_epoch: int = Field(4096, ge=1)
+    #: the feature directions (the task): fixed, so every seed of a sweep learns the same features and
+    #: the held-out set memel scores runs on (drawn with seed 0) carries them too
+    feature_seed: int = Field(0, ge=0)
 
     def build(self, rank: int = 0, world_size: int = 1) -> ShardedLoader:
         from .planted import SparseFeatureLoader
@@ -291,6 +294,7 @@ class SparseFeaturesConfig(_LoaderConfig):
             noise_std=self.noise_std,
             samples_per_epoch=self.samples_per_epoch,
             split=self.split,
+            feature_seed=self.feature_seed,
             **self.loader_kwargs(rank, world_size),
         )
 

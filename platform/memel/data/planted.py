@@ -2,7 +2,8 @@
 feature-specific neurons.
 
 * :class:`SparseFeatureLoader`: ``num_features`` fixed random unit directions in
-  ``input_dim``-space (seeded); each sample switches each feature on with probability
+  ``input_dim``-space (drawn from ``feature_seed``, the task, apart from the sampling seed, so
+  runs of other seeds, and the held-out set every run is scored on, share the task); each sample switches each feature on with probability
   ``active_prob`` at a magnitude in [0.5, 1.5], sums the active directions and adds
   Gaussian noise. ``features`` ``[B, K]`` is the 0/1 matrix of active features.
 * :class:`PlantedTextLoader`: byte passages labelled by source corpus (``shakespeare``,
@@ -45,6 +46,7 @@ class SparseFeatureLoader(ShardedLoader[PlantedBatch]):
         noise_std: float = 0.05,
         samples_per_epoch: int = 4096,
         split: str = "train",
+        feature_seed: int | None = None,
         **loader: object,
     ) -> None:
         super().__init__(batch_size, **loader)  # type: ignore[arg-type]
@@ -62,7 +64,10 @@ class SparseFeatureLoader(ShardedLoader[PlantedBatch]):
         self.active_prob, self.noise_std = active_prob, noise_std
         self.samples_per_epoch = samples_per_epoch
         self.split_id = SPLITS.index(split)
-        directions = np.random.default_rng([self.seed, 2**31 - 1]).standard_normal((num_features, input_dim))
+        #: the seed of the feature directions (the task): ``feature_seed``, else the sampling seed
+        self.feature_seed = self.seed if feature_seed is None else feature_seed
+        rng = np.random.default_rng([self.feature_seed, 2**31 - 1])
+        directions = rng.standard_normal((num_features, input_dim))
         self.directions = (directions / np.linalg.norm(directions, axis=1, keepdims=True)).astype(np.float32)
 
     def num_examples(self) -> int:

@@ -164,11 +164,15 @@ def start_embedded_ray(num_cpus: int) -> None:
     with the node on 127.0.0.1 the GCS, raylet, workers, dashboard, agents and metrics endpoint
     all bind to it. The dashboard serves the state API Ray Train's placement-group cleaner polls.
     The workers run at niceness 0, as a process started from the shell would
-    (:data:`EMBEDDED_SYSTEM_CONFIG`).
+    (:data:`EMBEDDED_SYSTEM_CONFIG`). Its token (Ray turns token authentication on for a local
+    instance) is readable by this user only (:mod:`memel.training.ray_token`).
     """
     import ray
     from ray._private import ray_constants
 
+    from .ray_token import ensure_private_token
+
+    ensure_private_token()  # Ray would write the token it generates readable by every user
     saved_flag, saved_env = ray_constants.ENABLE_RAY_CLUSTER, os.environ.get(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR)
     ray_constants.ENABLE_RAY_CLUSTER = False
     os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"  # for the processes started now
