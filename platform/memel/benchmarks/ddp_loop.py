@@ -57,6 +57,7 @@ def main(spec_file: str, out_file: str) -> None:
         ends.append((step, time.perf_counter()))
     if rank == 0:
         Path(out_file).write_text(json.dumps(step_times(ends)))
+    dist.barrier()  # no rank tears gloo down while another still uses it
     dist.destroy_process_group()
 
 

@@ -186,9 +186,22 @@ def bench_ddp_command(
         ]
     except ConfigError as error:
         raise _refuse(error) from None
-    rows = [bench_ddp(one) for one in specs]
     title = f"memel train against torchrun DDP, {spec.train.workers} workers, {spec.train.steps} steps"
-    _write_json(json_path, rows, title=title, spec=spec_path, overrides=set_)
+    rows, failed = [], []
+    for one in specs:  # each row is shown and saved as soon as it is measured: a later failure loses nothing
+        name = f"{one.model.name} ZeRO-{one.train.zero_stage}"
+        try:
+            row = bench_ddp(one)
+        except Exception as error:  # one failed row (a crashed process) must not lose the others
+            failed.append(name)
+            print(f"{name}: not measured ({error})", flush=True)
+            continue
+        rows.append(row)
+        print(
+            f"{name}: memel {row.memel_median_ms:.1f} ms, DDP {row.ddp_median_ms:.1f} ms a step; ratio {row.ratio:.3f}",
+            flush=True,
+        )
+        _write_json(json_path, rows, title=title, spec=spec_path, overrides=set_)
     table = Table(title=title)
     for column in ("model", "ZeRO", "steps", "memel ms", "DDP ms", "ratio", "mean ratio"):
         table.add_column(column, justify="right")
@@ -203,3 +216,6 @@ def bench_ddp_command(
             f"{row.mean_ratio:.3f}",
         )
     Console().print(table)
+    if failed:
+        print(f"error: not measured: {', '.join(failed)} (see above); the rows measured are shown and saved")
+        raise typer.Exit(1)
