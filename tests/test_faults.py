@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -50,7 +50,6 @@ SWEEP = [
     "--set",
     "train.workers=1",  # both members at once on two cores (2-rank checkpoints: test_training_ray)
 ]
-STEP_LINE = re.compile(rf"\[memel\] step (\d+)/{STEPS} ")
 #: Metrics that measure time, not training: they differ between any two runs.
 TIMING = ("train/items_per_s", "train/tokens_per_s", "train/step_time_s")
 KEY = ["run_id", "module", "step", "neuron"]
@@ -62,39 +61,54 @@ def _command(out: Path) -> list[str]:
 
 def _env() -> dict[str, str]:
     src = str(Path(__file__).resolve().parents[1] / "platform")
-    # RAY_DEDUP_LOGS=0: Ray folds lines that differ only in numbers ("[repeated 2x across cluster]"),
-    # and the test counts every member's step lines
     return {
         **os.environ,
-        "RAY_DEDUP_LOGS": "0",
         "PYTHONUNBUFFERED": "1",
         "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
         "COLUMNS": "200",
     }
 
 
+def _steps_written(out: Path) -> int:
+    """Training steps the members have completed, summed over members, read from the disk: with
+    ``stats.every=1`` each member writes one statistics file per step and module, named by its step
+    (a replayed step replaces its file). The driver's forwarded step lines are no clock: on a busy
+    machine Ray's log forwarding can lag the training by most of a run."""
+    total = 0
+    for run in (out / "stats").glob("run_id=*"):
+        modules = sorted(run.glob("module=*"))
+        if modules:
+            total += len(list(modules[0].glob("part-*.parquet")))
+    return total
+
+
 def _run(out: Path, stop: tuple[int, signal.Signals] | None = None) -> tuple[int, str]:
-    """Run the sweep; with ``stop`` = (n, signal), send the signal to the driver when the members
-    have reported n training steps. Returns the exit status and the output."""
+    """Run the sweep; with ``stop`` = (n, signal), send the signal to the driver once the members
+    have written n more training steps. Returns the exit status and the output."""
+    before = _steps_written(out)
     process = subprocess.Popen(
         _command(out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), start_new_session=True
     )
-    lines, steps, sent = [], 0, False
+    lines: list[str] = []
     assert process.stdout is not None
-    for line in process.stdout:
-        lines.append(line)
-        steps += bool(STEP_LINE.search(line))
-        if stop and not sent and steps == stop[0]:
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
+    reader.start()
+    sent = None
+    while process.poll() is None:
+        if stop and sent is None and _steps_written(out) >= before + stop[0]:
             process.send_signal(stop[1])
-            sent = True
+            sent = _steps_written(out) - before
+        time.sleep(0.1)
     code = process.wait(timeout=600)
+    reader.join(timeout=60)
     try:  # what the driver started and left behind (a SIGKILLed driver cannot stop it)
         os.killpg(process.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     time.sleep(1.0)
     text = "".join(lines)
-    assert stop is None or sent, f"never reached {stop[0]} steps:\n{text[-3000:]}"
+    assert stop is None or sent is not None, f"never reached {stop[0]} steps:\n{text[-3000:]}"
+    assert sent is None or sent < 2 * STEPS - 4, f"the signal went out only after {sent} of {2 * STEPS} steps"
     return code, text
 
 

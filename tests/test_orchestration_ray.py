@@ -337,3 +337,47 @@ def test_launcher_starts_runs_only_while_their_workers_fit(monkeypatch: pytest.M
     launcher.max_concurrent, launcher._running = 1, {"a": ("a", demand(one_worker))}
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64.0})
     assert not launcher.has_room(one_worker), "max_concurrent caps runs in flight"
+
+
+def test_ctrl_c_stops_the_wait_on_members_even_when_code_in_the_driver_swallowed_it() -> None:
+    """On a real local Ray, with a member task that would run for a minute: a SIGINT whose
+    KeyboardInterrupt some code swallowed still ends the driver's wait within a second or so, and
+    one raised while it waits ends it too; the previous SIGINT handler is back afterwards."""
+    import signal
+    import threading
+    import time
+
+    import ray
+
+    from memel.orchestration.launch import WAIT_POLL_S, Launcher, noting_interrupts
+    from memel.training.runner import init_ray
+
+    started_here = not ray.is_initialized()
+    init_ray(None, 1)
+
+    @ray.remote(num_cpus=0)
+    def member() -> None:
+        time.sleep(60)
+
+    launcher = Launcher()
+    try:
+        for swallowed in (True, False):
+            launcher._running[member.remote()] = (f"swallowed={swallowed}", {"CPU": 0.0})
+            with noting_interrupts():
+                if swallowed:
+                    try:
+                        signal.raise_signal(signal.SIGINT)
+                    except KeyboardInterrupt:
+                        pass  # as a library's `except BaseException`, or a finalizer, would
+                else:
+                    threading.Timer(1.0, signal.raise_signal, (signal.SIGINT,)).start()
+                began = time.perf_counter()
+                with pytest.raises(KeyboardInterrupt):
+                    launcher.wait_one()
+                assert time.perf_counter() - began < 1.0 + 4 * WAIT_POLL_S + 2.0, swallowed
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            launcher.stop_all()
+    finally:
+        launcher.stop_all()
+        if started_here:
+            ray.shutdown()

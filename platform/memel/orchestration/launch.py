@@ -11,13 +11,44 @@ long for resources); on an autoscaling cluster, cap concurrency with ``max_concu
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+import signal
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from memel.redaction import redact
 from memel.training import TrainResult, TrainSpec
 from memel.training.trial import TrialConfig
+
+#: How often (seconds) the driver looks up from waiting on its runs to check for Ctrl-C.
+WAIT_POLL_S = 0.5
+
+_interrupted = threading.Event()
+
+
+@contextlib.contextmanager
+def noting_interrupts() -> Iterator[None]:
+    """Ctrl-C (SIGINT) while the driver runs its members: noted before ``KeyboardInterrupt`` is raised,
+    so :meth:`Launcher.wait_one` raises it again should code in between swallow it (Python only prints
+    an exception raised in a finalizer; a library may catch ``BaseException``). The previous handler
+    is restored on exit. Outside the main thread (where no handler can be set) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def note(signum: int, frame: Any) -> None:
+        _interrupted.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, note)
+    _interrupted.clear()
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _interrupted.clear()
 
 
 def _run_member(spec_tree: dict[str, Any], trial: TrialConfig | None) -> TrainResult:
@@ -91,10 +122,15 @@ class Launcher:
         self._running.clear()
 
     def wait_one(self) -> Finished:
-        """Block until one run ends."""
+        """Block until one run ends; raise ``KeyboardInterrupt`` if Ctrl-C was noted meanwhile
+        (:func:`noting_interrupts`), even where the first one was swallowed."""
         import ray
 
-        done, _ = ray.wait(list(self._running), num_returns=1)
+        done: list[Any] = []
+        while not done:
+            if _interrupted.is_set():
+                raise KeyboardInterrupt
+            done, _ = ray.wait(list(self._running), num_returns=1, timeout=WAIT_POLL_S)
         reference = done[0]
         key, _ = self._running.pop(reference)
         try:

@@ -30,7 +30,7 @@ from memel.training.runner import resolve_outputs
 from memel.training.trial import TrialConfig
 
 from .job import JobSpec, TuneSection, attach, member_spec
-from .launch import Finished, Launcher
+from .launch import Finished, Launcher, noting_interrupts
 from .optuna_storage import dashboard_command, default_storage, make_pruner, open_storage
 
 INTERRUPTED = run_record.ATTR_INTERRUPTED
@@ -312,33 +312,34 @@ def _run_study(
         init_ray(address, job.train.workers)
         launcher = Launcher(tune.parallel)
     try:
-        while launcher is not None and (remaining > 0 or launcher.in_flight):
-            if remaining > 0 and launcher.has_room(job):  # every trial needs what the base run needs
-                trial = study.ask()
-                overrides = suggest(trial, job, tune)
-                key = trial_key(overrides)
-                tags = {
-                    run_record.TAG_STUDY: study_name,
-                    run_record.TAG_TRIAL: str(trial.number),
-                    run_record.TAG_KIND: run_record.KIND_TRIAL,
-                }
-                spec = attach(
-                    member_spec(job, key, overrides, f"trial {trial.number}", folder=run_record.TRIALS_DIR),
-                    tracking_uri,
-                    parent.run_id,
-                    stats_root,
-                    tags,
-                )
-                trial.set_user_attr(run_record.ATTR_MEMBER, key)
-                name = str(trial.number)
-                trials_in_flight[name] = trial
-                launcher.launch(
-                    name, spec, TrialConfig(storage_url, study_name, trial.number, tune.metric, tune.pruner)
-                )
-                notify("started", name, trial.params)
-                remaining -= 1
-            else:
-                tell(launcher.wait_one())
+        with noting_interrupts():
+            while launcher is not None and (remaining > 0 or launcher.in_flight):
+                if remaining > 0 and launcher.has_room(job):  # every trial needs what the base run needs
+                    trial = study.ask()
+                    overrides = suggest(trial, job, tune)
+                    key = trial_key(overrides)
+                    tags = {
+                        run_record.TAG_STUDY: study_name,
+                        run_record.TAG_TRIAL: str(trial.number),
+                        run_record.TAG_KIND: run_record.KIND_TRIAL,
+                    }
+                    spec = attach(
+                        member_spec(job, key, overrides, f"trial {trial.number}", folder=run_record.TRIALS_DIR),
+                        tracking_uri,
+                        parent.run_id,
+                        stats_root,
+                        tags,
+                    )
+                    trial.set_user_attr(run_record.ATTR_MEMBER, key)
+                    name = str(trial.number)
+                    trials_in_flight[name] = trial
+                    launcher.launch(
+                        name, spec, TrialConfig(storage_url, study_name, trial.number, tune.metric, tune.pruner)
+                    )
+                    notify("started", name, trial.params)
+                    remaining -= 1
+                else:
+                    tell(launcher.wait_one())
     except BaseException:
         if launcher is not None:
             launcher.stop_all()

@@ -27,7 +27,7 @@ from memel.training.run_lock import hold_lock
 from memel.training.runner import resolve_outputs
 
 from .job import JobSpec, Member, attach, expand_sweep
-from .launch import Finished, Launcher
+from .launch import Finished, Launcher, noting_interrupts
 from .sweep_folders import check_folders, sweep_claim
 
 #: The columns of the sweep table, in order.
@@ -236,7 +236,8 @@ def _run_sweep(job: JobSpec, address: str | None, progress: Any) -> SweepResult:
         if to_run:
             init_ray(address, max(spec.train.workers for _, spec in to_run))
             launcher = Launcher(job.sweep.max_concurrent if job.sweep else None)
-            launcher.run_all(to_run, on_finished, on_launch=lambda key: notify("started", key, None))
+            with noting_interrupts():
+                launcher.run_all(to_run, on_finished, on_launch=lambda key: notify("started", key, None))
     except BaseException:
         if launcher is not None:
             launcher.stop_all()
