@@ -1,4 +1,5 @@
-"""``memel bench ddp``'s arithmetic on constructed step times, and its DDP side really run under torchrun."""
+"""``memel bench ddp``'s arithmetic on constructed step times; its DDP and DeepSpeed loops really run
+under torchrun; ZeRO-2's whole-bucket all-reduce on CPU gives DeepSpeed's reduce-scatter's weights."""
 
 from __future__ import annotations
 
@@ -22,12 +23,68 @@ def test_the_ratio_is_taken_over_the_steps_both_sides_timed_after_the_first_fift
     assert row.memel_median_ms == pytest.approx(1000 * statistics.median(0.02 * s for s in steps))
     assert row.ddp_median_ms == pytest.approx(1000 * statistics.median(0.01 * s for s in steps))
     assert row.ratio == pytest.approx(0.5) and row.mean_ratio == pytest.approx(0.5)
+    assert row.deepspeed_median_ms is None and row.deepspeed_ratio is None
     with pytest.raises(ValueError, match="no common step"):
         compare("m", 2, memel, {"steps": [1, 2], "seconds": [1.0, 1.0]})
+    engine = {"steps": list(range(1, 9)), "seconds": [0.015 * s for s in range(1, 9)]}  # steps 9 and 10 untimed
+    row = compare("m", 2, memel, ddp, engine)
+    steps = range(3, 9)
+    assert row.steps == len(steps)
+    assert row.deepspeed_median_ms == pytest.approx(1000 * statistics.median(0.015 * s for s in steps))
+    assert row.deepspeed_ratio == pytest.approx(0.75) and row.ratio == pytest.approx(0.5)
 
 
-def test_the_ddp_loop_runs_under_torchrun_and_times_every_step(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
+def test_the_loop_runs_under_torchrun_and_times_every_step(tmp_path: Path, engine: str) -> None:
     spec = load_spec(str(ROOT / "jobs" / "smoke.yaml"), ["train.steps=4", "train.log_every=2"])
-    times = _ddp_times(spec, tmp_path)
+    times = _ddp_times(spec, tmp_path, engine)
     assert times["steps"] == [2, 3, 4] and len(times["seconds"]) == 3  # each from the end of the step before
     assert all(seconds > 0 for seconds in times["seconds"])
+
+
+def _train_zero2(rank: int, world: int, folder: str) -> None:
+    """Six ZeRO-2 steps of the smoke model with DeepSpeed's per-partition reduction and with memel's
+    CPU default (whole buckets all-reduced); rank 0 saves both final weights."""
+    import os
+
+    import deepspeed
+    import torch
+
+    from memel.data import build as build_loader
+    from memel.models import build as build_model
+    from memel.training.deepspeed_config import deepspeed_config
+    from memel.training.objective import compute
+    from memel.training.worker import insert_inhibition
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    spec = load_spec(str(ROOT / "jobs" / "smoke.yaml"))
+    weights = {}
+    for reduce_scatter in (True, False):
+        torch.manual_seed(0)
+        model = build_model(spec.model.name, **spec.model.overrides)
+        insert_inhibition(model, spec)
+        weights["initial"] = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        optimizer = torch.optim.AdamW(model.parameters(), lr=spec.train.lr, weight_decay=spec.train.weight_decay)
+        loader = build_loader({**spec.data, "batch_size": spec.train.micro_batch_size, "seed": 0}, rank, world)
+        config = deepspeed_config(spec)
+        assert config["zero_optimization"]["reduce_scatter"] is False, "memel's CPU default"
+        config["zero_optimization"]["reduce_scatter"] = reduce_scatter
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        for _ in range(6 * spec.train.accumulation):
+            out = compute(engine, next(loader), "text_lm", torch.device("cpu"))
+            engine.backward(out.loss)
+            engine.step()
+        weights[str(reduce_scatter)] = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    if rank == 0:
+        torch.save(weights, Path(folder) / "weights.pt")
+
+
+def test_zero2_on_cpu_all_reducing_whole_buckets_trains_the_same_weights(tmp_path: Path) -> None:
+    import torch
+    from distributed import run_distributed
+
+    run_distributed(_train_zero2, 2, str(tmp_path))
+    weights = torch.load(tmp_path / "weights.pt")
+    assert (weights["True"] - weights["initial"]).abs().max() > 1e-3, "training moved the weights"
+    apart = (weights["True"] - weights["False"]).abs().max()
+    assert apart <= 1e-6 * weights["True"].abs().max(), float(apart)

@@ -55,8 +55,17 @@ def test_sharded_statistics_leave_the_fingerprints_of_specs_without_them_alone()
 def test_user_deepspeed_keys_win() -> None:
     spec = TrainSpec(train={"deepspeed": {"zero_optimization": {"overlap_comm": True}, "gradient_clipping": 0.5}})
     config = deepspeed_config(spec)
-    assert config["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    assert config["zero_optimization"] == {"stage": 2, "reduce_scatter": False, "overlap_comm": True}
     assert config["gradient_clipping"] == 0.5
+    mine = TrainSpec(train={"deepspeed": {"zero_optimization": {"reduce_scatter": True}}})
+    assert deepspeed_config(mine)["zero_optimization"]["reduce_scatter"] is True
+
+
+def test_zero2_on_cpu_all_reduces_whole_buckets_and_on_gpu_keeps_deepspeeds_default() -> None:
+    assert deepspeed_config(load_spec(SMOKE))["zero_optimization"] == {"stage": 2, "reduce_scatter": False}
+    assert "reduce_scatter" not in deepspeed_config(load_spec(SMOKE, ["train.zero_stage=1"]))["zero_optimization"]
+    gpu = load_spec(SMOKE, ["train.use_gpu=true", "train.precision=bf16"])
+    assert deepspeed_config(gpu)["zero_optimization"] == {"stage": 2}
 
 
 @pytest.mark.parametrize(

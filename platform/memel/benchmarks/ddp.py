@@ -1,8 +1,12 @@
-"""Step time of the Ray Train + DeepSpeed path against a plain torchrun DDP loop, side by side.
+"""Step time of the Ray Train + DeepSpeed path against plain torchrun loops, side by side.
 
-Both train the same spec (model, inhibition, data, batch sizes, workers, torch threads) for
-the same number of steps, one after the other in this process; memel runs as ``memel
-train`` does, with tracking, statistics, evaluation and snapshots on. Each side records the
+Three sides train the same spec (model, inhibition, data, batch sizes, workers, torch threads)
+for the same number of steps, one after the other in this process: memel as ``memel train``
+runs, with tracking, statistics, evaluation and snapshots on; a torchrun DDP loop; and a
+torchrun loop of the DeepSpeed engine memel builds (same config and ZeRO stage), without Ray or
+tracking. DDP over memel is the headline; DeepSpeed over memel is what memel and Ray cost
+beside the engine they drive (at ZeRO-2 DeepSpeed itself reduces gradients at every
+micro-batch and gathers the parameters after each step, which DDP does not). Each side records the
 wall time of every optimizer step on rank 0 (from the end of the previous step, so what
 memel does between steps counts), and both figures are taken over the same steps: every step
 after the first fifth, so start-up (Ray, DeepSpeed, process groups, the first allocations)
@@ -27,8 +31,8 @@ from memel.training.callbacks import STEP_TIMES_ENV
 
 @dataclass
 class DdpRow:
-    """One model and ZeRO stage: step times in ms over the same steps, and memel's speed as a
-    fraction of DDP's (DDP step time / memel step time)."""
+    """One model and ZeRO stage: step times in ms over the same steps; memel's speed as a fraction
+    of DDP's (DDP step time / memel step time) and of the bare DeepSpeed engine's."""
 
     model: str
     zero_stage: int
@@ -39,19 +43,24 @@ class DdpRow:
     memel_mean_ms: float
     ddp_mean_ms: float
     mean_ratio: float
+    deepspeed_median_ms: float | None = None
+    deepspeed_ratio: float | None = None
 
 
-def compare(model: str, zero_stage: int, memel: dict[str, list], ddp: dict[str, list]) -> DdpRow:
-    """A row from each side's ``{"steps": [...], "seconds": [...]}``, over the steps both
+def compare(
+    model: str, zero_stage: int, memel: dict[str, list], ddp: dict[str, list], deepspeed: dict[str, list] | None = None
+) -> DdpRow:
+    """A row from each side's ``{"steps": [...], "seconds": [...]}``, over the steps every side
     timed after the first fifth of the run."""
-    memel_times, ddp_times = dict(zip(memel["steps"], memel["seconds"])), dict(zip(ddp["steps"], ddp["seconds"]))
-    last = max(max(memel_times), max(ddp_times))
-    steps = sorted(step for step in memel_times.keys() & ddp_times.keys() if step > last // 5)
+    sides = [dict(zip(side["steps"], side["seconds"])) for side in (memel, ddp, deepspeed) if side is not None]
+    last = max(max(side) for side in sides)
+    steps = sorted(step for step in set.intersection(*(set(side) for side in sides)) if step > last // 5)
     if not steps:
-        raise ValueError("the two sides timed no common step after the first fifth of the run")
-    ours, theirs = [memel_times[s] for s in steps], [ddp_times[s] for s in steps]
+        raise ValueError("the sides timed no common step after the first fifth of the run")
+    ours, theirs = [sides[0][s] for s in steps], [sides[1][s] for s in steps]
     median_ours, median_theirs = statistics.median(ours), statistics.median(theirs)
     mean_ours, mean_theirs = statistics.fmean(ours), statistics.fmean(theirs)
+    engine = statistics.median(sides[2][s] for s in steps) if deepspeed is not None else None
     return DdpRow(
         model=model,
         zero_stage=zero_stage,
@@ -62,6 +71,8 @@ def compare(model: str, zero_stage: int, memel: dict[str, list], ddp: dict[str, 
         memel_mean_ms=1000 * mean_ours,
         ddp_mean_ms=1000 * mean_theirs,
         mean_ratio=mean_theirs / mean_ours,
+        deepspeed_median_ms=None if engine is None else 1000 * engine,
+        deepspeed_ratio=None if engine is None else engine / median_ours,
     )
 
 
@@ -82,26 +93,30 @@ def _memel_times(spec: TrainSpec, folder: Path) -> dict[str, list]:
     return json.loads(times_file.read_text())
 
 
-def _ddp_times(spec: TrainSpec, folder: Path) -> dict[str, list]:
-    spec_file, times_file = folder / "spec.json", folder / "ddp-steps.json"
+def _ddp_times(spec: TrainSpec, folder: Path, engine: str = "ddp") -> dict[str, list]:
+    """Step times of the torchrun loop (``ddp`` or ``deepspeed``, see :mod:`memel.benchmarks.ddp_loop`)."""
+    spec_file, times_file = folder / "spec.json", folder / f"{engine}-steps.json"
     spec_file.write_text(json.dumps(spec.model_dump(mode="json")))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={spec.train.workers}"]
-    done = subprocess.run([*command, "-m", "memel.benchmarks.ddp_loop", str(spec_file), str(times_file)], check=False)
+    loop = [*command, "-m", "memel.benchmarks.ddp_loop", str(spec_file), str(times_file), engine]
+    done = subprocess.run(loop, check=False)
     times = json.loads(times_file.read_text()) if times_file.is_file() else None
     if done.returncode != 0 and (times is None or max(times["steps"], default=0) < spec.train.steps):
         raise RuntimeError(
-            f"the DDP loop failed (exit status {done.returncode}) before it timed its {spec.train.steps} steps"
+            f"the {engine} loop failed (exit status {done.returncode}) before it timed its {spec.train.steps} steps"
         )
     if done.returncode != 0:  # every step was timed; a rank died in teardown
         print(
-            f"warning: the DDP loop exited with status {done.returncode} after timing all its steps; its times are used"
+            f"warning: the {engine} loop exited with status {done.returncode} after timing all its steps; "
+            "its times are used"
         )
     return times
 
 
 def bench_ddp(spec: TrainSpec) -> DdpRow:
-    """memel, then the DDP loop, on ``spec``; their step times over the same steps."""
+    """memel, then the DDP loop, then the bare DeepSpeed loop, on ``spec``; their step times over the same steps."""
     with tempfile.TemporaryDirectory(prefix="memel-bench-ddp-") as tmp:
         memel = _memel_times(spec, Path(tmp))
         ddp = _ddp_times(spec, Path(tmp))
-    return compare(spec.model.name, spec.train.zero_stage, memel, ddp)
+        deepspeed = _ddp_times(spec, Path(tmp), "deepspeed")
+    return compare(spec.model.name, spec.train.zero_stage, memel, ddp, deepspeed)

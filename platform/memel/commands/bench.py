@@ -165,11 +165,13 @@ def bench_ddp_command(
     set_: list[str] = typer.Option([], "--set", help="Override a field: dotted.key=value (repeatable)."),
     json_path: str | None = typer.Option(None, "--json", help="Also write the rows as JSON to this file."),
 ) -> None:
-    """Step time of `memel train` (Ray Train + DeepSpeed, tracking and statistics on) against a
-    plain torchrun DDP loop on the same model, data and workers, one row per model and ZeRO stage.
+    """Step time of `memel train` (Ray Train + DeepSpeed, tracking and statistics on) against plain
+    torchrun loops on the same model, data and workers (DDP; the bare DeepSpeed engine with the
+    run's config), one row per model and ZeRO stage.
 
     Defaults: 60 steps, logged every 5; the median (and mean) step time over the same steps
-    after the first fifth on both sides; ratio = DDP step time / memel step time.
+    after the first fifth on every side; ratio = DDP step time / memel step time; DS ratio =
+    DeepSpeed loop step time / memel step time (what memel and Ray cost beside their engine).
 
     Example: [bold]memel bench ddp --model byte-1m --model byte-4m --zero 0 --zero 2[/bold]
     """
@@ -186,7 +188,7 @@ def bench_ddp_command(
         ]
     except ConfigError as error:
         raise _refuse(error) from None
-    title = f"memel train against torchrun DDP, {spec.train.workers} workers, {spec.train.steps} steps"
+    title = f"memel train against torchrun DDP and DeepSpeed, {spec.train.workers} workers, {spec.train.steps} steps"
     rows, failed = [], []
     for one in specs:  # each row is shown and saved as soon as it is measured: a later failure loses nothing
         name = f"{one.model.name} ZeRO-{one.train.zero_stage}"
@@ -198,12 +200,13 @@ def bench_ddp_command(
             continue
         rows.append(row)
         print(
-            f"{name}: memel {row.memel_median_ms:.1f} ms, DDP {row.ddp_median_ms:.1f} ms a step; ratio {row.ratio:.3f}",
+            f"{name}: memel {row.memel_median_ms:.1f} ms, DDP {row.ddp_median_ms:.1f} ms, "
+            f"DeepSpeed {row.deepspeed_median_ms:.1f} ms a step; ratio {row.ratio:.3f}, DS ratio {row.deepspeed_ratio:.3f}",
             flush=True,
         )
         _write_json(json_path, rows, title=title, spec=spec_path, overrides=set_)
     table = Table(title=title)
-    for column in ("model", "ZeRO", "steps", "memel ms", "DDP ms", "ratio", "mean ratio"):
+    for column in ("model", "ZeRO", "steps", "memel ms", "DDP ms", "DeepSpeed ms", "ratio", "mean ratio", "DS ratio"):
         table.add_column(column, justify="right")
     for row in rows:
         table.add_row(
@@ -212,10 +215,12 @@ def bench_ddp_command(
             str(row.steps),
             f"{row.memel_median_ms:.1f}",
             f"{row.ddp_median_ms:.1f}",
+            f"{row.deepspeed_median_ms:.1f}",
             f"{row.ratio:.3f}",
             f"{row.mean_ratio:.3f}",
+            f"{row.deepspeed_ratio:.3f}",
         )
-    Console().print(table)
+    Console(width=max(Console().width, 110)).print(table)  # nine columns: not folded into 80
     if failed:
         print(f"error: not measured: {', '.join(failed)} (see above); the rows measured are shown and saved")
         raise typer.Exit(1)

@@ -22,7 +22,9 @@ def deepspeed_config(spec: TrainSpec) -> dict[str, Any]:
     The optimizer is a torch AdamW passed to ``deepspeed.initialize`` (ZeRO shards its state
     like any client optimizer), so no DeepSpeed op has to be compiled for it. DeepSpeed's own
     throughput timer is off: memel times its steps itself, and the timer waits for the device
-    at every micro-batch's start and end.
+    at every micro-batch's start and end. On CPU (gloo), ZeRO-2 all-reduces each gradient bucket
+    whole and keeps its own partition (``reduce_scatter: false``): the same weights as DeepSpeed's
+    per-partition reduction, in a shorter step there (docs/benchmarks.md).
     """
     train = spec.train
     config: dict[str, Any] = {
@@ -36,6 +38,8 @@ def deepspeed_config(spec: TrainSpec) -> dict[str, Any]:
         "wall_clock_breakdown": False,
         "timers": {"throughput": {"enabled": False}},
     }
+    if train.zero_stage == 2 and not train.use_gpu:
+        config["zero_optimization"]["reduce_scatter"] = False
     if train.precision == "bf16":
         config["bf16"] = {"enabled": True}
     elif train.precision == "fp16":
