@@ -49,3 +49,45 @@ def test_the_resume_command_is_the_command_line_again() -> None:
         resume_command(["/usr/bin/memel", "run", "jobs/a b.yaml", "--set", "x=[1, 2]"])
         == "memel run 'jobs/a b.yaml' --set 'x=[1, 2]'"
     )
+
+
+def test_ctrl_c_stops_a_single_training_run_with_the_resume_command(tmp_path: Path) -> None:
+    """A real ``memel train`` (Ray Train in the driver, which installs a SIGINT handler of its own):
+    Ctrl-C mid-run stops the workers, says how to resume, ends the MLflow run KILLED and exits 130."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "memel", "train", str(root / "jobs" / "smoke.yaml")]
+    command += ["--set", "train.steps=5000", "--set", "train.log_every=1", "--set", f"output_dir={out}"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(root / "platform"), os.environ.get("PYTHONPATH")])),
+    }
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+    )
+    lines: list[str] = []
+    assert process.stdout is not None
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
+    reader.start()
+    try:
+        while process.poll() is None and not any("[memel] step 3/" in line for line in list(lines)):
+            threading.Event().wait(0.2)
+        assert process.poll() is None, "".join(lines)[-3000:]
+        process.send_signal(signal.SIGINT)
+        code = process.wait(timeout=180)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    reader.join(timeout=30)
+    text = "".join(lines)
+    assert code == 130, text[-3000:]
+    assert "interrupted:" in text and "resume it with: memel train" in text, text[-3000:]
+    run_id = json.loads((out / "run.json").read_text())["run_id"]
+    assert MlflowClient(f"sqlite:///{out / 'mlflow.db'}").get_run(run_id).info.status == "KILLED"

@@ -17,7 +17,9 @@ import contextlib
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -37,6 +39,7 @@ ENGINES = ("ddp", "deepspeed")
 
 
 def main(spec_file: str, out_file: str, engine: str = "ddp") -> None:
+    """Train ``spec_file``'s spec with ``engine`` on this torchrun rank; rank 0 writes the step times."""
     if engine not in ENGINES:
         raise SystemExit(f"error: engine: got {engine!r}; use one of {', '.join(ENGINES)}")
     spec = TrainSpec(**json.loads(Path(spec_file).read_text()))
@@ -69,11 +72,11 @@ def main(spec_file: str, out_file: str, engine: str = "ddp") -> None:
     dist.destroy_process_group()
 
 
-def _ddp_model(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple:
+def _ddp_model(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, ...]:
     return DistributedDataParallel(model, broadcast_buffers=False), model, optimizer  # memel reduces its own buffers
 
 
-def _ddp_step(state: tuple, loader, kind: str, spec: TrainSpec) -> None:
+def _ddp_step(state: tuple[Any, ...], loader: Iterator[Any], kind: str, spec: TrainSpec) -> None:
     ddp, model, optimizer = state
     for micro in range(spec.train.accumulation):
         # gradients are all-reduced once a step, in the last micro-batch's backward
@@ -85,14 +88,14 @@ def _ddp_step(state: tuple, loader, kind: str, spec: TrainSpec) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def _deepspeed_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, spec: TrainSpec):
+def _deepspeed_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, spec: TrainSpec) -> Any:
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(spec))
     return engine
 
 
-def _deepspeed_step(engine, loader, kind: str, spec: TrainSpec) -> None:
+def _deepspeed_step(engine: Any, loader: Iterator[Any], kind: str, spec: TrainSpec) -> None:
     for _ in range(spec.train.accumulation):  # DeepSpeed scales the loss and steps at the boundary
         out = compute(engine, next(loader), kind, torch.device("cpu"))
         engine.backward(out.loss)

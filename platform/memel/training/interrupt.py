@@ -8,11 +8,48 @@ raises afterwards while trying to record the failure in the same folder.
 from __future__ import annotations
 
 import shlex
+import signal
 import sys
+import threading
 from typing import Any
 
 #: The exit status of a command stopped by SIGINT (128 + 2), as shells report it.
 INTERRUPTED_EXIT = 130
+
+#: How long Ctrl-C waits for Ray Train's controller to stop the workers before the driver goes on.
+ABORT_TIMEOUT_S = 30.0
+
+
+def interruptible(trainer_class: type) -> type:
+    """``trainer_class`` (a Ray Train trainer) whose Ctrl-C in the driver stops the run as Ray's own
+    handler does (the controller aborts the workers) and then raises ``KeyboardInterrupt``, so the
+    command ends as every interrupted memel run does: MLflow status KILLED, the resume command,
+    exit 130. Ray's handler swallows the signal (the command ended with status 1 and no word of
+    why) and stays installed after ``fit``; here the handler that was there before comes back."""
+    import ray
+
+    class Interruptible(trainer_class):  # type: ignore[misc, valid-type]
+        def _register_sigint_handler(self, controller: Any) -> None:
+            def stop(signum: int, frame: Any) -> None:
+                try:
+                    ray.get(controller.abort.remote(), timeout=ABORT_TIMEOUT_S)
+                except Exception:  # noqa: BLE001 - the controller may have ended already
+                    pass
+                raise KeyboardInterrupt
+
+            signal.signal(signal.SIGINT, stop)
+
+        def fit(self) -> Any:
+            main = threading.current_thread() is threading.main_thread()
+            previous = signal.getsignal(signal.SIGINT) if main else None
+            try:
+                return super().fit()
+            finally:
+                if previous is not None:
+                    signal.signal(signal.SIGINT, previous)
+
+    Interruptible.__name__ = Interruptible.__qualname__ = f"Interruptible{trainer_class.__name__}"
+    return Interruptible
 
 
 def status_after(error: BaseException) -> str:

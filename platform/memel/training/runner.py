@@ -30,7 +30,7 @@ from memel.errors import ConfigError
 from memel.redaction import redact, redact_tree
 
 from .deepspeed_config import deepspeed_config
-from .interrupt import describe, end_after_error
+from .interrupt import describe, end_after_error, interruptible
 from .lost_statistics import warn_unwritten
 from .output_dir import Claim, check_output_dir, run_claim
 from .run_lock import hold_lock
@@ -278,7 +278,7 @@ def _resume_and_train(spec: TrainSpec, info: RunInfo, storage: str, env: dict[st
         done = finished_on_disk(found, spec.train.steps)
         if done is not None:  # stopped after its last checkpoint, before Ray recorded it
             return done
-    trainer = TorchTrainer(
+    trainer = interruptible(TorchTrainer)(
         train_loop,
         train_loop_config={
             "spec": redact_tree(spec.model_dump(mode="json")),
