@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -184,22 +185,27 @@ def test_no_partial_part_file_is_ever_visible(
     assert set(seen.values()) == {NEURONS}
 
 
+@pytest.mark.parametrize("one_batch", [False, True], ids=["as-they-come", "all-in-one-batch"])
 def test_closing_with_unwritten_tables_names_them_and_the_last_error(
-    snap: memel.Snapshot, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    snap: memel.Snapshot, tmp_path: Path, caplog: pytest.LogCaptureFixture, one_batch: bool
 ) -> None:
-    """Storage that refuses every write (as a folder that became unwritable does): the closing
-    warning names the run, the steps and the modules left, and why."""
+    """Storage that refuses every write (as a folder that became unwritable does): close reports
+    failure and its warning names the run, the steps and the modules left, and why; also when the
+    writer had taken every table into the batch it was retrying (nothing left waiting in the queue)."""
     sink = ParquetStatsSink(str(tmp_path), "run-a", retry_initial_s=0.01, retry_max_s=0.02)
 
     def refuse(module: str, step: int, data: object) -> None:
         raise PermissionError(13, "Permission denied", f"{tmp_path}/{module}")
 
     sink._put = refuse  # type: ignore[method-assign]
-    for module in ("layers.0.mlp.act", "layers.1.mlp.act"):
-        for step in (5, 6, 7):
-            sink.submit(snapshot_table(snap, **CONTEXT, step=step, module=module, depth=0.0), module, step)
+    with sink._cond if one_batch else contextlib.nullcontext():  # the writer waits for the lock, then takes all
+        for module in ("layers.0.mlp.act", "layers.1.mlp.act"):
+            for step in (5, 6, 7):
+                sink.submit(snapshot_table(snap, **CONTEXT, step=step, module=module, depth=0.0), module, step)
     with caplog.at_level(logging.WARNING, logger="memel.stats"):
         assert not sink.close(timeout=0.5)
+    assert sink.rows_written == 0
+    assert not sink.close()  # asked again, it still says so
     assert "not written to" in caplog.text
     assert "run run-a, steps 5-7 (3 steps), modules layers.0.mlp.act, layers.1.mlp.act" in caplog.text
     assert "last error: PermissionError: [Errno 13] Permission denied" in caplog.text

@@ -230,12 +230,13 @@ class ParquetStatsSink:
                     size += item.nbytes
                     batch.append(item)
                 self._inflight = batch
-            self._write_batch(batch)
+            unwritten = self._write_batch(batch)
             with self._cond:
-                self._inflight = []
+                self._inflight = unwritten  # non-empty only when abandoned: still counted as not written
                 self._cond.notify_all()
 
-    def _write_batch(self, batch: list[_Item]) -> None:
+    def _write_batch(self, batch: list[_Item]) -> list[_Item]:
+        """Write ``batch``, retrying failures; returns the items left unwritten when abandoned."""
         latest: dict[tuple[str, int], _Item] = {}
         for item in batch:
             latest[(item.module, item.step)] = item  # a table sent again for its step replaces the earlier one
@@ -244,12 +245,12 @@ class ParquetStatsSink:
             try:
                 sink = pa.BufferOutputStream()
                 pq.write_table(item.table, sink, compression=self.compression, use_dictionary=DICTIONARY_COLUMNS)
-                pending.append((module, step, sink.getvalue(), item.table.num_rows))
+                pending.append((module, step, sink.getvalue(), item))
             except Exception:  # a bug, not an outage: retrying cannot help
                 log.exception("stats: cannot encode %d rows of module %r; dropped", item.table.num_rows, module)
         delay, failures = self.retry_initial_s, 0
         while pending:
-            module, step, data, rows = pending[0]
+            module, step, data, item = pending[0]
             try:
                 self._put(module, step, data)
             except Exception as error:  # noqa: BLE001 - any storage failure is retried
@@ -266,15 +267,16 @@ class ParquetStatsSink:
                 with self._cond:
                     self._cond.wait_for(lambda: self._abandon, timeout=delay)
                     if self._abandon:
-                        return
+                        return [entry[3] for entry in pending]
                 delay = min(delay * 2, self.retry_max_s)
                 continue
             if failures:
                 log.warning("stats: writing to %s works again after %d failed attempts", self.root.uri, failures)
                 failures, delay = 0, self.retry_initial_s
             pending.pop(0)
-            self.rows_written += rows
+            self.rows_written += item.table.num_rows
             self.files_written += 1
+        return []
 
     def _put(self, module: str, step: int, data: pa.Buffer) -> None:
         """Write one complete file atomically."""
