@@ -313,3 +313,24 @@ def test_lm_pretrain_jobs_pair_original_and_rd_on_matched_tokens(name: str) -> N
     inserted = {"byte-2l-d16": 2, "byte-2l-d32": 2, "byte-1m": 4, "byte-4m": 4}  # all of 2 blocks; 0-3 of 5
     for rung in rungs:
         assert preset_targets(rung, "paper") == [f"layers.{i}" for i in range(inserted[rung])]
+
+
+@pytest.mark.parametrize(
+    ("tune", "finetune", "metric"),
+    [
+        ("gain_encoder_tune", "gain_encoder_finetune", "heldout/accuracy"),
+        ("gain_nowcast_tune", "gain_nowcast_finetune", "heldout/b_mse"),
+    ],
+)
+@pytest.mark.parametrize("variant", ["", "-gpu"])
+def test_each_paper_tune_searches_the_fine_tune_it_feeds(tune: str, finetune: str, metric: str, variant: str) -> None:
+    """MEmeL-Tune's n and D go into a fine-tune's rd-tuned member: the study must train exactly
+    that fine-tune (model, data, steps, optimizer, evaluation) on a seed none of its members uses."""
+    study = yaml.safe_load((JOBS / "paper" / f"{tune}{variant}.yaml").read_text())
+    sweep = yaml.safe_load((JOBS / "paper" / f"{finetune}{variant}.yaml").read_text())
+    for section in ("model", "data", "inhibition", "eval", "checkpoint"):
+        assert study[section] == sweep[section], section
+    assert {k: v for k, v in study["train"].items() if k != "seed"} == sweep["train"]
+    assert study["train"]["seed"] not in sweep["sweep"]["seeds"]
+    assert (study["tune"]["grid"], study["tune"]["trials"], study["tune"]["metric"]) == ("paper", 25, metric)
+    assert study["tune"]["direction"] == ("maximize" if metric.endswith("accuracy") else "minimize")
