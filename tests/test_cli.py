@@ -61,3 +61,12 @@ def test_validate_accepts_sharded_statistics_and_names_a_bad_value(key: str) -> 
     refused = RUNNER.invoke(app, ["validate", SMOKE, "--set", f"{key}=maybe"])
     assert refused.exit_code == 2, refused.output
     assert "shard_statistics" in refused.output and "valid boolean" in refused.output
+
+
+def test_a_finished_trial_shows_the_metric_its_study_optimizes() -> None:
+    from memel.commands.tune import _outcome
+
+    metrics = {"heldout/b_mse": 1833.22, "eval/loss": 0.0605, "heldout/loss": 0.06}
+    assert _outcome(metrics, "heldout/b_mse") == "heldout/b_mse 1833, eval/loss 0.0605"
+    assert _outcome(metrics, "eval/loss") == "eval/loss 0.0605"
+    assert _outcome({}, "heldout/accuracy") == "heldout/accuracy nan, eval/loss nan"

@@ -183,6 +183,7 @@ def test_study_runs_parallel_trials_on_journal_storage_and_continues(tmp_path: P
     assert result.exit_code == 0, result.output
     state = json.loads((tmp_path / "study" / "study.json").read_text())
     assert state["storage"].startswith("journal:///") and "optuna-dashboard" in result.output
+    assert result.output.count("finished: eval/loss ") == 3  # each trial's line shows the study's metric
     _check_trials(_study(state["storage"]), mlflow_server, state["parent_run_id"], 3)
 
     more = RUNNER.invoke(app, _tune(tmp_path, mlflow_server, "--trials", "4", "--parallel", "2"))

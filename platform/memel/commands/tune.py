@@ -24,7 +24,13 @@ from memel.commands.run import (
 from memel.errors import ConfigError
 
 
-def _progress(console: Console, total: int) -> tuple[Progress, Any]:
+def _outcome(metrics: dict[str, Any], metric: str) -> str:
+    """A finished trial's line: the study's metric, then the eval loss where that is another one."""
+    shown = [metric] + (["eval/loss"] if metric != "eval/loss" else [])
+    return ", ".join(f"{name} {float(metrics.get(name, float('nan'))):.4g}" for name in shown)
+
+
+def _progress(console: Console, total: int, metric: str) -> tuple[Progress, Any]:
     progress = Progress(
         TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
     )
@@ -40,9 +46,7 @@ def _progress(console: Console, total: int) -> tuple[Progress, Any]:
             progress.console.print(f"[cyan]trial {key}[/cyan] started: {shown}")
         else:
             colour = {"finished": "green", "pruned": "yellow"}.get(event, "red")
-            text = (
-                detail if isinstance(detail, str) else f"eval loss {detail.metrics.get('eval/loss', float('nan')):.4f}"
-            )
+            text = detail if isinstance(detail, str) else _outcome(detail.metrics, metric)
             progress.console.print(f"[{colour}]trial {key} {event}[/{colour}]: {text}")
             progress.advance(task)
 
@@ -77,7 +81,7 @@ def tune_command(
     console.print(
         f"[bold]memel tune[/bold] {job.tune.study_name or job.name}: up to {total} trials, {parallel or job.tune.parallel} at a time, {job.tune.direction} {job.tune.metric}"
     )
-    progress, notify = _progress(console, total)
+    progress, notify = _progress(console, total, job.tune.metric)
     try:
         with embedded_ray(), progress:
             result = run_study(job, address, trials=trials, parallel=parallel, progress=notify)
