@@ -131,3 +131,28 @@ def test_checkpoint_curve_scores_every_retained_checkpoint_on_one_fixed_sample(t
     assert len(set(losses)) == 3
     first = spread_batches(spec.data, 4, 3)[0].inputs
     assert torch.equal(first, sample[0].inputs)  # the same sample every time
+
+
+def test_members_whose_curves_cannot_be_judged_for_one_reason_share_one_note(monkeypatch) -> None:
+    """A sweep of 40 fine-tunes evaluated once each gets one note naming the reason, not 40."""
+    from types import SimpleNamespace
+
+    from memel.analysis import pipeline
+
+    short = ([150], [0.05])  # one evaluation: too few points in the tail
+    curves = {f"m{i}": short for i in range(6)} | {"odd": ([10, 20, 30, 40], [1.0, float("nan"), 0.5, "x"])}
+
+    def curve(member, options, client):
+        steps, losses = curves[member.label]
+        return "eval/loss", steps, losses
+
+    monkeypatch.setattr(pipeline, "member_curve", curve)
+    source = SimpleNamespace(tracking_uri=None, members=[SimpleNamespace(label=label) for label in curves])
+    options = SimpleNamespace(flat_tail=0.25, flat_threshold=0.05)
+    frame, notes = pipeline.run_convergence(source, options)
+    assert frame.empty
+    assert notes[0] == (
+        "convergence: 6 members (m0, m1, m2, m3 and 2 more): the last 25% of the steps holds 1 evaluation(s); "
+        "need 3 (evaluate more often or widen the tail)"
+    )
+    assert len(notes) == 2 and notes[1].startswith("convergence: odd: ")

@@ -254,6 +254,7 @@ def run_convergence(source: Source, options: Options) -> tuple[pd.DataFrame, lis
 
         client = MlflowClient(tracking_uri=source.tracking_uri)
     rows, notes = [], []
+    unjudged: dict[str, list[str]] = {}  # why a member's curve could not be judged -> the members
     for member in source.members:
         try:
             curve, steps, losses = member_curve(member, options, client)
@@ -261,10 +262,10 @@ def run_convergence(source: Source, options: Options) -> tuple[pd.DataFrame, lis
                 continue
             result = loss_flattened(steps, losses, options.flat_tail, options.flat_threshold)
         except (ConfigError, ValueError, OSError, KeyError) as error:
-            notes.append(f"convergence: {member.label}: {error}")
+            unjudged.setdefault(str(error), []).append(member.label)
             continue
         except Exception as error:  # noqa: BLE001 - a member missing from the tracking store only means less to report
-            notes.append(f"convergence: {member.label}: no loss curve ({type(error).__name__}: {error})")
+            unjudged.setdefault(f"no loss curve ({type(error).__name__}: {error})", []).append(member.label)
             continue
         rows.append(
             {
@@ -275,6 +276,13 @@ def run_convergence(source: Source, options: Options) -> tuple[pd.DataFrame, lis
                 "last_loss": float(losses[int(np.argmax(steps))]),
                 **asdict(result),
             }
+        )
+    for reason, labels in unjudged.items():  # one note per reason, however many members share it
+        named = ", ".join(labels[:4]) + (f" and {len(labels) - 4} more" if len(labels) > 4 else "")
+        notes.append(
+            f"convergence: {named}: {reason}"
+            if len(labels) == 1
+            else f"convergence: {len(labels)} members ({named}): {reason}"
         )
     frame = pd.DataFrame(rows)
     if len(frame) and not frame["flattened"].all():
