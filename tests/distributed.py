@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from memel.process_exit import exit_after_collectives
 from memel.services.ports import free_ports
 
 
@@ -21,13 +21,7 @@ def _entry(rank: int, world_size: int, port: int, func: Callable[..., Any], args
         func(rank, world_size, *args)
     finally:
         dist.destroy_process_group()
-    # End the process without interpreter shutdown: gloo's worker thread may still be releasing the
-    # last collective's work, whose tensors are Python objects; if the interpreter is finalizing by
-    # then, taking the GIL ends that thread and the process aborts ("terminate called without an
-    # active exception"), failing a rank whose work was done.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_after_collectives()  # an interpreter shutdown could abort this finished rank (see there)
 
 
 def run_distributed(func: Callable[..., Any], world_size: int = 2, *args: Any) -> None:

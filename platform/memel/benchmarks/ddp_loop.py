@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 import memel
 from memel.data import build as build_loader
 from memel.models import build as build_model
+from memel.process_exit import exit_after_collectives
 from memel.training.callbacks.timing import step_times
 from memel.training.deepspeed_config import deepspeed_config
 from memel.training.objective import compute
@@ -104,3 +105,4 @@ def _deepspeed_step(engine: Any, loader: Iterator[Any], kind: str, spec: TrainSp
 
 if __name__ == "__main__":
     main(*sys.argv[1:4])
+    exit_after_collectives()
