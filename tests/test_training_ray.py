@@ -13,6 +13,7 @@ import torch
 from memel.errors import ConfigError
 from memel.training import load_spec, run_training
 from memel.training.callbacks import FAULT_MARKER_ENV, FAULT_STEP_ENV, STEP_TIMES_ENV
+from memel.training.lr_schedule import lr_factor
 
 SMOKE = Path(__file__).resolve().parents[1] / "jobs" / "smoke.yaml"
 NEURONS, MODULES = 256, 4  # byte-0.2m: MLP width 4 x 64, 4 layers with the `mlp` preset
@@ -123,13 +124,20 @@ def test_two_worker_run_trains_tracks_and_writes_statistics(
 
 
 def test_killed_worker_resumes_to_the_same_result(local_ray, tmp_path: Path, monkeypatch) -> None:
-    reference = run_training(_spec(tmp_path / "whole", steps=10))
+    """Also with a warmup and cosine decay: the resumed run continues the lr curve where it stopped."""
+    schedule = ("train.lr_schedule=cosine", "train.warmup_steps=3", "train.min_lr_ratio=0.2")
+    reference = run_training(_spec(tmp_path / "whole", *schedule, steps=10))
     monkeypatch.setenv(FAULT_STEP_ENV, "6")
     monkeypatch.setenv(FAULT_MARKER_ENV, str(tmp_path / "killed.txt"))
-    resumed = run_training(_spec(tmp_path / "faulted", steps=10))
+    resumed = run_training(_spec(tmp_path / "faulted", *schedule, steps=10))
     assert (tmp_path / "killed.txt").exists(), "the fault was never injected"
     assert resumed.metrics["step"] == reference.metrics["step"] == 10
     assert resumed.metrics["train/loss"] == pytest.approx(reference.metrics["train/loss"], rel=1e-6)
+    lr = _spec(tmp_path, *schedule).train.lr  # logged after step s: the lr of the next step, s (0-based)
+    expected = [(s, lr * lr_factor(s, warmup=3, total=10, schedule="cosine", min_ratio=0.2)) for s in (2, 4, 6, 8, 10)]
+    for run in (reference, resumed):
+        logged = _metric_history(run.tracking_uri, run.run_id, "train/lr")
+        assert sorted(logged) == pytest.approx(expected, rel=1e-6)
     a, b = _final_inhibition(reference.checkpoint), _final_inhibition(resumed.checkpoint)
     for name in a:
         for key in ("mean", "var", "count", "batches"):
@@ -137,7 +145,7 @@ def test_killed_worker_resumes_to_the_same_result(local_ray, tmp_path: Path, mon
 
     # the same spec again resumes the finished run instead of starting over
     monkeypatch.delenv(FAULT_STEP_ENV)
-    again = run_training(_spec(tmp_path / "whole", steps=10))
+    again = run_training(_spec(tmp_path / "whole", *schedule, steps=10))
     assert again.run_id == reference.run_id
     assert _metric_history(again.tracking_uri, again.run_id, "train/loss")[-1][0] == 10
     assert len(_metric_history(again.tracking_uri, again.run_id, "train/loss")) == 5

@@ -50,7 +50,10 @@ class TrainSection(_Section):
 
     ``placement`` is how Ray places the workers on a cluster's nodes: ``PACK`` (as few nodes as
     possible), ``SPREAD`` (across nodes where they have room, else packed), ``STRICT_PACK`` (one
-    node) or ``STRICT_SPREAD`` (one worker per node; a run that loses a node then needs another)."""
+    node) or ``STRICT_SPREAD`` (one worker per node; a run that loses a node then needs another).
+
+    The lr rises linearly over ``warmup_steps``, then stays at ``lr`` (``lr_schedule: constant``) or
+    falls along half a cosine to ``min_lr_ratio x lr`` at the last step (``cosine``)."""
 
     steps: int = Field(100, ge=1)
     global_batch_size: int = Field(16, ge=1)
@@ -60,6 +63,8 @@ class TrainSection(_Section):
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup_steps: int = Field(0, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
     grad_clip: float = Field(1.0, ge=0)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     use_gpu: bool = False
@@ -218,6 +223,9 @@ class TrainSpec(_Section):
         where = {"tracking": True, "stats": True, "output_dir": True, "checkpoint": True, "train": {"placement"}}
         where |= dict.fromkeys(also_exclude, True)
         core = self.model_dump(mode="json", exclude=where)
+        if self.train.lr_schedule == "constant":  # min_lr_ratio has no effect: runs keep their names
+            for key in ("lr_schedule", "min_lr_ratio"):
+                core["train"].pop(key)
         return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:10]
 
     @property

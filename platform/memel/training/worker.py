@@ -41,6 +41,7 @@ from .checkpoint_scan import RunFolder, newest_checkpoint, run_folder
 from .checkpointing import Checkpointing
 from .deepspeed_config import deepspeed_config
 from .evaluation import HeldoutEvaluation
+from .lr_schedule import build_scheduler
 from .spec import TrainSpec
 from .trainer import Schedule, Trainer, TrainState
 from .trial import TrialConfig
@@ -254,10 +255,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     loader = build_loader(data, rank, world)
     evaluator = HeldoutEvaluation(spec, kind, device, rank, world)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.train.lr, weight_decay=spec.train.weight_decay)
-    scheduler = None
-    if spec.train.warmup_steps:
-        warmup = spec.train.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    scheduler = build_scheduler(optimizer, spec.train)
     deepspeed.init_distributed(dist_backend="nccl" if spec.train.use_gpu else "gloo")
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(spec)
