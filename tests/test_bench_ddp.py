@@ -1,5 +1,6 @@
 """``memel bench ddp``'s arithmetic on constructed step times; its DDP and DeepSpeed loops really run
-under torchrun; ZeRO-2's whole-bucket all-reduce on CPU gives DeepSpeed's reduce-scatter's weights."""
+under torchrun, the DeepSpeed loop also beside a real idle Ray instance; ZeRO-2's whole-bucket
+all-reduce on CPU gives DeepSpeed's reduce-scatter's weights."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from memel.benchmarks.ddp import _ddp_times, compare
+from memel.benchmarks.ddp import TRAIN_HELPER_ACTORS, _ddp_times, compare, idle_ray
 from memel.training import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +33,42 @@ def test_the_ratio_is_taken_over_the_steps_both_sides_timed_after_the_first_fift
     assert row.steps == len(steps)
     assert row.deepspeed_median_ms == pytest.approx(1000 * statistics.median(0.015 * s for s in steps))
     assert row.deepspeed_ratio == pytest.approx(0.75) and row.ratio == pytest.approx(0.5)
+
+
+
+def test_the_ray_floor_is_the_engine_over_the_engine_beside_ray_over_the_same_steps() -> None:
+    memel = {"steps": list(range(1, 11)), "seconds": [0.04] * 10}
+    ddp = {"steps": list(range(1, 11)), "seconds": [0.02] * 10}
+    engine = {"steps": list(range(1, 11)), "seconds": [0.01 * s for s in range(1, 11)]}
+    beside = {"steps": list(range(3, 9)), "seconds": [0.02 * s for s in range(3, 9)]}  # the fewest steps
+    row = compare("m", 0, memel, ddp, engine, beside)
+    steps = range(3, 9)
+    assert row.steps == len(steps)
+    assert row.deepspeed_median_ms == pytest.approx(1000 * statistics.median(0.01 * s for s in steps))
+    assert row.beside_ray_median_ms == pytest.approx(1000 * statistics.median(0.02 * s for s in steps))
+    assert row.ray_floor == pytest.approx(0.5) and row.ratio == pytest.approx(0.5)
+    assert compare("m", 0, memel, ddp, engine).ray_floor is None
+    with pytest.raises(ValueError, match="DeepSpeed loop"):
+        compare("m", 0, memel, ddp, None, beside)
+
+
+def test_the_deepspeed_loop_runs_beside_an_idle_ray_instance_that_is_gone_after(tmp_path: Path) -> None:
+    import os
+
+    import psutil
+    import ray
+
+    spec = load_spec(str(ROOT / "jobs" / "smoke.yaml"), ["train.steps=4", "train.log_every=2"])
+    with idle_ray() as pids:
+        assert ray.is_initialized()
+        assert len(set(pids)) == TRAIN_HELPER_ACTORS and os.getpid() not in pids
+        assert all(psutil.pid_exists(pid) for pid in pids)
+        times = _ddp_times(spec, tmp_path / "beside-ray", "deepspeed")  # a folder not made yet
+        assert all(psutil.pid_exists(pid) for pid in pids), "Ray's actors ran beside the whole loop"
+    assert times["steps"] == [2, 3, 4] and all(seconds > 0 for seconds in times["seconds"])
+    assert not ray.is_initialized()
+    gone = psutil.wait_procs([psutil.Process(pid) for pid in pids if psutil.pid_exists(pid)], timeout=30)[1]
+    assert not gone, "the idle actors outlived the instance"
 
 
 @pytest.mark.parametrize("engine", ["ddp", "deepspeed"])

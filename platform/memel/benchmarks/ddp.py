@@ -12,21 +12,34 @@ memel does between steps counts), and both figures are taken over the same steps
 after the first fifth, so start-up (Ray, DeepSpeed, process groups, the first allocations)
 is not counted. The median is the headline; the mean over the same steps also carries
 memel's periodic logging, evaluation and snapshots, which the DDP loop does not do.
+
+With ``ray_floor``, a fourth side runs the bare DeepSpeed loop again beside an idle embedded Ray
+instance holding as many idle actors as a Ray Train run keeps beside its workers: the engine's
+step under Ray's background alone (its GCS, raylet, dashboard and actors' event loops), with no
+memel code. DeepSpeed over that is the share of the engine's speed any Ray Train run can keep
+on the machine, the ceiling for the DS ratio.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from memel.training import TrainSpec, run_training
 from memel.training.callbacks import STEP_TIMES_ENV
+
+#: The actors a Ray Train run keeps beside its workers: the controller, the placement-group
+#: cleaner, the synchronization actor, the dataset manager, the autoscaling coordinator and the
+#: preemption watcher.
+TRAIN_HELPER_ACTORS = 6
 
 
 @dataclass
@@ -45,14 +58,25 @@ class DdpRow:
     mean_ratio: float
     deepspeed_median_ms: float | None = None
     deepspeed_ratio: float | None = None
+    beside_ray_median_ms: float | None = None
+    ray_floor: float | None = None
 
 
 def compare(
-    model: str, zero_stage: int, memel: dict[str, list], ddp: dict[str, list], deepspeed: dict[str, list] | None = None
+    model: str,
+    zero_stage: int,
+    memel: dict[str, list],
+    ddp: dict[str, list],
+    deepspeed: dict[str, list] | None = None,
+    beside_ray: dict[str, list] | None = None,
 ) -> DdpRow:
     """A row from each side's ``{"steps": [...], "seconds": [...]}``, over the steps every side
-    timed after the first fifth of the run."""
-    sides = [dict(zip(side["steps"], side["seconds"])) for side in (memel, ddp, deepspeed) if side is not None]
+    timed after the first fifth of the run (``beside_ray``: the DeepSpeed loop beside an idle Ray
+    instance; only with ``deepspeed``)."""
+    if beside_ray is not None and deepspeed is None:
+        raise ValueError("the Ray floor is the DeepSpeed loop's; give its times too")
+    given = (memel, ddp, deepspeed, beside_ray)
+    sides = [dict(zip(side["steps"], side["seconds"])) for side in given if side is not None]
     last = max(max(side) for side in sides)
     steps = sorted(step for step in set.intersection(*(set(side) for side in sides)) if step > last // 5)
     if not steps:
@@ -61,6 +85,7 @@ def compare(
     median_ours, median_theirs = statistics.median(ours), statistics.median(theirs)
     mean_ours, mean_theirs = statistics.fmean(ours), statistics.fmean(theirs)
     engine = statistics.median(sides[2][s] for s in steps) if deepspeed is not None else None
+    floor = statistics.median(sides[3][s] for s in steps) if beside_ray is not None else None
     return DdpRow(
         model=model,
         zero_stage=zero_stage,
@@ -73,6 +98,8 @@ def compare(
         mean_ratio=mean_theirs / mean_ours,
         deepspeed_median_ms=None if engine is None else 1000 * engine,
         deepspeed_ratio=None if engine is None else engine / median_ours,
+        beside_ray_median_ms=None if floor is None else 1000 * floor,
+        ray_floor=None if floor is None or engine is None else engine / floor,
     )
 
 
@@ -95,6 +122,7 @@ def _memel_times(spec: TrainSpec, folder: Path) -> dict[str, list]:
 
 def _ddp_times(spec: TrainSpec, folder: Path, engine: str = "ddp") -> dict[str, list]:
     """Step times of the torchrun loop (``ddp`` or ``deepspeed``, see :mod:`memel.benchmarks.ddp_loop`)."""
+    folder.mkdir(parents=True, exist_ok=True)
     spec_file, times_file = folder / "spec.json", folder / f"{engine}-steps.json"
     spec_file.write_text(json.dumps(spec.model_dump(mode="json")))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={spec.train.workers}"]
@@ -113,10 +141,39 @@ def _ddp_times(spec: TrainSpec, folder: Path, engine: str = "ddp") -> dict[str, 
     return times
 
 
-def bench_ddp(spec: TrainSpec) -> DdpRow:
-    """memel, then the DDP loop, then the bare DeepSpeed loop, on ``spec``; their step times over the same steps."""
+@contextlib.contextmanager
+def idle_ray(actors: int = TRAIN_HELPER_ACTORS) -> Iterator[list[int]]:
+    """An embedded Ray instance with ``actors`` idle actors (no CPU reserved), as a Ray Train run
+    keeps beside its workers; yields the actors' process ids and shuts the instance down after."""
+    import ray
+
+    from memel.training.runner import start_embedded_ray
+
+    start_embedded_ray(os.cpu_count() or 1)
+    try:
+        idle = ray.remote(num_cpus=0)(_IdleActor)
+        handles = [idle.remote() for _ in range(actors)]
+        yield ray.get([handle.pid.remote() for handle in handles])
+    finally:
+        ray.shutdown()
+
+
+class _IdleActor:
+    """An actor that only waits for tasks."""
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def bench_ddp(spec: TrainSpec, ray_floor: bool = False) -> DdpRow:
+    """memel, then the DDP loop, then the bare DeepSpeed loop (and, with ``ray_floor``, the same loop
+    beside an idle Ray instance), on ``spec``; their step times over the same steps."""
     with tempfile.TemporaryDirectory(prefix="memel-bench-ddp-") as tmp:
         memel = _memel_times(spec, Path(tmp))
         ddp = _ddp_times(spec, Path(tmp))
         deepspeed = _ddp_times(spec, Path(tmp), "deepspeed")
-    return compare(spec.model.name, spec.train.zero_stage, memel, ddp, deepspeed)
+        beside_ray = None
+        if ray_floor:
+            with idle_ray():
+                beside_ray = _ddp_times(spec, Path(tmp) / "beside-ray", "deepspeed")
+    return compare(spec.model.name, spec.train.zero_stage, memel, ddp, deepspeed, beside_ray)

@@ -164,6 +164,9 @@ def bench_ddp_command(
     zero: list[int] = typer.Option([], "--zero", help="ZeRO stage to run (repeatable; default: the spec's)."),
     set_: list[str] = typer.Option([], "--set", help="Override a field: dotted.key=value (repeatable)."),
     json_path: str | None = typer.Option(None, "--json", help="Also write the rows as JSON to this file."),
+    ray_floor: bool = typer.Option(
+        False, "--ray-floor", help="Also time the DeepSpeed loop beside an idle Ray instance (Ray's background alone)."
+    ),
 ) -> None:
     """Step time of `memel train` (Ray Train + DeepSpeed, tracking and statistics on) against plain
     torchrun loops on the same model, data and workers (DDP; the bare DeepSpeed engine with the
@@ -172,6 +175,8 @@ def bench_ddp_command(
     Defaults: 60 steps, logged every 5; the median (and mean) step time over the same steps
     after the first fifth on every side; ratio = DDP step time / memel step time; DS ratio =
     DeepSpeed loop step time / memel step time (what memel and Ray cost beside their engine).
+    --ray-floor: Ray floor = DeepSpeed loop step time / the same loop's beside an idle Ray
+    instance with a Ray Train run's helper actors (the most of the engine's speed Ray Train keeps).
 
     Example: [bold]memel bench ddp --model byte-1m --model byte-4m --zero 0 --zero 2[/bold]
     """
@@ -193,7 +198,7 @@ def bench_ddp_command(
     for one in specs:  # each row is shown and saved as soon as it is measured: a later failure loses nothing
         name = f"{one.model.name} ZeRO-{one.train.zero_stage}"
         try:
-            row = bench_ddp(one)
+            row = bench_ddp(one, ray_floor=ray_floor)
         except Exception as error:  # one failed row (a crashed process) must not lose the others
             failed.append(name)
             print(f"{name}: not measured ({error})", flush=True)
@@ -201,14 +206,17 @@ def bench_ddp_command(
         rows.append(row)
         print(
             f"{name}: memel {row.memel_median_ms:.1f} ms, DDP {row.ddp_median_ms:.1f} ms, "
-            f"DeepSpeed {row.deepspeed_median_ms:.1f} ms a step; ratio {row.ratio:.3f}, DS ratio {row.deepspeed_ratio:.3f}",
+            f"DeepSpeed {row.deepspeed_median_ms:.1f} ms a step; ratio {row.ratio:.3f}, DS ratio {row.deepspeed_ratio:.3f}"
+            + ("" if row.ray_floor is None else f", Ray floor {row.ray_floor:.3f}"),
             flush=True,
         )
         _write_json(json_path, rows, title=title, spec=spec_path, overrides=set_)
     table = Table(title=title)
-    for column in ("model", "ZeRO", "steps", "memel ms", "DDP ms", "DeepSpeed ms", "ratio", "mean ratio", "DS ratio"):
+    columns = ["model", "ZeRO", "steps", "memel ms", "DDP ms", "DeepSpeed ms", "ratio", "mean ratio", "DS ratio"]
+    for column in columns + (["DS beside Ray ms", "Ray floor"] if ray_floor else []):
         table.add_column(column, justify="right")
     for row in rows:
+        floor = [f"{row.beside_ray_median_ms:.1f}", f"{row.ray_floor:.3f}"] if ray_floor else []
         table.add_row(
             row.model,
             str(row.zero_stage),
@@ -219,8 +227,9 @@ def bench_ddp_command(
             f"{row.ratio:.3f}",
             f"{row.mean_ratio:.3f}",
             f"{row.deepspeed_ratio:.3f}",
+            *floor,
         )
-    Console(width=max(Console().width, 110)).print(table)  # nine columns: not folded into 80
+    Console(width=max(Console().width, 140 if ray_floor else 110)).print(table)  # not folded into 80
     if failed:
         print(f"error: not measured: {', '.join(failed)} (see above); the rows measured are shown and saved")
         raise typer.Exit(1)
