@@ -35,8 +35,7 @@ def test_the_ratio_is_taken_over_the_steps_both_sides_timed_after_the_first_fift
     assert row.deepspeed_ratio == pytest.approx(0.75) and row.ratio == pytest.approx(0.5)
 
 
-
-def test_the_ray_floor_is_the_engine_over_the_engine_beside_ray_over_the_same_steps() -> None:
+def test_the_ray_floor_and_ceiling_are_taken_over_the_engine_beside_ray_on_the_same_steps() -> None:
     memel = {"steps": list(range(1, 11)), "seconds": [0.04] * 10}
     ddp = {"steps": list(range(1, 11)), "seconds": [0.02] * 10}
     engine = {"steps": list(range(1, 11)), "seconds": [0.01 * s for s in range(1, 11)]}
@@ -47,6 +46,7 @@ def test_the_ray_floor_is_the_engine_over_the_engine_beside_ray_over_the_same_st
     assert row.deepspeed_median_ms == pytest.approx(1000 * statistics.median(0.01 * s for s in steps))
     assert row.beside_ray_median_ms == pytest.approx(1000 * statistics.median(0.02 * s for s in steps))
     assert row.ray_floor == pytest.approx(0.5) and row.ratio == pytest.approx(0.5)
+    assert row.ceiling == pytest.approx(20 / row.beside_ray_median_ms)  # DDP's 20 ms over the engine beside Ray
     assert compare("m", 0, memel, ddp, engine).ray_floor is None
     with pytest.raises(ValueError, match="DeepSpeed loop"):
         compare("m", 0, memel, ddp, None, beside)

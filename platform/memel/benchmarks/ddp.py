@@ -17,7 +17,8 @@ With ``ray_floor``, a fourth side runs the bare DeepSpeed loop again beside an i
 instance holding as many idle actors as a Ray Train run keeps beside its workers: the engine's
 step under Ray's background alone (its GCS, raylet, dashboard and actors' event loops), with no
 memel code. DeepSpeed over that is the share of the engine's speed any Ray Train run can keep
-on the machine, the ceiling for the DS ratio.
+on the machine, the ceiling for the DS ratio; DDP over it is the ratio such a run would reach
+if memel cost nothing.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class DdpRow:
     deepspeed_ratio: float | None = None
     beside_ray_median_ms: float | None = None
     ray_floor: float | None = None
+    ceiling: float | None = None
 
 
 def compare(
@@ -100,6 +102,7 @@ def compare(
         deepspeed_ratio=None if engine is None else engine / median_ours,
         beside_ray_median_ms=None if floor is None else 1000 * floor,
         ray_floor=None if floor is None or engine is None else engine / floor,
+        ceiling=None if floor is None else median_theirs / floor,
     )
 
 

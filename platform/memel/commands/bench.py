@@ -176,7 +176,8 @@ def bench_ddp_command(
     after the first fifth on every side; ratio = DDP step time / memel step time; DS ratio =
     DeepSpeed loop step time / memel step time (what memel and Ray cost beside their engine).
     --ray-floor: Ray floor = DeepSpeed loop step time / the same loop's beside an idle Ray
-    instance with a Ray Train run's helper actors (the most of the engine's speed Ray Train keeps).
+    instance with a Ray Train run's helper actors (the most of the engine's speed Ray Train keeps);
+    ceiling = DDP step time / that loop's (the ratio if memel cost nothing).
 
     Example: [bold]memel bench ddp --model byte-1m --model byte-4m --zero 0 --zero 2[/bold]
     """
@@ -207,16 +208,16 @@ def bench_ddp_command(
         print(
             f"{name}: memel {row.memel_median_ms:.1f} ms, DDP {row.ddp_median_ms:.1f} ms, "
             f"DeepSpeed {row.deepspeed_median_ms:.1f} ms a step; ratio {row.ratio:.3f}, DS ratio {row.deepspeed_ratio:.3f}"
-            + ("" if row.ray_floor is None else f", Ray floor {row.ray_floor:.3f}"),
+            + ("" if row.ray_floor is None else f", Ray floor {row.ray_floor:.3f}, ceiling {row.ceiling:.3f}"),
             flush=True,
         )
         _write_json(json_path, rows, title=title, spec=spec_path, overrides=set_)
     table = Table(title=title)
     columns = ["model", "ZeRO", "steps", "memel ms", "DDP ms", "DeepSpeed ms", "ratio", "mean ratio", "DS ratio"]
-    for column in columns + (["DS beside Ray ms", "Ray floor"] if ray_floor else []):
+    for column in columns + (["DS beside Ray ms", "Ray floor", "ceiling"] if ray_floor else []):
         table.add_column(column, justify="right")
     for row in rows:
-        floor = [f"{row.beside_ray_median_ms:.1f}", f"{row.ray_floor:.3f}"] if ray_floor else []
+        floor = [f"{row.beside_ray_median_ms:.1f}", f"{row.ray_floor:.3f}", f"{row.ceiling:.3f}"] if ray_floor else []
         table.add_row(
             row.model,
             str(row.zero_stage),
@@ -229,7 +230,7 @@ def bench_ddp_command(
             f"{row.deepspeed_ratio:.3f}",
             *floor,
         )
-    Console(width=max(Console().width, 140 if ray_floor else 110)).print(table)  # not folded into 80
+    Console(width=max(Console().width, 150 if ray_floor else 110)).print(table)  # not folded into 80
     if failed:
         print(f"error: not measured: {', '.join(failed)} (see above); the rows measured are shown and saved")
         raise typer.Exit(1)
