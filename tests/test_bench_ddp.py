@@ -125,3 +125,48 @@ def test_zero2_on_cpu_all_reducing_whole_buckets_trains_the_same_weights(tmp_pat
     assert (weights["True"] - weights["initial"]).abs().max() > 1e-3, "training moved the weights"
     apart = (weights["True"] - weights["False"]).abs().max()
     assert apart <= 1e-6 * weights["True"].abs().max(), float(apart)
+
+
+def test_the_command_passes_ray_floor_on_and_prints_and_saves_the_floor_and_ceiling(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The command's wiring only (the measured sides are those of the tests above): the flag reaches
+    every row, and the table, progress line and JSON carry the floor and ceiling ``compare`` computed."""
+    import json
+
+    from typer.testing import CliRunner
+
+    import memel.benchmarks.ddp as ddp
+    from memel.cli import app
+
+    seconds = {"memel": 0.04, "ddp": 0.03, "deepspeed": 0.035, "beside": 0.038}
+    asked = []
+
+    def measured(spec, ray_floor=False):
+        asked.append(ray_floor)
+        side = {name: {"steps": list(range(1, 11)), "seconds": [value] * 10} for name, value in seconds.items()}
+        return compare(
+            spec.model.name,
+            spec.train.zero_stage,
+            side["memel"],
+            side["ddp"],
+            side["deepspeed"],
+            side["beside"] if ray_floor else None,
+        )
+
+    monkeypatch.setattr(ddp, "bench_ddp", measured)
+    out = tmp_path / "rows.json"
+    args = ["bench", "ddp", str(ROOT / "jobs" / "smoke.yaml"), "--zero", "0", "--zero", "2", "--json", str(out)]
+    shown = CliRunner(env={"COLUMNS": "200"}).invoke(app, [*args, "--ray-floor"])
+    assert shown.exit_code == 0, shown.output
+    assert asked == [True, True]
+    floor, ceiling = 0.035 / 0.038, 0.03 / 0.038
+    assert "Ray floor" in shown.output and "ceiling" in shown.output
+    assert f"Ray floor {floor:.3f}, ceiling {ceiling:.3f}" in shown.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["zero_stage"] for row in rows] == [0, 2]
+    assert all(row["ray_floor"] == pytest.approx(floor) and row["ceiling"] == pytest.approx(ceiling) for row in rows)
+
+    plain = CliRunner(env={"COLUMNS": "200"}).invoke(app, args)
+    assert plain.exit_code == 0 and asked[-2:] == [False, False]
+    assert "Ray floor" not in plain.output and json.loads(out.read_text())["rows"][0]["ray_floor"] is None
